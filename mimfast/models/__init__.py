@@ -1,0 +1,43 @@
+"""MAE and BEiT pretraining models."""
+
+from mimfast.models.mae import (
+    MaskedAutoencoderViT,
+    mae_vit_base_patch16,
+    mae_vit_base_patch16_dec512d8b,
+    mae_vit_huge_patch14,
+    mae_vit_huge_patch14_dec512d8b,
+    mae_vit_large_patch16,
+    mae_vit_large_patch16_dec512d8b,
+    mae_vit_tiny_patch16,
+)
+
+MODELS = {
+    "mae_vit_tiny_patch16": mae_vit_tiny_patch16,
+    "mae_vit_base_patch16": mae_vit_base_patch16,
+    "mae_vit_large_patch16": mae_vit_large_patch16,
+    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+    "mae_vit_base_patch16_dec512d8b": mae_vit_base_patch16_dec512d8b,
+    "mae_vit_large_patch16_dec512d8b": mae_vit_large_patch16_dec512d8b,
+    "mae_vit_huge_patch14_dec512d8b": mae_vit_huge_patch14_dec512d8b,
+}
+
+
+def create_model(name: str, **kwargs):
+    """Build a registered model by name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)
+
+
+__all__ = [
+    "MODELS",
+    "create_model",
+    "MaskedAutoencoderViT",
+    "mae_vit_base_patch16",
+    "mae_vit_base_patch16_dec512d8b",
+    "mae_vit_huge_patch14",
+    "mae_vit_huge_patch14_dec512d8b",
+    "mae_vit_large_patch16",
+    "mae_vit_large_patch16_dec512d8b",
+    "mae_vit_tiny_patch16",
+]

@@ -1,0 +1,40 @@
+"""Test harness.
+
+Kernel tests run everywhere: compiled on a CUDA machine, and through Triton's interpreter on
+a CPU-only one. Triton reads ``TRITON_INTERPRET`` when a ``@triton.jit`` kernel is defined,
+so it is set here, before any test module (and so any mimfast kernel) is imported.
+``MIMFAST_TEST_DEVICE=cpu`` forces the interpreter on a CUDA machine too.
+"""
+
+import os
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+if os.environ.get("MIMFAST_TEST_DEVICE", "") == "cpu" or not _cuda_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("MIMFAST_TEST_DEVICE", "cpu")
+else:
+    os.environ.setdefault("MIMFAST_TEST_DEVICE", "cuda")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernel tests run: 'cuda' (compiled) or 'cpu' (interpreted)."""
+    return os.environ["MIMFAST_TEST_DEVICE"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

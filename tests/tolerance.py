@@ -1,0 +1,41 @@
+"""The correctness standard shared by every kernel test (shared/DESIGN.md).
+
+Rule from flash-attention's tests: the kernel's error against a float64 reference may be at
+most twice the error of the eager reference run in the same low precision, plus a small atol.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICE = os.environ.get("MIMFAST_TEST_DEVICE", "cpu")
+INTERPRETED = DEVICE == "cpu"
+
+# dtypes that can be tested here; bf16 dot products are wrong under the interpreter
+# (triton-lang/triton#11584), so dot-based kernels test bf16 on a GPU only.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DOT_DTYPES = (torch.float32, torch.float16) if INTERPRETED else FLOAT_DTYPES
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
+
+
+def assert_2x_rule(name: str, out, ref_lowp, ref_f64, atol: float = 1e-6, factor: float = 2.0) -> None:
+    """|out - ref_f64| <= factor * |ref_lowp - ref_f64| + atol, elementwise max; NaN fails."""
+    out_d = out.detach().double().cpu()
+    assert torch.isfinite(out_d).all() or not torch.isfinite(ref_f64.double().cpu()).all(), (
+        f"{name}: kernel output holds NaN/inf (an unwritten or wrong element)"
+    )
+    err = max_err(out, ref_f64)
+    base = max_err(ref_lowp, ref_f64)
+    assert err <= factor * base + atol, (
+        f"{name}: kernel error {err:.3e} > {factor} x eager low-precision error {base:.3e} + atol {atol:.1e}"
+    )
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a buffer with NaN so an element the kernel forgets to write fails the test."""
+    return t.fill_(float("nan"))
