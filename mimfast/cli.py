@@ -1,0 +1,46 @@
+"""The ``mimfast`` command line.
+
+    mimfast pretrain [--preset tiny] [--model ...] [--data builtin|FOLDER] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+__all__ = ["main"]
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from mimfast.train.config import config_from_args
+    from mimfast.train.pretrain import pretrain
+
+    if "preset" not in vars(args) and "model" not in vars(args) and not getattr(args, "config", None):
+        args.preset = "tiny" if not torch.cuda.is_available() else "small"
+    cfg = config_from_args(args)
+    summary = pretrain(cfg)
+    return 0 if summary["status"] == "done" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mimfast.train.config import build_parser as build_pretrain_parser
+
+    parser = argparse.ArgumentParser(prog="mimfast", description="Fast masked-image-modeling pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="MAE/BEiT pretraining (default: a small MAE on the built-in dataset)",
+                       argument_default=argparse.SUPPRESS)
+    build_pretrain_parser(p)
+    p.set_defaults(func=_cmd_pretrain)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

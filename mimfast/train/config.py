@@ -1,0 +1,163 @@
+"""Pretraining configuration: the papers' recipes as defaults, a small-data preset, a YAML
+file, and command-line flags, applied in that order (later wins)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["PretrainConfig", "PRESETS", "RECIPES", "build_parser", "config_from_args"]
+
+
+@dataclass
+class PretrainConfig:
+    # what to train
+    method: str = "mae"  # mae | beit
+    model: str = "mae_vit_base_patch16"
+    img_size: int | None = None  # None: the model's default
+    patch_size: int | None = None
+    model_kwargs: dict = field(default_factory=dict)  # extra constructor arguments (YAML only)
+    kernels: str = "auto"  # auto | eager | triton
+    # data
+    data: str = "builtin"  # builtin or a folder (ImageFolder tree or flat folder)
+    builtin_size: int = 4096  # images in the built-in dataset
+    builtin_resolution: int | None = None  # drawing resolution of the built-in images
+    min_crop_scale: float = 0.2  # RandomResizedCrop scale (min_crop_scale, 1)
+    num_workers: int | None = None  # None: min(8, cores // 2)
+    # optimisation (MAE recipe: AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4, 40 warm-up epochs)
+    batch_size: int = 64  # per GPU / process
+    accum_iter: int = 1
+    epochs: int = 800
+    max_steps: int | None = None  # stop after this many optimizer steps
+    blr: float = 1.5e-4  # lr = blr * effective batch / 256
+    lr: float | None = None  # absolute lr; overrides blr
+    min_lr: float = 0.0
+    warmup_epochs: float = 40
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    clip_grad: float | None = None
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    drop_path: float = 0.0
+    # precision
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    max_nonfinite: int = 10  # stop after this many non-finite losses in a row
+    # bookkeeping
+    output_dir: str = "output/pretrain"
+    save_every: int = 0  # optimizer steps between checkpoints (0: at each epoch's end only)
+    keep_checkpoints: int = 2  # numbered checkpoints kept besides checkpoint-last.pth
+    vis_every: int = 1  # epochs between reconstruction pictures (0: only at the end)
+    log_every: int = 10
+    resume: str | None = None  # a checkpoint path, or "auto" (the output folder's last)
+    init_from: str | None = None  # start from these weights (e.g. an official MAE checkpoint)
+    seed: int = 0
+    preset: str | None = None
+    device: str = "auto"  # auto | cuda | cpu
+    gpu_pipeline: bool = False
+    fsdp: bool = False
+    tensorboard: bool = True
+
+
+RECIPES = {
+    "mae": dict(model="mae_vit_base_patch16", blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, betas=(0.9, 0.95),
+                mask_ratio=0.75, norm_pix_loss=True, min_crop_scale=0.2, epochs=800),
+    "beit": dict(model="beit_base_patch16_224_8k_vocab", lr=1.5e-3, warmup_epochs=10, weight_decay=0.05,
+                 betas=(0.9, 0.999), clip_grad=3.0, drop_path=0.1, min_crop_scale=0.08, epochs=800),
+}
+
+PRESETS = {
+    # ViT-Tiny-sized MAE on the built-in shapes at 64 px: minutes on a CPU
+    "tiny": dict(model="mae_vit_tiny_patch16", img_size=64, patch_size=8, model_kwargs={"depth": 6},
+                 data="builtin", builtin_size=2048, batch_size=64, epochs=8, warmup_epochs=1, blr=1.5e-3,
+                 min_lr=1e-5, mask_ratio=0.75, vis_every=1, save_every=0),
+    # small data on one GPU: ViT-Tiny at 96 px, longer
+    "small": dict(model="mae_vit_tiny_patch16", img_size=96, patch_size=8, data="builtin", builtin_size=20000,
+                  batch_size=256, epochs=50, warmup_epochs=5, blr=1.5e-3, min_lr=1e-5),
+}
+
+_CHOICES = {"method": ("mae", "beit"), "kernels": ("auto", "eager", "triton"),
+            "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cuda", "cpu")}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="mimfast pretrain")
+    parser.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name == "model_kwargs":
+            continue
+        kw = dict(dest=f.name, default=argparse.SUPPRESS)
+        if f.name in _CHOICES:
+            kw["choices"] = _CHOICES[f.name]
+        if f.name == "preset":
+            kw["choices"] = tuple(PRESETS)
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "betas":
+            parser.add_argument(_flag(f.name), type=float, nargs=2, **kw)
+        else:
+            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(_flag(f.name), type=typ, **kw)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults <- method recipe <- preset <- YAML file <- flags."""
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    file_cfg = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"config file {str(path)!r} does not exist")
+        file_cfg = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(file_cfg, dict):
+            raise SystemExit(f"config file {path} must hold a mapping of settings")
+        file_cfg = {k.replace("-", "_"): v for k, v in file_cfg.items()}
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(file_cfg) - known)
+    if unknown:
+        raise SystemExit(f"unknown settings in {args.config}: {', '.join(unknown)}")
+    method = given.get("method", file_cfg.get("method", "mae"))
+    preset = given.get("preset", file_cfg.get("preset"))
+    values = {}
+    values.update(RECIPES.get(method, {}))
+    if preset is not None:
+        if preset not in PRESETS:
+            raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(file_cfg)
+    values.update(given)
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    cfg = PretrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    problems = []
+    if cfg.method not in _CHOICES["method"]:
+        problems.append(f"--method must be one of {_CHOICES['method']}, got {cfg.method!r}")
+    if cfg.batch_size <= 0:
+        problems.append(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.accum_iter <= 0:
+        problems.append(f"--accum-iter must be positive, got {cfg.accum_iter}")
+    if cfg.epochs <= 0:
+        problems.append(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        problems.append(f"--max-steps must be positive, got {cfg.max_steps}")
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        problems.append(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.data != "builtin" and not Path(cfg.data).is_dir():
+        problems.append(f"--data folder {cfg.data!r} does not exist (or use --data builtin)")
+    if cfg.save_every < 0:
+        problems.append(f"--save-every must be >= 0, got {cfg.save_every}")
+    if problems:
+        raise SystemExit("invalid configuration:\n  " + "\n  ".join(problems))

@@ -1,0 +1,337 @@
+"""The pretraining loop (``mimfast pretrain``): MAE (BEiT where its model is available),
+one process or many under ``torchrun`` (DDP), with exact resume.
+
+What makes resume exact: the sampler's order is a function of (seed, epoch) and can start
+mid-epoch; each image's augmentation is seeded by (seed, epoch, index); the mask noise comes
+from torch's RNG, whose CPU and CUDA states are saved with the model, optimizer and scaler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from mimfast.data.sampler import ResumableSampler
+from mimfast.models import create_model
+from mimfast.train.checkpoint import find_last_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from mimfast.train.config import PretrainConfig
+from mimfast.train.progress import Progress
+from mimfast.train.schedule import lr_at, param_groups_weight_decay, set_lr
+from mimfast.train.visualize import mae_reconstruction_grid, save_png
+
+__all__ = ["pretrain", "mae_transform"]
+
+
+def mae_transform(img_size: int, min_scale: float = 0.2):
+    """MAE's augmentation: RandomResizedCrop(scale (min_scale, 1), bicubic) + flip, then
+    ImageNet normalisation. Input (3, H, W) uint8, output (3, img_size, img_size) float32."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class _Dist:
+    """Process-group facts for one process (a single process is rank 0 of 1)."""
+
+    def __init__(self, device_pref: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+        if device_pref == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _model_kwargs(cfg: PretrainConfig) -> dict:
+    kw = dict(cfg.model_kwargs)
+    if cfg.img_size is not None:
+        kw["img_size"] = cfg.img_size
+    if cfg.patch_size is not None:
+        kw["patch_size"] = cfg.patch_size
+    kw["kernels"] = cfg.kernels
+    if cfg.method == "mae":
+        kw["norm_pix_loss"] = cfg.norm_pix_loss
+    return kw
+
+
+def _autocast(cfg: PretrainConfig, device: torch.device):
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return precision, nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return precision, lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.random.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.random.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run pretraining; returns a summary (steps, last loss, paths)."""
+    if cfg.method != "mae":
+        from mimfast.train.beit_pretrain import pretrain_beit  # noqa: F401  (BEiT has its own step)
+
+        return pretrain_beit(cfg)
+    d = _Dist(cfg.device)
+    device = d.device
+    out = Path(cfg.output_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = create_model(cfg.model, **_model_kwargs(cfg)).to(device)
+    if cfg.init_from:
+        missing, unexpected = model.load_state_dict(load_model_weights(cfg.init_from), strict=False)
+        if d.main:
+            print(f"initialised from {cfg.init_from} (missing {len(missing)}, unexpected {len(unexpected)})")
+    img_size = model.img_size
+
+    dataset = build_dataset(cfg.data, img_size, mae_transform(img_size, cfg.min_crop_scale), seed=cfg.seed,
+                            builtin_size=cfg.builtin_size, builtin_resolution=cfg.builtin_resolution)
+    eff_batch = cfg.batch_size * cfg.accum_iter * d.world_size
+    if len(dataset) < cfg.batch_size * d.world_size:
+        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                         f"({cfg.batch_size} x {d.world_size} processes)")
+    sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+                               with_epoch=True)
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    iters_per_epoch = sampler.per_rank // cfg.batch_size
+    steps_per_epoch = iters_per_epoch // cfg.accum_iter
+    if steps_per_epoch == 0:
+        raise SystemExit(f"an epoch of {iters_per_epoch} batches holds no optimizer step with "
+                         f"--accum-iter {cfg.accum_iter}")
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr,
+                                  betas=tuple(cfg.betas), **({"fused": True} if device.type == "cuda" else {}))
+    precision, autocast = _autocast(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ddp_model = model
+    if d.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # fixed images and noise for the pictures, drawn apart from the training RNG
+    vis_gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    vis_imgs = torch.stack([dataset[(0, i)][0] for i in range(min(8, len(dataset)))]).to(device)
+    vis_noise = torch.rand(vis_imgs.shape[0], model.patch_embed.num_patches, generator=vis_gen).to(device)
+
+    step, epoch, start_in_epoch = 0, 0, 0
+    resume = cfg.resume
+    if resume == "auto":
+        found = find_last_checkpoint(out)
+        resume = str(found) if found else None
+    if resume:
+        ckpt = load_checkpoint(resume, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, start_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["sample_in_epoch"]
+        _set_rng_state(ckpt["rng"][d.rank] if d.rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
+        if d.main:
+            print(f"resumed from {resume} at step {step} (epoch {epoch}, sample {start_in_epoch})")
+    elif cfg.seed is not None:
+        torch.manual_seed(cfg.seed + d.rank)  # mask noise differs across ranks
+
+    if d.main:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"mimfast pretrain: {cfg.model} ({n_params / 1e6:.1f}M trainable), {img_size}px, data "
+              f"{cfg.data} ({len(dataset)} images), device {device}, {precision}, kernels {cfg.kernels}, "
+              f"{d.world_size} process(es), effective batch {eff_batch}, lr {lr:.3g}, {total_steps} steps")
+    log_file = open(out / "log.jsonl", "a") if d.main else None
+    tb = _tensorboard(out) if (d.main and cfg.tensorboard) else None
+    progress = Progress(total_steps, start_step=step, every=cfg.log_every, enabled=d.main)
+    nonfinite_in_row = nonfinite_total = 0
+    last_loss = float("nan")
+    first_loss = None
+    t_start = time.time()
+    stop_reason = "done"
+
+    def save(tag_step: int, sample_in_epoch: int, ep: int) -> None:
+        rng = [_rng_state(device)]
+        if d.enabled:
+            gathered = [None] * d.world_size
+            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng[0].items()})
+            rng = gathered
+        if not d.main:
+            return
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": ep, "step": tag_step, "sample_in_epoch": sample_in_epoch, "rng": rng,
+                 "config": _jsonable(cfg)}
+        save_checkpoint(state, out / f"checkpoint-{tag_step:06d}.pth")
+        save_checkpoint(state, out / "checkpoint-last.pth")
+        numbered = sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9].pth"))
+        for old in numbered[: max(0, len(numbered) - cfg.keep_checkpoints)]:
+            old.unlink()
+
+    def picture(name: str) -> None:
+        if d.main:
+            grid = mae_reconstruction_grid(model, vis_imgs, cfg.mask_ratio, IMAGENET_MEAN, IMAGENET_STD,
+                                           noise=vis_noise)
+            save_png(grid, out / name, scale=max(1, 128 // img_size))
+
+    model.train()
+    while step < total_steps:
+        sampler.set_epoch(epoch, start_in_epoch)
+        it = iter(loader)
+        data_iter = start_in_epoch // cfg.batch_size
+        t_data = time.time()
+        data_time = step_time = 0.0
+        for imgs, _ in it:
+            imgs = imgs.to(device, non_blocking=True)
+            data_time += time.time() - t_data
+            t_step = time.time()
+            if data_iter % cfg.accum_iter == 0:
+                set_lr(optimizer, lr_at(epoch + data_iter / iters_per_epoch, lr, cfg.min_lr,
+                                        cfg.warmup_epochs, cfg.epochs))
+            sync = (data_iter + 1) % cfg.accum_iter == 0
+            ctx = ddp_model.no_sync() if (d.enabled and not sync) else nullcontext()
+            with ctx:
+                with autocast():
+                    loss, _, _ = ddp_model(imgs, mask_ratio=cfg.mask_ratio)
+                loss_value = loss.item()
+                scaler.scale(loss / cfg.accum_iter).backward()
+            data_iter += 1
+            if sync:
+                finite = math.isfinite(d.mean(loss_value))
+                if finite:
+                    if cfg.clip_grad:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    nonfinite_in_row = 0
+                else:
+                    nonfinite_in_row += 1
+                    nonfinite_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_time += time.time() - t_step
+                last_loss = d.mean(loss_value) if finite else float("nan")
+                if first_loss is None and finite:
+                    first_loss = last_loss
+                elapsed = time.time() - t_start
+                cur_lr = optimizer.param_groups[0]["lr"]
+                imgs_per_s = (step - progress.start_step) * eff_batch / max(elapsed, 1e-9)
+                progress.update(step, epoch=epoch, loss=last_loss, lr=cur_lr, img_s=round(imgs_per_s, 1),
+                                data=f"{data_time:.1f}s/{data_time + step_time:.1f}s")
+                if log_file and (step % cfg.log_every == 0 or step == total_steps):
+                    rec = {"step": step, "epoch": epoch, "loss": last_loss, "lr": cur_lr,
+                           "images_per_s": imgs_per_s, "data_time": data_time, "step_time": step_time,
+                           "nonfinite": nonfinite_total}
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+                    if tb:
+                        for k in ("loss", "lr", "images_per_s"):
+                            tb.add_scalar(f"train/{k}", rec[k], step)
+                if nonfinite_in_row >= cfg.max_nonfinite:
+                    stop_reason = (f"stopped: {nonfinite_in_row} non-finite losses in a row at step {step}; "
+                                   f"the last good checkpoint is kept in {out}")
+                    break
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save(step, data_iter * cfg.batch_size if data_iter < iters_per_epoch else 0,
+                         epoch if data_iter < iters_per_epoch else epoch + 1)
+                if step >= total_steps:
+                    break
+                if data_iter >= iters_per_epoch - iters_per_epoch % cfg.accum_iter:
+                    break
+            t_data = time.time()
+        if stop_reason != "done":
+            break
+        epoch_done = data_iter >= iters_per_epoch - iters_per_epoch % cfg.accum_iter
+        if epoch_done:
+            epoch += 1
+            start_in_epoch = 0
+            if cfg.vis_every and epoch % cfg.vis_every == 0:
+                picture(f"reconstruction-epoch{epoch:03d}.png")
+            if not cfg.save_every:
+                save(step, 0, epoch)
+        else:
+            start_in_epoch = data_iter * cfg.batch_size
+    progress.close()
+    if stop_reason == "done":
+        save(step, start_in_epoch, epoch)
+        picture("reconstruction.png")
+    summary = {"steps": step, "epochs": epoch, "first_loss": first_loss, "last_loss": last_loss,
+               "nonfinite_steps": nonfinite_total, "seconds": round(time.time() - t_start, 1),
+               "output_dir": str(out), "status": stop_reason}
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"{stop_reason}: {step} steps, loss {first_loss} -> {last_loss}, "
+              f"{summary['seconds']}s; checkpoints and pictures in {out}")
+    if log_file:
+        log_file.close()
+    if tb:
+        tb.close()
+    d.close()
+    return summary
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def _jsonable(cfg: PretrainConfig) -> dict:
+    import dataclasses
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
