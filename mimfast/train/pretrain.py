@@ -1,5 +1,6 @@
-"""The pretraining loop (``mimfast pretrain``): MAE (BEiT where its model is available),
-one process or many under ``torchrun`` (DDP), with exact resume.
+"""The pretraining loop (``mimfast pretrain``): MAE or BEiT (a *task* object supplies the
+model, augmentation, loss and pictures), one process or many under ``torchrun`` (DDP), with
+exact resume.
 
 What makes resume exact: the sampler's order is a function of (seed, epoch) and can start
 mid-epoch; each image's augmentation is seeded by (seed, epoch, index); the mask noise comes
@@ -113,12 +114,46 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Run pretraining; returns a summary (steps, last loss, paths)."""
-    if cfg.method != "mae":
-        from mimfast.train.beit_pretrain import pretrain_beit  # noqa: F401  (BEiT has its own step)
+class MAETask:
+    """What ``pretrain`` needs to know about MAE: model, augmentation, loss, picture."""
 
-        return pretrain_beit(cfg)
+    def __init__(self, cfg: PretrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.vis_imgs = self.vis_noise = None
+
+    def build_model(self) -> torch.nn.Module:
+        return create_model(self.cfg.model, **_model_kwargs(self.cfg))
+
+    def transform(self, img_size: int):
+        return mae_transform(img_size, self.cfg.min_crop_scale)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        imgs = batch[0].to(self.device, non_blocking=True)
+        loss, _, _ = model(imgs, mask_ratio=self.cfg.mask_ratio)
+        return loss
+
+    def picture(self, model, dataset, path: Path) -> None:
+        if self.vis_imgs is None:  # fixed images and noise, drawn apart from the training RNG
+            gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
+            self.vis_imgs = torch.stack([dataset[(0, i)][0] for i in range(min(8, len(dataset)))]).to(self.device)
+            self.vis_noise = torch.rand(self.vis_imgs.shape[0], model.patch_embed.num_patches,
+                                        generator=gen).to(self.device)
+        grid = mae_reconstruction_grid(model, self.vis_imgs, self.cfg.mask_ratio, IMAGENET_MEAN, IMAGENET_STD,
+                                       noise=self.vis_noise)
+        save_png(grid, path, scale=max(1, 128 // model.img_size))
+
+
+def build_task(cfg: PretrainConfig, device: torch.device):
+    if cfg.method == "mae":
+        return MAETask(cfg, device)
+    from mimfast.train.beit_task import BEiTTask
+
+    return BEiTTask(cfg, device)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run pretraining; returns a summary (steps, first and last loss, status, paths)."""
     d = _Dist(cfg.device)
     device = d.device
     out = Path(cfg.output_dir)
@@ -126,15 +161,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
 
+    task = build_task(cfg, device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = create_model(cfg.model, **_model_kwargs(cfg)).to(device)
+    model = task.build_model().to(device)
     if cfg.init_from:
         missing, unexpected = model.load_state_dict(load_model_weights(cfg.init_from), strict=False)
         if d.main:
             print(f"initialised from {cfg.init_from} (missing {len(missing)}, unexpected {len(unexpected)})")
     img_size = model.img_size
 
-    dataset = build_dataset(cfg.data, img_size, mae_transform(img_size, cfg.min_crop_scale), seed=cfg.seed,
+    dataset = build_dataset(cfg.data, img_size, task.transform(img_size), seed=cfg.seed,
                             builtin_size=cfg.builtin_size, builtin_resolution=cfg.builtin_resolution)
     eff_batch = cfg.batch_size * cfg.accum_iter * d.world_size
     if len(dataset) < cfg.batch_size * d.world_size:
@@ -164,11 +200,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if d.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # fixed images and noise for the pictures, drawn apart from the training RNG
-    vis_gen = torch.Generator().manual_seed(cfg.seed + 12345)
-    vis_imgs = torch.stack([dataset[(0, i)][0] for i in range(min(8, len(dataset)))]).to(device)
-    vis_noise = torch.rand(vis_imgs.shape[0], model.patch_embed.num_patches, generator=vis_gen).to(device)
 
     step, epoch, start_in_epoch = 0, 0, 0
     resume = cfg.resume
@@ -220,9 +251,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     def picture(name: str) -> None:
         if d.main:
-            grid = mae_reconstruction_grid(model, vis_imgs, cfg.mask_ratio, IMAGENET_MEAN, IMAGENET_STD,
-                                           noise=vis_noise)
-            save_png(grid, out / name, scale=max(1, 128 // img_size))
+            task.picture(model, dataset, out / name)
 
     model.train()
     while step < total_steps:
@@ -231,8 +260,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         data_iter = start_in_epoch // cfg.batch_size
         t_data = time.time()
         data_time = step_time = 0.0
-        for imgs, _ in it:
-            imgs = imgs.to(device, non_blocking=True)
+        for batch in it:
             data_time += time.time() - t_data
             t_step = time.time()
             if data_iter % cfg.accum_iter == 0:
@@ -242,7 +270,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             ctx = ddp_model.no_sync() if (d.enabled and not sync) else nullcontext()
             with ctx:
                 with autocast():
-                    loss, _, _ = ddp_model(imgs, mask_ratio=cfg.mask_ratio)
+                    loss = task.loss(ddp_model, batch)
                 loss_value = loss.item()
                 scaler.scale(loss / cfg.accum_iter).backward()
             data_iter += 1
