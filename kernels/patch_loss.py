@@ -1,0 +1,287 @@
+"""Fused patchify + per-patch normalisation + masked MSE / L1 loss, with d(loss)/d(pred)
+written during the forward (shared/DESIGN.md section 3; MAE ``models_mae.py`` ``forward_loss``).
+
+Replaces, for pred (N, L, P), imgs (N, C, H, W), weights mask (N, L), P = p*p*C:
+
+    target = patchify(imgs)                       # read NCHW, write NLP      (a full copy)
+    mean = target.mean(-1); var = target.var(-1)  # read NLP twice
+    target = (target - mean) / (var + eps)**.5    # read NLP, write NLP
+    loss = ((pred - target) ** 2).mean(-1)        # read 2 NLP, write NLP, read NLP, write NL
+    loss = (loss * mask).sum() / mask.sum()
+    # backward: about as many passes again, over every row, masked or not
+
+with one pass that, for each row (n, l) whose weight is non-zero, reads the patch's P pixels
+straight from ``imgs`` through its strides and the P predictions through ``pred``'s strides,
+computes fp32 statistics, writes the row's gradient and adds ``w * row_loss`` to a per-program
+partial; rows with weight 0 are not read and get a zero gradient. A one-program second pass
+sums the partials in a fixed order (bit-identical run to run) and divides by ``sum(mask)``.
+
+Bytes moved: M * P * (pred bytes + pixel bytes + grad bytes) + (N*L - M) * P * grad bytes +
+N*L mask bytes, M = rows with non-zero weight (75% of rows in MAE). FLOPs are negligible.
+
+Supports: pred, imgs in float32 / float16 / bfloat16, any strides (a view such as
+``decoder_output[:, 1:, :]``, channels-last images); mask in any float dtype or bool, any
+strides; C >= 1, any p (8, 14, 16, 32 in practice), H != W; ``norm_pix`` on or off (unbiased
+variance, ``eps`` added as in the reference); ``"mse"`` and ``"l1"`` (gradient sign(0) = 0 as
+torch's ``abs``). All weights zero: loss 0 and zero gradient (the reference divides 0 by 0).
+
+Does not support: float64 pred or imgs (statistics are fp32), gradients to ``imgs`` or to
+``mask``, P > 16384 values per patch (the row is held in registers). Negative weights are not
+checked (they compute what the formula says).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["patch_loss_fwd", "patch_loss_bwd_scale_", "LOSSES"]
+
+LOSSES = ("mse", "l1")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_P = 16384
+
+
+@triton.jit
+def _patch_loss_fwd_kernel(
+    pred_ptr,  # (N, L, P) any strides
+    imgs_ptr,  # (N, C, H, W) any strides
+    mask_ptr,  # (N, L) any strides, float or uint8 (bool viewed as uint8)
+    denom_ptr,  # () fp32: sum of the weights
+    grad_ptr,  # (N, L, P) contiguous, pred's dtype: d(loss)/d(pred)
+    partial_ptr,  # (num_programs,) fp32: sum over the program's rows of w * row_loss
+    n_rows,  # N * L
+    L, w_patches,  # patches per image, patches per image row (W // p)
+    s_pn, s_pl, s_pp,  # pred strides
+    s_in, s_ic, s_ih, s_iw,  # imgs strides
+    s_mn, s_ml,  # mask strides
+    eps,
+    PATCH: tl.constexpr,  # p
+    C: tl.constexpr,
+    NORM_PIX: tl.constexpr,
+    L1: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,  # walk the patch in (c, p, q) order (NCHW images) instead of (p, q, c)
+    BLOCK_R: tl.constexpr,  # rows per tile
+    BLOCK_P: tl.constexpr,  # power of two >= P
+    TILES: tl.constexpr,  # tiles per program
+):
+    P: tl.constexpr = PATCH * PATCH * C
+    pid = tl.program_id(0)
+
+    # column j of a tile -> (c, pp, qq) inside the patch; k is the column of pred / grad.
+    # Every per-row operation is a sum or elementwise, so any bijection j -> k works; the order
+    # is picked so that the wider of the two loads (fp32 pixels) is the contiguous one.
+    j = tl.arange(0, BLOCK_P)
+    col_ok = j < P
+    if CHANNEL_MAJOR:
+        c = j // (PATCH * PATCH)
+        pq = j % (PATCH * PATCH)
+        k = pq * C + c
+    else:
+        k = j
+        c = j % C
+        pq = j // C
+    pp = pq // PATCH
+    qq = pq % PATCH
+    img_col = c.to(tl.int64) * s_ic + pp.to(tl.int64) * s_ih + qq.to(tl.int64) * s_iw  # [BLOCK_P]
+    pred_col = k.to(tl.int64) * s_pp
+    k64 = k.to(tl.int64)
+
+    denom = tl.load(denom_ptr)
+    inv_denom = 1.0 / tl.where(denom == 0, 1.0, denom)  # as the reference's final division
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for t in range(TILES):
+        rows = (pid * TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        row_ok = rows < n_rows
+        n = (rows // L).to(tl.int64)
+        l_ = rows % L
+        hi = (l_ // w_patches).to(tl.int64)
+        wi = (l_ % w_patches).to(tl.int64)
+        w = tl.load(mask_ptr + n * s_mn + l_.to(tl.int64) * s_ml, mask=row_ok, other=0).to(tl.float32)
+        live = row_ok & (w != 0)  # zero-weight rows: no reads at all
+        live2 = live[:, None] & col_ok[None, :]
+
+        img_row = n * s_in + hi * PATCH * s_ih + wi * PATCH * s_iw
+        t_ = tl.load(imgs_ptr + (img_row[:, None] + img_col[None, :]), mask=live2, other=0.0).to(tl.float32)
+        pred_row = n * s_pn + l_.to(tl.int64) * s_pl
+        x = tl.load(pred_ptr + (pred_row[:, None] + pred_col[None, :]), mask=live2, other=0.0).to(tl.float32)
+
+        if NORM_PIX:
+            mean = tl.sum(t_, axis=1) / P
+            d = tl.where(live2, t_ - mean[:, None], 0.0)
+            var = tl.sum(d * d, axis=1) / (P - 1)  # unbiased, as torch.var
+            t_ = d / tl.sqrt_rn(var + eps)[:, None]
+        diff = tl.where(live2, x - t_, 0.0)
+        # d(loss)/d(pred) = w / sum(w) * d(row mean)/d(pred)
+        scale = tl.where(live, w * inv_denom, 0.0) / P
+        if L1:
+            row_loss = tl.sum(tl.abs(diff), axis=1) / P
+            sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+            g = sgn * scale[:, None]
+        else:
+            row_loss = tl.sum(diff * diff, axis=1) / P
+            g = diff * (2.0 * scale)[:, None]
+        acc += tl.where(live, w * row_loss, 0.0)
+        g = tl.where(live[:, None], g, 0.0)
+        grad_offs = rows.to(tl.int64)[:, None] * P + k64[None, :]
+        tl.store(grad_ptr + grad_offs, g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _patch_loss_finish_kernel(
+    partial_ptr,  # (n_partials,) fp32
+    denom_ptr,  # () fp32
+    loss_ptr,  # () fp32
+    n_partials,
+    BLOCK: tl.constexpr,
+):
+    # one program, fixed order: the same partials give the same bits every run
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK):
+        acc += tl.load(partial_ptr + start + offs, mask=start + offs < n_partials, other=0.0)
+    total = tl.sum(acc, axis=0)
+    denom = tl.load(denom_ptr)
+    denom = tl.where(denom == 0, 1.0, denom)  # as the reference: 0 / 1 when no weight is set
+    tl.store(loss_ptr, total / denom)
+
+
+@triton.jit
+def _scale_kernel(
+    grad_ptr,  # (numel,) contiguous, scaled in place
+    g_ptr,  # () incoming gradient of the loss
+    numel,
+    BLOCK: tl.constexpr,
+):
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:  # decided on the device: no host sync, and no traffic when g == 1
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        x = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(grad_ptr + offs, (x * g).to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+def _config(block_p: int, interpreted: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, TILES, num_warps). On a GPU: about 2048-4096 values per tile and 16 rows per
+    program. Triton's interpreter pays per operation, not per value, so it gets large tiles
+    (two per program, which keeps the tile loop exercised)."""
+    if interpreted:
+        return max(1, 16384 // block_p), 2, 4
+    block_r = max(1, 2048 // block_p)
+    tiles = max(1, 16 // block_r)
+    num_warps = 4 if block_r * block_p <= 2048 else 8
+    return block_r, tiles, num_warps
+
+
+def _check(pred, imgs, mask, patch_size, loss, eps, grad):
+    for name, t in (("pred", pred), ("imgs", imgs), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be (N, C, H, W), got shape {tuple(imgs.shape)}")
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    N, C, H, W = imgs.shape
+    if N == 0:
+        raise ValueError("imgs has an empty batch (N == 0)")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"imgs size {H}x{W} is not a multiple of patch_size={patch_size}")
+    L = (H // patch_size) * (W // patch_size)
+    P = patch_size * patch_size * C
+    if pred.dim() != 3 or tuple(pred.shape) != (N, L, P):
+        raise ValueError(
+            f"pred must be (N, L, p*p*C) = ({N}, {L}, {P}) for imgs {tuple(imgs.shape)} and "
+            f"patch_size={patch_size}, got {tuple(pred.shape)}"
+        )
+    if P > _MAX_P:
+        raise ValueError(f"p*p*C = {P} values per patch exceeds the kernel's limit of {_MAX_P}")
+    if P < 2:
+        raise ValueError(f"p*p*C must be >= 2 (unbiased variance), got {P}")
+    if tuple(mask.shape) != (N, L):
+        raise ValueError(f"mask must be (N, L) = ({N}, {L}), got {tuple(mask.shape)}")
+    for name, t in (("pred", pred), ("imgs", imgs)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask must hold float weights (or bool), got {mask.dtype}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    for name, t in (("imgs", imgs), ("mask", mask)):
+        if t.device != pred.device:
+            raise ValueError(f"{name} is on {t.device}, pred on {pred.device}")
+    if grad is not None:
+        if tuple(grad.shape) != (N, L, P) or grad.dtype != pred.dtype or not grad.is_contiguous():
+            raise ValueError(
+                f"grad must be a contiguous ({N}, {L}, {P}) {pred.dtype} tensor, got "
+                f"{tuple(grad.shape)} {grad.dtype} contiguous={grad.is_contiguous()}"
+            )
+        if grad.device != pred.device:
+            raise ValueError(f"grad is on {grad.device}, pred on {pred.device}")
+    return N, C, H, W, L, P
+
+
+def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=1e-6, grad=None, config=None):
+    """Loss and its gradient to ``pred`` in one pass.
+
+    Args:
+        pred: (N, L, p*p*C), any strides.
+        imgs: (N, C, H, W), any strides.
+        mask: (N, L) non-negative weights (float or bool), any strides.
+        patch_size: p.
+        norm_pix: normalise each target patch by its mean and unbiased variance (+ eps).
+        loss: "mse" or "l1".
+        eps: added to the variance.
+        grad: optional contiguous (N, L, P) buffer of pred's dtype for the gradient.
+        config: optional (BLOCK_R, TILES, num_warps) overriding the heuristic (tests, tuning);
+            BLOCK_R a power of two.
+
+    Returns:
+        (loss, grad): 0-dim float32 loss and d(loss)/d(pred) (contiguous, pred's dtype).
+    """
+    N, C, H, W, L, P = _check(pred, imgs, mask, patch_size, loss, eps, grad)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same bytes; Triton loads bytes more reliably than i1
+    if grad is None:
+        grad = torch.empty((N, L, P), dtype=pred.dtype, device=pred.device)
+    denom = mask.sum(dtype=torch.float32)  # deterministic; needed by every row's gradient
+    n_rows = N * L
+    block_p = triton.next_power_of_2(P)
+    block_r, tiles, num_warps = config or _config(block_p, interpreted=pred.device.type == "cpu")
+    if block_r & (block_r - 1) or tiles < 1:
+        raise ValueError(f"config must be (BLOCK_R power of two, TILES >= 1, num_warps), got {config}")
+    grid = triton.cdiv(n_rows, block_r * tiles)
+    partials = torch.empty(grid, dtype=torch.float32, device=pred.device)
+    out = torch.empty((), dtype=torch.float32, device=pred.device)
+    s_in, s_ic, s_ih, s_iw = imgs.stride()
+    # walk the patch in (c, p, q) order when the image is NCHW-like (q contiguous), otherwise in
+    # pred's own (p, q, c) order (channels-last images are then contiguous along (q, c))
+    channel_major = C > 1 and abs(s_iw) <= abs(s_ic)
+    _patch_loss_fwd_kernel[(grid,)](
+        pred, imgs, mask, denom, grad, partials,
+        n_rows, L, W // patch_size,
+        *pred.stride(), s_in, s_ic, s_ih, s_iw, *mask.stride(),
+        float(eps),
+        PATCH=patch_size, C=C, NORM_PIX=bool(norm_pix), L1=(loss == "l1"), CHANNEL_MAJOR=channel_major,
+        BLOCK_R=block_r, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
+    )
+    _patch_loss_finish_kernel[(1,)](partials, denom, out, grid, BLOCK=1024, num_warps=4)
+    return out, grad
+
+
+def patch_loss_bwd_scale_(grad, grad_output):
+    """``grad *= grad_output`` in place; reads ``grad_output`` on the device and leaves ``grad``
+    untouched when it is 1 (the usual ``loss.backward()``), so no host sync is needed."""
+    if not grad.is_contiguous():
+        raise ValueError("grad must be contiguous")
+    if grad_output.numel() != 1:
+        raise ValueError(f"grad_output must hold one value, got shape {tuple(grad_output.shape)}")
+    if grad_output.device != grad.device:
+        raise ValueError(f"grad_output is on {grad_output.device}, grad on {grad.device}")
+    numel = grad.numel()
+    block = 4096
+    _scale_kernel[(triton.cdiv(numel, block),)](grad, grad_output.reshape(()), numel, BLOCK=block, num_warps=8)
+    return grad
