@@ -1,0 +1,539 @@
+"""MAE's token shuffles as Triton kernels (shared/DESIGN.md sections 1 and 2).
+
+Random masking + gather, forward. Replaces, per sample n of the reference::
+
+    x = x + pos_embed                                   # read + write N*L*D
+    ids_shuffle = argsort(noise); ids_restore = argsort(ids_shuffle)
+    x_masked = gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))   # + an (N, K, D) int64 index
+    mask = gather(ones-then-zeros, 1, ids_restore)
+
+with one kernel that needs no sort: the rank of position l is the number of positions that
+come before it, ``rank[l] = #{j : noise[j] < noise[l] or (noise[j] == noise[l] and j < l)}``
+(argsort ascending, ties broken by index, i.e. a stable argsort), so ``ids_restore = rank``,
+``mask = rank >= K``, and row l, when kept, is written to row ``rank[l]`` of the output with
+the positional add on the way. Each program ranks BLOCK_R positions against the L noise values
+(O(L) compares per position, cheap next to the row traffic) and moves only the kept rows.
+Bytes: read N*K*D (kept rows of x) + K*D per sample of pos_embed (cached) + N*L noise; write
+N*K*D + N*L*(4 + 8) (mask, ids_restore).
+
+Backward: ``grad_x[n, l] = grad_visible[n, ids_restore[n, l]]`` if that is < K, else 0, a
+gather (no atomics). pos_embed's gradient is the sum over the batch: fp32 partial sums over
+fixed chunks of samples, then a second pass (:func:`sum_partials`), so it is bit-identical run
+to run. Bytes: read N*K*D + N*L*8, write N*L*D.
+
+Un-shuffle with mask tokens, forward: ``out[n, 0] = x[n, 0] + dpos[0]``, ``out[n, 1 + l] =
+(x[n, 1 + ids_restore[n, l]] if ids_restore[n, l] < K else mask_token) + dpos[1 + l]``, one
+pass, replacing the reference's repeat + cat + expanded-index gather + cat + add. Bytes: read
+N*(1+K)*D + N*L*8, write N*(1+L)*D.
+
+Backward: each gradient row of the output goes to its visible row of grad_x (cls row through)
+or, for mask-token rows, into an fp32 per-program partial sum; the partials are reduced by a
+second pass (no float atomics, bit-identical run to run). Same for the positional gradient.
+Bytes: read N*(1+L)*D, write N*(1+K)*D.
+
+Supports: float32 / float16 / bfloat16 tokens (sums in fp32; the output dtype is the caller's
+choice, normally the type promotion of the inputs), float noise of any dtype (compared in its
+own dtype), any strides on the inputs, int64 offsets. Does not support: non-finite noise (NaN
+has no rank), ``ids_restore`` that is not a permutation of 0..L-1 (out-of-range entries read as
+mask tokens, so memory stays safe, but gradient rows of x may be left unwritten).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "masking_forward",
+    "masking_backward",
+    "unshuffle_forward",
+    "unshuffle_backward",
+    "sum_partials",
+    "TOKEN_DTYPES",
+]
+
+TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _masking_fwd_kernel(
+    x_ptr,  # (N, L, D) patch tokens, any strides
+    pos_ptr,  # (L, D) positional embedding, any strides (read when HAS_POS)
+    noise_ptr,  # (N, L) noise, any strides; small is kept
+    ranks_in_ptr,  # (N, L) int64 given ranks (read when RANKS_GIVEN)
+    out_ptr,  # (N, K, D) visible tokens, contiguous (written when GATHER)
+    mask_ptr,  # (N, L) float32, 1 = removed, contiguous (written unless RANKS_GIVEN)
+    ids_restore_ptr,  # (N, L) int64, contiguous (written unless RANKS_GIVEN)
+    ids_keep_ptr,  # (N, K) int32 kept positions in rank order, contiguous (when WRITE_IDS_KEEP)
+    L, D, K,
+    stride_xn, stride_xl, stride_xd,
+    stride_pl, stride_pd,
+    stride_nn, stride_nl,
+    stride_rn, stride_rl,
+    HAS_POS: tl.constexpr,
+    GATHER: tl.constexpr,
+    WRITE_IDS_KEEP: tl.constexpr,
+    RANKS_GIVEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # positions l of this program
+    row_ok = rows < L
+    if RANKS_GIVEN:
+        rank = tl.load(ranks_in_ptr + n * stride_rn + rows * stride_rl, mask=row_ok, other=0).to(tl.int32)
+    else:
+        v = tl.load(noise_ptr + n * stride_nn + rows * stride_nl, mask=row_ok, other=0.0)
+        rank = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for j0 in range(0, L, BLOCK_L):
+            cols = j0 + tl.arange(0, BLOCK_L)
+            col_ok = cols < L
+            w = tl.load(noise_ptr + n * stride_nn + cols * stride_nl, mask=col_ok, other=0.0)
+            before = (w[None, :] < v[:, None]) | ((w[None, :] == v[:, None]) & (cols[None, :] < rows[:, None]))
+            before = before & col_ok[None, :]
+            rank += tl.sum(before.to(tl.int32), axis=1)
+        tl.store(mask_ptr + n * L + rows, (rank >= K).to(tl.float32), mask=row_ok)
+        tl.store(ids_restore_ptr + n * L + rows, rank.to(tl.int64), mask=row_ok)
+    keep = row_ok & (rank >= 0) & (rank < K)
+    if WRITE_IDS_KEEP:
+        tl.store(ids_keep_ptr + n * K + rank, rows, mask=keep)
+    if GATHER:
+        src = x_ptr + n * stride_xn + rows.to(tl.int64) * stride_xl  # (BLOCK_R,) row starts
+        dst = out_ptr + (n * K + rank.to(tl.int64)) * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            m = keep[:, None] & (offs_d[None, :] < D)
+            val = tl.load(src[:, None] + offs_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+            if HAS_POS:
+                p = tl.load(pos_ptr + rows[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0)
+                val += p.to(tl.float32)
+            tl.store(dst[:, None] + offs_d[None, :], val.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _masking_bwd_kernel(
+    g_ptr,  # (N, K, D) gradient of the visible tokens, any strides
+    ids_ptr,  # (N, L) int64 ids_restore, any strides
+    gx_ptr,  # (N, L, D) gradient of x, contiguous (written when WRITE_GX)
+    gpos_ptr,  # (num_chunks, L, D) float32 per-chunk sums over samples (written when POS_GRAD)
+    N, L, D, K, n_per_prog,
+    stride_gn, stride_gk, stride_gd,
+    stride_in, stride_il,
+    WRITE_GX: tl.constexpr,
+    POS_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < L
+    d_ok = offs_d < D
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    n_start = chunk * n_per_prog
+    n_end = tl.minimum(n_start + n_per_prog, N)
+    # per-sample pointers advance by one sample per iteration (int64 from the start)
+    ids_n = ids_ptr + n_start.to(tl.int64) * stride_in
+    g_n = g_ptr + n_start.to(tl.int64) * stride_gn
+    gx_n = gx_ptr + n_start.to(tl.int64) * L * D
+    for _ in range(n_start, n_end):
+        r = tl.load(ids_n + rows * stride_il, mask=row_ok, other=K)
+        keep = row_ok & (r >= 0) & (r < K)
+        g = tl.load(
+            g_n + r[:, None] * stride_gk + offs_d[None, :] * stride_gd,
+            mask=keep[:, None] & d_ok[None, :], other=0.0,
+        )
+        if WRITE_GX:
+            tl.store(
+                gx_n + rows[:, None] * D + offs_d[None, :],
+                g.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+            )
+        if POS_GRAD:
+            acc += g.to(tl.float32)
+        ids_n += stride_in
+        g_n += stride_gn
+        gx_n += L * D
+    if POS_GRAD:
+        tl.store(
+            gpos_ptr + (chunk.to(tl.int64) * L + rows[:, None]) * D + offs_d[None, :],
+            acc, mask=row_ok[:, None] & d_ok[None, :],
+        )
+
+
+@triton.jit
+def _unshuffle_fwd_kernel(
+    x_ptr,  # (N, 1 + K, D) decoder tokens, cls row first, any strides
+    mt_ptr,  # (D,) mask token, any stride
+    ids_ptr,  # (N, L) int64 ids_restore, any strides
+    pos_ptr,  # (1 + L, D) decoder positional embedding, any strides (read when HAS_POS)
+    out_ptr,  # (N, 1 + L, D) contiguous
+    L, D, K,
+    stride_xn, stride_xk, stride_xd,
+    stride_mt,
+    stride_in, stride_il,
+    stride_pt, stride_pd,
+    HAS_POS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row, 0 = cls
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = t < L + 1
+    d_ok = offs_d < D
+    r = tl.load(ids_ptr + n * stride_in + (t - 1) * stride_il, mask=t_ok & (t > 0), other=0)
+    from_x = t_ok & ((t == 0) | ((r >= 0) & (r < K)))
+    src = tl.where(t == 0, 0, r + 1)  # row of x
+    val = tl.load(
+        x_ptr + n * stride_xn + src[:, None] * stride_xk + offs_d[None, :] * stride_xd,
+        mask=from_x[:, None] & d_ok[None, :], other=0.0,
+    ).to(tl.float32)
+    mt = tl.load(mt_ptr + offs_d * stride_mt, mask=d_ok, other=0.0).to(tl.float32)
+    val = tl.where(from_x[:, None], val, mt[None, :])
+    m = t_ok[:, None] & d_ok[None, :]
+    if HAS_POS:
+        val += tl.load(pos_ptr + t[:, None] * stride_pt + offs_d[None, :] * stride_pd, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (n * (L + 1) + t[:, None]) * D + offs_d[None, :], val.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _unshuffle_bwd_kernel(
+    g_ptr,  # (N, 1 + L, D) gradient of the output, any strides
+    ids_ptr,  # (N, L) int64 ids_restore, any strides
+    gx_ptr,  # (N, 1 + K, D) gradient of x, contiguous
+    gmt_ptr,  # (num_chunks, num_row_blocks, D) float32 partial sums of mask-token rows
+    gpos_ptr,  # (num_chunks, 1 + L, D) float32 partial sums over samples (when POS_GRAD)
+    N, L, D, K, n_per_prog,
+    stride_gn, stride_gt, stride_gd,
+    stride_in, stride_il,
+    POS_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    rb = tl.program_id(1)
+    t = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = t < L + 1
+    d_ok = offs_d < D
+    m = t_ok[:, None] & d_ok[None, :]
+    mt_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    pos_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    n_start = chunk * n_per_prog
+    n_end = tl.minimum(n_start + n_per_prog, N)
+    # per-sample pointers advance by one sample per iteration (int64 from the start)
+    ids_n = ids_ptr + n_start.to(tl.int64) * stride_in
+    g_n = g_ptr + n_start.to(tl.int64) * stride_gn
+    gx_n = gx_ptr + n_start.to(tl.int64) * (K + 1) * D
+    for _ in range(n_start, n_end):
+        r = tl.load(ids_n + (t - 1) * stride_il, mask=t_ok & (t > 0), other=0)
+        to_x = t_ok & ((t == 0) | ((r >= 0) & (r < K)))
+        dst = tl.where(t == 0, 0, r + 1)  # row of grad_x
+        g = tl.load(g_n + t[:, None] * stride_gt + offs_d[None, :] * stride_gd, mask=m, other=0.0)
+        tl.store(gx_n + dst[:, None] * D + offs_d[None, :], g.to(gx_ptr.dtype.element_ty),
+                 mask=to_x[:, None] & d_ok[None, :])
+        gf = g.to(tl.float32)
+        mt_acc += tl.sum(tl.where(to_x[:, None], 0.0, gf), axis=0)
+        if POS_GRAD:
+            pos_acc += gf
+        ids_n += stride_in
+        g_n += stride_gn
+        gx_n += (K + 1) * D
+    num_rb = tl.num_programs(1)
+    tl.store(gmt_ptr + (chunk.to(tl.int64) * num_rb + rb) * D + offs_d, mt_acc, mask=d_ok)
+    if POS_GRAD:
+        tl.store(gpos_ptr + (chunk.to(tl.int64) * (L + 1) + t[:, None]) * D + offs_d[None, :], pos_acc, mask=m)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    p_ptr,  # (R, M) float32 partial sums, contiguous
+    out_ptr,  # (M,) the sums, in out's dtype
+    R, M,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        p = tl.load(p_ptr + rows[:, None].to(tl.int64) * M + offs_m[None, :],
+                    mask=(rows[:, None] < R) & m_ok[None, :], other=0.0)
+        acc += tl.sum(p, axis=0)
+    tl.store(out_ptr + offs_m, acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# launch functions
+# --------------------------------------------------------------------------------------------
+def _block_d(D: int, cap: int = 256) -> int:
+    return min(triton.next_power_of_2(D), cap)
+
+
+def _block_rows(block_d: int, budget: int = 4096, cap: int = 32) -> int:
+    return max(1, min(cap, budget // block_d))
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one by one: fewer, longer programs are faster
+
+
+def _chunking(N: int, base_programs: int, device: torch.device) -> tuple[int, int]:
+    """(samples per program, number of chunks) so that the grid has about the target size."""
+    chunks = max(1, min(N, -(-_target_programs(device) // base_programs)))
+    n_per = -(-N // chunks)
+    return n_per, -(-N // n_per)
+
+
+def _check_tokens(name: str, t: torch.Tensor, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_ids(ids_restore: torch.Tensor, N: int, L: int, device: torch.device) -> None:
+    if not isinstance(ids_restore, torch.Tensor) or ids_restore.dtype != torch.int64:
+        raise TypeError(f"ids_restore must be an int64 tensor, got {getattr(ids_restore, 'dtype', ids_restore)}")
+    if tuple(ids_restore.shape) != (N, L):
+        raise ValueError(f"ids_restore must be (N, L) = ({N}, {L}), got {tuple(ids_restore.shape)}")
+    if ids_restore.device != device:
+        raise ValueError(f"ids_restore is on {ids_restore.device}, expected {device}")
+
+
+def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (M,) = partials (R, M) summed over R in fp32, in a fixed order (deterministic)."""
+    R, M = partials.shape
+    if partials.dtype != torch.float32 or not partials.is_contiguous():
+        raise ValueError("partials must be a contiguous float32 (R, M) tensor")
+    if out.numel() != M or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of {M} elements, got shape {tuple(out.shape)}")
+    BLOCK_M = min(triton.next_power_of_2(M), 256)
+    BLOCK_R = min(triton.next_power_of_2(R), 16)
+    _sum_partials_kernel[(triton.cdiv(M, BLOCK_M),)](partials, out, R, M, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M)
+    return out
+
+
+def masking_forward(
+    x: torch.Tensor | None,
+    pos: torch.Tensor | None,
+    noise: torch.Tensor,
+    K: int,
+    out_dtype: torch.dtype | None = None,
+    ids_restore: torch.Tensor | None = None,
+    write_ids_keep: bool = False,
+):
+    """Rank the noise and gather the kept rows of x (+ pos).
+
+    Args:
+        x: (N, L, D) tokens, or None to compute only the masks (``mask``, ``ids_restore``,
+            ``ids_keep``).
+        pos: optional (L, D) positional embedding added to the gathered rows.
+        noise: (N, L) float noise, small is kept; ties broken by index.
+        K: number of kept rows, 1 <= K <= L.
+        out_dtype: dtype of x_visible (default x's).
+        ids_restore: (N, L) int64 ranks computed elsewhere (e.g. by ``torch.argsort``); then
+            only the gather runs and ``mask`` is derived from them.
+        write_ids_keep: also return ids_keep (N, K) int32, the kept positions in rank order.
+
+    Returns:
+        (x_visible (N, K, D) or None, mask (N, L) float32, ids_restore (N, L) int64,
+        ids_keep (N, K) int32 or None).
+    """
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 2 or not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating-point (N, L) tensor, got {getattr(noise, 'shape', noise)}")
+    N, L = noise.shape
+    device = noise.device
+    if not 1 <= K <= L:
+        raise ValueError(f"K must be in [1, L={L}], got {K}")
+    D = 1
+    if x is not None:
+        _check_tokens("x", x, 3)
+        if tuple(x.shape[:2]) != (N, L):
+            raise ValueError(f"x must be (N, L, D) with (N, L) = ({N}, {L}) from noise, got {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"x is on {x.device}, noise on {device}")
+        D = x.shape[2]
+    if pos is not None:
+        if x is None:
+            raise ValueError("pos needs x")
+        _check_tokens("pos", pos, 2)
+        if tuple(pos.shape) != (L, D):
+            raise ValueError(f"pos must be (L, D) = ({L}, {D}), got {tuple(pos.shape)}")
+        if pos.device != device:
+            raise ValueError(f"pos is on {pos.device}, noise on {device}")
+    ranks_given = ids_restore is not None
+    if ranks_given:
+        _check_ids(ids_restore, N, L, device)
+    out = None
+    if x is not None:
+        out_dtype = out_dtype or x.dtype
+        if out_dtype not in TOKEN_DTYPES:
+            raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+        out = torch.empty((N, K, D), dtype=out_dtype, device=device)
+    if ranks_given:
+        mask = (ids_restore >= K).to(torch.float32)
+        ids_out = ids_restore
+    else:
+        mask = torch.empty((N, L), dtype=torch.float32, device=device)
+        ids_out = torch.empty((N, L), dtype=torch.int64, device=device)
+    ids_keep = torch.empty((N, K), dtype=torch.int32, device=device) if write_ids_keep else None
+    BLOCK_R = 16
+    BLOCK_L = min(triton.next_power_of_2(L), 256)
+    BLOCK_D = _block_d(D)
+    xs = x if x is not None else noise
+    ps = pos if pos is not None else noise
+    rs = ids_restore if ranks_given else ids_out
+    grid = (N, triton.cdiv(L, BLOCK_R))
+    _masking_fwd_kernel[grid](
+        xs, ps, noise, rs, out if out is not None else mask, mask, ids_out,
+        ids_keep if ids_keep is not None else ids_out,
+        L, D, K,
+        *(x.stride() if x is not None else (0, 0, 0)),
+        *(pos.stride() if pos is not None else (0, 0)),
+        noise.stride(0), noise.stride(1),
+        rs.stride(0), rs.stride(1),
+        HAS_POS=pos is not None, GATHER=x is not None, WRITE_IDS_KEEP=write_ids_keep,
+        RANKS_GIVEN=ranks_given, BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
+        num_warps=4,
+    )
+    return out, mask, ids_out, ids_keep
+
+
+def masking_backward(
+    grad_visible: torch.Tensor,
+    ids_restore: torch.Tensor,
+    L: int,
+    grad_x_dtype: torch.dtype | None,
+    grad_pos_dtype: torch.dtype | None,
+):
+    """Gradients of :func:`masking_forward`'s gather.
+
+    Args:
+        grad_visible: (N, K, D) gradient of x_visible.
+        ids_restore: (N, L) int64.
+        L: number of patches.
+        grad_x_dtype: dtype of grad_x (N, L, D), or None to skip it.
+        grad_pos_dtype: dtype of grad_pos (L, D) = sum over the batch, or None to skip it.
+
+    Returns:
+        (grad_x or None, grad_pos or None).
+    """
+    _check_tokens("grad_visible", grad_visible, 3)
+    N, K, D = grad_visible.shape
+    device = grad_visible.device
+    _check_ids(ids_restore, N, L, device)
+    if grad_x_dtype is None and grad_pos_dtype is None:
+        return None, None
+    BLOCK_D = _block_d(D)
+    BLOCK_R = _block_rows(BLOCK_D)
+    row_blocks, d_blocks = triton.cdiv(L, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    pos_grad = grad_pos_dtype is not None
+    n_per, chunks = _chunking(N, row_blocks * d_blocks, device) if pos_grad else (1, N)
+    gx = torch.empty((N, L, D), dtype=grad_x_dtype, device=device) if grad_x_dtype is not None else None
+    partials = torch.empty((chunks, L * D), dtype=torch.float32, device=device) if pos_grad else None
+    dummy = grad_visible
+    _masking_bwd_kernel[(chunks, row_blocks, d_blocks)](
+        grad_visible, ids_restore, gx if gx is not None else dummy, partials if pos_grad else dummy,
+        N, L, D, K, n_per,
+        *grad_visible.stride(), *ids_restore.stride(),
+        WRITE_GX=gx is not None, POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    gpos = None
+    if pos_grad:
+        gpos = sum_partials(partials, torch.empty((L, D), dtype=grad_pos_dtype, device=device))
+    return gx, gpos
+
+
+def unshuffle_forward(
+    x: torch.Tensor,
+    mask_token: torch.Tensor,
+    ids_restore: torch.Tensor,
+    pos: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Decoder input (N, 1 + L, D) from x (N, 1 + K, D), mask_token (D,), ids_restore (N, L)
+    and an optional (1 + L, D) positional embedding."""
+    _check_tokens("x", x, 3)
+    N, K1, D = x.shape
+    device = x.device
+    if K1 < 2:
+        raise ValueError(f"x must hold the cls row and at least one visible row, got {K1} rows")
+    if not isinstance(ids_restore, torch.Tensor) or ids_restore.dim() != 2:
+        raise ValueError(f"ids_restore must be (N, L), got {getattr(ids_restore, 'shape', ids_restore)}")
+    L = ids_restore.shape[1]
+    _check_ids(ids_restore, N, L, device)
+    K = K1 - 1
+    if K > L:
+        raise ValueError(f"x has {K} visible rows but ids_restore only L={L} positions")
+    _check_tokens("mask_token", mask_token, 1)
+    if mask_token.shape[0] != D or mask_token.device != device:
+        raise ValueError(f"mask_token must be ({D},) on {device}, got {tuple(mask_token.shape)} on {mask_token.device}")
+    if pos is not None:
+        _check_tokens("pos", pos, 2)
+        if tuple(pos.shape) != (L + 1, D) or pos.device != device:
+            raise ValueError(f"pos must be (1 + L, D) = ({L + 1}, {D}) on {device}, got {tuple(pos.shape)}")
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in TOKEN_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    out = torch.empty((N, L + 1, D), dtype=out_dtype, device=device)
+    BLOCK_D = _block_d(D)
+    BLOCK_R = _block_rows(BLOCK_D)
+    grid = (N, triton.cdiv(L + 1, BLOCK_R), triton.cdiv(D, BLOCK_D))
+    ps = pos if pos is not None else x
+    _unshuffle_fwd_kernel[grid](
+        x, mask_token, ids_restore, ps, out,
+        L, D, K,
+        *x.stride(), mask_token.stride(0), *ids_restore.stride(),
+        *(pos.stride() if pos is not None else (0, 0)),
+        HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
+
+
+def unshuffle_backward(
+    grad_out: torch.Tensor,
+    ids_restore: torch.Tensor,
+    K: int,
+    grad_x_dtype: torch.dtype,
+    grad_mt_dtype: torch.dtype,
+    grad_pos_dtype: torch.dtype | None,
+):
+    """Gradients of :func:`unshuffle_forward`: grad_x (N, 1 + K, D), grad_mask_token (D,) and,
+    when ``grad_pos_dtype`` is given, grad_pos (1 + L, D); sums are deterministic."""
+    _check_tokens("grad_out", grad_out, 3)
+    N, L1, D = grad_out.shape
+    L = L1 - 1
+    device = grad_out.device
+    _check_ids(ids_restore, N, L, device)
+    if not 1 <= K <= L:
+        raise ValueError(f"K must be in [1, L={L}], got {K}")
+    BLOCK_D = _block_d(D)
+    BLOCK_R = _block_rows(BLOCK_D)
+    row_blocks, d_blocks = triton.cdiv(L1, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    n_per, chunks = _chunking(N, row_blocks * d_blocks, device)
+    pos_grad = grad_pos_dtype is not None
+    gx = torch.empty((N, K + 1, D), dtype=grad_x_dtype, device=device)
+    mt_partials = torch.empty((chunks * row_blocks, D), dtype=torch.float32, device=device)
+    pos_partials = torch.empty((chunks, L1 * D), dtype=torch.float32, device=device) if pos_grad else mt_partials
+    _unshuffle_bwd_kernel[(chunks, row_blocks, d_blocks)](
+        grad_out, ids_restore, gx, mt_partials, pos_partials,
+        N, L, D, K, n_per,
+        *grad_out.stride(), *ids_restore.stride(),
+        POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    gmt = sum_partials(mt_partials, torch.empty((D,), dtype=grad_mt_dtype, device=device))
+    gpos = None
+    if pos_grad:
+        gpos = sum_partials(pos_partials, torch.empty((L1, D), dtype=grad_pos_dtype, device=device))
+    return gx, gmt, gpos

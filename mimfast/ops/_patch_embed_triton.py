@@ -1,0 +1,81 @@
+"""Autograd Function over :mod:`mimfast.kernels.patch_embed` and the masking kernels: the
+Triton branch of :func:`mimfast.ops.masked_patch_embed`.
+
+Forward: rank the noise (mask, ids_restore, ids_keep), gather the kept patches' pixels into an
+(N*K, C*p*p) matrix in the compute dtype, one cuBLAS matmul with the projection, then bias +
+positional add in fp32 on the way to the output dtype (the reference's type promotion of the
+convolution's output with ``pos_embed``).
+
+Backward: grad_weight = g^T @ patches (cuBLAS), grad_bias and grad_pos_embed as fp32 sums in a
+fixed order (deterministic), grad_imgs (only if asked) = g @ weight scattered into the kept
+patches of a zero image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mimfast.kernels import masking as _km
+from mimfast.kernels import patch_embed as _kp
+from mimfast.ops.masking import num_kept
+
+__all__ = ["masked_patch_embed_triton"]
+
+
+class MaskedPatchEmbedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, imgs, weight, bias, pos_embed, noise, K, compute_dtype):
+        N, C, H, W = imgs.shape
+        D, _, p, _ = weight.shape
+        L = (H // p) * (W // p)
+        _, mask, ids_restore, ids_keep = _km.masking_forward(None, None, noise, K, write_ids_keep=True)
+        patches = _kp.gather_patches(imgs, ids_keep, p, compute_dtype)  # (N*K, C*p*p)
+        w2 = weight.reshape(D, -1).to(compute_dtype)  # (D, C*p*p), (c, i, j) order
+        with torch.autocast(imgs.device.type, enabled=False):
+            y = torch.mm(patches, w2.t())  # (N*K, D)
+        out_dtype = compute_dtype if pos_embed is None else torch.promote_types(compute_dtype, pos_embed.dtype)
+        out = _kp.embed_epilogue(y, bias, pos_embed[0] if pos_embed is not None else None, ids_keep, out_dtype)
+        ctx.mark_non_differentiable(mask, ids_restore)
+        ctx.save_for_backward(patches, w2, ids_keep, ids_restore)
+        ctx.meta = (imgs.shape, imgs.dtype, weight.dtype, p, L, compute_dtype,
+                    bias.dtype if bias is not None else None, pos_embed.dtype if pos_embed is not None else None)
+        return out.view(N, K, D), mask, ids_restore
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mask, grad_ids):
+        patches, w2, ids_keep, ids_restore = ctx.saved_tensors
+        imgs_shape, imgs_dtype, w_dtype, p, L, compute_dtype, bias_dtype, pos_dtype = ctx.meta
+        need_imgs, need_w, need_b, need_pos = ctx.needs_input_grad[:4]
+        N, K, D = grad_out.shape
+        g_imgs = g_w = g_b = g_pos = None
+        if need_w or need_imgs:
+            gc = grad_out.reshape(N * K, D).to(compute_dtype).contiguous()  # the conv output's grad dtype
+            with torch.autocast(grad_out.device.type, enabled=False):
+                if need_w:
+                    g_w = torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p).to(w_dtype)
+                if need_imgs:
+                    g_patches = torch.mm(gc, w2).contiguous()  # (N*K, C*p*p)
+                    g_imgs = torch.zeros(imgs_shape, dtype=imgs_dtype, device=grad_out.device)
+                    _kp.scatter_patches(g_patches, ids_keep, p, g_imgs)
+        if need_b:
+            g_b = grad_out.sum(dim=(0, 1), dtype=torch.float32).to(bias_dtype)
+        if need_pos:
+            _, g_pos = _km.masking_backward(grad_out, ids_restore, L, None, pos_dtype)
+            g_pos = g_pos.unsqueeze(0)
+        return g_imgs, g_w, g_b, g_pos, None, None, None
+
+
+def masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise):
+    """Triton masked patch embedding; arguments validated by :func:`mimfast.ops.masked_patch_embed`."""
+    device_type = imgs.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        weight = weight.to(compute_dtype)  # as autocast casts conv2d's weight (gradient flows back)
+    else:
+        if weight.dtype != imgs.dtype:
+            raise TypeError(f"weight dtype {weight.dtype} differs from imgs dtype {imgs.dtype} (outside autocast)")
+        compute_dtype = imgs.dtype
+    if compute_dtype not in _kp.FLOAT_DTYPES:
+        raise TypeError(f"imgs must be float32, float16 or bfloat16 on the Triton path, got {compute_dtype}")
+    L = noise.shape[1]
+    return MaskedPatchEmbedFn.apply(imgs, weight, bias, pos_embed, noise, num_kept(L, mask_ratio), compute_dtype)
