@@ -177,13 +177,25 @@ class MaskedAutoencoderViT(nn.Module):
     # --- the three stages of the official model
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """imgs -> (latent (N, 1 + K, D), mask (N, L), ids_restore (N, L))."""
-        x = self.patch_embed(imgs)  # (N, L, D)
-        if noise is None:  # drawn where and how the reference draws it
-            noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
-        # positional add + masking + gather in one op
-        x, mask, ids_restore = ops.random_masking(
-            x, mask_ratio, pos_embed=self.pos_embed[:, 1:, :], noise=noise, backend=self.kernels
-        )  # (N, K, D)
+        from mimfast.backend import resolve
+
+        pe = self.patch_embed
+        if resolve(self.kernels, imgs, op="masked_patch_embed") == "triton" and isinstance(pe.norm, nn.Identity):
+            # embed only the kept patches: projection + positional add + masking + gather
+            if noise is None:  # drawn as the reference draws it (the embedding draws nothing)
+                noise = torch.rand(imgs.shape[0], pe.num_patches, device=imgs.device)
+            x, mask, ids_restore = ops.masked_patch_embed(
+                imgs, pe.proj.weight, pe.proj.bias, mask_ratio, pos_embed=self.pos_embed[:, 1:, :],
+                noise=noise, backend=self.kernels,
+            )  # (N, K, D)
+        else:
+            x = pe(imgs)  # (N, L, D)
+            if noise is None:  # drawn where and how the reference draws it
+                noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
+            # positional add + masking + gather in one op
+            x, mask, ids_restore = ops.random_masking(
+                x, mask_ratio, pos_embed=self.pos_embed[:, 1:, :], noise=noise, backend=self.kernels
+            )  # (N, K, D)
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (N, 1 + K, D)
         for blk in self.blocks:
