@@ -1,5 +1,6 @@
 """MAE and BEiT pretraining models."""
 
+from mimfast.models.dalle import DalleEncoder
 from mimfast.models.mae import (
     MaskedAutoencoderViT,
     mae_vit_base_patch16,
@@ -30,6 +31,7 @@ def create_model(name: str, **kwargs):
 
 
 __all__ = [
+    "DalleEncoder",
     "MODELS",
     "create_model",
     "MaskedAutoencoderViT",
