@@ -114,6 +114,20 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class _WithMaskNoise:
+    """Augmented image plus the sample's mask noise, both drawn from the per-sample seeded
+    RNG: the mask of an image depends on (seed, epoch, index) only, not on the rank or the
+    batch it lands in, so a run on 2 processes sees what a run on 1 sees."""
+
+    def __init__(self, transform, num_patches: int):
+        self.transform = transform
+        self.num_patches = num_patches
+
+    def __call__(self, img):
+        img = self.transform(img)
+        return img, torch.rand(self.num_patches)
+
+
 class MAETask:
     """What ``pretrain`` needs to know about MAE: model, augmentation, loss, picture."""
 
@@ -123,20 +137,25 @@ class MAETask:
         self.vis_imgs = self.vis_noise = None
 
     def build_model(self) -> torch.nn.Module:
-        return create_model(self.cfg.model, **_model_kwargs(self.cfg))
+        model = create_model(self.cfg.model, **_model_kwargs(self.cfg))
+        self.patch_size = model.patch_size
+        return model
 
     def transform(self, img_size: int):
-        return mae_transform(img_size, self.cfg.min_crop_scale)
+        return _WithMaskNoise(mae_transform(img_size, self.cfg.min_crop_scale), (img_size // self.patch_size) ** 2)
 
     def loss(self, model, batch) -> torch.Tensor:
-        imgs = batch[0].to(self.device, non_blocking=True)
-        loss, _, _ = model(imgs, mask_ratio=self.cfg.mask_ratio)
+        (imgs, noise), _ = batch
+        imgs = imgs.to(self.device, non_blocking=True)
+        noise = noise.to(self.device, non_blocking=True)
+        loss, _, _ = model(imgs, mask_ratio=self.cfg.mask_ratio, noise=noise)
         return loss
 
     def picture(self, model, dataset, path: Path) -> None:
         if self.vis_imgs is None:  # fixed images and noise, drawn apart from the training RNG
             gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
-            self.vis_imgs = torch.stack([dataset[(0, i)][0] for i in range(min(8, len(dataset)))]).to(self.device)
+            self.vis_imgs = torch.stack([dataset[(0, i)][0][0] for i in range(min(8, len(dataset)))])
+            self.vis_imgs = self.vis_imgs.to(self.device)
             self.vis_noise = torch.rand(self.vis_imgs.shape[0], model.patch_embed.num_patches,
                                         generator=gen).to(self.device)
         grid = mae_reconstruction_grid(model, self.vis_imgs, self.cfg.mask_ratio, IMAGENET_MEAN, IMAGENET_STD,
