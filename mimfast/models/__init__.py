@@ -1,6 +1,16 @@
 """MAE and BEiT pretraining models."""
 
 from mimfast.models.dalle import DalleEncoder
+from mimfast.models.beit import (
+    VisionTransformerForMaskedImageModeling,
+    VisionTransformerForMaskedPixelModeling,
+    beit_base_patch16_224_8k_vocab,
+    beit_base_patch16_224_pixel,
+    beit_large_patch16_224_8k_vocab,
+    beit_large_patch16_224_pixel,
+    beit_tiny_patch16_224_8k_vocab,
+    beit_tiny_patch16_224_pixel,
+)
 from mimfast.models.mae import (
     MaskedAutoencoderViT,
     mae_vit_base_patch16,
@@ -20,6 +30,12 @@ MODELS = {
     "mae_vit_base_patch16_dec512d8b": mae_vit_base_patch16_dec512d8b,
     "mae_vit_large_patch16_dec512d8b": mae_vit_large_patch16_dec512d8b,
     "mae_vit_huge_patch14_dec512d8b": mae_vit_huge_patch14_dec512d8b,
+    "beit_tiny_patch16_224_8k_vocab": beit_tiny_patch16_224_8k_vocab,
+    "beit_base_patch16_224_8k_vocab": beit_base_patch16_224_8k_vocab,
+    "beit_large_patch16_224_8k_vocab": beit_large_patch16_224_8k_vocab,
+    "beit_tiny_patch16_224_pixel": beit_tiny_patch16_224_pixel,
+    "beit_base_patch16_224_pixel": beit_base_patch16_224_pixel,
+    "beit_large_patch16_224_pixel": beit_large_patch16_224_pixel,
 }
 
 
@@ -35,6 +51,14 @@ __all__ = [
     "MODELS",
     "create_model",
     "MaskedAutoencoderViT",
+    "VisionTransformerForMaskedImageModeling",
+    "VisionTransformerForMaskedPixelModeling",
+    "beit_base_patch16_224_8k_vocab",
+    "beit_base_patch16_224_pixel",
+    "beit_large_patch16_224_8k_vocab",
+    "beit_large_patch16_224_pixel",
+    "beit_tiny_patch16_224_8k_vocab",
+    "beit_tiny_patch16_224_pixel",
     "mae_vit_base_patch16",
     "mae_vit_base_patch16_dec512d8b",
     "mae_vit_huge_patch14",
