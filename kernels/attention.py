@@ -1,0 +1,569 @@
+"""Multi-head self-attention for ViT shapes, reading q, k, v straight from the packed qkv.
+
+Replaces (timm 0.3.2 ``Attention.forward``, the official MAE / BEiT code)::
+
+    qkv = qkv.reshape(B, S, 3, H, Dh).permute(2, 0, 3, 1, 4)   # copy: 3 * B*S*H*Dh read + write
+    attn = (q * scale) @ k.transpose(-2, -1)                    # writes B*H*S*S
+    attn = (attn + bias).softmax(-1)                            # reads / writes B*H*S*S (twice)
+    out = (attn @ v).transpose(1, 2).reshape(B, S, H * Dh)      # reads B*H*S*S; copy of the output
+
+with kernels that read q, k and v of one head by strides from ``qkv`` (B, S, 3*H*Dh) and write
+``out`` (B, S, H*Dh) ready for ``proj``: no permute, no (S, S) matrix in memory.
+
+Forward (``_attn_fwd``): one program per (batch, head, block of BLOCK_M queries) streams key
+blocks of BLOCK_N with an online softmax in fp32 (exp2, scale folded into log2 units) and saves
+the natural logsumexp (B, H, S) for the backward. With BLOCK_N >= S one program holds all keys
+(a single pass); the benchmark compares that with tiling.
+Bytes: reads 3*B*S*H*Dh (q, k, v; k, v once per query block) + bias, writes B*S*H*Dh + B*H*S*4.
+FLOPs: 4*B*H*S^2*Dh.
+
+Backward, FlashAttention-2 style (delta = rowsum(o * do), P recomputed from the logsumexp):
+  - ``_attn_bwd_fused``: S <= BLOCK (one tile holds every query and key of a head): one program
+    per (head, group of batches) computes delta, dq, dk, dv in one pass and never writes delta.
+  - ``_attn_bwd_dq`` then ``_attn_bwd_dkdv`` (any S): the first owns a block of queries, computes
+    delta (saved for the second) and dq over all key blocks; the second owns a block of keys and
+    accumulates dk, dv over all query blocks. No atomics.
+Gradients land in one (B, S, 3*H*Dh) tensor in the packed layout of ``qkv``.
+FLOPs: 2.5x the forward (fused); the split path recomputes Q K^T once more.
+
+Bias (H, S, S) shared across the batch (BEiT's relative position bias): its gradient
+sum_b dS[b] is reduced deterministically without float atomics: a program owns one
+(head, query block) strip for a contiguous group of batches and accumulates over them (in
+registers when it holds all keys, else read-modify-write of its own private strip), writing an
+fp32 partial (G, H, S, S); the G partials are then summed in a fixed order.
+
+Supports: any S >= 1 (masked tails), any head dim <= 256 (Dh = 80 is padded to 128 with masks),
+fp32 (``allow_tf32`` picks the dot's input precision), fp16, bf16; any strides of qkv, bias and
+the output gradient; bias of any float dtype. Does not support: attention dropout, masks other
+than the additive bias, causal attention, separate q / k / v tensors, cross-attention.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["AttentionConfig", "default_config", "attention_forward", "attention_backward"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd(
+    QKV,  # (B, S, 3*H*HEAD_DIM) q | k | v, each head-major: column (part*H + h)*HEAD_DIM + d
+    BIAS,  # (H, S, S) additive bias, any float dtype (unused unless HAS_BIAS)
+    OUT,  # (B, S, H*HEAD_DIM) contiguous
+    LSE,  # (B, H, S) fp32, natural logsumexp of each row of scale * q k^T + bias
+    stride_qb, stride_qs, stride_qc,
+    stride_bh, stride_bi, stride_bj,
+    S, H, qk_scale2,  # qk_scale2 = scale * log2(e)
+    HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    num_m = tl.cdiv(S, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = bh // H
+    h = bh % H
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DH_PAD)
+    mask_m = offs_m < S
+    mask_d = offs_d < HEAD_DIM
+
+    base = QKV + b.to(tl.int64) * stride_qb
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    q = tl.load(base + offs_m[:, None] * stride_qs + q_cols[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, DH_PAD)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2
+    acc = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
+    for start_n in range(0, S, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < S
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                           mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_ptrs = OUT + (b.to(tl.int64) * S + offs_m[:, None]) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh.to(tl.int64) * S + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_fused(
+    QKV,  # (B, S, 3*H*HEAD_DIM)
+    BIAS,  # (H, S, S)
+    OUT,  # (B, S, H*HEAD_DIM) contiguous, the forward output
+    DOUT,  # (B, S, H*HEAD_DIM) gradient of the output, any strides
+    LSE,  # (B, H, S) fp32
+    DQKV,  # (B, S, 3*H*HEAD_DIM) contiguous, written in full
+    DBIAS,  # (G, H, S, S) fp32 partial bias gradients, one per batch group (unused unless NEED_DBIAS)
+    stride_qb, stride_qs, stride_qc,
+    stride_bh, stride_bi, stride_bj,
+    stride_db, stride_ds, stride_dc,
+    B, S, H, batches_per_program, scale, qk_scale2,
+    HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One tile holds all S queries and keys of a head (S <= BLOCK); a program loops over a
+    # group of batches so the bias gradient of its head accumulates in registers.
+    pid = tl.program_id(0)
+    g = pid // H
+    h = pid % H
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, DH_PAD)
+    mask_s = offs < S
+    mask_d = offs_d < HEAD_DIM
+    tile_mask = mask_s[:, None] & mask_d[None, :]
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    HD3 = 3 * H * HEAD_DIM
+    if HAS_BIAS:
+        bias = tl.load(BIAS + h * stride_bh + offs[:, None] * stride_bi + offs[None, :] * stride_bj,
+                       mask=mask_s[:, None] & mask_s[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    if NEED_DBIAS:
+        dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
+
+    b_start = g.to(tl.int64) * batches_per_program  # int64 loop index: batch offsets may pass 2^31
+    b_end = tl.minimum(b_start + batches_per_program, B)
+    for b64 in range(b_start, b_end):
+        base = QKV + b64 * stride_qb + offs[:, None] * stride_qs
+        q = tl.load(base + q_cols[None, :], mask=tile_mask, other=0.0)  # (BLOCK, DH_PAD)
+        k = tl.load(base + k_cols[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(base + v_cols[None, :], mask=tile_mask, other=0.0)
+        o = tl.load(OUT + (b64 * S + offs[:, None]) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
+                    mask=tile_mask, other=0.0)
+        do = tl.load(DOUT + b64 * stride_db + offs[:, None] * stride_ds + (h * HEAD_DIM + offs_d[None, :]) * stride_dc,
+                     mask=tile_mask, other=0.0)
+        lse2 = tl.load(LSE + (b64 * H + h) * S + offs, mask=mask_s, other=0.0) * 1.4426950408889634
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK,)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK q, BLOCK k)
+        if HAS_BIAS:
+            s += bias
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(mask_s[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)  # (BLOCK, DH_PAD)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])  # d loss / d (scale * q k^T + bias)
+        if NEED_DBIAS:
+            dbias += ds
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION) * scale
+
+        dbase = DQKV + (b64 * S + offs[:, None]) * HD3 + offs_d[None, :]
+        tl.store(dbase + h * HEAD_DIM, dq.to(DQKV.dtype.element_ty), mask=tile_mask)
+        tl.store(dbase + (H + h) * HEAD_DIM, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
+        tl.store(dbase + (2 * H + h) * HEAD_DIM, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
+
+    if NEED_DBIAS:
+        dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs[:, None] * S + offs[None, :]
+        tl.store(dptr, dbias, mask=mask_s[:, None] & mask_s[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq(
+    QKV,  # (B, S, 3*H*HEAD_DIM)
+    BIAS,  # (H, S, S)
+    OUT,  # (B, S, H*HEAD_DIM) contiguous
+    DOUT,  # (B, S, H*HEAD_DIM) any strides
+    LSE,  # (B, H, S) fp32
+    DELTA,  # (B, H, S) fp32, written here: rowsum(out * dout), read by _attn_bwd_dkdv
+    DQKV,  # (B, S, 3*H*HEAD_DIM) contiguous; the q part is written here
+    DBIAS,  # (G, H, S, S) fp32 partials; zero-filled by the caller unless ONE_N_BLOCK
+    stride_qb, stride_qs, stride_qc,
+    stride_bh, stride_bi, stride_bj,
+    stride_db, stride_ds, stride_dc,
+    B, S, H, batches_per_program, scale, qk_scale2,
+    HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # program -> (batch group g, head h, query block); the query block is the fastest index.
+    num_m = tl.cdiv(S, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = (pid % num_m) * BLOCK_M
+    gh = pid // num_m
+    g = gh // H
+    h = gh % H
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DH_PAD)
+    mask_m = offs_m < S
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    dbias_rows = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs_m[:, None] * S
+    if ONE_N_BLOCK:  # all keys in one block: the bias tile is loaded once, its gradient kept in registers
+        mask_n = offs_n0 < S
+        if HAS_BIAS:
+            bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n0[None, :] * stride_bj,
+                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+        if NEED_DBIAS:
+            dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+
+    b_start = g.to(tl.int64) * batches_per_program  # int64 loop index: batch offsets may pass 2^31
+    b_end = tl.minimum(b_start + batches_per_program, B)
+    for b64 in range(b_start, b_end):
+        base = QKV + b64 * stride_qb
+        q = tl.load(base + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DOUT + b64 * stride_db + offs_m[:, None] * stride_ds + (h * HEAD_DIM + offs_d[None, :]) * stride_dc,
+                     mask=q_mask, other=0.0)
+        o = tl.load(OUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
+                    mask=q_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+        row = (b64 * H + h) * S + offs_m
+        tl.store(DELTA + row, delta, mask=mask_m)
+        lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
+
+        dq = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
+        for start_n in range(0, S, BLOCK_N):
+            offs_n = start_n + offs_n0
+            mask_n = offs_n < S
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
+            if HAS_BIAS:
+                if ONE_N_BLOCK:
+                    s += bias
+                else:
+                    s += tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                                 mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+            p = tl.exp2(s - lse2[:, None])
+            p = tl.where(mask_n[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            if NEED_DBIAS:
+                if ONE_N_BLOCK:
+                    dbias += ds
+                else:  # this program is the only one touching these addresses
+                    dptr = dbias_rows + offs_n[None, :]
+                    dmask = mask_m[:, None] & mask_n[None, :]
+                    tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + ds, mask=dmask)
+                    tl.debug_barrier()  # the next batch re-reads these from other threads
+
+        dq_ptrs = DQKV + (b64 * S + offs_m[:, None]) * (3 * H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * scale).to(DQKV.dtype.element_ty), mask=q_mask)
+
+    if ONE_N_BLOCK:
+        if NEED_DBIAS:
+            tl.store(dbias_rows + offs_n0[None, :], dbias, mask=mask_m[:, None] & (offs_n0 < S)[None, :])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    QKV,  # (B, S, 3*H*HEAD_DIM)
+    BIAS,  # (H, S, S)
+    DOUT,  # (B, S, H*HEAD_DIM) any strides
+    LSE,  # (B, H, S) fp32
+    DELTA,  # (B, H, S) fp32, from _attn_bwd_dq
+    DQKV,  # (B, S, 3*H*HEAD_DIM) contiguous; the k and v parts are written here
+    stride_qb, stride_qs, stride_qc,
+    stride_bh, stride_bi, stride_bj,
+    stride_db, stride_ds, stride_dc,
+    S, H, scale, qk_scale2,
+    HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # program -> (batch, head, key block); works on transposed tiles (keys x queries).
+    num_n = tl.cdiv(S, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // num_n
+    start_n = (pid % num_n) * BLOCK_N
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DH_PAD)
+    mask_n = offs_n < S
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    base = QKV + b64 * stride_qb
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k = tl.load(base + offs_n[:, None] * stride_qs + (((H + h) * HEAD_DIM + offs_d) * stride_qc)[None, :],
+                mask=kv_mask, other=0.0)  # (BLOCK_N, DH_PAD)
+    v = tl.load(base + offs_n[:, None] * stride_qs + (((2 * H + h) * HEAD_DIM + offs_d) * stride_qc)[None, :],
+                mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
+    for start_m in range(0, S, BLOCK_M):
+        offs_m = start_m + offs_m0
+        mask_m = offs_m < S
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(base + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DOUT + b64 * stride_db + offs_m[:, None] * stride_ds + (h * HEAD_DIM + offs_d[None, :]) * stride_dc,
+                     mask=q_mask, other=0.0)
+        row = bh.to(tl.int64) * S + offs_m
+        # +inf logsumexp on padded query rows makes their probabilities exactly 0
+        lse2 = tl.load(LSE + row, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
+
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
+        if HAS_BIAS:
+            biasT = tl.load(BIAS + h * stride_bh + offs_m[None, :] * stride_bi + offs_n[:, None] * stride_bj,
+                            mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+            sT += biasT.to(tl.float32) * 1.4426950408889634
+        pT = tl.exp2(sT - lse2[None, :])
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    dbase = DQKV + (b64 * S + offs_n[:, None]) * (3 * H * HEAD_DIM) + offs_d[None, :]
+    tl.store(dbase + (H + h) * HEAD_DIM, (dk * scale).to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(dbase + (2 * H + h) * HEAD_DIM, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Block sizes and launch choices; :func:`default_config` picks them from the shape.
+
+    ``fwd_block_n >= S`` gives the one-program-holds-all-keys forward. ``bwd="fused"`` needs
+    S <= ``fused_block`` (one tile per head); ``"split"`` runs the dq kernel then the dk/dv kernel.
+    ``dq_block_n >= S`` keeps the bias gradient in registers; smaller tiles update a private
+    fp32 strip in memory. ``bias_groups`` is the number of batch groups G of the bias gradient
+    (0: chosen from the device's SM count).
+    """
+
+    fwd_block_m: int = 64
+    fwd_block_n: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    bwd: str = "split"
+    fused_block: int = 64
+    fused_warps: int = 4
+    dq_block_m: int = 64
+    dq_block_n: int = 64
+    dq_warps: int = 4
+    dkdv_block_m: int = 64
+    dkdv_block_n: int = 64
+    dkdv_warps: int = 4
+    bwd_stages: int = 2
+    bias_groups: int = 0
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def default_config(seq_len: int, head_dim: int, has_bias: bool = False) -> AttentionConfig:
+    """Block sizes for S = ``seq_len`` and Dh = ``head_dim`` (all powers of two, >= 16)."""
+    s_pad = _pow2(seq_len)
+    dh_pad = _pow2(head_dim)
+    wide = dh_pad > 64  # Dh = 80 / 128 pad to 128: smaller tiles keep registers in check
+    if s_pad <= 64:  # a head fits in one tile
+        return AttentionConfig(fwd_block_m=s_pad, fwd_block_n=s_pad, bwd="fused", fused_block=s_pad,
+                               fused_warps=4 if s_pad * dh_pad <= 64 * 64 else 8)
+    cfg = AttentionConfig(
+        fwd_block_m=64, fwd_block_n=64 if not wide else 32, fwd_warps=4,
+        dq_block_m=64 if not wide else 32, dq_block_n=64 if not wide else 32,
+        dkdv_block_m=64 if not wide else 32, dkdv_block_n=64,
+    )
+    if has_bias and s_pad <= 256:  # all keys per dq program: the bias gradient stays in registers
+        cfg = replace(cfg, dq_block_m=32 if s_pad <= 128 else 16, dq_block_n=s_pad, dq_warps=4 if s_pad <= 128 else 8)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _bias_groups(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
+    if cfg.bias_groups:
+        return max(1, min(B, cfg.bias_groups))
+    if device.type != "cuda":
+        return min(B, 2)  # the interpreter: still loop over more than one batch per program
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(B, triton.cdiv(target, programs_per_group)))
+
+
+# ----------------------------------------------------------------------------------------------
+# launch functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int]:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv must be (B, S, 3 * H * Dh), got {getattr(qkv, 'shape', type(qkv).__name__)}")
+    if qkv.dtype not in _DTYPES:
+        raise TypeError(f"qkv must be float16, bfloat16 or float32 for the Triton kernel, got {qkv.dtype}")
+    B, S, width = qkv.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"qkv must have a non-empty batch and sequence, got {tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv width {width} is not 3 * num_heads * head_dim with num_heads={num_heads}")
+    head_dim = width // (3 * num_heads)
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}")
+    return B, S, head_dim
+
+
+def _check_bias(bias, num_heads: int, S: int, qkv: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if tuple(bias.shape) != (num_heads, S, S):
+        raise ValueError(f"bias must be (H, S, S) = ({num_heads}, {S}, {S}), got {tuple(bias.shape)}")
+    if bias.dtype not in _DTYPES:
+        raise TypeError(f"bias must be float16, bfloat16 or float32, got {bias.dtype}")
+    if bias.device != qkv.device:
+        raise ValueError(f"bias is on {bias.device}, qkv on {qkv.device}")
+
+
+def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | None = None,
+                      scale: float | None = None, allow_tf32: bool = False,
+                      config: AttentionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale * q k^T + bias) v per head.
+
+    Returns ``out`` (B, S, H*Dh) in qkv's dtype and ``lse`` (B, H, S) fp32, the natural
+    logsumexp of each row, which :func:`attention_backward` needs.
+    """
+    B, S, head_dim = _check_qkv(qkv, num_heads)
+    _check_bias(bias, num_heads, S, qkv)
+    H = num_heads
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    cfg = config or default_config(S, head_dim, bias is not None)
+    out = torch.empty(B, S, H * head_dim, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B, H, S, device=qkv.device, dtype=torch.float32)
+    bias_arg = bias if bias is not None else out
+    bstr = bias.stride() if bias is not None else (0, 0, 0)
+    grid = (B * H * triton.cdiv(S, cfg.fwd_block_m),)
+    _attn_fwd[grid](
+        qkv, bias_arg, out, lse,
+        *qkv.stride(), *bstr,
+        S, H, scale * LOG2E,
+        HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, DOT_PRECISION=_dot_precision(qkv.dtype, allow_tf32),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return out, lse
+
+
+def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                       num_heads: int, bias: torch.Tensor | None = None, scale: float | None = None,
+                       need_bias_grad: bool = True, allow_tf32: bool = False,
+                       config: AttentionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`attention_forward`: ``dqkv`` (B, S, 3*H*Dh) in qkv's packed layout and
+    dtype, and ``dbias`` (H, S, S) in bias's dtype (None without a bias or ``need_bias_grad``)."""
+    B, S, head_dim = _check_qkv(qkv, num_heads)
+    _check_bias(bias, num_heads, S, qkv)
+    H = num_heads
+    if tuple(out.shape) != (B, S, H * head_dim) or not out.is_contiguous() or out.dtype != qkv.dtype:
+        raise ValueError(f"out must be the contiguous ({B}, {S}, {H * head_dim}) {qkv.dtype} forward output, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    if tuple(grad_out.shape) != (B, S, H * head_dim):
+        raise ValueError(f"grad_out must be ({B}, {S}, {H * head_dim}), got {tuple(grad_out.shape)}")
+    if tuple(lse.shape) != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be the contiguous ({B}, {H}, {S}) float32 forward logsumexp, got {tuple(lse.shape)}")
+    if grad_out.dtype != qkv.dtype:
+        grad_out = grad_out.to(qkv.dtype)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    cfg = config or default_config(S, head_dim, bias is not None)
+    has_bias = bias is not None
+    need_dbias = has_bias and need_bias_grad
+    dh_pad = _pow2(head_dim)
+    precision = _dot_precision(qkv.dtype, allow_tf32)
+    dqkv = torch.empty(B, S, 3 * H * head_dim, device=qkv.device, dtype=qkv.dtype)
+    bias_arg = bias if has_bias else out
+    bstr = bias.stride() if has_bias else (0, 0, 0)
+    common = (*qkv.stride(), *bstr, *grad_out.stride())
+
+    if cfg.bwd == "fused":
+        if S > cfg.fused_block:
+            raise ValueError(f"config.bwd='fused' needs S <= fused_block={cfg.fused_block}, got S={S}")
+        groups = _bias_groups(cfg, B, H, qkv.device) if need_dbias else B
+        per = triton.cdiv(B, groups)
+        groups = triton.cdiv(B, per)
+        dbias_part = torch.empty(groups, H, S, S, device=qkv.device, dtype=torch.float32) if need_dbias else out
+        _attn_bwd_fused[(groups * H,)](
+            qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
+            B, S, H, per, scale, scale * LOG2E,
+            HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block,
+            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, DOT_PRECISION=precision,
+            num_warps=cfg.fused_warps, num_stages=cfg.bwd_stages,
+        )
+    elif cfg.bwd == "split":
+        num_m = triton.cdiv(S, cfg.dq_block_m)
+        one_n_block = cfg.dq_block_n >= S
+        groups = _bias_groups(cfg, B, H * num_m, qkv.device) if need_dbias else B
+        per = triton.cdiv(B, groups)
+        groups = triton.cdiv(B, per)
+        if need_dbias:
+            alloc = torch.empty if one_n_block else torch.zeros
+            dbias_part = alloc(groups, H, S, S, device=qkv.device, dtype=torch.float32)
+        else:
+            dbias_part = out
+        delta = torch.empty(B, H, S, device=qkv.device, dtype=torch.float32)
+        _attn_bwd_dq[(groups * H * num_m,)](
+            qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
+            B, S, H, per, scale, scale * LOG2E,
+            HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=one_n_block, DOT_PRECISION=precision,
+            num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages,
+        )
+        _attn_bwd_dkdv[(B * H * triton.cdiv(S, cfg.dkdv_block_n),)](
+            qkv, bias_arg, grad_out, lse, delta, dqkv, *common,
+            S, H, scale, scale * LOG2E,
+            HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+            HAS_BIAS=has_bias, DOT_PRECISION=precision,
+            num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages,
+        )
+    else:
+        raise ValueError(f"config.bwd must be 'fused' or 'split', got {cfg.bwd!r}")
+
+    dbias = None
+    if need_dbias:
+        # fixed-order sum over the batch groups: deterministic
+        dbias = (dbias_part[0] if dbias_part.shape[0] == 1 else dbias_part.sum(0)).to(bias.dtype)
+    return dqkv, dbias
