@@ -27,6 +27,10 @@ else:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The suite's tensors are small: one intra-op thread avoids OpenMP spin-waiting, which
+# slows CPU runs many times over whenever another process shares the cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def device() -> str:
