@@ -1,0 +1,150 @@
+"""Triton branch of :func:`mimfast.ops.linear_cross_entropy`: BEiT's LM head + mean
+cross-entropy without ever holding all (M, V) logits.
+
+Forward, for each chunk of rows (a few thousand rows, about 64 MiB of logits):
+
+    logits = hidden_c @ W^T + b                      # cuBLAS, into one reused chunk buffer
+    loss_c, logits <- dlogits                        # mimfast.kernels.linear_ce, in place
+    grad_hidden[c] = dlogits @ W                     # cuBLAS
+    grad_W += dlogits^T @ hidden_c; grad_b += sum(dlogits)   # fp32 accumulators
+
+so the gradients exist when the forward returns and the backward only scales them by the
+incoming gradient (in place). Peak extra memory: one logits chunk + grad buffers the size of
+the inputs, instead of the M x V logits, their fp32 copy and log-softmax that eager keeps.
+
+Precision follows eager under autocast: hidden, W and b are cast to the autocast dtype (or
+used as they are without autocast), the logits are rounded to that dtype by the matmul as in
+eager, the loss and softmax are fp32, and grad_W / grad_b are accumulated in fp32 across
+chunks (on CUDA each chunk's grad_W partial is produced in fp32 by cuBLAS where torch offers
+it). The mean is over rows whose label is not ``ignore_index``; with no such row the loss is
+NaN and the gradients zero, as ``F.cross_entropy``.
+
+A second backward through the same graph raises (the gradient buffers are given away).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mimfast.kernels.linear_ce import cross_entropy_fwd_grad_
+
+__all__ = ["LinearCrossEntropy", "linear_cross_entropy_triton", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 64 * 2**20  # logits held at once
+_mm_f32_ok = True  # torch.mm(..., out_dtype=float32) on CUDA; switched off at the first failure
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output; half/bf16 inputs accumulate and land in fp32 on CUDA."""
+    global _mm_f32_ok
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _mm_f32_ok:
+        try:
+            return torch.ops.aten.mm.dtype(a, b, torch.float32)
+        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+            _mm_f32_ok = False
+    return torch.mm(a, b).float()
+
+
+def _compute_dtype(hidden, weight, bias):
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(
+                f"linear_cross_entropy: {name} is {t.dtype} but hidden is {hidden.dtype}; use one dtype "
+                "or run under torch.autocast"
+            )
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"linear_cross_entropy (triton): hidden must be float32/float16/bfloat16, got {hidden.dtype}")
+    return hidden.dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b):
+        cdt = _compute_dtype(hidden, weight, bias)
+        M, D = hidden.shape
+        V = weight.shape[0]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(cdt)
+            w = weight.to(cdt)
+            b = bias.to(cdt) if bias is not None else None
+            wt = w.t()  # (D, V) view
+
+            n_valid = (labels != ignore_index).sum()
+            scale = (1.0 / n_valid.to(torch.float32)).reshape(1)  # inf when no row counts
+            loss_rows = torch.empty(M, device=hidden.device, dtype=torch.float32)
+            gh = torch.empty(M, D, device=hidden.device, dtype=hidden.dtype) if need_h else None
+            gw = torch.zeros(V, D, device=hidden.device, dtype=torch.float32) if need_w else None
+            gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
+
+            rows = chunk_rows or max(1, CHUNK_BYTES // (V * h.element_size()))
+            rows = min(rows, M)
+            buf = torch.empty(rows, V, device=hidden.device, dtype=cdt)
+            for c0 in range(0, M, rows):
+                c1 = min(c0 + rows, M)
+                h_c = h[c0:c1]
+                logits = buf[: c1 - c0]
+                if b is not None:
+                    torch.addmm(b, h_c, wt, out=logits)
+                else:
+                    torch.mm(h_c, wt, out=logits)
+                cross_entropy_fwd_grad_(logits, labels[c0:c1], scale, ignore_index, loss_rows[c0:c1])
+                dlogits = logits  # (c, V), overwritten in place by the kernel
+                if gh is not None:
+                    if gh.dtype == cdt:
+                        torch.mm(dlogits, w, out=gh[c0:c1])
+                    else:
+                        gh[c0:c1].copy_(_mm_f32(dlogits, w))
+                if gw is not None:
+                    gw.add_(_mm_f32(dlogits.t(), h_c))
+                if gb is not None:
+                    gb.add_(torch.sum(dlogits, dim=0, dtype=torch.float32))
+            del buf
+            loss = loss_rows.sum()
+            loss = torch.where(n_valid == 0, torch.full_like(loss, float("nan")), loss)
+
+        ctx.grads = (
+            gh,
+            gw.to(weight.dtype) if gw is not None else None,
+            gb.to(bias.dtype) if gb is not None else None,
+        )
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError(
+                "linear_cross_entropy (triton): backward ran twice through the same graph; the "
+                "gradients are computed in the forward and were given away by the first backward. "
+                "Use backend='eager' to backpropagate through the loss more than once."
+            )
+        ctx.used = True
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_output.to(g.device))
+            out.append(g)
+        return out[0], out[1], out[2], None, None, None, None, None, None
+
+
+def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index=-100, chunk_rows=None):
+    """The Triton backend of ``linear_cross_entropy``: 0-dim float32 mean cross-entropy.
+
+    ``chunk_rows`` fixes the rows per chunk (default: about 64 MiB of logits per chunk).
+    Gradients flow to ``hidden``, ``weight`` and ``bias``; ``labels`` get none.
+    """
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows <= 0):
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and hidden.requires_grad
+    need_w = grad_on and weight.requires_grad
+    need_b = grad_on and bias is not None and bias.requires_grad
+    return LinearCrossEntropy.apply(hidden, weight, bias, labels, int(ignore_index), chunk_rows,
+                                    need_h, need_w, need_b)
