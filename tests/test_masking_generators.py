@@ -1,0 +1,225 @@
+"""Mask generators: exact counts, BEiT's block rule (block sizes, aspect statistics) against the
+rule itself and against the reference loop, SimMIM's and MAE's generators, bad arguments."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mimfast.data.masking_generators import (
+    BlockwiseMaskingGenerator,
+    RandomMaskingGenerator,
+    SimMIMMaskGenerator,
+    blockwise_mask_reference,
+)
+from mimfast.ops import num_kept
+
+LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+
+
+def _chi2_z(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Wilson-Hilferty z of Pearson's chi-square; bins expecting < 5 are pooled."""
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(obs) - 1
+    return ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+
+
+def _first_block_law(height, width, limit, min_num_patches=16, grid=1000):
+    """P(h, w) of an accepted block on an empty grid, integrated from the rule on a fine grid of
+    (area, log aspect) uniforms: area ~ U(min, limit), r = exp(U(log .3, log 1/.3)),
+    h = round(sqrt(area r)), w = round(sqrt(area / r)), accepted iff h < H, w < W, 0 < h w <= limit."""
+    u = (np.arange(grid) + 0.5) / grid
+    area = min_num_patches + u[:, None] * (limit - min_num_patches)
+    aspect = np.exp(LOG_ASPECT[0] + u[None, :] * (LOG_ASPECT[1] - LOG_ASPECT[0]))
+    h = np.rint(np.sqrt(area * aspect)).astype(int)
+    w = np.rint(np.sqrt(area / aspect)).astype(int)
+    ok = (h < height) & (w < width) & (h * w > 0) & (h * w <= limit)
+    law = np.zeros((height, width))
+    np.add.at(law, (h[ok], w[ok]), 1.0)
+    return law / law.sum()
+
+
+@pytest.mark.parametrize(
+    "size,count,min_patches",
+    [(14, 75, 16), (14, 0, 16), (14, 196, 16), ((12, 20), 100, 16), (4, 8, 16), (7, 20, 4), (14, 118, 16)],
+)
+def test_blockwise_exact_count(size, count, min_patches):
+    gen = BlockwiseMaskingGenerator(size, count, min_num_patches=min_patches)
+    masks = gen(300, rng=np.random.default_rng(1))
+    h, w = (size, size) if isinstance(size, int) else size
+    assert masks.shape == (300, h, w) and masks.dtype == bool
+    assert np.all(masks.reshape(300, -1).sum(1) == count)
+    one = gen(rng=np.random.default_rng(2))
+    assert one.shape == (h, w) and one.sum() == count
+
+
+def test_blockwise_blocks_follow_rule_sizes():
+    """Blocks drawn while at least 16 patches remain have a target area >= 16; after the rule's
+    rounding h * w can be as small as the rule allows (12 on 14 x 14), never smaller, and most
+    are >= 16. Blocks never reach the grid's side (w < W, h < H), as the reference."""
+    gen = BlockwiseMaskingGenerator(14, 75, min_num_patches=16)
+    masks, count, blocks = gen.generate(2048, rng=np.random.default_rng(3), return_blocks=True)
+    # smallest h * w the rule can give for an area >= 16, from the rule itself
+    u = (np.arange(2000) + 0.5) / 2000
+    area = 16 + u[:, None] * (75 - 16)
+    aspect = np.exp(LOG_ASPECT[0] + u[None, :] * (LOG_ASPECT[1] - LOG_ASPECT[0]))
+    hw = np.rint(np.sqrt(area * aspect)) * np.rint(np.sqrt(area / aspect))
+    min_area = hw.min()
+    assert 10 <= min_area < 16
+    big = blocks["limit"] >= 16
+    areas = blocks["h"] * blocks["w"]
+    assert big.sum() > 4000
+    assert areas[big].min() >= min_area
+    assert np.mean(areas[big] >= 16) > 0.85
+    assert blocks["h"].max() < 14 and blocks["w"].max() < 14
+    # each sample's accepted blocks add up to its count before the top-up (no block is lost)
+    assert np.all(np.bincount(blocks["sample"], minlength=2048) >= 1)
+    assert np.all(count <= 75) and np.all(masks.reshape(2048, -1).sum(1) == 75)
+
+
+def test_blockwise_first_block_law_matches_rule():
+    """The (h, w) law of the first block (empty grid) against the rule integrated numerically:
+    this checks the area and log-uniform aspect sampling, the rounding and the acceptance."""
+    gen = BlockwiseMaskingGenerator(14, 75)
+    _, _, blocks = gen.generate(6000, rng=np.random.default_rng(4), return_blocks=True)
+    first = np.flatnonzero(np.r_[True, blocks["sample"][1:] != blocks["sample"][:-1]])
+    assert np.all(blocks["limit"][first] == 75)
+    observed = np.zeros((14, 14))
+    np.add.at(observed, (blocks["h"][first], blocks["w"][first]), 1)
+    expected = _first_block_law(14, 14, 75) * len(first)
+    assert _chi2_z(observed.ravel(), expected.ravel()) < 4.0
+    # aspect statistics: log(h / w) is symmetric about 0 and spans the rule's range
+    log_aspect = np.log(blocks["h"][first] / blocks["w"][first])
+    law = _first_block_law(14, 14, 75)
+    hh, ww = np.nonzero(law)
+    law_mean_sq = (law[hh, ww] * np.log(hh / ww) ** 2).sum()
+    assert abs(log_aspect.mean()) < 4 * log_aspect.std() / math.sqrt(len(first))
+    assert abs((log_aspect**2).mean() - law_mean_sq) < 0.05 * law_mean_sq
+
+
+def test_blockwise_statistics_match_reference_loop():
+    """Whole-mask statistics against microsoft/unilm's loop (run with Python's random): count
+    before the top-up (the reference's mean is about 74.4), how often it is exact, blocks per
+    mask, and the (h, w) law of every accepted block."""
+    n_ref, n_ours = 1200, 4096
+    rng = random.Random(5)
+    ref_counts, ref_blocks, ref_nblocks = [], [], []
+    for _ in range(n_ref):
+        blocks = []
+        m = blockwise_mask_reference(14, 14, 75, rng=rng, exact=False, blocks=blocks)
+        ref_counts.append(m.sum())
+        ref_nblocks.append(len(blocks))
+        ref_blocks += blocks
+    ref_counts = np.array(ref_counts)
+    gen = BlockwiseMaskingGenerator(14, 75)
+    _, counts, blocks = gen.generate(n_ours, rng=np.random.default_rng(6), return_blocks=True)
+    nblocks = np.bincount(blocks["sample"], minlength=n_ours)
+
+    def z(a, b):
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        return abs(a.mean() - b.mean()) / math.sqrt(a.var() / len(a) + b.var() / len(b))
+
+    assert 74.0 < counts.mean() < 74.8 and 0.55 < np.mean(counts == 75) < 0.8
+    assert z(counts, ref_counts) < 4
+    assert z(counts == 75, ref_counts == 75) < 4
+    assert z(nblocks, ref_nblocks) < 4
+    # two-sample chi-square on the (h, w) law of all accepted blocks
+    ref_hw = np.zeros((14, 14))
+    np.add.at(ref_hw, (np.array([b[0] for b in ref_blocks]), np.array([b[1] for b in ref_blocks])), 1)
+    ours_hw = np.zeros((14, 14))
+    np.add.at(ours_hw, (blocks["h"], blocks["w"]), 1)
+    pooled = (ref_hw + ours_hw) / (ref_hw.sum() + ours_hw.sum())
+    assert _chi2_z(ours_hw.ravel(), pooled.ravel() * ours_hw.sum()) < 4.0
+
+
+def test_blockwise_reference_loop_exact_mode_and_rng():
+    rng = random.Random(0)
+    for _ in range(50):
+        assert blockwise_mask_reference(14, 14, 75, rng=rng).sum() == 75
+    gen = BlockwiseMaskingGenerator(14, 75)
+    a = gen(8, rng=np.random.default_rng(9))
+    b = gen(8, rng=np.random.default_rng(9))
+    assert np.array_equal(a, b)
+    np.random.seed(3)
+    c = gen(8)
+    np.random.seed(3)
+    assert np.array_equal(c, gen(8))
+    assert not np.array_equal(a, gen(8, rng=np.random.default_rng(10)))
+
+
+def test_blockwise_top_up_is_uniform():
+    """On a 2 x 8 grid the rule accepts no block (h < 2 forces h = 1, so area * aspect < 2.25,
+    impossible for area >= 8 and aspect >= 0.3): masks are filled by the top-up alone, and every
+    cell is chosen with the same frequency."""
+    gen = BlockwiseMaskingGenerator((2, 8), 8, min_num_patches=16)
+    masks, count, blocks = gen.generate(4000, rng=np.random.default_rng(11), return_blocks=True)
+    assert np.all(count == 0) and blocks["h"].size == 0
+    masks = masks.reshape(4000, 16)
+    assert np.all(masks.sum(1) == 8)
+    freq = masks.mean(0)
+    assert np.all(np.abs(freq - 0.5) < 4 * math.sqrt(0.25 / 4000))
+
+
+def test_blockwise_masks_drive_the_model_input():
+    gen = BlockwiseMaskingGenerator(14, 75)
+    bool_masked_pos = torch.from_numpy(gen(4, rng=np.random.default_rng(0))).flatten(1)
+    assert bool_masked_pos.dtype == torch.bool and bool_masked_pos.sum().item() == 4 * 75
+
+
+def test_simmim_generator():
+    gen = SimMIMMaskGenerator(224, mask_patch_size=32, model_patch_size=16, mask_ratio=0.6)
+    assert gen.mask_count == 30 and (gen.height, gen.width) == (14, 14)
+    masks = gen(2000, rng=np.random.default_rng(12))
+    assert masks.shape == (2000, 14, 14)
+    assert np.all(masks.reshape(2000, -1).sum(1) == 120)
+    cells = masks[:, ::2, ::2]
+    assert np.array_equal(masks, cells.repeat(2, axis=1).repeat(2, axis=2))  # 2 x 2 aligned cells
+    freq = cells.reshape(2000, -1).mean(0)
+    p = 30 / 49
+    assert np.all(np.abs(freq - p) < 4.5 * math.sqrt(p * (1 - p) / 2000))
+    assert gen().shape == (14, 14)
+    # SimMIM's own setting: 192 px, 32 px mask cells, 4 px model patches
+    g2 = SimMIMMaskGenerator(192, 32, 4, 0.6)
+    assert g2(rng=np.random.default_rng(0)).shape == (48, 48) and g2.mask_count == 22
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.6, 0.0, 0.33])
+def test_random_masking_generator(ratio):
+    gen = RandomMaskingGenerator(14, ratio)
+    masks = gen(1000, rng=np.random.default_rng(13))
+    assert gen.num_masking_patches == 196 - num_kept(196, ratio)
+    assert np.all(masks.reshape(1000, -1).sum(1) == gen.num_masking_patches)
+    if 0 < ratio:
+        freq = masks.reshape(1000, -1).mean(0)
+        p = gen.num_masking_patches / 196
+        assert np.all(np.abs(freq - p) < 5 * math.sqrt(p * (1 - p) / 1000))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_masking_patches"):
+        BlockwiseMaskingGenerator(14, 197)
+    with pytest.raises(ValueError, match="num_masking_patches"):
+        BlockwiseMaskingGenerator(14, -1)
+    with pytest.raises(ValueError, match="input_size"):
+        BlockwiseMaskingGenerator(0, 1)
+    with pytest.raises(ValueError, match="input_size"):
+        BlockwiseMaskingGenerator((14, 14, 3), 1)
+    with pytest.raises(ValueError, match="aspect"):
+        BlockwiseMaskingGenerator(14, 75, min_aspect=-1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        BlockwiseMaskingGenerator(14, 75)(-2)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        RandomMaskingGenerator(14, 1.0)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        RandomMaskingGenerator(14, float("nan"))
+    with pytest.raises(ValueError, match="mask_patch_size"):
+        SimMIMMaskGenerator(224, 48, 16)
+    with pytest.raises(ValueError, match="model_patch_size"):
+        SimMIMMaskGenerator(224, 32, 12)
