@@ -188,10 +188,11 @@ def _ddp_worker(rank, world, port, out, cfg_values):
     pretrain(PretrainConfig(**cfg_values, output_dir=out))
 
 
-def test_two_process_gloo_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_process_gloo_ddp_equals_one_process(tmp_path, fsdp):
     one = _cfg(tmp_path / "one", batch_size=8, epochs=1)
     pretrain(one)
-    values = dict(TINY, batch_size=4, epochs=1, device="cpu")
+    values = dict(TINY, batch_size=4, epochs=1, device="cpu", fsdp=fsdp, vis_every=1)
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), values), nprocs=2, join=True)
 
     def losses(d):

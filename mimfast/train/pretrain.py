@@ -26,6 +26,7 @@ from mimfast.models import create_model
 from mimfast.train.checkpoint import find_last_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from mimfast.train.config import PretrainConfig
 from mimfast.train.progress import Progress
+from mimfast.train.sharding import full_state_dicts, load_full_state_dicts, shard_model
 from mimfast.train.schedule import lr_at, param_groups_weight_decay, set_lr
 from mimfast.train.visualize import mae_reconstruction_grid, save_png
 
@@ -151,7 +152,7 @@ class MAETask:
         loss, _, _ = model(imgs, mask_ratio=self.cfg.mask_ratio, noise=noise)
         return loss
 
-    def picture(self, model, dataset, path: Path) -> None:
+    def picture(self, model, dataset, path: Path, write: bool = True) -> None:
         if self.vis_imgs is None:  # fixed images and noise, drawn apart from the training RNG
             gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
             self.vis_imgs = torch.stack([dataset[(0, i)][0][0] for i in range(min(8, len(dataset)))])
@@ -160,7 +161,8 @@ class MAETask:
                                         generator=gen).to(self.device)
         grid = mae_reconstruction_grid(model, self.vis_imgs, self.cfg.mask_ratio, IMAGENET_MEAN, IMAGENET_STD,
                                        noise=self.vis_noise)
-        save_png(grid, path, scale=max(1, 128 // model.img_size))
+        if write:
+            save_png(grid, path, scale=max(1, 128 // model.img_size))
 
 
 def build_task(cfg: PretrainConfig, device: torch.device):
@@ -210,13 +212,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
+    sharded = cfg.fsdp and d.enabled
+    if cfg.fsdp and not d.enabled and d.main:
+        print("--fsdp with one process: nothing to shard, running unsharded")
+    if sharded:
+        shard_model(model)
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr,
                                   betas=tuple(cfg.betas), **({"fused": True} if device.type == "cuda" else {}))
     precision, autocast = _autocast(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ddp_model = model
-    if d.enabled:
+    if d.enabled and not sharded:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -226,9 +233,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         found = find_last_checkpoint(out)
         resume = str(found) if found else None
     if resume:
-        ckpt = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_checkpoint(resume, map_location="cpu" if sharded else device)
+        load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], sharded)
         scaler.load_state_dict(ckpt["scaler"])
         step, epoch, start_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["sample_in_epoch"]
         _set_rng_state(ckpt["rng"][d.rank] if d.rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
@@ -257,9 +263,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
             gathered = [None] * d.world_size
             dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng[0].items()})
             rng = gathered
+        model_sd, optim_sd = full_state_dicts(model, optimizer, sharded)
         if not d.main:
             return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        state = {"model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
                  "epoch": ep, "step": tag_step, "sample_in_epoch": sample_in_epoch, "rng": rng,
                  "config": _jsonable(cfg)}
         save_checkpoint(state, out / f"checkpoint-{tag_step:06d}.pth")
@@ -269,7 +276,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             old.unlink()
 
     def picture(name: str) -> None:
-        if d.main:
+        if sharded:  # every rank joins the sharded forward; rank 0 writes
+            task.picture(model, dataset, out / name, write=d.main)
+        elif d.main:
             task.picture(model, dataset, out / name)
 
     model.train()
