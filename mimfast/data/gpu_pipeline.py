@@ -1,0 +1,663 @@
+"""The GPU input pipeline: DataLoader workers only read file bytes; the main process decodes
+the JPEGs on the GPU (nvjpeg through ``torchvision.io.decode_jpeg(device="cuda")``, CPU decode
+as the fallback) and one Triton kernel (``mimfast.kernels.augment``) does the whole
+augmentation of the batch: RandomResizedCrop, horizontal flip, [0, 1] scaling, mean/std
+normalisation, output in the model's dtype, channels-first; optionally BEiT's second view of
+the same crop for the tokenizer.
+
+Semantics, against torchvision's MAE / BEiT pipeline:
+
+- Crop boxes follow ``RandomResizedCrop``'s rule exactly (:func:`sample_crop_boxes`): scale and
+  log-ratio draws in float32 as ``torch.empty(1).uniform_`` makes them, ``round`` half to even,
+  10 tries, centre-crop fallback. The randomness is 41 uniforms per sample (10 tries x (scale,
+  log-ratio, top, left) + flip); ``top = floor(u * (H - h + 1))`` where torchvision draws
+  ``torch.randint``. Given the same uniforms, the boxes are torchvision's (proven by running
+  torchvision's own ``get_params`` on them in tests/test_gpu_augment.py).
+- Uniforms come from a counter-based hash of ``(seed, epoch, index)`` (:func:`crop_uniforms`),
+  so an image's crop does not depend on the worker count, the batch it lands in or a resume.
+- Resampling is torch's ``upsample_bicubic2d`` / ``upsample_bilinear2d`` (``align_corners=False``)
+  of the crop, i.e. torchvision's ``resized_crop(..., antialias=False)``; values clamped to
+  [0, 255]. torchvision's CPU default (``antialias=True``) and PIL (the official MAE / BEiT
+  code) low-pass filter when shrinking; this pipeline does not.
+- BEiT's tokenizer view: the reference resizes it with PIL lanczos; here it is bicubic (or
+  bilinear) of the same box and flip, then ``map_pixels`` (``x * (1 - 2 * 0.1) + 0.1``), or
+  [0, 1] for BEiT v2's VQ-KD tokenizer (``second_norm="unit"``). ColorJitter (BEiT v1) is not
+  done here.
+
+Use from a trainer::
+
+    augment = GpuAugment(224, scale=(0.2, 1.0), seed=cfg.seed, device=device)
+    loader = GpuLoader.from_dataset(EncodedImages(cfg.data), augment, batch_size=256,
+                                    sampler=sampler, num_workers=8)   # sampler may yield (epoch, i)
+    for imgs, labels in loader:          # imgs (256, 3, 224, 224) on the device, normalised
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mimfast import backend as _backend
+from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageFiles
+
+__all__ = [
+    "NUM_TRIES",
+    "UNIFORMS_PER_SAMPLE",
+    "LOGIT_LAPLACE_EPS",
+    "crop_uniforms",
+    "sample_crop_boxes",
+    "sample_crop_params",
+    "PackedImages",
+    "pack_images",
+    "resized_crop_batch",
+    "reference_resized_crop_batch",
+    "gpu_random_resized_crop",
+    "decode_images",
+    "EncodedImages",
+    "collate_encoded",
+    "GpuAugment",
+    "GpuLoader",
+]
+
+NUM_TRIES = 10  # torchvision's RandomResizedCrop
+UNIFORMS_PER_SAMPLE = 4 * NUM_TRIES + 1  # (scale, log-ratio, top, left) per try, then flip
+LOGIT_LAPLACE_EPS = 0.1  # BEiT's map_pixels
+SECOND_NORMS = ("map_pixels", "unit", "normalize")
+_JPEG_MAGIC = (0xFF, 0xD8, 0xFF)
+
+
+# --------------------------------------------------------------------------------------------
+# random crop boxes
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _as_u64(v) -> np.ndarray:
+    return (np.asarray(v, dtype=np.int64).reshape(-1).astype(np.uint64))
+
+
+def crop_uniforms(seed: int, epochs, indices) -> torch.Tensor:
+    """The (N, UNIFORMS_PER_SAMPLE) float64 uniforms in [0, 1) of samples ``(epoch, index)``.
+
+    A counter-based hash (splitmix64) of ``(seed, epoch, index, k)``: a pure function of its
+    arguments, so the same image in the same epoch always gets the same crop and flip. Each
+    value is a multiple of 2**-24, like torch's float32 draws.
+    """
+    indices = _as_u64(indices)
+    epochs = np.broadcast_to(_as_u64(epochs), indices.shape)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(_splitmix64(_splitmix64(_as_u64(seed)) + epochs) + indices)
+        words = _splitmix64(key[:, None] + np.arange(UNIFORMS_PER_SAMPLE, dtype=np.uint64)[None, :])
+    return torch.from_numpy((words >> np.uint64(40)).astype(np.float64) * 2.0**-24)
+
+
+def _check_range(name: str, pair, positive: bool) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in pair)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of numbers (low, high), got {pair!r}") from None
+    if not (lo <= hi) or (positive and not lo > 0):
+        raise ValueError(f"{name} must be (low, high) with {'0 < ' if positive else ''}low <= high, got {pair!r}")
+    return lo, hi
+
+
+def _uniform_f32(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``torch.empty(1).uniform_(lo, hi)`` given its raw draw u: float32 ``u * (hi - lo) + lo``
+    rounded once (CPU torch fuses the multiply-add)."""
+    lo32 = torch.tensor(lo, dtype=torch.float32)
+    span = torch.tensor(hi, dtype=torch.float32) - lo32
+    return (u.double() * span.double() + lo32.double()).float()
+
+
+def sample_crop_boxes(heights, widths, uniforms: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop boxes from given uniforms, torchvision's rule exactly.
+
+    Args:
+        heights, widths: the N image sizes (sequences or 1-D tensors).
+        uniforms: (N, >= 4 * NUM_TRIES) floats in [0, 1); try t uses columns 4t .. 4t + 3 for
+            the scale, the log-ratio, the top and the left offset.
+        scale, ratio: as torchvision's ``RandomResizedCrop``.
+
+    Returns:
+        (N, 4) int64 (top, left, height, width) on the CPU.
+    """
+    H = torch.as_tensor(heights, dtype=torch.float64).reshape(-1)
+    W = torch.as_tensor(widths, dtype=torch.float64).reshape(-1)
+    n = H.shape[0]
+    if W.shape[0] != n:
+        raise ValueError(f"heights and widths must have the same length, got {n} and {W.shape[0]}")
+    if n and not (bool((H >= 1).all()) and bool((W >= 1).all())):
+        raise ValueError("heights and widths must be >= 1")
+    if not isinstance(uniforms, torch.Tensor):
+        raise TypeError(f"uniforms must be a torch.Tensor, got {type(uniforms).__name__}")
+    if uniforms.dim() != 2 or uniforms.shape[0] != n or uniforms.shape[1] < 4 * NUM_TRIES:
+        raise ValueError(f"uniforms must be (N, >= {4 * NUM_TRIES}) with N = {n}, got {tuple(uniforms.shape)}")
+    s_lo, s_hi = _check_range("scale", scale, positive=True)
+    r_lo, r_hi = _check_range("ratio", ratio, positive=True)
+    u = uniforms[:, : 4 * NUM_TRIES].detach().to("cpu", torch.float64).reshape(n, NUM_TRIES, 4)
+    if n and not (bool((u >= 0).all()) and bool((u < 1).all())):
+        raise ValueError("uniforms must lie in [0, 1)")
+
+    area = (H * W)[:, None]  # (N, 1), exact in float64
+    log_ratio = torch.log(torch.tensor((r_lo, r_hi)))  # float32, as torchvision
+    target_area = area * _uniform_f32(u[..., 0], s_lo, s_hi).double()  # (N, T)
+    aspect = torch.exp(_uniform_f32(u[..., 1], float(log_ratio[0]), float(log_ratio[1]))).double()
+    w = torch.round(torch.sqrt(target_area * aspect))  # round half to even, as Python's round
+    h = torch.round(torch.sqrt(target_area / aspect))
+    Hc, Wc = H[:, None], W[:, None]
+    ok = (w > 0) & (w <= Wc) & (h > 0) & (h <= Hc)  # (N, T)
+    top = torch.floor(u[..., 2] * (Hc - h + 1))
+    left = torch.floor(u[..., 3] * (Wc - w + 1))
+    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)  # first successful try
+    found = ok.any(dim=1)
+
+    def pick(t):
+        return t.gather(1, first)[:, 0]
+
+    # centre-crop fallback after NUM_TRIES misses
+    in_ratio = W / H
+    fw = torch.where(in_ratio < r_lo, W, torch.where(in_ratio > r_hi, torch.round(H * r_hi), W))
+    fh = torch.where(in_ratio < r_lo, torch.round(W / r_lo), H)
+    ftop = torch.div(H - fh, 2, rounding_mode="floor")
+    fleft = torch.div(W - fw, 2, rounding_mode="floor")
+    boxes = torch.stack([
+        torch.where(found, pick(top), ftop),
+        torch.where(found, pick(left), fleft),
+        torch.where(found, pick(h), fh),
+        torch.where(found, pick(w), fw),
+    ], dim=1)
+    return boxes.to(torch.int64)
+
+
+def sample_crop_params(heights, widths, uniforms: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                       flip_p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes (N, 4) and flips (N,) bool from (N, UNIFORMS_PER_SAMPLE) uniforms; the flip is
+    ``u[:, -1] < flip_p`` (torchvision's RandomHorizontalFlip flips when ``rand < p``)."""
+    if not 0.0 <= float(flip_p) <= 1.0:
+        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+    if isinstance(uniforms, torch.Tensor) and (uniforms.dim() != 2 or uniforms.shape[1] != UNIFORMS_PER_SAMPLE):
+        raise ValueError(f"uniforms must be (N, {UNIFORMS_PER_SAMPLE}), got {tuple(uniforms.shape)}")
+    boxes = sample_crop_boxes(heights, widths, uniforms, scale, ratio)
+    flips = uniforms[:, -1].detach().cpu() < float(flip_p)
+    return boxes, flips
+
+
+# --------------------------------------------------------------------------------------------
+# packing and the batched augmentation
+
+
+@dataclass
+class PackedImages:
+    """Images of different sizes back to back in one uint8 buffer.
+
+    data: (total,) uint8 on the images' device; offsets, heights, widths: (N,) int64 on the
+    CPU; channels_last: each image is stored HWC (else CHW).
+    """
+
+    data: torch.Tensor
+    offsets: torch.Tensor
+    heights: torch.Tensor
+    widths: torch.Tensor
+    channels_last: bool = False
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i as a (3, H, W) view or copy."""
+        h, w, off = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+        flat = self.data[off: off + 3 * h * w]
+        return flat.view(h, w, 3).permute(2, 0, 1) if self.channels_last else flat.view(3, h, w)
+
+
+def pack_images(images, layout: str = "chw") -> PackedImages:
+    """Pack a list of uint8 images, (3, H, W) for ``layout="chw"`` or (H, W, 3) for ``"hwc"``,
+    all on one device, into a :class:`PackedImages` (one copy)."""
+    if layout not in ("chw", "hwc"):
+        raise ValueError(f"layout must be 'chw' or 'hwc', got {layout!r}")
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        images = list(images.unbind(0))
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError("images must be a non-empty list of uint8 tensors")
+    heights, widths = [], []
+    device = images[0].device if isinstance(images[0], torch.Tensor) else None
+    for i, im in enumerate(images):
+        if not isinstance(im, torch.Tensor):
+            raise TypeError(f"images[{i}] must be a torch.Tensor, got {type(im).__name__}")
+        if im.dtype != torch.uint8:
+            raise TypeError(f"images[{i}] must be uint8, got {im.dtype}")
+        c_dim = 0 if layout == "chw" else 2
+        if im.dim() != 3 or im.shape[c_dim] != 3:
+            want = "(3, H, W)" if layout == "chw" else "(H, W, 3)"
+            raise ValueError(f"images[{i}] must be {want} for layout={layout!r}, got {tuple(im.shape)}")
+        if im.device != device:
+            raise ValueError(f"images[{i}] is on {im.device}, images[0] on {device}")
+        h, w = (im.shape[1], im.shape[2]) if layout == "chw" else (im.shape[0], im.shape[1])
+        if h < 1 or w < 1:
+            raise ValueError(f"images[{i}] is empty: {tuple(im.shape)}")
+        heights.append(h)
+        widths.append(w)
+    heights_t = torch.tensor(heights, dtype=torch.int64)
+    widths_t = torch.tensor(widths, dtype=torch.int64)
+    sizes = 3 * heights_t * widths_t
+    offsets = torch.cumsum(sizes, 0) - sizes
+    data = torch.cat([im.reshape(-1) for im in images]) if len(images) > 1 else images[0].reshape(-1).contiguous()
+    return PackedImages(data, offsets, heights_t, widths_t, channels_last=layout == "hwc")
+
+
+def _affines(mean, std, second_norm):
+    mean = [float(m) for m in mean]
+    std = [float(s) for s in std]
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std must hold 3 values, got {len(mean)} and {len(std)}")
+    if not all(s > 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    first = ([1.0 / (255.0 * s) for s in std], [-m / s for m, s in zip(mean, std)])
+    if second_norm == "map_pixels":
+        second = ([(1.0 - 2.0 * LOGIT_LAPLACE_EPS) / 255.0] * 3, [LOGIT_LAPLACE_EPS] * 3)
+    elif second_norm == "unit":
+        second = ([1.0 / 255.0] * 3, [0.0] * 3)
+    elif second_norm == "normalize":
+        second = first
+    else:
+        raise ValueError(f"second_norm must be one of {SECOND_NORMS}, got {second_norm!r}")
+    return first, second
+
+
+def _check_size(name: str, size) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 4096:
+        raise ValueError(f"{name} must be an int in [1, 4096], got {size!r}")
+    return size
+
+
+def _meta(packed: PackedImages, boxes, flips) -> torch.Tensor:
+    n = len(packed)
+    boxes = torch.as_tensor(boxes, dtype=torch.int64).cpu()
+    flips = torch.as_tensor(flips).cpu()
+    if tuple(boxes.shape) != (n, 4):
+        raise ValueError(f"boxes must be (N, 4) (top, left, height, width) with N = {n}, got {tuple(boxes.shape)}")
+    if tuple(flips.shape) != (n,):
+        raise ValueError(f"flips must be (N,) with N = {n}, got {tuple(flips.shape)}")
+    top, left, h, w = boxes.unbind(1)
+    bad = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > packed.heights) | (left + w > packed.widths)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"boxes[{i}] = {boxes[i].tolist()} is not inside image {i} of "
+                         f"{int(packed.heights[i])}x{int(packed.widths[i])}")
+    return torch.stack([packed.offsets, packed.heights, packed.widths, top, left, h, w,
+                        flips.to(torch.int64)], dim=1)
+
+
+def _as_packed(images, layout) -> PackedImages:
+    return images if isinstance(images, PackedImages) else pack_images(images, layout)
+
+
+def resized_crop_batch(images, boxes, flips, size: int, *, interpolation: str = "bicubic",
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32, second_size: int | None = None,
+                       second_interpolation: str = "bicubic", second_norm: str = "map_pixels",
+                       quantize: bool = False, layout: str = "chw", backend: str = "auto"):
+    """Crop each image to its box, resize to ``size`` x ``size``, flip, scale and normalise.
+
+    Args:
+        images: a list of uint8 images ((3, H, W) for ``layout="chw"``, (H, W, 3) for "hwc")
+            on one device, or a :class:`PackedImages`.
+        boxes: (N, 4) int (top, left, height, width), inside each image.
+        flips: (N,) bool, flip horizontally after the resize.
+        size: output side S.
+        interpolation: "bicubic" or "bilinear" (torch's, ``align_corners=False``, no antialias).
+        mean, std: per-channel normalisation of the [0, 1] values.
+        dtype: output dtype (float32, float16, bfloat16).
+        second_size: if set, also return a second view of the same box and flip (BEiT).
+        second_interpolation: its interpolation.
+        second_norm: "map_pixels" (BEiT / DALL-E tokenizer, ``x * 0.8 + 0.1``), "unit" ([0, 1])
+            or "normalize" (mean / std as the first view).
+        quantize: round resized values to integers as torchvision's uint8 resize does.
+        backend: "auto" (the Triton kernel on CUDA or under TRITON_INTERPRET=1, else eager),
+            "triton" or "eager".
+
+    Returns:
+        (N, 3, S, S) ``dtype`` tensor on the images' device, or a pair with the second view.
+    """
+    packed = _as_packed(images, layout)
+    size = _check_size("size", size)
+    if second_size is not None:
+        _check_size("second_size", second_size)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    (mul, add), (mul2, add2) = _affines(mean, std, second_norm)
+    meta = _meta(packed, boxes, flips)
+    which = _backend.resolve(backend, packed.data, op="resized_crop_batch")
+    if which == "eager":
+        return _reference(packed, meta, size, interpolation, mean, std, dtype, second_size, second_interpolation,
+                          second_norm, quantize)
+    from mimfast.kernels.augment import augment_crops
+
+    n, device = len(packed), packed.data.device
+    out = torch.empty((n, 3, size, size), dtype=dtype, device=device)
+    out2 = None if second_size is None else torch.empty((n, 3, second_size, second_size), dtype=dtype, device=device)
+    if device.type == "cuda":
+        meta = meta.pin_memory().to(device, non_blocking=True)
+    return augment_crops(packed.data, meta, out, mul, add, interpolation, out2=out2, mul2=mul2, add2=add2,
+                         interpolation2=second_interpolation, channels_last=packed.channels_last, quantize=quantize)
+
+
+def _reference(packed, meta, size, interpolation, mean, std, dtype, second_size, second_interpolation, second_norm,
+               quantize):
+    """torchvision's ops, per image, in the pipeline's order."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+    for name, interp in (("interpolation", interpolation), ("second_interpolation", second_interpolation)):
+        if interp not in modes:
+            raise ValueError(f"{name} must be one of {tuple(modes)}, got {interp!r}")
+
+    def view(s, interp, norm):
+        outs = []
+        for i, (_, _, _, top, left, h, w, flip) in enumerate(meta.tolist()):
+            x = F.resized_crop(packed.image(i).float(), top, left, h, w, [s, s], interpolation=modes[interp],
+                               antialias=False)
+            x = x.clamp(0, 255)  # what the uint8 pipeline keeps
+            if quantize:
+                x = x.round()  # torchvision's uint8 output
+            if flip:
+                x = F.horizontal_flip(x)
+            x = x.mul(1.0 / 255)  # ToDtype(float32, scale=True)
+            if norm == "normalize":
+                x = F.normalize(x, list(mean), list(std))
+            elif norm == "map_pixels":
+                x = (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+            outs.append(x.to(dtype))
+        return torch.stack(outs)
+
+    first = view(size, interpolation, "normalize")
+    if second_size is None:
+        return first
+    return first, view(second_size, second_interpolation, second_norm)
+
+
+def reference_resized_crop_batch(images, boxes, flips, size: int, **kwargs):
+    """The eager reference of :func:`resized_crop_batch` (torchvision's ``resized_crop`` with
+    ``antialias=False`` on float32 per image); what CPU tensors run without the interpreter."""
+    kwargs["backend"] = "eager"
+    return resized_crop_batch(images, boxes, flips, size, **kwargs)
+
+
+def gpu_random_resized_crop(images, size: int, uniforms: torch.Tensor, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                            flip_p: float = 0.5, layout: str = "chw", **kwargs):
+    """RandomResizedCrop + RandomHorizontalFlip + ToDtype(scale) + Normalize of a batch in one kernel.
+
+    ``uniforms`` (N, UNIFORMS_PER_SAMPLE) in [0, 1), e.g. :func:`crop_uniforms` or
+    ``torch.rand(N, UNIFORMS_PER_SAMPLE, dtype=torch.float64, generator=g)``, pick the boxes
+    (torchvision's rule, :func:`sample_crop_boxes`) and flips; the other keyword arguments are
+    :func:`resized_crop_batch`'s (``second_size`` for BEiT's two views).
+    """
+    packed = _as_packed(images, layout)
+    boxes, flips = sample_crop_params(packed.heights, packed.widths, uniforms, scale, ratio, flip_p)
+    return resized_crop_batch(packed, boxes, flips, size, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+
+def _is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() >= 3 and tuple(data[:3].tolist()) == _JPEG_MAGIC
+
+
+def _decode_cpu(data: torch.Tensor) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(data, mode=ImageReadMode.RGB)
+
+
+def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
+    """Decode a batch to (3, H, W) uint8 RGB images on ``device``.
+
+    Items are 1-D uint8 tensors of encoded bytes, or already decoded (3, H, W) uint8 tensors
+    (moved to the device as they are). On CUDA, the JPEGs are decoded together by nvjpeg;
+    a batch nvjpeg refuses is retried one image at a time, and images it cannot decode (PNG
+    and other formats, CMYK JPEGs) are decoded on the CPU. Returns the images and the
+    positions of undecodable items, whose places are filled with the next good image of the
+    batch (a warning names them; all undecodable raises ``ValueError``).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    out: list = [None] * len(items)
+    encoded = []
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
+            raise TypeError(f"items[{i}] must be a uint8 tensor (encoded bytes or a decoded image)")
+        if item.dim() == 3:
+            out[i] = item.to(device, non_blocking=True)
+        elif item.dim() == 1:
+            encoded.append(i)
+        else:
+            raise ValueError(f"items[{i}] must be 1-D (encoded bytes) or (3, H, W), got {tuple(item.shape)}")
+    on_cpu = encoded
+    if device.type == "cuda" and encoded:
+        jpegs = [i for i in encoded if _is_jpeg(items[i])]
+        on_cpu = [i for i in encoded if not _is_jpeg(items[i])]
+        try:
+            decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, im in zip(jpegs, decoded):
+                out[i] = im
+        except RuntimeError:
+            for i in jpegs:
+                try:
+                    out[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    on_cpu.append(i)
+    failed = []
+    for i in on_cpu:
+        try:
+            im = _decode_cpu(items[i])
+        except RuntimeError as e:
+            failed.append(i)
+            warnings.warn(f"skipping undecodable image at batch position {i}: {e}")
+            continue
+        out[i] = im.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else im.to(device)
+    good = [i for i, im in enumerate(out) if im is not None]
+    if not good:
+        raise ValueError(f"none of the {len(items)} images of the batch could be decoded")
+    for i in failed:
+        out[i] = out[next((j for j in good if j > i), good[0])]
+    for i, im in enumerate(out):
+        if im.dim() != 3 or im.shape[0] != 3:  # a decoded item given in another layout
+            raise ValueError(f"image {i} must be (3, H, W) RGB, got {tuple(im.shape)}")
+    return out, failed
+
+
+# --------------------------------------------------------------------------------------------
+# datasets and loaders
+
+
+class EncodedImages(Dataset):
+    """Items ``(data, label, epoch, index)`` where ``data`` is the file's bytes as a 1-D uint8
+    tensor: the worker does no decoding. Keys are ``index`` or ``(epoch, index)`` (see
+    ``ResumableSampler(with_epoch=True)``).
+
+    ``source`` is a folder (an ImageFolder tree or a flat folder), an ``ImageFiles``, or any
+    dataset of ``((3, H, W) uint8 image, label)`` items such as the built-in shapes (those
+    images pass through decoded).
+    """
+
+    def __init__(self, source):
+        if isinstance(source, (str, os.PathLike)):
+            source = ImageFiles(Path(source))
+        self.source = source
+        self.files = source.samples if isinstance(source, ImageFiles) else None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.files is None:
+            img, label = self.source[index]
+            return img, label, epoch, index
+        path, label = self.files[index]
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return data, label, epoch, index
+
+
+def collate_encoded(batch):
+    """(list of byte tensors / images, labels (N,), epochs (N,), indices (N,))."""
+    datas, labels, epochs, indices = zip(*batch)
+    return (list(datas), torch.tensor(labels, dtype=torch.int64), torch.tensor(epochs, dtype=torch.int64),
+            torch.tensor(indices, dtype=torch.int64))
+
+
+class GpuAugment:
+    """Decode + RandomResizedCrop + flip + normalise a batch on ``device``.
+
+    Args:
+        size: output side (224).
+        scale, ratio, flip_p: RandomResizedCrop and RandomHorizontalFlip's parameters (MAE:
+            scale (0.2, 1); BEiT: (0.08, 1)).
+        interpolation: "bicubic" (MAE, BEiT) or "bilinear".
+        mean, std: normalisation (ImageNet's by default).
+        dtype: output dtype.
+        second_size, second_interpolation, second_norm: BEiT's tokenizer view (112,
+            "bicubic", "map_pixels"), or None for one view.
+        quantize: round resized values to integers as torchvision's uint8 resize does.
+        seed: the crop and flip of sample ``index`` in ``epoch`` depend on (seed, epoch, index) only.
+        device: where to decode and augment (default: CUDA if available).
+    """
+
+    def __init__(self, size: int = 224, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
+                 interpolation: str = "bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32,
+                 second_size: int | None = None, second_interpolation: str = "bicubic",
+                 second_norm: str = "map_pixels", quantize: bool = False, seed: int = 0, device=None):
+        self.size = _check_size("size", size)
+        self.scale = _check_range("scale", scale, positive=True)
+        self.ratio = _check_range("ratio", ratio, positive=True)
+        if not 0.0 <= float(flip_p) <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        self.flip_p = float(flip_p)
+        for name, interp in (("interpolation", interpolation), ("second_interpolation", second_interpolation)):
+            if interp not in ("bicubic", "bilinear"):
+                raise ValueError(f"{name} must be 'bicubic' or 'bilinear', got {interp!r}")
+        _affines(mean, std, second_norm)  # validates
+        self.kwargs = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std), dtype=dtype,
+                           second_size=None if second_size is None else _check_size("second_size", second_size),
+                           second_interpolation=second_interpolation, second_norm=second_norm, quantize=quantize)
+        self.seed = int(seed)
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.skipped = 0
+
+    def __call__(self, items, epochs, indices):
+        """Items (encoded bytes or decoded images) of samples (epochs[i], indices[i]) -> the
+        view tensor, or (view, second view), on ``self.device``."""
+        images, failed = decode_images(items, self.device)
+        self.skipped += len(failed)
+        uniforms = crop_uniforms(self.seed, epochs, indices)
+        return gpu_random_resized_crop(images, self.size, uniforms, scale=self.scale, ratio=self.ratio,
+                                       flip_p=self.flip_p, **self.kwargs)
+
+
+class GpuLoader:
+    """Iterate ``(views, labels)`` on the device: a DataLoader of :class:`EncodedImages`
+    (workers read bytes) feeding a :class:`GpuAugment` in the main process.
+
+    With ``prefetch > 0`` on CUDA, a background thread decodes and augments the next batches on
+    a side stream while the model runs (nvjpeg and the kernel release the GIL); each batch is
+    handed over with a stream wait, no host synchronisation.
+    """
+
+    def __init__(self, loader: DataLoader, augment: GpuAugment, prefetch: int = 2):
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        self.loader = loader
+        self.augment = augment
+        self.prefetch = prefetch
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, augment: GpuAugment, batch_size: int, *, sampler=None,
+                     num_workers: int = 4, drop_last: bool = True, shuffle: bool = False, generator=None,
+                     prefetch: int = 2, persistent_workers: bool | None = None) -> "GpuLoader":
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                            num_workers=num_workers, collate_fn=collate_encoded, drop_last=drop_last,
+                            pin_memory=False, generator=generator,
+                            persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers)
+        return cls(loader, augment, prefetch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _batch(self, batch):
+        items, labels, epochs, indices = batch
+        views = self.augment(items, epochs, indices)
+        return views, labels
+
+    def __iter__(self):
+        if self.prefetch == 0 or self.augment.device.type != "cuda":
+            for batch in self.loader:
+                yield self._batch(batch)
+            return
+        yield from self._threaded()
+
+    def _threaded(self):
+        device = self.augment.device
+        side = torch.cuda.Stream(device)
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def put(x) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(x, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                with torch.cuda.device(device), torch.cuda.stream(side):
+                    for batch in self.loader:
+                        views, labels = self._batch(batch)
+                        event = torch.cuda.Event()
+                        event.record(side)
+                        if not put((views, labels, event)):
+                            return
+                put(done)
+            except BaseException as e:  # hand the error to the consumer
+                put(e)
+
+        thread = threading.Thread(target=produce, name="mimfast-gpu-loader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                got = q.get()
+                if got is done:
+                    return
+                if isinstance(got, BaseException):
+                    raise got
+                views, labels, event = got
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(event)
+                for t in (views if isinstance(views, tuple) else (views,)):
+                    t.record_stream(stream)  # the memory was allocated on the side stream
+                yield views, labels
+        finally:
+            stop.set()
+            thread.join()
