@@ -61,7 +61,7 @@ def _patch_loss_fwd_kernel(
     C: tl.constexpr,
     NORM_PIX: tl.constexpr,
     L1: tl.constexpr,
-    CHANNEL_MAJOR: tl.constexpr,  # walk the patch in (c, p, q) order (NCHW images) instead of (p, q, c)
+    IMG_ORDER: tl.constexpr,  # column order: 0 (p, q, c) any strides, 1 (c, p, q), 2 (p, q, c) channels-last
     BLOCK_R: tl.constexpr,  # rows per tile
     BLOCK_P: tl.constexpr,  # power of two >= P
     TILES: tl.constexpr,  # tiles per program
@@ -71,20 +71,26 @@ def _patch_loss_fwd_kernel(
 
     # column j of a tile -> (c, pp, qq) inside the patch; k is the column of pred / grad.
     # Every per-row operation is a sum or elementwise, so any bijection j -> k works; the order
-    # is picked so that the wider of the two loads (fp32 pixels) is the contiguous one.
+    # is picked so that the wider of the two loads (fp32 pixels) is the contiguous one. Each
+    # index is derived from j directly (not j % a % b) so the compiler sees runs of contiguous
+    # addresses and vectorises the loads.
     j = tl.arange(0, BLOCK_P)
     col_ok = j < P
-    if CHANNEL_MAJOR:
+    if IMG_ORDER == 1:  # (c, p, q): NCHW-like images, q contiguous
+        qq = j % PATCH
+        pp = (j // PATCH) % PATCH
         c = j // (PATCH * PATCH)
-        pq = j % (PATCH * PATCH)
-        k = pq * C + c
-    else:
+        k = (pp * PATCH + qq) * C + c
+        img_col = c.to(tl.int64) * s_ic + pp.to(tl.int64) * s_ih + qq.to(tl.int64) * s_iw
+    elif IMG_ORDER == 2:  # (p, q, c) of a packed channels-last image: s_ic == 1, s_iw == C
+        k = j
+        img_col = (j % (PATCH * C)).to(tl.int64) + (j // (PATCH * C)).to(tl.int64) * s_ih
+    else:  # (p, q, c), any strides
         k = j
         c = j % C
-        pq = j // C
-    pp = pq // PATCH
-    qq = pq % PATCH
-    img_col = c.to(tl.int64) * s_ic + pp.to(tl.int64) * s_ih + qq.to(tl.int64) * s_iw  # [BLOCK_P]
+        qq = (j // C) % PATCH
+        pp = j // (C * PATCH)
+        img_col = c.to(tl.int64) * s_ic + pp.to(tl.int64) * s_ih + qq.to(tl.int64) * s_iw
     pred_col = k.to(tl.int64) * s_pp
     k64 = k.to(tl.int64)
 
@@ -123,7 +129,6 @@ def _patch_loss_fwd_kernel(
             row_loss = tl.sum(diff * diff, axis=1) / P
             g = diff * (2.0 * scale)[:, None]
         acc += tl.where(live, w * row_loss, 0.0)
-        g = tl.where(live[:, None], g, 0.0)
         grad_offs = rows.to(tl.int64)[:, None] * P + k64[None, :]
         tl.store(grad_ptr + grad_offs, g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
@@ -236,36 +241,52 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
         loss: "mse" or "l1".
         eps: added to the variance.
         grad: optional contiguous (N, L, P) buffer of pred's dtype for the gradient.
-        config: optional (BLOCK_R, TILES, num_warps) overriding the heuristic (tests, tuning);
-            BLOCK_R a power of two.
+        config: optional (BLOCK_R, TILES, num_warps[, IMG_ORDER]) overriding the heuristic
+            (tests, tuning); BLOCK_R a power of two; IMG_ORDER 0 walks each patch in pred's
+            (p, q, c) order, 1 in (c, p, q) order (both work for any strides).
 
     Returns:
         (loss, grad): 0-dim float32 loss and d(loss)/d(pred) (contiguous, pred's dtype).
     """
     N, C, H, W, L, P = _check(pred, imgs, mask, patch_size, loss, eps, grad)
+    n_rows = N * L
+    block_p = triton.next_power_of_2(P)
+    block_r, tiles, num_warps = _config(block_p, interpreted=pred.device.type == "cpu")
+    s_in, s_ic, s_ih, s_iw = imgs.stride()
+    # walk the patch in (c, p, q) order when the image is NCHW-like (q contiguous), otherwise in
+    # pred's own (p, q, c) order (channels-last images are then contiguous along (q, c))
+    if s_ic == 1 and s_iw == C:
+        img_order = 2
+    elif abs(s_iw) <= abs(s_ic):
+        img_order = 1
+    else:
+        img_order = 0
+    if config is not None:
+        ok = isinstance(config, (tuple, list)) and len(config) in (3, 4)
+        if ok:
+            block_r, tiles, num_warps = config[:3]
+            img_order = config[3] if len(config) == 4 else img_order
+            ok = block_r >= 1 and not block_r & (block_r - 1) and tiles >= 1 and img_order in (0, 1, 2)
+            ok = ok and (img_order != 2 or (s_ic == 1 and s_iw == C))
+        if not ok:
+            raise ValueError(
+                "config must be (BLOCK_R power of two, TILES >= 1, num_warps[, IMG_ORDER in 0, 1 "
+                f"(2 only for packed channels-last images)]), got {config}"
+            )
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; Triton loads bytes more reliably than i1
     if grad is None:
         grad = torch.empty((N, L, P), dtype=pred.dtype, device=pred.device)
     denom = mask.sum(dtype=torch.float32)  # deterministic; needed by every row's gradient
-    n_rows = N * L
-    block_p = triton.next_power_of_2(P)
-    block_r, tiles, num_warps = config or _config(block_p, interpreted=pred.device.type == "cpu")
-    if block_r & (block_r - 1) or tiles < 1:
-        raise ValueError(f"config must be (BLOCK_R power of two, TILES >= 1, num_warps), got {config}")
     grid = triton.cdiv(n_rows, block_r * tiles)
     partials = torch.empty(grid, dtype=torch.float32, device=pred.device)
     out = torch.empty((), dtype=torch.float32, device=pred.device)
-    s_in, s_ic, s_ih, s_iw = imgs.stride()
-    # walk the patch in (c, p, q) order when the image is NCHW-like (q contiguous), otherwise in
-    # pred's own (p, q, c) order (channels-last images are then contiguous along (q, c))
-    channel_major = C > 1 and abs(s_iw) <= abs(s_ic)
     _patch_loss_fwd_kernel[(grid,)](
         pred, imgs, mask, denom, grad, partials,
         n_rows, L, W // patch_size,
         *pred.stride(), s_in, s_ic, s_ih, s_iw, *mask.stride(),
         float(eps),
-        PATCH=patch_size, C=C, NORM_PIX=bool(norm_pix), L1=(loss == "l1"), CHANNEL_MAJOR=channel_major,
+        PATCH=patch_size, C=C, NORM_PIX=bool(norm_pix), L1=(loss == "l1"), IMG_ORDER=img_order,
         BLOCK_R=block_r, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
     )
     _patch_loss_finish_kernel[(1,)](partials, denom, out, grid, BLOCK=1024, num_warps=4)

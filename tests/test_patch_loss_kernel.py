@@ -118,6 +118,11 @@ def test_strided_inputs(layout):
         le, ge = _loss_and_grad(pred.contiguous(), imgs.contiguous(), mask.contiguous(), p, norm_pix, "mse", "eager")
         torch.testing.assert_close(lt, le, rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(gt, ge, rtol=1e-5, atol=1e-9)
+        # every order of walking a patch gives the same answer on any layout
+        for order in (0, 1, 2) if layout == "channels_last" else (0, 1):
+            lo, go = patch_loss_fwd(pred, imgs, mask, p, norm_pix, config=(4, 2, 4, order))
+            torch.testing.assert_close(lo, le, rtol=2e-6, atol=1e-6)
+            torch.testing.assert_close(go, ge, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float16", "weights", "float64"])
@@ -179,7 +184,10 @@ def test_poisoned_gradient_buffer_and_gpu_tiling(dtype, shape):
     le, ge = _loss_and_grad(pred, imgs, mask, p, True, "mse", "eager")
     P = p * p * C
     block_p = 1 << (P - 1).bit_length()
-    for config in (None, _config(block_p, interpreted=False), (1, 3, 4)):
+    configs = [None, _config(block_p, interpreted=False)]
+    if N * (H // p) * (W // p) < 8:
+        configs.append((1, 3, 4))  # one row per tile, three tiles per program, the last one empty
+    for config in configs:
         grad = poison_(torch.empty(pred.shape, device=DEVICE, dtype=dtype))
         loss, grad = patch_loss_fwd(pred, imgs, mask, p, grad=grad, config=config)
         assert torch.isfinite(grad).all(), config
@@ -250,6 +258,7 @@ def test_no_grad_and_requires_grad_checks():
         (dict(eps=-1.0), ValueError, "eps must be"),
         (dict(grad=torch.empty(2, 15, 192, dtype=torch.float16)), ValueError, "grad must be a contiguous"),
         (dict(config=(3, 1, 4)), ValueError, "config must be"),
+        (dict(config=(2, 1, 4, 2)), ValueError, "config must be"),
     ],
 )
 def test_bad_input_raises(args, err, match):

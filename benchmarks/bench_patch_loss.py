@@ -1,0 +1,98 @@
+"""MAE's reconstruction loss, forward + backward (d(loss)/d(pred)), at ViT-B/16, ViT-L/16 and
+ViT-H/14 decoder shapes, N = 256, bf16 pred (a view of the decoder output without its cls row),
+fp32 images, mask ratio 0.75, norm_pix on.
+
+Variants: eager reference, ``torch.compile`` of the eager reference, the Triton kernel (the
+public op with ``backend="triton"``). GB/s counts the bytes that must move: for masked rows
+only, pred read + pixels read + gradient written, plus the mask; ``gbps_incl_zero_grad`` adds
+the zero gradient of the visible rows, which the kernel also writes (autograd wants a dense
+gradient). Peak memory is what one forward + backward allocates above the inputs.
+
+    python -m benchmarks.run --out DIR --only patch_loss
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from benchmarks import harness
+from mimfast import ops
+from mimfast.ops.patch_loss import masked_patch_loss_reference
+
+BENCH = "patch_loss"
+N = 256
+DEVICE = "cuda"
+MASK_RATIO = 0.75
+# name: (img_size, patch_size, C)
+CASES = {
+    "vit_b16": (224, 16, 3),
+    "vit_l16": (224, 16, 3),  # the loss sees the same shapes as B/16 (decoder width is shared)
+    "vit_h14": (224, 14, 3),
+}
+
+
+def _inputs(img_size, p, C, pred_dtype=torch.bfloat16):
+    """dec (N, 1 + L, P) decoder output (pred is its view without the cls row), imgs, mask."""
+    L = (img_size // p) ** 2
+    P = p * p * C
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    dec = torch.randn(N, 1 + L, P, device=DEVICE, dtype=pred_dtype, generator=g).requires_grad_(True)
+    imgs = torch.randn(N, C, img_size, img_size, device=DEVICE, generator=g)
+    # MAE masking: exactly L - int(L * (1 - ratio)) masked per image, at random positions
+    keep = int(L * (1 - MASK_RATIO))
+    ids_restore = torch.rand(N, L, device=DEVICE, generator=g).argsort(1).argsort(1)
+    mask = (ids_restore >= keep).float()
+    return dec, imgs, mask
+
+
+def _fwd_bwd(loss_fn, dec, imgs, mask):
+    """One forward + backward to the decoder-output view; returns (loss, d(loss)/d(pred))."""
+    pred = dec[:, 1:, :]
+    loss = loss_fn(pred, imgs, mask)
+    (grad,) = torch.autograd.grad(loss, pred)
+    return loss, grad
+
+
+def run(ctx: harness.Context) -> None:
+    cases = {"vit_b16": CASES["vit_b16"]} if ctx.quick else CASES
+    compiled_ref = harness.try_compile(masked_patch_loss_reference)
+    for case, (img_size, p, C) in cases.items():
+        dec, imgs, mask = _inputs(img_size, p, C)
+        L, P = mask.shape[1], p * p * C
+        masked_rows = int(mask.sum().item())
+        pred_b, img_b, grad_b = dec.element_size(), imgs.element_size(), dec.element_size()
+        bytes_moved = masked_rows * P * (pred_b + img_b + grad_b) + mask.numel() * mask.element_size()
+        bytes_incl_zero = bytes_moved + (N * L - masked_rows) * P * grad_b
+
+        variants = {
+            "eager": functools.partial(masked_patch_loss_reference, patch_size=p, norm_pix=True),
+            "triton": functools.partial(ops.masked_patch_loss, patch_size=p, norm_pix=True, backend="triton"),
+        }
+        if compiled_ref is not None:
+            variants["torch.compile"] = lambda pr, im, mk, _p=p: compiled_ref(pr, im, mk, _p, True)
+
+        want_loss, want_grad = _fwd_bwd(variants["eager"], dec, imgs, mask)
+        for name, loss_fn in variants.items():
+            fn = functools.partial(_fwd_bwd, loss_fn, dec, imgs, mask)
+            try:
+                loss, grad = fn()  # warm-up / compile, and a correctness check on the same inputs
+            except Exception as e:  # torch.compile may be unavailable on the machine
+                if name != "torch.compile":
+                    raise
+                print(f"[{BENCH}] {case}: torch.compile failed: {type(e).__name__}: {e}")
+                continue
+            loss_err = abs(loss.float().item() - want_loss.float().item())
+            grad_err = (grad.float() - want_grad.float()).abs().max().item()
+            del loss, grad
+            ms = harness.time_ms(fn)
+            peak = harness.peak_memory_bytes(fn)
+            ctx.add(BENCH, case, name, ms, bytes_moved=bytes_moved, peak_mem=peak,
+                    gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1),
+                    grad_buffer_mib=round(N * L * P * grad_b / 2**20, 1),
+                    loss_err_vs_eager=float(f"{loss_err:.2e}"), grad_err_vs_eager=float(f"{grad_err:.2e}"))
+        ctx.speedups(BENCH, case, over="eager")
+        ctx.speedups(BENCH, case, over="torch.compile")
+        del dec, imgs, mask, want_loss, want_grad
+        torch.cuda.empty_cache()
