@@ -40,11 +40,15 @@ mask tokens, so memory stays safe, but gradient rows of x may be left unwritten)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 __all__ = [
+    "cast",
+    "gpu_tiles",
     "masking_forward",
     "masking_backward",
     "unshuffle_forward",
@@ -54,6 +58,26 @@ __all__ = [
 ]
 
 TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Triton's interpreter converts float32 to bfloat16 by truncation; compiled Triton rounds to
+# nearest even, as PyTorch does. ``cast`` rounds to nearest even in both.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"))
+
+# Tiles: on a GPU, small tiles and many programs keep the whole chip busy on these memory-bound
+# kernels; the interpreter pays a fixed cost per program and per nested call, so on the CPU
+# whole rows go to few programs. Tests set GPU_TILES_ON_CPU to run the GPU tiling interpreted.
+GPU_TILES_ON_CPU = False
+
+
+@triton.jit
+def cast(v, dtype: tl.constexpr):
+    """``v.to(dtype)``, rounding float32 -> bfloat16 to nearest even under the interpreter too."""
+    if _INTERPRETED and dtype == tl.bfloat16 and v.dtype == tl.float32:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +136,7 @@ def _masking_fwd_kernel(
             if HAS_POS:
                 p = tl.load(pos_ptr + rows[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0)
                 val += p.to(tl.float32)
-            tl.store(dst[:, None] + offs_d[None, :], val.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(dst[:, None] + offs_d[None, :], cast(val, out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -151,7 +175,7 @@ def _masking_bwd_kernel(
         if WRITE_GX:
             tl.store(
                 gx_n + rows[:, None] * D + offs_d[None, :],
-                g.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+                cast(g, gx_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
             )
         if POS_GRAD:
             acc += g.to(tl.float32)
@@ -198,7 +222,7 @@ def _unshuffle_fwd_kernel(
     m = t_ok[:, None] & d_ok[None, :]
     if HAS_POS:
         val += tl.load(pos_ptr + t[:, None] * stride_pt + offs_d[None, :] * stride_pd, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (n * (L + 1) + t[:, None]) * D + offs_d[None, :], val.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + (n * (L + 1) + t[:, None]) * D + offs_d[None, :], cast(val, out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -235,7 +259,7 @@ def _unshuffle_bwd_kernel(
         to_x = t_ok & ((t == 0) | ((r >= 0) & (r < K)))
         dst = tl.where(t == 0, 0, r + 1)  # row of grad_x
         g = tl.load(g_n + t[:, None] * stride_gt + offs_d[None, :] * stride_gd, mask=m, other=0.0)
-        tl.store(gx_n + dst[:, None] * D + offs_d[None, :], g.to(gx_ptr.dtype.element_ty),
+        tl.store(gx_n + dst[:, None] * D + offs_d[None, :], cast(g, gx_ptr.dtype.element_ty),
                  mask=to_x[:, None] & d_ok[None, :])
         gf = g.to(tl.float32)
         mt_acc += tl.sum(tl.where(to_x[:, None], 0.0, gf), axis=0)
@@ -266,24 +290,30 @@ def _sum_partials_kernel(
         p = tl.load(p_ptr + rows[:, None].to(tl.int64) * M + offs_m[None, :],
                     mask=(rows[:, None] < R) & m_ok[None, :], other=0.0)
         acc += tl.sum(p, axis=0)
-    tl.store(out_ptr + offs_m, acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+    tl.store(out_ptr + offs_m, cast(acc, out_ptr.dtype.element_ty), mask=m_ok)
 
 
 # --------------------------------------------------------------------------------------------
 # launch functions
 # --------------------------------------------------------------------------------------------
-def _block_d(D: int, cap: int = 256) -> int:
-    return min(triton.next_power_of_2(D), cap)
+def gpu_tiles(device: torch.device) -> bool:
+    return device.type == "cuda" or GPU_TILES_ON_CPU
 
 
-def _block_rows(block_d: int, budget: int = 4096, cap: int = 32) -> int:
-    return max(1, min(cap, budget // block_d))
+def _row_tiles(device: torch.device, rows: int, D: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) for kernels that move (rows, D) tiles of tokens."""
+    if gpu_tiles(device):
+        block_d = min(triton.next_power_of_2(D), 256)
+        return max(1, min(32, 4096 // block_d)), block_d
+    block_d = triton.next_power_of_2(D)
+    return max(1, min(triton.next_power_of_2(rows), 65536 // block_d)), block_d
 
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one by one: fewer, longer programs are faster
+    # the interpreter runs programs one by one: fewer, longer programs are faster
+    return 8 if GPU_TILES_ON_CPU else 1
 
 
 def _chunking(N: int, base_programs: int, device: torch.device) -> tuple[int, int]:
@@ -318,8 +348,11 @@ def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise ValueError("partials must be a contiguous float32 (R, M) tensor")
     if out.numel() != M or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous tensor of {M} elements, got shape {tuple(out.shape)}")
-    BLOCK_M = min(triton.next_power_of_2(M), 256)
-    BLOCK_R = min(triton.next_power_of_2(R), 16)
+    if gpu_tiles(partials.device):
+        BLOCK_M, BLOCK_R = min(triton.next_power_of_2(M), 256), min(triton.next_power_of_2(R), 16)
+    else:
+        BLOCK_M = min(triton.next_power_of_2(M), 65536)
+        BLOCK_R = max(1, min(triton.next_power_of_2(R), 262144 // BLOCK_M))
     _sum_partials_kernel[(triton.cdiv(M, BLOCK_M),)](partials, out, R, M, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M)
     return out
 
@@ -388,9 +421,10 @@ def masking_forward(
         mask = torch.empty((N, L), dtype=torch.float32, device=device)
         ids_out = torch.empty((N, L), dtype=torch.int64, device=device)
     ids_keep = torch.empty((N, K), dtype=torch.int32, device=device) if write_ids_keep else None
-    BLOCK_R = 16
-    BLOCK_L = min(triton.next_power_of_2(L), 256)
-    BLOCK_D = _block_d(D)
+    if gpu_tiles(device):
+        BLOCK_R, BLOCK_L, BLOCK_D = 16, min(triton.next_power_of_2(L), 256), min(triton.next_power_of_2(D), 256)
+    else:
+        BLOCK_R, BLOCK_L, BLOCK_D = min(triton.next_power_of_2(L), 64), triton.next_power_of_2(L), triton.next_power_of_2(D)
     xs = x if x is not None else noise
     ps = pos if pos is not None else noise
     rs = ids_restore if ranks_given else ids_out
@@ -435,8 +469,7 @@ def masking_backward(
     _check_ids(ids_restore, N, L, device)
     if grad_x_dtype is None and grad_pos_dtype is None:
         return None, None
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_rows(BLOCK_D)
+    BLOCK_R, BLOCK_D = _row_tiles(device, L, D)
     row_blocks, d_blocks = triton.cdiv(L, BLOCK_R), triton.cdiv(D, BLOCK_D)
     pos_grad = grad_pos_dtype is not None
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device) if pos_grad else (1, N)
@@ -487,8 +520,7 @@ def unshuffle_forward(
     if out_dtype not in TOKEN_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     out = torch.empty((N, L + 1, D), dtype=out_dtype, device=device)
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_rows(BLOCK_D)
+    BLOCK_R, BLOCK_D = _row_tiles(device, L + 1, D)
     grid = (N, triton.cdiv(L + 1, BLOCK_R), triton.cdiv(D, BLOCK_D))
     ps = pos if pos is not None else x
     _unshuffle_fwd_kernel[grid](
@@ -518,8 +550,7 @@ def unshuffle_backward(
     _check_ids(ids_restore, N, L, device)
     if not 1 <= K <= L:
         raise ValueError(f"K must be in [1, L={L}], got {K}")
-    BLOCK_D = _block_d(D)
-    BLOCK_R = _block_rows(BLOCK_D)
+    BLOCK_R, BLOCK_D = _row_tiles(device, L1, D)
     row_blocks, d_blocks = triton.cdiv(L1, BLOCK_R), triton.cdiv(D, BLOCK_D)
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device)
     pos_grad = grad_pos_dtype is not None

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels.masking import cast, gpu_tiles
+
 __all__ = ["gather_patches", "scatter_patches", "embed_epilogue", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,10 +73,10 @@ def _patches_kernel(
     m = m_ok[:, None] & k_ok[None, :]
     if SCATTER:
         v = tl.load(pat_ptr + pat_off, mask=m, other=0.0)
-        tl.store(img_ptr + img_off, v.to(img_ptr.dtype.element_ty), mask=m)
+        tl.store(img_ptr + img_off, cast(v, img_ptr.dtype.element_ty), mask=m)
     else:
         v = tl.load(img_ptr + img_off, mask=m, other=0.0)
-        tl.store(pat_ptr + pat_off, v.to(pat_ptr.dtype.element_ty), mask=m)
+        tl.store(pat_ptr + pat_off, cast(v, pat_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -103,7 +105,16 @@ def _embed_epilogue_kernel(
     if HAS_POS:
         l = tl.load(ids_keep_ptr + offs_m, mask=m_ok, other=0)
         val += tl.load(pos_ptr + l[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + off, cast(val, out_ptr.dtype.element_ty), mask=m)
+
+
+def _tiles(device: torch.device, rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK rows, BLOCK cols): small tiles on a GPU, big ones for the interpreter."""
+    if gpu_tiles(device):
+        block_c = min(triton.next_power_of_2(cols), 256)
+        return max(1, min(32, 4096 // block_c)), block_c
+    block_c = min(triton.next_power_of_2(cols), 4096)
+    return max(1, min(triton.next_power_of_2(rows), 65536 // block_c)), block_c
 
 
 def _check_patch_args(imgs_shape, ids_keep, patch_size):
@@ -123,8 +134,7 @@ def _launch_patches(imgs, ids_keep, patches, patch_size, scatter):
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     M, PP = N * K, C * patch_size * patch_size
-    BLOCK_P = min(triton.next_power_of_2(PP), 256)
-    BLOCK_M = max(1, min(32, 4096 // BLOCK_P))
+    BLOCK_M, BLOCK_P = _tiles(imgs.device, M, PP)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(PP, BLOCK_P))
     _patches_kernel[grid](
         imgs, ids_keep, patches, M, K, C, W // patch_size, *imgs.stride(),
@@ -189,8 +199,7 @@ def embed_epilogue(
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     out = torch.empty((M, D), dtype=out_dtype, device=y.device)
-    BLOCK_D = min(triton.next_power_of_2(D), 256)
-    BLOCK_M = max(1, min(32, 4096 // BLOCK_D))
+    BLOCK_M, BLOCK_D = _tiles(y.device, M, D)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(D, BLOCK_D))
     _embed_epilogue_kernel[grid](
         y, bias if bias is not None else y, pos if pos is not None else y, ids_keep, out,
