@@ -193,7 +193,9 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path, fsdp):
     one = _cfg(tmp_path / "one", batch_size=8, epochs=1)
     pretrain(one)
     values = dict(TINY, batch_size=4, epochs=1, device="cpu", fsdp=fsdp, vis_every=1)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), values), nprocs=2, join=True)
+    # fork: the children inherit the imported modules (spawn would re-import torch twice)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), values), nprocs=2, join=True,
+                       start_method="fork")
 
     def losses(d):
         return [json.loads(line)["loss"] for line in open(d / "log.jsonl")]
