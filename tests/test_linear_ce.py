@@ -39,9 +39,13 @@ def _f64_reference(h, w, b, labels, ignore_index=-100):
     return loss, _grads(loss, leaves)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("M,D,V,chunk_rows", SHAPES)
-def test_loss_and_grads_vs_eager(M, D, V, chunk_rows, dtype, device):
+CASES = [(shape, dtype) for shape in SHAPES for dtype in FLOAT_DTYPES
+         if DEVICE == "cuda" or shape[2] == 8192 or dtype != torch.bfloat16]  # interpreter time
+
+
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_loss_and_grads_vs_eager(shape, dtype, device):
+    M, D, V, chunk_rows = shape
     h, w, b, labels = _inputs(M, D, V, dtype, device)
     loss = linear_cross_entropy_triton(h, w, b, labels, -100, chunk_rows=chunk_rows)
     grads = _grads(loss, (h, w, b))
@@ -162,11 +166,11 @@ def test_bad_input(device):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_row_kernel_both_paths(block_v, dtype, device):
     """One chunk straight through the kernel: registers (None) and the two-pass loop (256 < V)."""
-    C, V = 13, 1000
+    C, V = 7, 600
     x = (torch.randn(C, V, device=device) * 3).to(dtype)
     labels = torch.randint(0, V, (C,), device=device)
     labels[2] = -1
-    scale = torch.full((1,), 1.0 / 12, device=device)
+    scale = torch.full((1,), 1.0 / 6, device=device)
     loss = poison_(torch.empty(C, device=device))
     buf = poison_(torch.empty(C, V + 24, device=device, dtype=dtype))
     logits = buf[:, :V]  # row stride != V
@@ -175,11 +179,11 @@ def test_row_kernel_both_paths(block_v, dtype, device):
     assert torch.isnan(buf[:, V:]).all()  # nothing written past the row
 
     xd = x.double().requires_grad_()
-    ref = F.cross_entropy(xd, labels, ignore_index=-1, reduction="none") / 12
+    ref = F.cross_entropy(xd, labels, ignore_index=-1, reduction="none") / 6
     (ref_grad,) = torch.autograd.grad(ref.sum(), xd)
-    ref_lowp = F.cross_entropy(x.float(), labels, ignore_index=-1, reduction="none") / 12
+    ref_lowp = F.cross_entropy(x.float(), labels, ignore_index=-1, reduction="none") / 6
     assert max_err(loss, ref) < 1e-6
     assert max_err(loss, ref_lowp) < 1e-6
-    tol = {torch.float32: 1e-7, torch.float16: 5e-5, torch.bfloat16: 4e-4}[dtype]
+    tol = {torch.float32: 2e-7, torch.float16: 1e-4, torch.bfloat16: 8e-4}[dtype]  # > half an ulp of 1/6
     assert max_err(logits, ref_grad) < tol
     assert torch.all(logits[2] == 0)

@@ -124,6 +124,8 @@ class _BEiTEncoder(nn.Module):
 
     def _init_all(self, head: nn.Linear) -> None:
         """The reference's order: tokens, head, every module, then the depth rescale."""
+        if self.cls_token.is_meta:  # a shape-only build (device "meta") has nothing to initialise
+            return
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=self.init_std)
         trunc_normal_(self.cls_token, std=self.init_std)
