@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import harness
 from mimfast import ops
+from mimfast.kernels.patch_loss import patch_loss_fwd
 from mimfast.ops.patch_loss import masked_patch_loss_reference
 
 BENCH = "patch_loss"
@@ -31,6 +32,9 @@ CASES = {
     "vit_l16": (224, 16, 3),  # the loss sees the same shapes as B/16 (decoder width is shared)
     "vit_h14": (224, 14, 3),
 }
+# kernel-only rows at the B/16 shape (not in --quick): (BLOCK_R, TILES, num_warps, IMG_ORDER)
+# around the heuristic's (2, 8, 4, 1), so a GPU run shows whether another tiling is faster
+TUNING = [(2, 8, 4, 1), (2, 8, 4, 0), (4, 4, 8, 1), (2, 1, 4, 1), (1, 16, 4, 1)]
 
 
 def _inputs(img_size, p, C, pred_dtype=torch.bfloat16):
@@ -92,6 +96,14 @@ def run(ctx: harness.Context) -> None:
                     gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1),
                     grad_buffer_mib=round(N * L * P * grad_b / 2**20, 1),
                     loss_err_vs_eager=float(f"{loss_err:.2e}"), grad_err_vs_eager=float(f"{grad_err:.2e}"))
+        if case == "vit_b16" and not ctx.quick:
+            pred = dec.detach()[:, 1:, :]
+            for cfg in TUNING:
+                fn = functools.partial(patch_loss_fwd, pred, imgs, mask, p, True, "mse", 1e-6, config=cfg)
+                fn()
+                ms = harness.time_ms(fn)
+                ctx.add(BENCH, case, f"kernel fwd only cfg={cfg}", ms, bytes_moved=bytes_moved,
+                        gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1))
         ctx.speedups(BENCH, case, over="eager")
         ctx.speedups(BENCH, case, over="torch.compile")
         del dec, imgs, mask, want_loss, want_grad
