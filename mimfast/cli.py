@@ -1,6 +1,8 @@
 """The ``mimfast`` command line.
 
     mimfast pretrain [--preset tiny] [--model ...] [--data builtin|FOLDER] ...
+    mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool]
+    mimfast linprobe CHECKPOINT [--model NAME] [--data builtin|FOLDER] [--pool cls|mean] ...
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                        argument_default=argparse.SUPPRESS)
     build_pretrain_parser(p)
     p.set_defaults(func=_cmd_pretrain)
+    from mimfast.train.export import add_export_command
+    from mimfast.train.linprobe import add_linprobe_command
+
+    add_export_command(sub)
+    add_linprobe_command(sub)
     return parser
 
 
