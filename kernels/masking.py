@@ -14,7 +14,10 @@ come before it, ``rank[l] = #{j : noise[j] < noise[l] or (noise[j] == noise[l] a
 the positional add on the way. Each program ranks BLOCK_R positions against the L noise values
 (O(L) compares per position, cheap next to the row traffic) and moves only the kept rows.
 Bytes: read N*K*D (kept rows of x) + K*D per sample of pos_embed (cached) + N*L noise; write
-N*K*D + N*L*(4 + 8) (mask, ids_restore).
+N*K*D + N*L*(4 + 8) (mask, ids_restore). The other design, ranks from two ``torch.argsort``
+calls and then only the gather (``ids_restore=`` of :func:`masking_forward`), stays for the
+benchmark (``triton_argsort``); rank counting is the default as one launch instead of three
+and no sort (a ``tl.sort`` of packed keys would also work, but needs the whole row per program).
 
 Backward: ``grad_x[n, l] = grad_visible[n, ids_restore[n, l]]`` if that is < K, else 0, a
 gather (no atomics). pos_embed's gradient is the sum over the batch: fp32 partial sums over
@@ -424,7 +427,8 @@ def masking_forward(
     if gpu_tiles(device):
         BLOCK_R, BLOCK_L, BLOCK_D = 16, min(triton.next_power_of_2(L), 256), min(triton.next_power_of_2(D), 256)
     else:
-        BLOCK_R, BLOCK_L, BLOCK_D = min(triton.next_power_of_2(L), 64), triton.next_power_of_2(L), triton.next_power_of_2(D)
+        BLOCK_R, BLOCK_L = min(triton.next_power_of_2(L), 64), triton.next_power_of_2(L)
+        BLOCK_D = triton.next_power_of_2(D)
     xs = x if x is not None else noise
     ps = pos if pos is not None else noise
     rs = ids_restore if ranks_given else ids_out
