@@ -1,0 +1,188 @@
+"""BEiT pretraining on the GPU: the LM head + loss alone, and a BEiT-B/16 step.
+
+1. ``lm_head_loss``: BEiT-B's masked LM head and cross-entropy, forward + backward (gradients
+   to hidden, weight, bias), M = 256 x 75 = 19200 masked tokens, D = 768, V = 8192, fp32
+   hidden and weights under bf16 autocast (what the model feeds it). Variants: eager
+   (``F.linear`` + ``F.cross_entropy``, the reference), ``torch.compile`` of it, the fused op
+   (``backend="triton"``), and the fused op at other chunk sizes. TFLOP/s counts the three
+   matmuls (6 M V D); peak memory is what one forward + backward allocates above the inputs.
+   Target: peak <= 0.3x eager at >= 1.0x its speed.
+2. ``beit_b16_step``: ``beit_base_patch16_224_8k_vocab``, B = 256 images of 224 px, 75 masked
+   patches each (blockwise masks), labels given, bf16 autocast, forward + backward (no optimizer
+   step), with ``kernels="eager"`` (explicit attention, full logits), ``kernels="triton"``, and
+   ``triton`` with eager attention (how much comes from the attention kernel). TFLOP/s counts
+   the model's matmul FLOPs (6 x tokens x weights + attention + LM head), so its share of the
+   bf16 peak is the MFU. Target: >= 1.25x eager at <= 0.8x its peak memory.
+
+    python -m benchmarks.run --out DIR --only beit
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from mimfast import ops
+from mimfast.data.masking_generators import BlockwiseMaskingGenerator
+from mimfast.models.beit import beit_base_patch16_224_8k_vocab
+from mimfast.nn import BEiTAttention
+from mimfast.ops._linear_ce_triton import linear_cross_entropy_triton
+
+DEVICE = "cuda"
+BATCH = 256
+MASKED = 75
+VOCAB = 8192
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. LM head + loss
+# ----------------------------------------------------------------------------------------------
+
+def _eager_lm_loss(hidden, weight, bias, labels):
+    # F.linear writes M x V bf16 logits; .float() an fp32 copy; log_softmax another M x V fp32
+    # (kept for the backward); the backward writes M x V fp32 then bf16 gradients of the logits
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)
+
+
+def _lm_fwd_bwd(loss_fn, hidden, weight, bias, labels):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn(hidden, weight, bias, labels)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    return loss, grads
+
+
+def _bench_lm_head(ctx: harness.Context) -> None:
+    bench, case = "beit_lm_head_loss", f"M={BATCH * MASKED} D=768 V={VOCAB} bf16-autocast"
+    M, D, V = BATCH * MASKED, 768, VOCAB
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(M, D, device=DEVICE, generator=g).requires_grad_()
+    weight = (torch.randn(V, D, device=DEVICE, generator=g) * 0.02).requires_grad_()
+    bias = torch.zeros(V, device=DEVICE).requires_grad_()
+    labels = torch.randint(0, V, (M,), device=DEVICE, generator=g)
+    flops = 6 * M * V * D
+
+    variants = {
+        "eager": _eager_lm_loss,
+        "triton": functools.partial(ops.linear_cross_entropy, backend="triton"),
+    }
+    if not ctx.quick:
+        compiled = harness.try_compile(_eager_lm_loss)
+        if compiled is not None:
+            variants["torch.compile"] = compiled
+        for rows in (1024, 2048, 8192):
+            variants[f"triton chunk_rows={rows}"] = functools.partial(linear_cross_entropy_triton, ignore_index=-100,
+                                                                      chunk_rows=rows)
+    want_loss, want_grads = _lm_fwd_bwd(variants["eager"], hidden, weight, bias, labels)
+    for name, loss_fn in variants.items():
+        fn = functools.partial(_lm_fwd_bwd, loss_fn, hidden, weight, bias, labels)
+        try:
+            loss, grads = fn()  # warm-up / compile, and a check against eager on the same inputs
+        except Exception as e:
+            if name != "torch.compile":
+                raise
+            print(f"[{bench}] torch.compile failed: {type(e).__name__}: {e}")
+            continue
+        errs = {f"grad_{k}_rel_err": float(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.2e}")
+                for k, a, b in zip(("hidden", "weight", "bias"), grads, want_grads)}
+        loss_err = abs(loss.item() - want_loss.item())
+        del loss, grads
+        ms = harness.time_ms(fn)
+        peak = harness.peak_memory_bytes(fn)
+        ctx.add(bench, case, name, ms, flops=flops, peak_mem=peak, loss_err_vs_eager=float(f"{loss_err:.2e}"),
+                **errs)
+    rows = [r for r in ctx.rows if r["bench"] == bench and r["case"] == case]
+    eager_peak = next(r["peak_mem_mib"] for r in rows if r["variant"] == "eager")
+    for r in rows:
+        r["peak_vs_eager"] = round(r["peak_mem_mib"] / eager_peak, 3)
+    ctx.speedups(bench, case, over="eager")
+    ctx.speedups(bench, case, over="torch.compile")
+    del hidden, weight, bias, labels, want_grads
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. BEiT-B/16 step
+# ----------------------------------------------------------------------------------------------
+
+def _model_flops(model, batch: int, masked: int) -> float:
+    """Matmul FLOPs of one forward + backward (3x the forward's)."""
+    D = model.embed_dim
+    depth = len(model.blocks)
+    H = model.num_heads
+    L = model.patch_embed.num_patches
+    S = L + 1
+    p = model.patch_size
+    tokens = batch * S
+    linear = 2 * tokens * depth * (3 * D * D + D * D + 8 * D * D)  # qkv, proj, fc1 + fc2 (mlp 4x)
+    attention = 2 * 2 * batch * depth * H * S * S * (D // H)  # q k^T and attn v
+    patch = 2 * batch * L * D * 3 * p * p
+    head = 2 * batch * masked * D * model.lm_head.out_features
+    return 3.0 * (linear + attention + patch + head)
+
+
+def _step(model, imgs, bool_masked_pos, labels):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(imgs, bool_masked_pos, labels=labels)
+    loss.backward()
+    return loss
+
+
+def _set(model, kernels: str, attention: str | None = None) -> None:
+    model.set_kernels(kernels)
+    if attention is not None:
+        for m in model.modules():
+            if isinstance(m, BEiTAttention):
+                m.kernels = attention
+
+
+def _bench_step(ctx: harness.Context) -> None:
+    bench = "beit_b16_step"
+    torch.manual_seed(0)
+    model = beit_base_patch16_224_8k_vocab().to(DEVICE)
+    batch = BATCH
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    imgs = torch.randn(batch, 3, 224, 224, device=DEVICE, generator=g)
+    masks = BlockwiseMaskingGenerator(14, MASKED)(batch, rng=np.random.default_rng(0))
+    bool_masked_pos = torch.from_numpy(masks).flatten(1).to(DEVICE)
+    labels = torch.randint(0, VOCAB, (batch, 196), device=DEVICE, generator=g)
+    case = f"B={batch} 224px bf16-autocast fwd+bwd"
+    flops = _model_flops(model, batch, MASKED)
+
+    variants = [("eager", "eager", None), ("triton", "triton", None)]
+    if not ctx.quick:
+        variants.append(("triton, attention eager", "triton", "eager"))
+    want = None
+    fn = functools.partial(_step, model, imgs, bool_masked_pos, labels)
+    for name, kernels, attention in variants:
+        _set(model, kernels, attention)
+        try:
+            loss = fn().item()  # warm-up (Triton compiles here)
+        except torch.cuda.OutOfMemoryError:
+            print(f"[{bench}] {name}: out of memory at B={batch}")
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        want = loss if want is None else want
+        ms = harness.time_ms(fn, warmup_ms=100, rep_ms=800)
+        peak = harness.peak_memory_bytes(fn)
+        ctx.add(bench, case, name, ms, flops=flops, peak_mem=peak, images_per_s=round(batch / ms * 1e3, 1),
+                loss=round(loss, 4), loss_diff_vs_eager=float(f"{abs(loss - want):.2e}"))
+    rows = [r for r in ctx.rows if r["bench"] == bench and r["case"] == case]
+    eager = next((r for r in rows if r["variant"] == "eager"), None)
+    if eager is not None:
+        for r in rows:
+            r["peak_vs_eager"] = round(r["peak_mem_mib"] / eager["peak_mem_mib"], 3)
+    ctx.speedups(bench, case, over="eager")
+    model.zero_grad(set_to_none=True)
+    del model, imgs, labels
+    torch.cuda.empty_cache()
+
+
+def run(ctx: harness.Context) -> None:
+    _bench_lm_head(ctx)
+    _bench_step(ctx)
