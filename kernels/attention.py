@@ -83,7 +83,8 @@ def _attn_fwd(
     offs_d = tl.arange(0, DH_PAD)
     mask_m = offs_m < S
     mask_d = offs_d < HEAD_DIM
-
+    # rows are recomputed per key block (a loop-invariant (BLOCK, DH_PAD) offset tile would
+    # stay live in registers)
     base = QKV + b.to(tl.int64) * stride_qb
     q_cols = (h * HEAD_DIM + offs_d) * stride_qc
     k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
@@ -114,7 +115,7 @@ def _attn_fwd(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    out_ptrs = OUT + (b.to(tl.int64) * S + offs_m[:, None]) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    out_ptrs = OUT + (b.to(tl.int64) * S * H + h) * HEAD_DIM + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * S + offs_m, lse, mask=mask_m)
@@ -125,13 +126,12 @@ def _attn_bwd_fused(
     QKV,  # (B, S, 3*H*HEAD_DIM)
     BIAS,  # (H, S, S)
     OUT,  # (B, S, H*HEAD_DIM) contiguous, the forward output
-    DOUT,  # (B, S, H*HEAD_DIM) gradient of the output, any strides
+    DOUT,  # (B, S, H*HEAD_DIM) contiguous, gradient of the output
     LSE,  # (B, H, S) fp32
-    DQKV,  # (B, S, 3*H*HEAD_DIM) contiguous, written in full
+    DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV, written in full
     DBIAS,  # (G, H, S, S) fp32 partial bias gradients, one per batch group (unused unless NEED_DBIAS)
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
-    stride_db, stride_ds, stride_dc,
     B, S, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -146,10 +146,10 @@ def _attn_bwd_fused(
     mask_s = offs < S
     mask_d = offs_d < HEAD_DIM
     tile_mask = mask_s[:, None] & mask_d[None, :]
-    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
-    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
-    HD3 = 3 * H * HEAD_DIM
+    # one offset tile for q, k, v and their gradients, one for out and its gradient: few
+    # (BLOCK, DH_PAD) integer tensors stay live across the batch loop
+    qkv_tile = offs[:, None] * stride_qs + offs_d[None, :] * stride_qc
+    od_tile = offs[:, None] * (H * HEAD_DIM) + offs_d[None, :]
     if HAS_BIAS:
         bias = tl.load(BIAS + h * stride_bh + offs[:, None] * stride_bi + offs[None, :] * stride_bj,
                        mask=mask_s[:, None] & mask_s[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
@@ -159,34 +159,34 @@ def _attn_bwd_fused(
     b_start = g.to(tl.int64) * batches_per_program  # int64 loop index: batch offsets may pass 2^31
     b_end = tl.minimum(b_start + batches_per_program, B)
     for b64 in range(b_start, b_end):
-        base = QKV + b64 * stride_qb + offs[:, None] * stride_qs
-        q = tl.load(base + q_cols[None, :], mask=tile_mask, other=0.0)  # (BLOCK, DH_PAD)
-        k = tl.load(base + k_cols[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(base + v_cols[None, :], mask=tile_mask, other=0.0)
-        o = tl.load(OUT + (b64 * S + offs[:, None]) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
-                    mask=tile_mask, other=0.0)
-        do = tl.load(DOUT + b64 * stride_db + offs[:, None] * stride_ds + (h * HEAD_DIM + offs_d[None, :]) * stride_dc,
-                     mask=tile_mask, other=0.0)
+        # ordered so that few (BLOCK, BLOCK) fp32 tiles are live at once
+        od_base = (b64 * S * H + h) * HEAD_DIM
+        o = tl.load(OUT + od_base + od_tile, mask=tile_mask, other=0.0)
+        do = tl.load(DOUT + od_base + od_tile, mask=tile_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK,) rowsum(o * do)
         lse2 = tl.load(LSE + (b64 * H + h) * S + offs, mask=mask_s, other=0.0) * 1.4426950408889634
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK,)
-
+        q_base = b64 * stride_qb + h * HEAD_DIM * stride_qc
+        k_base = q_base + H * HEAD_DIM * stride_qc
+        v_base = k_base + H * HEAD_DIM * stride_qc
+        q = tl.load(QKV + q_base + qkv_tile, mask=tile_mask, other=0.0)  # (BLOCK, DH_PAD)
+        k = tl.load(QKV + k_base + qkv_tile, mask=tile_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK q, BLOCK k)
         if HAS_BIAS:
             s += bias
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_s[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)  # (BLOCK, DH_PAD)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)  # (BLOCK, DH_PAD)
+        tl.store(DQKV + v_base + qkv_tile, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
+        v = tl.load(QKV + v_base + qkv_tile, mask=tile_mask, other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])  # d loss / d (scale * q k^T + bias)
         if NEED_DBIAS:
             dbias += ds
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION) * scale
-
-        dbase = DQKV + (b64 * S + offs[:, None]) * HD3 + offs_d[None, :]
-        tl.store(dbase + h * HEAD_DIM, dq.to(DQKV.dtype.element_ty), mask=tile_mask)
-        tl.store(dbase + (H + h) * HEAD_DIM, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
-        tl.store(dbase + (2 * H + h) * HEAD_DIM, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
+        ds = ds.to(q.dtype)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
+        tl.store(DQKV + q_base + qkv_tile, dq.to(DQKV.dtype.element_ty), mask=tile_mask)
+        dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION) * scale
+        tl.store(DQKV + k_base + qkv_tile, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
 
     if NEED_DBIAS:
         dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs[:, None] * S + offs[None, :]
@@ -198,14 +198,13 @@ def _attn_bwd_dq(
     QKV,  # (B, S, 3*H*HEAD_DIM)
     BIAS,  # (H, S, S)
     OUT,  # (B, S, H*HEAD_DIM) contiguous
-    DOUT,  # (B, S, H*HEAD_DIM) any strides
+    DOUT,  # (B, S, H*HEAD_DIM) contiguous
     LSE,  # (B, H, S) fp32
     DELTA,  # (B, H, S) fp32, written here: rowsum(out * dout), read by _attn_bwd_dkdv
-    DQKV,  # (B, S, 3*H*HEAD_DIM) contiguous; the q part is written here
+    DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; the q part is written here
     DBIAS,  # (G, H, S, S) fp32 partials; zero-filled by the caller unless ONE_N_BLOCK
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
-    stride_db, stride_ds, stride_dc,
     B, S, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
@@ -228,6 +227,7 @@ def _attn_bwd_dq(
     q_cols = (h * HEAD_DIM + offs_d) * stride_qc
     k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
     v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    od_cols = h * HEAD_DIM + offs_d
     dbias_rows = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs_m[:, None] * S
     if ONE_N_BLOCK:  # all keys in one block: the bias tile is loaded once, its gradient kept in registers
         mask_n = offs_n0 < S
@@ -240,16 +240,17 @@ def _attn_bwd_dq(
     b_start = g.to(tl.int64) * batches_per_program  # int64 loop index: batch offsets may pass 2^31
     b_end = tl.minimum(b_start + batches_per_program, B)
     for b64 in range(b_start, b_end):
-        base = QKV + b64 * stride_qb
-        q = tl.load(base + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DOUT + b64 * stride_db + offs_m[:, None] * stride_ds + (h * HEAD_DIM + offs_d[None, :]) * stride_dc,
-                     mask=q_mask, other=0.0)
-        o = tl.load(OUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
-                    mask=q_mask, other=0.0)
+        # row offsets depend on the batch, so no (BLOCK, DH_PAD) offset tile is loop-invariant
+        od_rows = OUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM)
+        o = tl.load(od_rows + od_cols[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DOUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + od_cols[None, :], mask=q_mask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
         row = (b64 * H + h) * S + offs_m
         tl.store(DELTA + row, delta, mask=mask_m)
         lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
+        q_rows = b64 * stride_qb + offs_m[:, None] * stride_qs
+        q = tl.load(QKV + q_rows + q_cols[None, :], mask=q_mask, other=0.0)
+        base = QKV + b64 * stride_qb
 
         dq = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
         for start_n in range(0, S, BLOCK_N):
@@ -257,7 +258,6 @@ def _attn_bwd_dq(
             mask_n = offs_n < S
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
             if HAS_BIAS:
                 if ONE_N_BLOCK:
@@ -267,9 +267,9 @@ def _attn_bwd_dq(
                                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
             p = tl.exp2(s - lse2[:, None])
             p = tl.where(mask_n[None, :], p, 0.0)
+            v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             if NEED_DBIAS:
                 if ONE_N_BLOCK:
                     dbias += ds
@@ -278,9 +278,9 @@ def _attn_bwd_dq(
                     dmask = mask_m[:, None] & mask_n[None, :]
                     tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + ds, mask=dmask)
                     tl.debug_barrier()  # the next batch re-reads these from other threads
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-        dq_ptrs = DQKV + (b64 * S + offs_m[:, None]) * (3 * H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
-        tl.store(dq_ptrs, (dq * scale).to(DQKV.dtype.element_ty), mask=q_mask)
+        tl.store(DQKV + q_rows + q_cols[None, :], (dq * scale).to(DQKV.dtype.element_ty), mask=q_mask)
 
     if ONE_N_BLOCK:
         if NEED_DBIAS:
@@ -291,13 +291,12 @@ def _attn_bwd_dq(
 def _attn_bwd_dkdv(
     QKV,  # (B, S, 3*H*HEAD_DIM)
     BIAS,  # (H, S, S)
-    DOUT,  # (B, S, H*HEAD_DIM) any strides
+    DOUT,  # (B, S, H*HEAD_DIM) contiguous
     LSE,  # (B, H, S) fp32
     DELTA,  # (B, H, S) fp32, from _attn_bwd_dq
-    DQKV,  # (B, S, 3*H*HEAD_DIM) contiguous; the k and v parts are written here
+    DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; the k and v parts are written here
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
-    stride_db, stride_ds, stride_dc,
     S, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -317,41 +316,40 @@ def _attn_bwd_dkdv(
     mask_n = offs_n < S
     mask_d = offs_d < HEAD_DIM
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    base = QKV + b64 * stride_qb
+    kv_rows = b64 * stride_qb + offs_n[:, None] * stride_qs
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
     q_cols = (h * HEAD_DIM + offs_d) * stride_qc
-    k = tl.load(base + offs_n[:, None] * stride_qs + (((H + h) * HEAD_DIM + offs_d) * stride_qc)[None, :],
-                mask=kv_mask, other=0.0)  # (BLOCK_N, DH_PAD)
-    v = tl.load(base + offs_n[:, None] * stride_qs + (((2 * H + h) * HEAD_DIM + offs_d) * stride_qc)[None, :],
-                mask=kv_mask, other=0.0)
+    do_cols = h * HEAD_DIM + offs_d
+    k = tl.load(QKV + kv_rows + k_cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, DH_PAD)
+    v = tl.load(QKV + kv_rows + v_cols[None, :], mask=kv_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
     for start_m in range(0, S, BLOCK_M):
+        # row offsets recomputed per query block: no loop-invariant (BLOCK, DH_PAD) offset tile
         offs_m = start_m + offs_m0
         mask_m = offs_m < S
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(base + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DOUT + b64 * stride_db + offs_m[:, None] * stride_ds + (h * HEAD_DIM + offs_d[None, :]) * stride_dc,
-                     mask=q_mask, other=0.0)
+        q = tl.load(QKV + b64 * stride_qb + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
         row = bh.to(tl.int64) * S + offs_m
         # +inf logsumexp on padded query rows makes their probabilities exactly 0
         lse2 = tl.load(LSE + row, mask=mask_m, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
-
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
         if HAS_BIAS:
             biasT = tl.load(BIAS + h * stride_bh + offs_m[None, :] * stride_bi + offs_n[:, None] * stride_bj,
                             mask=mask_n[:, None] & mask_m[None, :], other=0.0)
             sT += biasT.to(tl.float32) * 1.4426950408889634
         pT = tl.exp2(sT - lse2[None, :])
+        do = tl.load(DOUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + do_cols[None, :], mask=q_mask, other=0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    dbase = DQKV + (b64 * S + offs_n[:, None]) * (3 * H * HEAD_DIM) + offs_d[None, :]
-    tl.store(dbase + (H + h) * HEAD_DIM, (dk * scale).to(DQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(dbase + (2 * H + h) * HEAD_DIM, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(DQKV + kv_rows + k_cols[None, :], (dk * scale).to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(DQKV + kv_rows + v_cols[None, :], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,6 +426,15 @@ def _bias_groups(cfg: AttentionConfig, B: int, programs_per_group: int, device: 
 # ----------------------------------------------------------------------------------------------
 
 
+def _empty(*shape, device, dtype) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests swap it for a NaN-filled one)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
 def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int]:
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         raise ValueError(f"qkv must be (B, S, 3 * H * Dh), got {getattr(qkv, 'shape', type(qkv).__name__)}")
@@ -474,8 +481,8 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     H = num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
     cfg = config or default_config(S, head_dim, bias is not None)
-    out = torch.empty(B, S, H * head_dim, device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty(B, H, S, device=qkv.device, dtype=torch.float32)
+    out = _empty(B, S, H * head_dim, device=qkv.device, dtype=qkv.dtype)
+    lse = _empty(B, H, S, device=qkv.device, dtype=torch.float32)
     bias_arg = bias if bias is not None else out
     bstr = bias.stride() if bias is not None else (0, 0, 0)
     grid = (B * H * triton.cdiv(S, cfg.fwd_block_m),)
@@ -506,18 +513,21 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         raise ValueError(f"grad_out must be ({B}, {S}, {H * head_dim}), got {tuple(grad_out.shape)}")
     if tuple(lse.shape) != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"lse must be the contiguous ({B}, {H}, {S}) float32 forward logsumexp, got {tuple(lse.shape)}")
-    if grad_out.dtype != qkv.dtype:
-        grad_out = grad_out.to(qkv.dtype)
+    # the kernels index out and grad_out alike, and write dqkv with the strides of qkv
+    grad_out = grad_out.to(qkv.dtype).contiguous()
+    dqkv = _empty_like(qkv)
+    if dqkv.stride() != qkv.stride():  # qkv overlaps or has gaps (e.g. a slice): read a dense copy
+        qkv = qkv.contiguous()
+        dqkv = _empty_like(qkv)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     cfg = config or default_config(S, head_dim, bias is not None)
     has_bias = bias is not None
     need_dbias = has_bias and need_bias_grad
     dh_pad = _pow2(head_dim)
     precision = _dot_precision(qkv.dtype, allow_tf32)
-    dqkv = torch.empty(B, S, 3 * H * head_dim, device=qkv.device, dtype=qkv.dtype)
     bias_arg = bias if has_bias else out
     bstr = bias.stride() if has_bias else (0, 0, 0)
-    common = (*qkv.stride(), *bstr, *grad_out.stride())
+    common = (*qkv.stride(), *bstr)
 
     if cfg.bwd == "fused":
         if S > cfg.fused_block:
@@ -525,7 +535,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         groups = _bias_groups(cfg, B, H, qkv.device) if need_dbias else B
         per = triton.cdiv(B, groups)
         groups = triton.cdiv(B, per)
-        dbias_part = torch.empty(groups, H, S, S, device=qkv.device, dtype=torch.float32) if need_dbias else out
+        dbias_part = _empty(groups, H, S, S, device=qkv.device, dtype=torch.float32) if need_dbias else out
         _attn_bwd_fused[(groups * H,)](
             qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
             B, S, H, per, scale, scale * LOG2E,
@@ -540,11 +550,11 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         per = triton.cdiv(B, groups)
         groups = triton.cdiv(B, per)
         if need_dbias:
-            alloc = torch.empty if one_n_block else torch.zeros
+            alloc = _empty if one_n_block else torch.zeros  # tiles update their strip in place
             dbias_part = alloc(groups, H, S, S, device=qkv.device, dtype=torch.float32)
         else:
             dbias_part = out
-        delta = torch.empty(B, H, S, device=qkv.device, dtype=torch.float32)
+        delta = _empty(B, H, S, device=qkv.device, dtype=torch.float32)
         _attn_bwd_dq[(groups * H * num_m,)](
             qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
             B, S, H, per, scale, scale * LOG2E,

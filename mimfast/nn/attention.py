@@ -1,8 +1,13 @@
 """Attention modules on :func:`mimfast.ops.attention`.
 
-:class:`Attention` is a drop-in for timm's ``Attention``: the same constructor arguments that
-timm's ``Block`` passes and the same parameter names (``qkv``, ``proj``), so
-``Block(..., attn_layer=mimfast.nn.Attention)`` works and checkpoints move unchanged.
+:class:`Attention` is a drop-in for timm's ``Attention`` (``timm.layers.Attention``, which is
+also ``timm.models.vision_transformer.Attention``): the same constructor arguments, the same
+submodule and parameter names (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj``),
+so ``Block(..., attn_layer=mimfast.nn.Attention)`` works and checkpoints move unchanged.
+:func:`patch_timm` swaps the modules of an existing model in place.
+
+The packed ``qkv`` projection output goes straight into the attention kernel; only with
+``qk_norm`` are q and k normalised and re-packed first (one copy).
 """
 
 from __future__ import annotations
@@ -20,92 +25,130 @@ class Attention(nn.Module):
     """Multi-head self-attention reading q, k, v straight from the packed ``qkv`` output.
 
     Args:
-        dim: token width.
-        num_heads: number of heads; ``dim`` must divide by it.
+        dim: input token width.
+        num_heads: number of heads H.
+        attn_head_dim: head width Dh; ``dim // num_heads`` when None.
+        dim_out: output width; ``dim`` when None.
         qkv_bias: learnable bias on the qkv projection.
+        qk_norm: normalise q and k per head with ``norm_layer(head_dim)``.
+        scale_norm: normalise the attention output with ``norm_layer(H * Dh)`` before ``proj``.
         proj_bias: learnable bias on the output projection.
-        attn_drop: must be 0 (attention dropout is not supported).
+        gated: multiply the attention output by ``sigmoid(gate(x))`` before ``proj``.
+        attn_drop: must be 0: attention dropout is not supported (MAE and BEiT pretrain with 0).
         proj_drop: dropout after the output projection.
+        norm_layer: normalisation for ``qk_norm`` / ``scale_norm``.
         kernels: ``"auto"``, ``"eager"`` or ``"triton"`` (see :mod:`mimfast.backend`).
+        device, dtype: where and how to create the parameters.
+        **unused: further keyword arguments timm's ``Block`` may pass (e.g. ``depth``), ignored.
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
+        attn_head_dim: int | None = None,
+        dim_out: int | None = None,
         qkv_bias: bool = False,
         qk_norm: bool = False,
         scale_norm: bool = False,
         proj_bias: bool = True,
+        gated: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_layer=None,
-        attn_head_dim=None,
         kernels: str = "auto",
         device=None,
         dtype=None,
         **unused,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         if attn_drop:
-            raise ValueError(f"attn_drop={attn_drop}: attention dropout is not supported (use 0)")
-        if qk_norm or scale_norm:
-            raise ValueError("qk_norm and scale_norm are not supported by mimfast.nn.Attention")
-        if attn_head_dim is not None and attn_head_dim != dim // num_heads:
-            raise ValueError(f"attn_head_dim={attn_head_dim} must equal dim // num_heads")
+            raise ValueError(f"attn_drop must be 0 (attention dropout is not supported), got {attn_drop}")
+        if attn_head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+            attn_head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("norm_layer must be given when qk_norm or scale_norm is set")
         self.kernels = check_backend_name(kernels, "kernels")
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.head_dim = attn_head_dim
+        self.attn_dim = num_heads * attn_head_dim
+        self.scale = attn_head_dim ** -0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("mimfast.nn.Attention supports neither attn_mask nor is_causal")
+        B, S, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x)  # (B, S, 3 * H * Dh)
+        if not isinstance(self.q_norm, nn.Identity) or not isinstance(self.k_norm, nn.Identity):
+            q, k, v = qkv.view(B, S, 3, self.num_heads, self.head_dim).unbind(2)  # (B, S, H, Dh) each
+            qkv = torch.stack((self.q_norm(q), self.k_norm(k), v), dim=2).view(B, S, 3 * self.attn_dim)
         x = ops.attention(qkv, self.num_heads, scale=self.scale, backend=self.kernels)  # (B, S, H * Dh)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
         return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, kernels={self.kernels!r}"
+
+
+def _timm_attention_classes() -> tuple[type, ...]:
+    from timm.layers import Attention as TimmAttention
+
+    return (TimmAttention,)
 
 
 def patch_timm(model: nn.Module, kernels: str = "auto") -> int:
-    """Swap every timm ``Attention`` inside ``model`` for :class:`Attention`, weights kept.
+    """Swap every timm ``Attention`` inside ``model`` for :class:`Attention`, in place.
 
-    Returns the number of modules swapped.
+    Works on timm ``VisionTransformer`` models and on official-style MAE models built from
+    timm's ``Block``. The submodules (``qkv``, ``proj``, norms, gate) are moved over, so
+    weights, parameter identity (optimizer state) and ``state_dict`` keys are kept. Only modules
+    of exactly timm's ``Attention`` class are swapped (subclasses may change ``forward``).
+
+    Raises:
+        ValueError: a module uses attention dropout (``attn_drop.p != 0``); nothing is swapped.
+
+    Returns:
+        The number of modules swapped.
     """
-    from timm.layers import Attention as TimmAttention
-
     check_backend_name(kernels, "kernels")
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not TimmAttention:
-                continue
-            if not isinstance(child.q_norm, nn.Identity) or not isinstance(child.k_norm, nn.Identity):
-                raise ValueError(f"{name}: qk_norm attention cannot be swapped")
-            if not isinstance(child.norm, nn.Identity) or getattr(child, "gate", None) is not None:
-                raise ValueError(f"{name}: scale_norm or gated attention cannot be swapped")
-            if child.attn_drop.p:
-                raise ValueError(f"{name}: attn_drop={child.attn_drop.p} is not supported")
-            dim = child.qkv.in_features
-            new = Attention(
-                dim,
-                num_heads=child.num_heads,
-                qkv_bias=child.qkv.bias is not None,
-                proj_bias=child.proj.bias is not None,
-                proj_drop=child.proj_drop.p,
-                kernels=kernels,
-                device=child.qkv.weight.device,
-                dtype=child.qkv.weight.dtype,
-            )
-            new.scale = child.scale
-            new.qkv = child.qkv
-            new.proj = child.proj
-            new.train(child.training)
-            setattr(parent, name, new)
-            swapped += 1
-    return swapped
+    classes = _timm_attention_classes()
+    targets = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if type(child) in classes:
+                path = f"{parent_name}.{name}" if parent_name else name
+                p = child.attn_drop.p if isinstance(getattr(child, "attn_drop", None), nn.Dropout) else 0.0
+                if p:
+                    raise ValueError(f"{path}: attn_drop={p} is not supported by mimfast.nn.Attention (use 0)")
+                targets.append((parent, name, child))
+    for parent, name, child in targets:
+        new = Attention.__new__(Attention)
+        nn.Module.__init__(new)
+        new.kernels = kernels
+        new.num_heads = child.num_heads
+        new.head_dim = child.head_dim
+        new.attn_dim = getattr(child, "attn_dim", child.num_heads * child.head_dim)
+        new.scale = child.scale
+        new.qkv = child.qkv
+        new.q_norm = child.q_norm
+        new.k_norm = child.k_norm
+        new.norm = getattr(child, "norm", nn.Identity())
+        new.gate = getattr(child, "gate", None)
+        new.proj = child.proj
+        new.proj_drop = child.proj_drop
+        new.train(child.training)
+        setattr(parent, name, new)
+    return len(targets)

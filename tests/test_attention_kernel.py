@@ -1,0 +1,204 @@
+"""Triton attention (kernels/attention.py via ops.attention) against the eager reference.
+
+Output and every gradient (qkv, bias) against float64 eager math with the 2x-error rule; every
+buffer the kernels write is poisoned with NaN first. Under the interpreter a representative
+subset of shapes runs; on a GPU the whole grid S x Dh x H of the issue.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from mimfast import ops
+from mimfast.kernels import attention as K
+from mimfast.ops.attention import attention_reference
+from tests.tolerance import DEVICE, DOT_DTYPES, assert_2x_rule, poison_
+
+CUDA = DEVICE == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every output and scratch buffer of the kernels starts as NaN."""
+    monkeypatch.setattr(K, "_empty", lambda *shape, device, dtype: poison_(torch.empty(*shape, device=device, dtype=dtype)))
+    monkeypatch.setattr(K, "_empty_like", lambda t: poison_(torch.empty_like(t)))
+
+
+def _inputs(B, S, H, Dh, dtype, device, bias=False, bias_dtype=None):
+    qkv = torch.randn(B, S, 3 * H * Dh, device=device, dtype=dtype)
+    b = torch.randn(H, S, S, device=device, dtype=bias_dtype or dtype) if bias else None
+    return qkv, b
+
+
+def _grads(fn, qkv, bias, grad_out=None):
+    qkv = qkv.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    out = fn(qkv, bias)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [qkv] + ([bias] if bias is not None else []), grad_out.to(out.dtype))
+    return out, grads, grad_out
+
+
+def check_against_reference(B, S, H, Dh, dtype, device, bias=False, scale=None, config=None, bias_dtype=None,
+                            factor=2.0):
+    qkv, b = _inputs(B, S, H, Dh, dtype, device, bias, bias_dtype)
+
+    def kernel(q, bb):
+        if config is None:
+            return ops.attention(q, H, bias=bb, scale=scale, backend="triton")
+        from mimfast.ops._attention_triton import attention_triton
+
+        return attention_triton(q, H, bb, scale, config=config)
+
+    out, grads, g = _grads(kernel, qkv, b)
+    ref64, grads64, _ = _grads(lambda q, bb: attention_reference(q, H, bb, scale), qkv.double(),
+                               b.double() if b is not None else None, g.double())
+    # eager in the low precision (an fp32 bias is rounded to it: eager cannot mix the two)
+    low, grads_low, _ = _grads(lambda q, bb: attention_reference(q, H, bb, scale), qkv,
+                               b.to(dtype) if b is not None else None, g)
+    tag = f"B={B} S={S} H={H} Dh={Dh} {dtype} bias={bias}"
+    # fp32: the eager error is rounding-level, so give an atol at a few ulps of the values
+    atol = 1e-6 if dtype != torch.float32 else 2e-6
+    assert out.dtype == dtype and out.shape == (B, S, H * Dh)
+    assert_2x_rule(f"out {tag}", out, low, ref64, atol=atol, factor=factor)
+    assert_2x_rule(f"dqkv {tag}", grads[0], grads_low[0], grads64[0], atol=atol * 4, factor=factor)
+    if bias:
+        assert grads[1].dtype == b.dtype
+        assert_2x_rule(f"dbias {tag}", grads[1], grads_low[1], grads64[1], atol=atol * 4 * B, factor=factor)
+
+
+# (B, S, H, Dh, dtype, bias): S = 1, 17, 50 run the fused backward; 65, 197, 257 the split one
+# (257 > 256 also takes the tiled bias-gradient path); Dh = 80 pads to 128.
+INTERPRETED_CASES = [
+    (2, 1, 3, 32, torch.float32, True),
+    (2, 17, 3, 32, torch.float16, False),
+    (3, 17, 1, 80, torch.float32, True),
+    (1, 50, 2, 64, torch.float16, True),
+    (2, 65, 1, 80, torch.float16, True),
+    (1, 197, 1, 32, torch.float32, False),
+    (1, 257, 1, 32, torch.float16, True),
+]
+GPU_GRID = list(itertools.product((1, 17, 50, 65, 197, 257), (32, 64, 80), (1, 3, 12, 16)))
+
+
+@pytest.mark.parametrize("B,S,H,Dh,dtype,bias", INTERPRETED_CASES, ids=str)
+def test_matches_reference(B, S, H, Dh, dtype, bias, device):
+    check_against_reference(B, S, H, Dh, dtype, device, bias=bias)
+
+
+@pytest.mark.skipif(not CUDA, reason="the full grid runs compiled on a GPU")
+@pytest.mark.parametrize("S,Dh,H", GPU_GRID, ids=str)
+def test_grid_bf16_gpu(S, Dh, H, device):
+    # bias on every other case keeps the number of compiled variants (and the suite time) down
+    check_against_reference(2, S, H, Dh, torch.bfloat16, device, bias=(S + H) % 2 == 1)
+
+
+@pytest.mark.skipif(not CUDA, reason="GPU dtype sweep")
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize("S,Dh", [(50, 64), (197, 64), (65, 80)], ids=str)
+def test_dtypes_with_bias_gpu(S, Dh, dtype, device):
+    check_against_reference(3, S, 12, Dh, dtype, device, bias=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="TF32 only exists on a GPU")
+def test_fp32_honours_allow_tf32(device):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        check_against_reference(2, 197, 3, 64, torch.float32, device, bias=True, factor=4.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_configs_agree(device):
+    """Every backward variant on one shape: fused, split with the bias gradient in registers,
+    split with the tiled (in-memory) bias gradient, several batch groups, an all-keys forward."""
+    cfgs = [
+        K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="fused", fused_block=32, bias_groups=2),
+        K.AttentionConfig(fwd_block_m=16, fwd_block_n=16, bwd="split", dq_block_m=16, dq_block_n=32,
+                          dkdv_block_m=32, dkdv_block_n=16, bias_groups=3),
+        K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="split", dq_block_m=32, dq_block_n=16,
+                          dkdv_block_m=16, dkdv_block_n=32, bias_groups=2),
+    ]
+    for cfg in cfgs:
+        check_against_reference(3, 21, 1, 16, torch.float32, device, bias=True, config=cfg)
+
+
+def test_custom_scale_and_fp32_bias_on_half(device):
+    check_against_reference(2, 23, 2, 32, torch.float16, device, bias=True, scale=0.3, bias_dtype=torch.float32)
+
+
+def test_strided_inputs(device):
+    """qkv a slice of a wider tensor, bias a transposed view, grad_out non-contiguous."""
+    B, S, H, Dh = 2, 19, 2, 16
+    wide = torch.randn(B, S + 3, 3 * H * Dh + 8, device=device)
+    qkv = wide[:, 2:2 + S, 4:4 + 3 * H * Dh]
+    bias = torch.randn(H, S, S, device=device).transpose(1, 2)
+    g = torch.randn(B, H * Dh, S, device=device).transpose(1, 2)
+    out, grads, _ = _grads(lambda q, bb: ops.attention(q, H, bias=bb, backend="triton"), qkv, bias, g)
+    ref, grads_ref, _ = _grads(lambda q, bb: attention_reference(q, H, bb), qkv.double(), bias.double(), g.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0].double(), grads_ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1].double(), grads_ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_requires_grad_combinations(device):
+    B, S, H, Dh = 2, 9, 2, 16
+    qkv, bias = _inputs(B, S, H, Dh, torch.float32, device, bias=True)
+    # bias without grad: only dqkv
+    q = qkv.clone().requires_grad_()
+    out = ops.attention(q, H, bias=bias, backend="triton")
+    (dq,) = torch.autograd.grad(out.sum(), [q])
+    q64 = qkv.double().requires_grad_()
+    (dq64,) = torch.autograd.grad(attention_reference(q64, H, bias.double()).sum(), [q64])
+    torch.testing.assert_close(dq.double(), dq64, atol=1e-5, rtol=1e-5)
+    # qkv without grad: only dbias
+    b = bias.clone().requires_grad_()
+    (db,) = torch.autograd.grad(ops.attention(qkv, H, bias=b, backend="triton").sum(), [b])
+    b64 = bias.double().requires_grad_()
+    (db64,) = torch.autograd.grad(attention_reference(qkv.double(), H, b64).sum(), [b64])
+    torch.testing.assert_close(db.double(), db64, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_gradient_is_deterministic(device):
+    B, S, H, Dh = 4, 33, 2, 16
+    qkv, bias = _inputs(B, S, H, Dh, torch.float16, device, bias=True)
+    g = torch.randn(B, S, H * Dh, device=device, dtype=torch.float16)
+    runs = [_grads(lambda q, bb: ops.attention(q, H, bias=bb, backend="triton"), qkv, bias, g)[1] for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_default_config_is_valid():
+    for S, Dh, bias in itertools.product((1, 16, 17, 50, 64, 65, 128, 197, 256, 257, 1024), (16, 32, 64, 80, 128, 256),
+                                         (False, True)):
+        cfg = K.default_config(S, Dh, bias)
+        blocks = [cfg.fwd_block_m, cfg.fwd_block_n, cfg.fused_block, cfg.dq_block_m, cfg.dq_block_n,
+                  cfg.dkdv_block_m, cfg.dkdv_block_n]
+        assert all(b >= 16 and b & (b - 1) == 0 for b in blocks), (S, Dh, cfg)
+        assert cfg.bwd in ("fused", "split")
+        if cfg.bwd == "fused":
+            assert S <= cfg.fused_block
+
+
+def test_bad_inputs(device):
+    qkv = torch.randn(2, 5, 3 * 2 * 16, device=device)
+    with pytest.raises(TypeError, match="qkv"):
+        ops.attention(qkv.double(), 2, backend="triton")
+    with pytest.raises(TypeError, match="qkv"):
+        ops.attention(qkv.long(), 2, backend="triton")
+    with pytest.raises(ValueError, match="bias"):
+        ops.attention(qkv, 2, bias=torch.zeros(2, 5, 4, device=device), backend="triton")
+    with pytest.raises(TypeError, match="bias"):
+        K.attention_forward(qkv, 2, bias=torch.zeros(2, 5, 5, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_heads"):
+        ops.attention(qkv, 5, backend="triton")
+    with pytest.raises(ValueError, match="head_dim"):
+        K.attention_forward(torch.randn(1, 2, 3 * 512, device=device), 1)
+    with pytest.raises(ValueError, match="qkv"):
+        ops.attention(qkv[0], 2, backend="triton")
+    with pytest.raises(ValueError, match="fused"):
+        out, lse = K.attention_forward(torch.randn(1, 20, 3 * 16, device=device), 1)
+        K.attention_backward(torch.randn(1, 20, 3 * 16, device=device), out, lse, torch.ones_like(out), 1,
+                             config=K.AttentionConfig(bwd="fused", fused_block=16))
