@@ -36,6 +36,13 @@ def _poison_new_buffers(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """cuDNN convolutions default to TF32 on CUDA; the reference must be full fp32 here."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def _inputs(N, C, H, W, p, D, device, dtype):
     imgs = torch.randn(N, C, H, W, device=device, dtype=dtype)
     weight = (torch.randn(D, C, p, p, device=device) / (C * p * p) ** 0.5).to(dtype)
