@@ -21,9 +21,9 @@ How the blockwise generator is fast: all masks of a batch advance together, one 
 step. A mask is a set of 4 x 64 bits (grids up to 256 cells; more words for larger grids) and
 every rectangle the rule can draw is precomputed as such a set, so a try is a table lookup, an
 AND-NOT and a popcount. The ten tries of a block are independent given the mask (a rejected
-try changes nothing), so the ten tries of every live mask are drawn and evaluated at once and
-the first accepted one wins, exactly as in the sequential loop. Rectangles are drawn from
-uniforms as the reference draws them.
+try changes nothing), so two tries of every growing mask are drawn and evaluated at once, the
+other eight only for the masks whose two failed, and the first accepted try wins, exactly as
+in the sequential loop. Rectangles are drawn from uniforms as the reference draws them.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _TRIES = 10  # per block, as the reference
+_FIRST_TRIES = 2  # drawn for every mask; the rest only where these fail
 
 
 def _grid(input_size) -> tuple[int, int]:
@@ -183,10 +184,11 @@ class BlockwiseMaskingGenerator:
         return masks[0] if n is None else masks
 
     def _tries(self, cur: np.ndarray, limit: np.ndarray, tries: int, rng):
-        """``tries`` draws of a rectangle for each of A masks.
+        """``tries`` draws of a rectangle for each of A masks ``cur`` (A, words) with at most
+        ``limit`` (A,) patches to add; the first accepted one of each mask.
 
-        Returns (new (A, tries) patches it would add, sets (A, tries, words) of those patches,
-        rows (A, tries) into the rectangle table)."""
+        Returns (ok (A,) whether a try was accepted, new (A,) patches it adds, its set
+        (A, words), its row in the rectangle table (A,))."""
         a = limit.shape[0]
         u = _uniform(rng, (3, a, tries))
         lo, hi = self.log_aspect_ratio
@@ -197,9 +199,13 @@ class BlockwiseMaskingGenerator:
         w = np.rint(np.sqrt(target_area / aspect))
         k = (h * (self._max_w + 1) + w).astype(np.intp)  # h <= _max_h, w <= _max_w by construction
         # top, left = randint(0, H - h), randint(0, W - w): one uniform over the (top, left) grid
-        rows = (self._first.take(k) + np.floor(u[2] * self._npos.take(k))).astype(np.intp)
-        sets = self._rects.take(rows, axis=0) & ~cur[:, None, :]
-        return _popcount_rows(sets), sets, rows
+        rows = (self._first.take(k) + u[2] * self._npos.take(k)).astype(np.intp)  # floor (>= 0)
+        sets = self._rects.take(rows, axis=0) & ~cur[:, None, :]  # (A, tries, words)
+        new = _popcount_rows(sets)  # (A, tries)
+        ok = (new > 0) & (new <= limit[:, None])
+        pick = np.arange(a) * tries + ok.argmax(1)  # the first accepted try (or try 0)
+        return (ok.reshape(-1).take(pick), new.reshape(-1).take(pick),
+                sets.reshape(-1, cur.shape[1]).take(pick, axis=0), rows.reshape(-1).take(pick))
 
     def generate(self, batch_size: int, rng: np.random.Generator | None = None, return_blocks: bool = False):
         """Masks (batch_size, h, w) bool and the count each had before the top-up (int64).
@@ -209,39 +215,34 @@ class BlockwiseMaskingGenerator:
         """
         n = _batch_arg(batch_size)
         target = self.num_masking_patches
-        words = self._rects.shape[1]
-        out = np.zeros((n, words), dtype=np.uint64)
-        out_count = np.zeros(n, dtype=np.int64)
-        cur = np.zeros((n, words), dtype=np.uint64)  # live masks only, compacted as they finish
-        count = np.zeros(n, dtype=np.int64)
-        ids = np.arange(n) if target > 0 else np.arange(0)
+        masks = np.zeros((n, self._rects.shape[1]), dtype=np.uint64)
+        count = np.zeros(n, dtype=np.float64)  # small integers, exact
+        ids = np.arange(n) if target > 0 else np.arange(0)  # masks still growing
         blocks = [] if return_blocks else None
         while ids.size:
-            limit = np.minimum(target - count, self.max_num_patches).astype(np.float64)
-            new, sets, rows = self._tries(cur, limit, _TRIES, rng)  # (A, 10), (A, 10, words)
-            ok = (new > 0) & (new <= limit[:, None])
-            pick = np.arange(ids.size) * _TRIES + ok.argmax(1)  # the first accepted try of each mask
-            ok = ok.reshape(-1).take(pick)
-            new = new.reshape(-1).take(pick)
-            sets = sets.reshape(-1, words).take(pick, axis=0)
+            cur, cnt = masks[ids], count[ids]
+            limit = np.minimum(target - cnt, self.max_num_patches)
+            # most blocks are accepted at the first or second try: draw two for every mask,
+            # the other eight only for the masks whose two failed (tries are independent)
+            ok, new, sets, rows = self._tries(cur, limit, _FIRST_TRIES, rng)
+            miss = np.flatnonzero(~ok)
+            if miss.size and _FIRST_TRIES < _TRIES:
+                ok[miss], new[miss], sets[miss], rows[miss] = self._tries(
+                    cur[miss], limit[miss], _TRIES - _FIRST_TRIES, rng)
             if blocks is not None:
                 acc = np.flatnonzero(ok)
-                blocks.append((ids[acc], self._shapes[rows.reshape(-1).take(pick)[acc]], limit[acc]))
+                blocks.append((ids[acc], self._shapes[rows[acc]], limit[acc]))
             cur |= sets * ok[:, None].astype(np.uint64)
-            count += new * ok
-            done = ~ok | (count >= target)
-            if done.any():
-                d = np.flatnonzero(done)
-                out[ids[d]] = cur[d]
-                out_count[ids[d]] = count[d]
-                live = np.flatnonzero(~done)
-                ids, cur, count = ids[live], cur[live], count[live]
+            cnt += new * ok
+            masks[ids], count[ids] = cur, cnt
+            ids = ids[ok & (cnt < target)]  # a block that adds nothing ends the mask, as the reference
 
-        masks = np.unpackbits(out.view(np.uint8), axis=1, count=self.num_patches, bitorder="little").view(bool)
-        self._top_up(masks, out_count, rng)
+        masks = np.unpackbits(masks.view(np.uint8), axis=1, count=self.num_patches, bitorder="little").view(bool)
+        count = count.astype(np.int64)
+        self._top_up(masks, count, rng)
         masks = masks.reshape(n, self.height, self.width)
         if blocks is None:
-            return masks, out_count
+            return masks, count
         if blocks:
             sample = np.concatenate([b[0] for b in blocks])
             shape = np.concatenate([b[1] for b in blocks])
@@ -251,7 +252,7 @@ class BlockwiseMaskingGenerator:
                     "limit": lim[order].astype(np.int64)}
         else:
             info = {k: np.zeros(0, dtype=np.int64) for k in ("sample", "h", "w", "limit")}
-        return masks, out_count, info
+        return masks, count, info
 
     def _top_up(self, masks: np.ndarray, count: np.ndarray, rng) -> None:
         """Mask ``target - count`` more patches of each short mask, uniformly among the unmasked
@@ -260,14 +261,15 @@ class BlockwiseMaskingGenerator:
         if not short.size:
             return
         need = self.num_masking_patches - count[short]
-        keys = _uniform(rng, (short.size, self.num_patches))
-        keys[masks[short]] = np.inf
+        sub = masks[short]
+        keys = _uniform(rng, sub.shape)
+        keys[sub] = 2.0  # masked cells sort last
         # the `need` smallest keys among unmasked cells: a uniform subset without replacement
         kmax = int(need.max())
-        cand = np.argpartition(keys, kmax - 1, axis=1)[:, :kmax]  # the kmax smallest, unordered
-        cand = np.take_along_axis(cand, np.argsort(np.take_along_axis(keys, cand, axis=1), axis=1), axis=1)
-        r, c = np.nonzero(np.arange(kmax)[None, :] < need[:, None])
-        masks[short[r], cand[r, c]] = True
+        smallest = np.partition(keys, kmax - 1, axis=1)[:, :kmax]
+        smallest.sort(axis=1)
+        threshold = smallest[np.arange(short.size), need - 1]
+        masks[short] = sub | (keys <= threshold[:, None])
 
 
 def blockwise_mask_reference(height: int, width: int, num_masking_patches: int, min_num_patches: int = 16,
