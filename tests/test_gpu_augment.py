@@ -267,6 +267,13 @@ def test_decode_and_augment_from_files(tmp_path, device):
         (out, lab), = list(loader)
     assert out.shape == (3, 3, 9, 9) and out.device.type == torch.device(device).type
     assert torch.isfinite(out).all() and labels.tolist() == lab.tolist() and aug.skipped == 1
+    # workers may decode a fixed share themselves; the images are the same
+    on_cpu = gp.EncodedImages(tmp_path, cpu_decode_fraction=1.0)
+    item = on_cpu[(0, 1)][0]
+    assert item.shape == (3, 25, 22) and torch.equal(item, imgs[1])
+    half = gp.EncodedImages(tmp_path, cpu_decode_fraction=0.5)
+    share = np.mean([half._decode_here(i) for i in range(2000)])
+    assert 0.45 < share < 0.55
 
 
 def test_bad_input_raises(device):

@@ -1,0 +1,254 @@
+"""The input pipeline alone, and the MAE ViT-B/16 step with data loading included.
+
+Data: ImageNet-like JPEGs made here (no download): sizes drawn from common ImageNet shapes
+(about 500x375 on average), smooth random content plus noise, quality 90 (about 100-150 KB
+each, like ImageNet's), written to a temporary folder (read back from the page cache).
+
+Pipelines, each delivering a normalised (B, 3, 224, 224) float32 batch on the GPU:
+- ``torchvision_cpu_pil``: the official MAE recipe: PIL decode, torchvision v1
+  RandomResizedCrop(224, scale (0.2, 1), bicubic) + flip + ToTensor + Normalize in all
+  ``os.cpu_count()`` DataLoader workers, pinned, copied to the GPU;
+- ``mimfast_cpu``: mimfast's own CPU pipeline (``build_dataset`` + ``mae_transform``: PIL
+  decode, v2 transforms on tensors with antialias, per-sample seeding), same workers;
+- ``gpu_pipeline``: ``GpuLoader``: workers only read bytes, nvjpeg batch decode and the one
+  augmentation kernel in the main process (prefetch thread, side stream);
+- ``gpu_pipeline_hybrid``: the same with all cores as workers, which decode a share
+  (``HYBRID_CPU_FRACTION``) of the images themselves while nvjpeg decodes the rest;
+- ``gpu_decode_augment_inmem``: the same without the loader (bytes already in memory): the
+  ceiling of the GPU side;
+- ``nvjpeg_decode`` and ``augment_kernel``: the two GPU stages alone (kernel: GB/s of the
+  output written plus the crop bytes read once).
+
+Step: one MAE ViT-B/16 training step (bf16 autocast, fused AdamW, mask ratio 0.75) on a fixed
+batch, against the same step fed by each pipeline (wall clock per step, the pipeline running
+concurrently). Target (issue 10): GPU pipeline >= 3x torchvision's CPU pipeline with all cores,
+and the step with GPU data loading within 10% of the step without.
+
+    python -m benchmarks.run --out DIR --only input_pipeline
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks import harness
+
+BENCH = "input_pipeline"
+DEVICE = "cuda"
+IMG_SIZE = 224
+SCALE = (0.2, 1.0)  # MAE
+HYBRID_CPU_FRACTION = 0.4  # share of images decoded by the workers in the hybrid variant
+# (H, W) of common ImageNet shapes; the mean area is about 500x375's
+SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (375, 500), (400, 500), (366, 500), (500, 400),
+          (480, 640), (281, 500), (375, 500), (300, 400)]
+
+
+def _make_jpegs(folder: Path, n: int, seed: int = 0) -> list[torch.Tensor]:
+    """n JPEGs (quality 90) in ``folder``; returns their bytes."""
+    from torchvision.io import encode_jpeg
+
+    def one(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 100003 + i)
+        h, w = SHAPES[i % len(SHAPES)]
+        # smooth colour fields plus fine noise: JPEG sizes like natural photos
+        low = torch.rand(1, 3, max(2, h // 24), max(2, w // 24), generator=g) * 255
+        img = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0]
+        img = img + torch.randn(3, h, w, generator=g) * 20
+        img = img.clamp(0, 255).to(torch.uint8)
+        data = encode_jpeg(img, quality=90)
+        (folder / f"{i:05d}.jpg").write_bytes(data.numpy().tobytes())
+        return data
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, range(n)))
+
+
+class _PilFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder loader: PIL open + convert('RGB') + a v1 transform."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with open(self.files[i], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        return self.transform(img), 0
+
+
+def _official_mae_transform():
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.RandomResizedCrop(IMG_SIZE, scale=SCALE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+
+
+def _repeat(loader, n_batches):
+    """Yield n_batches batches, restarting the loader (persistent workers) as needed."""
+    done = 0
+    while done < n_batches:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == n_batches:
+                return
+
+
+def _throughput(batches, batch_size: int, warmup: int, measured: int, consume=None) -> tuple[float, float]:
+    """(ms per batch, images/s) over ``measured`` batches after ``warmup``; each batch is moved
+    to the GPU (if it is not there) and ``consume``d; the clock stops after a synchronize."""
+    it = iter(batches)
+    t0 = None
+    for k in range(warmup + measured):
+        if k == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        imgs, _ = next(it)
+        imgs = imgs.to(DEVICE, non_blocking=True)
+        if consume is not None:
+            consume(imgs)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return 1e3 * dt / measured, measured * batch_size / dt
+
+
+def _cpu_loaders(folder: Path, files, batch: int, workers: int):
+    from mimfast.data.datasets import build_dataset
+    from mimfast.train.pretrain import mae_transform
+
+    common = dict(batch_size=batch, shuffle=True, num_workers=workers, pin_memory=True, drop_last=True,
+                  persistent_workers=True, prefetch_factor=4)
+    yield "torchvision_cpu_pil", DataLoader(_PilFolder(files, _official_mae_transform()), **common)
+    yield "mimfast_cpu", DataLoader(build_dataset(str(folder), IMG_SIZE, mae_transform(IMG_SIZE, SCALE[0])), **common)
+
+
+def _gpu_loader(folder: Path, batch: int, workers: int, cpu_decode_fraction: float = 0.0):
+    from mimfast.data.gpu_pipeline import EncodedImages, GpuAugment, GpuLoader
+
+    augment = GpuAugment(IMG_SIZE, scale=SCALE, seed=0, device=DEVICE)
+    dataset = EncodedImages(folder, cpu_decode_fraction=cpu_decode_fraction)
+    return GpuLoader.from_dataset(dataset, augment, batch_size=batch, num_workers=workers, shuffle=True, prefetch=2)
+
+
+def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int):
+    yield "gpu_pipeline", gpu_workers, _gpu_loader(folder, batch, gpu_workers)
+    # the workers decode a share of the images with libjpeg-turbo while nvjpeg decodes the rest
+    yield "gpu_pipeline_hybrid", cpu_workers, _gpu_loader(folder, batch, cpu_workers, HYBRID_CPU_FRACTION)
+
+
+def _stage_rows(ctx, datas, batch: int) -> None:
+    """nvjpeg decode alone, the kernel alone, and decode + augment from bytes in memory."""
+    from mimfast.data import gpu_pipeline as gp
+    from mimfast.kernels.augment import augment_crops
+
+    datas = datas[:batch]
+    ms = harness.time_ms(lambda: gp.decode_images(datas, DEVICE), warmup_ms=100, rep_ms=500)
+    ctx.add(BENCH, f"b{batch}", "nvjpeg_decode", ms, images_per_s=round(batch * 1e3 / ms))
+
+    images, _ = gp.decode_images(datas, DEVICE)
+    packed = gp.pack_images(images)
+    u = gp.crop_uniforms(0, 0, range(batch))
+    boxes, flips = gp.sample_crop_params(packed.heights, packed.widths, u, SCALE)
+    meta = gp._meta(packed, boxes, flips).to(DEVICE)
+    (mul, add), _ = gp._affines((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "map_pixels")
+    out = torch.empty(batch, 3, IMG_SIZE, IMG_SIZE, device=DEVICE)
+    crop_bytes = int((boxes[:, 2] * boxes[:, 3]).sum()) * 3
+    for variant, kw in (("augment_kernel", {}), ("augment_kernel_bilinear", {"interpolation": "bilinear"})):
+        ms = harness.time_ms(lambda: augment_crops(packed.data, meta, out, mul, add, **kw))
+        ctx.add(BENCH, f"b{batch}", variant, ms, bytes_moved=out.numel() * 4 + crop_bytes,
+                images_per_s=round(batch * 1e3 / ms))
+    out2 = torch.empty(batch, 3, IMG_SIZE // 2, IMG_SIZE // 2, device=DEVICE)
+    (mul, add), (mul2, add2) = gp._affines((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "map_pixels")
+    ms = harness.time_ms(lambda: augment_crops(packed.data, meta, out, mul, add, out2=out2, mul2=mul2, add2=add2))
+    ctx.add(BENCH, f"b{batch}", "augment_kernel_beit_two_views", ms,
+            bytes_moved=(out.numel() + out2.numel()) * 4 + crop_bytes, images_per_s=round(batch * 1e3 / ms))
+    # the host side of a batch: box sampling, packing, meta upload, launch (no decode)
+    ms = harness.time_ms(lambda: gp.gpu_random_resized_crop(images, IMG_SIZE, u, scale=SCALE))
+    ctx.add(BENCH, f"b{batch}", "augment_incl_host", ms, images_per_s=round(batch * 1e3 / ms))
+    aug = gp.GpuAugment(IMG_SIZE, scale=SCALE, device=DEVICE)
+    epochs, idx = torch.zeros(batch, dtype=torch.int64), torch.arange(batch)
+    ms = harness.time_ms(lambda: aug(datas, epochs, idx), warmup_ms=100, rep_ms=500)
+    ctx.add(BENCH, f"b{batch}", "gpu_decode_augment_inmem", ms, images_per_s=round(batch * 1e3 / ms))
+
+
+def _step_rows(ctx, folder: Path, files, workers: int, batch: int, steps: int) -> None:
+    from mimfast.models import create_model
+
+    model = create_model("mae_vit_base_patch16").to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+
+    def step(imgs):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _, _ = model(imgs, mask_ratio=0.75)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    fixed = torch.randn(batch, 3, IMG_SIZE, IMG_SIZE, device=DEVICE)
+    for _ in range(3):
+        step(fixed)
+    # the same wall-clock loop as with a loader, on one fixed batch already on the GPU
+    ms, ips = _throughput(((fixed, None) for _ in range(2 + steps)), batch, warmup=2, measured=steps, consume=step)
+    ctx.add(BENCH, f"mae_vit_b16_step_b{batch}", "no_data", ms, images_per_s=round(ips))
+    base_ms = ms
+    cpu_workers = os.cpu_count() or 1
+    loaders = itertools.chain(((name, dl) for name, _, dl in _gpu_loaders(folder, batch, workers, cpu_workers)),
+                              _cpu_loaders(folder, files, batch, cpu_workers))
+    for name, loader in loaders:  # one at a time: a loader's workers end before the next starts
+        ms, ips = _throughput(_repeat(loader, 2 + steps), batch, warmup=2, measured=steps, consume=step)
+        ctx.add(BENCH, f"mae_vit_b16_step_b{batch}", name, ms, images_per_s=round(ips),
+                overhead_vs_no_data_pct=round(100 * (ms / base_ms - 1), 1))
+        del loader
+    ctx.speedups(BENCH, f"mae_vit_b16_step_b{batch}", over="no_data")
+
+
+def run(ctx: harness.Context) -> None:
+    batch = 256
+    n_images = 1024 if ctx.quick else 2048
+    measured = 6 if ctx.quick else 12
+    cpu_workers = os.cpu_count() or 1
+    gpu_workers = min(8, cpu_workers)
+    with tempfile.TemporaryDirectory(prefix="mimfast-jpegs-") as tmp:
+        folder = Path(tmp)
+        t0 = time.time()
+        datas = _make_jpegs(folder, n_images)
+        files = sorted(str(p) for p in folder.glob("*.jpg"))
+        mean_kb = sum(d.numel() for d in datas) / len(datas) / 1024
+        print(f"[{BENCH}] {n_images} JPEGs, mean {mean_kb:.0f} KB, made in {time.time() - t0:.1f}s", flush=True)
+
+        _stage_rows(ctx, datas, batch)
+
+        case = f"pipeline_b{batch}"
+        for name, workers, loader in _gpu_loaders(folder, batch, gpu_workers, cpu_workers):
+            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured)
+            ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=workers, mean_jpeg_kb=round(mean_kb))
+            del loader
+        for name, loader in _cpu_loaders(folder, files, batch, cpu_workers):
+            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured)
+            ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=cpu_workers, mean_jpeg_kb=round(mean_kb))
+            del loader
+        ctx.speedups(BENCH, case, over="torchvision_cpu_pil")
+        ctx.speedups(BENCH, case, over="mimfast_cpu")
+
+        try:
+            _step_rows(ctx, folder, files, gpu_workers, batch=128, steps=6 if ctx.quick else 10)
+        except Exception as e:  # the model's own kernels must not lose the pipeline's rows
+            print(f"[{BENCH}] MAE step with data loading failed: {type(e).__name__}: {e}", flush=True)
+            ctx.add(BENCH, "mae_vit_b16_step_b128", "failed", float("nan"), error=f"{type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
