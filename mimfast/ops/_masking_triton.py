@@ -16,6 +16,67 @@ from mimfast.ops.masking import num_kept
 
 __all__ = ["random_masking_triton", "unshuffle_with_mask_token_triton"]
 
+# The kernel launches are registered as torch.library custom ops with fake (shape-only)
+# implementations, so torch.compile(fullgraph=True) traces the autograd Functions below
+# without entering Triton's launcher. A gradient that is not needed comes back as an empty
+# tensor (custom ops cannot return None).
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("mimfast::masking_fwd", mutates_args=())
+def _masking_fwd(x: torch.Tensor, pos: torch.Tensor | None, noise: torch.Tensor, K: int,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mask, ids_restore, _ = _k.masking_forward(x, pos, noise, K, out_dtype=out_dtype)
+    return out, mask, ids_restore
+
+
+@_masking_fwd.register_fake
+def _(x, pos, noise, K, out_dtype):
+    N, L, D = x.shape
+    return (x.new_empty((N, K, D), dtype=out_dtype), noise.new_empty((N, L), dtype=torch.float32),
+            noise.new_empty((N, L), dtype=torch.int64))
+
+
+@torch.library.custom_op("mimfast::masking_bwd", mutates_args=())
+def _masking_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, L: int, x_dtype: torch.dtype | None,
+                 pos_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    gx, gpos = _k.masking_backward(grad_out.contiguous(), ids_restore, L, x_dtype, pos_dtype)
+    empty = grad_out.new_empty(_EMPTY)
+    return (gx if gx is not None else empty), (gpos if gpos is not None else empty.clone())
+
+
+@_masking_bwd.register_fake
+def _(grad_out, ids_restore, L, x_dtype, pos_dtype):
+    N, K, D = grad_out.shape
+    gx = grad_out.new_empty((N, L, D), dtype=x_dtype) if x_dtype is not None else grad_out.new_empty(_EMPTY)
+    gpos = grad_out.new_empty((L, D), dtype=pos_dtype) if pos_dtype is not None else grad_out.new_empty(_EMPTY)
+    return gx, gpos
+
+
+@torch.library.custom_op("mimfast::unshuffle_fwd", mutates_args=())
+def _unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    return _k.unshuffle_forward(x, mask_token, ids_restore, pos, out_dtype=out_dtype)
+
+
+@_unshuffle_fwd.register_fake
+def _(x, mask_token, ids_restore, pos, out_dtype):
+    return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mimfast::unshuffle_bwd", mutates_args=())
+def _unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
+                   mt_dtype: torch.dtype, pos_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gmt, gpos = _k.unshuffle_backward(grad_out.contiguous(), ids_restore, K, x_dtype, mt_dtype, pos_dtype)
+    return gx, gmt, (gpos if gpos is not None else grad_out.new_empty(_EMPTY))
+
+
+@_unshuffle_bwd.register_fake
+def _(grad_out, ids_restore, K, x_dtype, mt_dtype, pos_dtype):
+    N, L1, D = grad_out.shape
+    gpos = grad_out.new_empty((L1, D), dtype=pos_dtype) if pos_dtype is not None else grad_out.new_empty(_EMPTY)
+    return grad_out.new_empty((N, K + 1, D), dtype=x_dtype), grad_out.new_empty((D,), dtype=mt_dtype), gpos
+
 
 def _promote(*tensors) -> torch.dtype:
     dtype = None
@@ -29,7 +90,7 @@ class RandomMaskingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pos_embed, noise, K):
         pos = pos_embed[0] if pos_embed is not None else None
-        out, mask, ids_restore, _ = _k.masking_forward(x, pos, noise, K, out_dtype=_promote(x, pos_embed))
+        out, mask, ids_restore = _masking_fwd(x, pos, noise, K, _promote(x, pos_embed))
         ctx.mark_non_differentiable(mask, ids_restore)
         ctx.save_for_backward(ids_restore)
         ctx.shape = x.shape
@@ -41,19 +102,19 @@ class RandomMaskingFn(torch.autograd.Function):
     def backward(ctx, grad_out, grad_mask, grad_ids):
         (ids_restore,) = ctx.saved_tensors
         want_x, want_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gpos = _k.masking_backward(
+        gx, gpos = _masking_bwd(
             grad_out, ids_restore, ctx.shape[1],
             ctx.x_dtype if want_x else None, ctx.pos_dtype if want_pos else None,
         )
-        return gx, (gpos.unsqueeze(0) if gpos is not None else None), None, None
+        return (gx if want_x else None), (gpos.unsqueeze(0) if want_pos else None), None, None
 
 
 class UnshuffleFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask_token, ids_restore, pos_embed):
-        out = _k.unshuffle_forward(
+        out = _unshuffle_fwd(
             x, mask_token.reshape(-1), ids_restore, pos_embed[0] if pos_embed is not None else None,
-            out_dtype=_promote(x, mask_token, pos_embed),
+            _promote(x, mask_token, pos_embed),
         )
         ctx.save_for_backward(ids_restore)
         ctx.K = x.shape[1] - 1
@@ -65,14 +126,12 @@ class UnshuffleFn(torch.autograd.Function):
         (ids_restore,) = ctx.saved_tensors
         x_dtype, mt_dtype, pos_dtype = ctx.dtypes
         want_pos = ctx.needs_input_grad[3]
-        gx, gmt, gpos = _k.unshuffle_backward(
-            grad_out, ids_restore, ctx.K, x_dtype, mt_dtype, pos_dtype if want_pos else None
-        )
+        gx, gmt, gpos = _unshuffle_bwd(grad_out, ids_restore, ctx.K, x_dtype, mt_dtype, pos_dtype if want_pos else None)
         return (
             gx if ctx.needs_input_grad[0] else None,
             gmt.view(1, 1, -1) if ctx.needs_input_grad[1] else None,
             None,
-            gpos.unsqueeze(0) if gpos is not None else None,
+            gpos.unsqueeze(0) if want_pos else None,
         )
 
 
