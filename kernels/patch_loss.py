@@ -95,7 +95,7 @@ def _patch_loss_fwd_kernel(
     k64 = k.to(tl.int64)
 
     denom = tl.load(denom_ptr)
-    inv_denom = 1.0 / tl.where(denom == 0, 1.0, denom)  # as the reference's final division
+    inv_denom = tl.div_rn(1.0, tl.where(denom == 0, 1.0, denom))  # as the reference's final division
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for t in range(TILES):
         rows = (pid * TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -117,7 +117,8 @@ def _patch_loss_fwd_kernel(
             mean = tl.sum(t_, axis=1) / P
             d = tl.where(live2, t_ - mean[:, None], 0.0)
             var = tl.sum(d * d, axis=1) / (P - 1)  # unbiased, as torch.var
-            t_ = d / tl.sqrt_rn(var + eps)[:, None]
+            rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))  # per row; a multiply per value
+            t_ = d * rstd[:, None]
         diff = tl.where(live2, x - t_, 0.0)
         # d(loss)/d(pred) = w / sum(w) * d(row mean)/d(pred)
         scale = tl.where(live, w * inv_denom, 0.0) / P

@@ -62,13 +62,14 @@ def test_fp32_matches_reference_and_float64(shape, norm_pix, loss):
     l64, g64 = _f64(pred, imgs, mask, p, norm_pix, loss)
     assert lt.dtype == torch.float32 and lt.dim() == 0
     assert gt.dtype == pred.dtype and gt.shape == pred.shape
-    torch.testing.assert_close(lt, le, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(lt, le, rtol=5e-6, atol=1e-6)
     if loss == "mse":
         torch.testing.assert_close(gt, ge, rtol=1e-5, atol=1e-5 * ge.abs().max().item())
     else:
-        # sign(pred - target): may differ only where the two agree to rounding
-        assert (gt != ge).float().mean().item() < 1e-3
-    assert_2x_rule("loss", lt, le, l64, atol=1e-6)
+        # sign(pred - target) may flip only where pred and target agree to rounding
+        far = ~torch.isclose(gt, ge, rtol=1e-5, atol=0)
+        assert far.double().mean().item() < 1e-3
+    assert_2x_rule("loss", lt, le, l64, atol=2e-6 * l64.abs().item())  # a few fp32 ulps
     if loss == "mse":
         assert_2x_rule("grad", gt, ge, g64, atol=1e-6 * g64.abs().max().item())
 
@@ -116,12 +117,12 @@ def test_strided_inputs(layout):
     for norm_pix in (True, False):
         lt, gt = _loss_and_grad(pred, imgs, mask, p, norm_pix, "mse", "triton")
         le, ge = _loss_and_grad(pred.contiguous(), imgs.contiguous(), mask.contiguous(), p, norm_pix, "mse", "eager")
-        torch.testing.assert_close(lt, le, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(lt, le, rtol=5e-6, atol=1e-6)
         torch.testing.assert_close(gt, ge, rtol=1e-5, atol=1e-9)
         # every order of walking a patch gives the same answer on any layout
         for order in (0, 1, 2) if layout == "channels_last" else (0, 1):
             lo, go = patch_loss_fwd(pred, imgs, mask, p, norm_pix, config=(4, 2, 4, order))
-            torch.testing.assert_close(lo, le, rtol=2e-6, atol=1e-6)
+            torch.testing.assert_close(lo, le, rtol=5e-6, atol=1e-6)
             torch.testing.assert_close(go, ge, rtol=1e-5, atol=1e-9)
 
 
@@ -139,7 +140,7 @@ def test_mask_dtypes_and_weights(kind):
         mask = mask.double()
     lt, gt = _loss_and_grad(pred, imgs, mask, p, True, "mse", "triton")
     le, ge = _loss_and_grad(pred, imgs, mask.float(), p, True, "mse", "eager")
-    torch.testing.assert_close(lt, le, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(lt, le, rtol=5e-6, atol=1e-6)
     torch.testing.assert_close(gt, ge, rtol=1e-5, atol=1e-9)
 
 
@@ -156,7 +157,7 @@ def test_zero_weight_rows_are_not_read(loss):
         hi, wi = divmod(l, w_patches)
         imgs_nan[n, :, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p] = float("nan")
     lt, gt = _loss_and_grad(pred_nan, imgs_nan, mask, p, True, loss, "triton")
-    torch.testing.assert_close(lt, le, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(lt, le, rtol=5e-6, atol=1e-6)
     assert torch.isfinite(gt).all()
     assert (gt[mask == 0] == 0).all()
     torch.testing.assert_close(gt, ge, rtol=1e-5, atol=1e-9)
@@ -191,7 +192,7 @@ def test_poisoned_gradient_buffer_and_gpu_tiling(dtype, shape):
         grad = poison_(torch.empty(pred.shape, device=DEVICE, dtype=dtype))
         loss, grad = patch_loss_fwd(pred, imgs, mask, p, grad=grad, config=config)
         assert torch.isfinite(grad).all(), config
-        torch.testing.assert_close(loss, le.float(), rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(loss, le.float(), rtol=5e-6, atol=1e-6)
         tol = dict(rtol=1e-5, atol=1e-9) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-6)
         torch.testing.assert_close(grad, ge, **tol)
 
@@ -237,7 +238,7 @@ def test_no_grad_and_requires_grad_checks():
     pred, imgs, mask = _inputs(*SMALL[0])
     with torch.no_grad():
         lt = ops.masked_patch_loss(pred, imgs, mask, 8, backend="triton")
-    torch.testing.assert_close(lt, reference(pred, imgs, mask, 8), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(lt, reference(pred, imgs, mask, 8), rtol=5e-6, atol=1e-6)
     with pytest.raises(ValueError, match="imgs requires grad"):
         ops.masked_patch_loss(pred, imgs.requires_grad_(True), mask, 8, backend="triton")
     with pytest.raises(ValueError, match="mask requires grad"):
@@ -294,7 +295,7 @@ def test_mae_model_loss_and_gradients_equal_triton_vs_eager(norm_pix, loss):
         got[name] = (out, *torch.autograd.grad(out, [pred] + params, retain_graph=True))
     (le, *ge), (lt, *gt) = got["eager"], got["triton"]
     assert lt.dtype == torch.float32
-    torch.testing.assert_close(lt, le, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(lt, le, rtol=5e-6, atol=1e-6)
     for a, b in zip(gt, ge):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
     assert max_err(gt[0], ge[0]) <= 1e-5 * ge[0].abs().max().item()
