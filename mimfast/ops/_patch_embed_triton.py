@@ -17,9 +17,60 @@ import torch
 
 from mimfast.kernels import masking as _km
 from mimfast.kernels import patch_embed as _kp
+from mimfast.ops._masking_triton import _masking_bwd
 from mimfast.ops.masking import num_kept
 
 __all__ = ["masked_patch_embed_triton"]
+
+# Kernel launches as torch.library custom ops (fake implementations give shapes only), so
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher.
+
+
+@torch.library.custom_op("mimfast::mask_ids", mutates_args=())
+def _mask_ids(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, mask, ids_restore, ids_keep = _km.masking_forward(None, None, noise, K, write_ids_keep=True)
+    return mask, ids_restore, ids_keep
+
+
+@_mask_ids.register_fake
+def _(noise, K):
+    N, L = noise.shape
+    return (noise.new_empty((N, L), dtype=torch.float32), noise.new_empty((N, L), dtype=torch.int64),
+            noise.new_empty((N, K), dtype=torch.int32))
+
+
+@torch.library.custom_op("mimfast::gather_patches", mutates_args=())
+def _gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
+    return _kp.gather_patches(imgs, ids_keep, p, dtype)
+
+
+@_gather_patches.register_fake
+def _(imgs, ids_keep, p, dtype):
+    N, K = ids_keep.shape
+    return imgs.new_empty((N * K, imgs.shape[1] * p * p), dtype=dtype)
+
+
+@torch.library.custom_op("mimfast::scatter_patches", mutates_args=())
+def _scatter_patches(patches: torch.Tensor, ids_keep: torch.Tensor, p: int, imgs_shape: list[int],
+                     dtype: torch.dtype) -> torch.Tensor:
+    imgs = torch.zeros(imgs_shape, dtype=dtype, device=patches.device)
+    return _kp.scatter_patches(patches, ids_keep, p, imgs)
+
+
+@_scatter_patches.register_fake
+def _(patches, ids_keep, p, imgs_shape, dtype):
+    return patches.new_empty(imgs_shape, dtype=dtype)
+
+
+@torch.library.custom_op("mimfast::embed_epilogue", mutates_args=())
+def _embed_epilogue(y: torch.Tensor, bias: torch.Tensor | None, pos: torch.Tensor | None, ids_keep: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    return _kp.embed_epilogue(y, bias, pos, ids_keep, out_dtype)
+
+
+@_embed_epilogue.register_fake
+def _(y, bias, pos, ids_keep, out_dtype):
+    return y.new_empty(y.shape, dtype=out_dtype)
 
 
 class MaskedPatchEmbedFn(torch.autograd.Function):
@@ -28,13 +79,13 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         N, C, H, W = imgs.shape
         D, _, p, _ = weight.shape
         L = (H // p) * (W // p)
-        _, mask, ids_restore, ids_keep = _km.masking_forward(None, None, noise, K, write_ids_keep=True)
-        patches = _kp.gather_patches(imgs, ids_keep, p, compute_dtype)  # (N*K, C*p*p)
+        mask, ids_restore, ids_keep = _mask_ids(noise, K)
+        patches = _gather_patches(imgs, ids_keep, p, compute_dtype)  # (N*K, C*p*p)
         w2 = weight.reshape(D, -1).to(compute_dtype)  # (D, C*p*p), (c, i, j) order
         with torch.autocast(imgs.device.type, enabled=False):
             y = torch.mm(patches, w2.t())  # (N*K, D)
         out_dtype = compute_dtype if pos_embed is None else torch.promote_types(compute_dtype, pos_embed.dtype)
-        out = _kp.embed_epilogue(y, bias, pos_embed[0] if pos_embed is not None else None, ids_keep, out_dtype)
+        out = _embed_epilogue(y, bias, pos_embed[0] if pos_embed is not None else None, ids_keep, out_dtype)
         ctx.mark_non_differentiable(mask, ids_restore)
         ctx.save_for_backward(patches, w2, ids_keep, ids_restore)
         ctx.meta = (imgs.shape, imgs.dtype, weight.dtype, p, L, compute_dtype,
@@ -55,12 +106,11 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
                     g_w = torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p).to(w_dtype)
                 if need_imgs:
                     g_patches = torch.mm(gc, w2).contiguous()  # (N*K, C*p*p)
-                    g_imgs = torch.zeros(imgs_shape, dtype=imgs_dtype, device=grad_out.device)
-                    _kp.scatter_patches(g_patches, ids_keep, p, g_imgs)
+                    g_imgs = _scatter_patches(g_patches, ids_keep, p, list(imgs_shape), imgs_dtype)
         if need_b:
             g_b = grad_out.sum(dim=(0, 1), dtype=torch.float32).to(bias_dtype)
         if need_pos:
-            _, g_pos = _km.masking_backward(grad_out, ids_restore, L, None, pos_dtype)
+            _, g_pos = _masking_bwd(grad_out, ids_restore, L, None, pos_dtype)
             g_pos = g_pos.unsqueeze(0)
         return g_imgs, g_w, g_b, g_pos, None, None, None
 
