@@ -14,7 +14,9 @@ from mimfast.data.masking_generators import (
     SimMIMMaskGenerator,
     blockwise_mask_reference,
 )
+from mimfast.kernels.blockwise_mask import blockwise_masks
 from mimfast.ops import num_kept
+from tolerance import DEVICE
 
 LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 
@@ -171,6 +173,83 @@ def test_blockwise_masks_drive_the_model_input():
     gen = BlockwiseMaskingGenerator(14, 75)
     bool_masked_pos = torch.from_numpy(gen(4, rng=np.random.default_rng(0))).flatten(1)
     assert bool_masked_pos.dtype == torch.bool and bool_masked_pos.sum().item() == 4 * 75
+
+
+class _GivenUniforms:
+    """A stand-in for Python's ``random`` that replays the kernel's uniforms to the reference
+    loop: try t uses u[t, 0] (area), u[t, 1] (aspect), u[t, 2] (top), u[t, 3] (left); the top-up
+    takes the free cells with the smallest keys."""
+
+    def __init__(self, u, keys):
+        self.u, self.keys = u.double().cpu().numpy(), keys.double().cpu().numpy()
+        self.t = -1  # the try being replayed
+        self.uniform_calls = self.randint_calls = 0
+
+    def uniform(self, a, b):  # area, then aspect, once each per try
+        if self.uniform_calls % 2 == 0:
+            self.t += 1
+        slot = self.uniform_calls % 2
+        self.uniform_calls += 1
+        return a + (b - a) * self.u[self.t, slot]
+
+    def randint(self, a, b):  # top, then left, only for tries whose shape fits
+        slot = 2 + self.randint_calls % 2
+        self.randint_calls += 1
+        return a + int(self.u[self.t, slot] * (b - a + 1))
+
+    def sample(self, population, k):
+        return sorted(population, key=lambda i: self.keys[i])[:k]
+
+
+@pytest.mark.parametrize("grid,count,min_patches,max_patches,min_aspect", [
+    ((14, 14), 75, 16, None, 0.3), ((6, 9), 20, 4, 6, 0.5), ((14, 14), 118, 16, None, 0.3),
+])
+def test_kernel_is_the_reference_loop_on_the_same_uniforms(grid, count, min_patches, max_patches, min_aspect,
+                                                           device):
+    """The GPU generator runs microsoft/unilm's loop: fed the same uniforms, the reference
+    (with BEiT v2's top-up) gives the same mask, the same count before the top-up and the
+    same first block, mask for mask."""
+    n = 10 if DEVICE == "cpu" else 512
+    h, w = grid
+    gen = BlockwiseMaskingGenerator(grid, count, min_num_patches=min_patches, max_num_patches=max_patches,
+                                    min_aspect=min_aspect)
+    g = torch.Generator(device=device).manual_seed(0)
+    u = torch.rand(n, 10 * (count + 1), 4, device=device, generator=g)
+    keys = torch.rand(n, h * w, device=device, generator=g)
+    masks, counts, first = blockwise_masks(u, keys, h, w, count, gen.min_num_patches, gen.max_num_patches,
+                                           gen.log_aspect_ratio)
+    masks, counts, first = masks.cpu().numpy(), counts.cpu().numpy(), first.cpu().numpy()
+    assert np.all(masks.sum(1) == count)
+    for i in range(n):
+        blocks = []
+        ref_pre = blockwise_mask_reference(h, w, count, min_patches, max_patches, min_aspect,
+                                           rng=_GivenUniforms(u[i], keys[i]), exact=False, blocks=blocks)
+        ref = blockwise_mask_reference(h, w, count, min_patches, max_patches, min_aspect,
+                                       rng=_GivenUniforms(u[i], keys[i]))
+        assert counts[i] == ref_pre.sum(), i
+        assert np.array_equal(masks[i].reshape(h, w), ref), i
+        assert tuple(first[i]) == (blocks[0][:2] if blocks else (0, 0)), i
+
+
+def test_torch_masks(device):
+    gen = BlockwiseMaskingGenerator(14, 75)
+    n = 4 if DEVICE == "cpu" else 4096
+    g = torch.Generator(device=device).manual_seed(1)
+    masks, counts, first = gen.torch_masks(n, device=device, generator=g, return_stats=True)
+    assert masks.shape == (n, 14, 14) and masks.dtype == torch.bool and masks.device.type == device
+    assert torch.all(masks.flatten(1).sum(1) == 75)
+    again = gen.torch_masks(n, device=device, generator=torch.Generator(device=device).manual_seed(1))
+    assert torch.equal(masks, again)
+    eager = gen.torch_masks(3, device=device, backend="eager")
+    assert eager.shape == (3, 14, 14) and torch.all(eager.flatten(1).sum(1) == 75)
+    if DEVICE == "cuda":  # the first-block law, as for the numpy generator
+        observed = np.zeros((14, 14))
+        f = first.cpu().numpy()
+        np.add.at(observed, (f[:, 0], f[:, 1]), 1)
+        expected = _first_block_law(14, 14, 75) * n
+        assert _chi2_z(observed.ravel(), expected.ravel()) < 4.0
+        c = counts.cpu().numpy()
+        assert 74.0 < c.mean() < 74.8 and 0.55 < np.mean(c == 75) < 0.8
 
 
 def test_simmim_generator():

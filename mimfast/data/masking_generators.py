@@ -33,6 +33,7 @@ import random
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 __all__ = [
     "BlockwiseMaskingGenerator",
@@ -253,6 +254,40 @@ class BlockwiseMaskingGenerator:
         else:
             info = {k: np.zeros(0, dtype=np.int64) for k in ("sample", "h", "w", "limit")}
         return masks, count, info
+
+    def torch_masks(self, batch_size: int, device="cuda", generator: torch.Generator | None = None,
+                    backend: str = "auto", return_stats: bool = False):
+        """(batch_size, h, w) bool masks as a torch tensor on ``device``, generated there.
+
+        On CUDA (or the Triton interpreter) a kernel runs the reference's loop for every mask at
+        once, one program per mask, on uniforms drawn with ``generator``
+        (:mod:`mimfast.kernels.blockwise_mask`); elsewhere the numpy generator runs, seeded from
+        ``generator``. ``backend`` forces one (see :mod:`mimfast.backend`). With
+        ``return_stats`` also the counts before the top-up and the (h, w) of each first block
+        (Triton path only; None on the numpy path).
+        """
+        from mimfast.backend import resolve
+
+        n = _batch_arg(batch_size)
+        device = torch.device(device)
+        fits = self.num_patches <= 4096
+        which = resolve(backend if fits or backend != "auto" else "eager", torch.empty(0, device=device),
+                        op="blockwise masks")
+        if which == "eager":
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+            masks, _ = self.generate(n, np.random.default_rng(seed))
+            masks = torch.from_numpy(masks).to(device)
+            return (masks, None, None) if return_stats else masks
+        from mimfast.kernels.blockwise_mask import blockwise_masks
+
+        tries = _TRIES * (self.num_masking_patches + 1)  # enough: each block adds a patch or ends the mask
+        uniforms = torch.rand(n, tries, 4, device=device, generator=generator)
+        keys = torch.rand(n, self.num_patches, device=device, generator=generator)
+        masks, counts, first = blockwise_masks(uniforms, keys, self.height, self.width, self.num_masking_patches,
+                                               self.min_num_patches, min(self.max_num_patches, self.num_patches),
+                                               self.log_aspect_ratio)
+        masks = masks.view(n, self.height, self.width)
+        return (masks, counts, first) if return_stats else masks
 
     def _top_up(self, masks: np.ndarray, count: np.ndarray, rng) -> None:
         """Mask ``target - count`` more patches of each short mask, uniformly among the unmasked
