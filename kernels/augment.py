@@ -301,6 +301,8 @@ def augment_crops(src, meta, out, mul, add, interpolation="bicubic", *, out2=Non
     n = meta.shape[0]
     if n == 0:
         raise ValueError("meta has an empty batch (N == 0)")
+    if n > 65535:  # the batch is the grid's second axis
+        raise ValueError(f"at most 65535 images per launch, got N = {n}")
     for name, interp in (("interpolation", interpolation), ("interpolation2", interpolation2)):
         if interp not in INTERPOLATIONS:
             raise ValueError(f"{name} must be one of {INTERPOLATIONS}, got {interp!r}")

@@ -598,26 +598,29 @@ class GpuLoader:
 
     With ``prefetch > 0`` on CUDA, a background thread decodes and augments the next batches on
     a side stream while the model runs (nvjpeg and the kernel release the GIL); each batch is
-    handed over with a stream wait, no host synchronisation.
+    handed over with a stream wait, no host synchronisation. ``with_keys=True`` yields
+    ``(views, labels, epochs, indices)``, e.g. to draw per-sample mask noise.
     """
 
-    def __init__(self, loader: DataLoader, augment: GpuAugment, prefetch: int = 2):
+    def __init__(self, loader: DataLoader, augment: GpuAugment, prefetch: int = 2, with_keys: bool = False):
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.loader = loader
         self.augment = augment
         self.prefetch = prefetch
+        self.with_keys = with_keys
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, augment: GpuAugment, batch_size: int, *, sampler=None,
                      num_workers: int = 4, drop_last: bool = True, shuffle: bool = False, generator=None,
-                     prefetch: int = 2, persistent_workers: bool | None = None) -> "GpuLoader":
+                     prefetch: int = 2, persistent_workers: bool | None = None,
+                     with_keys: bool = False) -> "GpuLoader":
         """A DataLoader with :func:`collate_encoded` over ``dataset`` (an :class:`EncodedImages`)."""
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-                            num_workers=num_workers, collate_fn=collate_encoded, drop_last=drop_last,
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                            shuffle=shuffle if sampler is None else False, num_workers=num_workers, collate_fn=collate_encoded, drop_last=drop_last,
                             pin_memory=augment.device.type == "cuda", generator=generator,
                             persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers)
-        return cls(loader, augment, prefetch)
+        return cls(loader, augment, prefetch, with_keys)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -625,7 +628,7 @@ class GpuLoader:
     def _batch(self, batch):
         items, labels, epochs, indices = batch
         views = self.augment(items, epochs, indices)
-        return views, labels
+        return (views, labels, epochs, indices) if self.with_keys else (views, labels)
 
     def __iter__(self):
         if self.prefetch == 0 or self.augment.device.type != "cuda":
@@ -654,10 +657,10 @@ class GpuLoader:
             try:
                 with torch.cuda.device(device), torch.cuda.stream(side):
                     for batch in self.loader:
-                        views, labels = self._batch(batch)
+                        out = self._batch(batch)
                         event = torch.cuda.Event()
                         event.record(side)
-                        if not put((views, labels, event)):
+                        if not put((out, event)):
                             return
                 put(done)
             except BaseException as e:  # hand the error to the consumer
@@ -672,12 +675,13 @@ class GpuLoader:
                     return
                 if isinstance(got, BaseException):
                     raise got
-                views, labels, event = got
+                out, event = got
                 stream = torch.cuda.current_stream(device)
                 stream.wait_event(event)
+                views = out[0]
                 for t in (views if isinstance(views, tuple) else (views,)):
                     t.record_stream(stream)  # the memory was allocated on the side stream
-                yield views, labels
+                yield out
         finally:
             stop.set()
             thread.join()
