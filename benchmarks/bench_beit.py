@@ -13,6 +13,9 @@
    ``triton`` with eager attention (how much comes from the attention kernel). TFLOP/s counts
    the model's matmul FLOPs (6 x tokens x weights + attention + LM head), so its share of the
    bf16 peak is the MFU. Target: >= 1.25x eager at <= 0.8x its peak memory.
+3. ``beit_masks``: 256 blockwise masks (14 x 14, 75 masked): the reference's Python loop, the
+   batched numpy generator (one CPU core, wall time, median) and the Triton generator on the GPU
+   (uniforms drawn + kernel). Target: well under 1 ms.
 
     python -m benchmarks.run --out DIR --only beit
 """
@@ -20,6 +23,8 @@
 from __future__ import annotations
 
 import functools
+import random
+import time
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from mimfast import ops
-from mimfast.data.masking_generators import BlockwiseMaskingGenerator
+from mimfast.data.masking_generators import BlockwiseMaskingGenerator, blockwise_mask_reference
 from mimfast.models.beit import beit_base_patch16_224_8k_vocab
 from mimfast.nn import BEiTAttention
 from mimfast.ops._linear_ce_triton import linear_cross_entropy_triton
@@ -183,6 +188,36 @@ def _bench_step(ctx: harness.Context) -> None:
     torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------------------
+# 3. blockwise masks
+# ----------------------------------------------------------------------------------------------
+
+def _cpu_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def _bench_masks(ctx: harness.Context) -> None:
+    bench, case = "beit_masks", f"{BATCH} masks 14x14, {MASKED} masked"
+    gen = BlockwiseMaskingGenerator(14, MASKED)
+    rng = np.random.default_rng(0)
+    py_rng = random.Random(0)
+    gen(BATCH, rng)  # warm-up
+    ctx.add(bench, case, "reference loop (Python, CPU)",
+            _cpu_ms(lambda: [blockwise_mask_reference(14, 14, MASKED, rng=py_rng) for _ in range(BATCH)], 3))
+    ctx.add(bench, case, "numpy batched (1 CPU core)", _cpu_ms(lambda: gen(BATCH, rng), 100))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    fn = functools.partial(gen.torch_masks, BATCH, device=DEVICE, generator=g)
+    fn()  # compile
+    ctx.add(bench, case, "triton (GPU)", harness.time_ms(fn))
+    ctx.speedups(bench, case, over="reference loop (Python, CPU)")
+
+
 def run(ctx: harness.Context) -> None:
     _bench_lm_head(ctx)
     _bench_step(ctx)
+    _bench_masks(ctx)
