@@ -17,16 +17,36 @@ from mimfast.kernels.patch_loss import patch_loss_bwd_scale_, patch_loss_fwd
 __all__ = ["MaskedPatchLoss", "masked_patch_loss_triton"]
 
 
+# The kernel launch as a torch.library custom op (the fake gives shapes only), so
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher.
+@torch.library.custom_op("mimfast::patch_loss_fwd", mutates_args=())
+def _patch_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+                    loss: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, loss, eps)
+
+
+@_patch_loss_fwd.register_fake
+def _(pred, imgs, mask, patch_size, norm_pix, loss, eps):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty(pred.shape, dtype=pred.dtype)
+
+
 class MaskedPatchLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, imgs, mask, patch_size, norm_pix, loss, eps):
-        out, grad = patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, loss, eps)
-        ctx.grad = grad if ctx.needs_input_grad[0] else None
-        ctx.used = False
+        out, grad = _patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, loss, eps)
+        ctx.compiled = torch.compiler.is_compiling()
+        if ctx.compiled:  # a traced graph keeps the buffer as a saved tensor; inductor fuses the scale
+            ctx.save_for_backward(grad)
+        else:
+            ctx.grad = grad if ctx.needs_input_grad[0] else None
+            ctx.used = False
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.compiled:
+            (grad,) = ctx.saved_tensors
+            return (grad.float() * grad_output).to(grad.dtype), None, None, None, None, None, None
         if ctx.used:
             raise RuntimeError(
                 "masked_patch_loss (triton): backward ran twice through the same graph; the "
