@@ -208,3 +208,26 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path, fsdp):
     w2 = load_checkpoint(tmp_path / "two" / "checkpoint-last.pth")["model"]
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_pipeline_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="CUDA"):
+        pretrain(_cfg(tmp_path, gpu_pipeline=True, device="cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU input pipeline needs CUDA")
+def test_gpu_pipeline_pretrains(tmp_path):
+    summary = pretrain(_cfg(tmp_path, gpu_pipeline=True, kernels="auto", builtin_size=64, epochs=2,
+                            num_workers=2))
+    assert summary["status"] == "done" and summary["steps"] == 16
+    assert math.isfinite(summary["last_loss"])
+
+
+def test_keyed_noise_is_a_function_of_the_sample():
+    from mimfast.train.pretrain import _keyed_noise
+
+    a = _keyed_noise(0, [1, 1, 2], [5, 6, 5], 16)
+    b = _keyed_noise(0, [2, 1], [5, 6], 16)
+    assert torch.equal(a[2], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], a[2])

@@ -129,6 +129,15 @@ class _WithMaskNoise:
         return img, torch.rand(self.num_patches)
 
 
+def _keyed_noise(seed: int, epochs, indices, num_patches: int) -> torch.Tensor:
+    """Mask noise of samples (epoch, index), independent of rank, batch and worker."""
+    rows = []
+    for e, i in zip(torch.as_tensor(epochs).tolist(), torch.as_tensor(indices).tolist()):
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + e) * 10_000_019 + i) ^ 0x6D61736B)
+        rows.append(torch.rand(num_patches, generator=g))
+    return torch.stack(rows)
+
+
 class MAETask:
     """What ``pretrain`` needs to know about MAE: model, augmentation, loss, picture."""
 
@@ -145,7 +154,18 @@ class MAETask:
     def transform(self, img_size: int):
         return _WithMaskNoise(mae_transform(img_size, self.cfg.min_crop_scale), (img_size // self.patch_size) ** 2)
 
+    def gpu_augment(self, img_size: int):
+        """The ``--gpu-pipeline`` augmentation: the same recipe, decoded and augmented on the GPU."""
+        from mimfast.data.gpu_pipeline import GpuAugment
+
+        return GpuAugment(img_size, scale=(self.cfg.min_crop_scale, 1.0), interpolation="bicubic",
+                          seed=self.cfg.seed, device=self.device)
+
     def loss(self, model, batch) -> torch.Tensor:
+        if len(batch) == 4:  # --gpu-pipeline: (imgs on the GPU, labels, epochs, indices)
+            imgs, _, epochs, indices = batch
+            noise = _keyed_noise(self.cfg.seed, epochs, indices, (imgs.shape[-1] // self.patch_size) ** 2)
+            batch = ((imgs, noise), None)
         (imgs, noise), _ = batch
         imgs = imgs.to(self.device, non_blocking=True)
         noise = noise.to(self.device, non_blocking=True)
@@ -191,18 +211,35 @@ def pretrain(cfg: PretrainConfig) -> dict:
             print(f"initialised from {cfg.init_from} (missing {len(missing)}, unexpected {len(unexpected)})")
     img_size = model.img_size
 
-    dataset = build_dataset(cfg.data, img_size, task.transform(img_size), seed=cfg.seed,
-                            builtin_size=cfg.builtin_size, builtin_resolution=cfg.builtin_resolution)
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+    if cfg.gpu_pipeline:
+        if device.type != "cuda":
+            raise SystemExit("--gpu-pipeline decodes and augments on the GPU: it needs a CUDA device")
+        if not hasattr(task, "gpu_augment"):
+            raise SystemExit(f"--gpu-pipeline is not available for --method {cfg.method}")
+        from mimfast.data.builtin import ShapesDataset
+        from mimfast.data.gpu_pipeline import EncodedImages, GpuLoader
+
+        source = cfg.data
+        if cfg.data == "builtin":
+            source = ShapesDataset(cfg.builtin_size, img_size=cfg.builtin_resolution or img_size, seed=cfg.seed)
+        dataset = EncodedImages(source)
+    else:
+        dataset = build_dataset(cfg.data, img_size, task.transform(img_size), seed=cfg.seed,
+                                builtin_size=cfg.builtin_size, builtin_resolution=cfg.builtin_resolution)
     eff_batch = cfg.batch_size * cfg.accum_iter * d.world_size
     if len(dataset) < cfg.batch_size * d.world_size:
         raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one global batch "
                          f"({cfg.batch_size} x {d.world_size} processes)")
     sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                                with_epoch=True)
-    workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.gpu_pipeline:
+        loader = GpuLoader.from_dataset(dataset, task.gpu_augment(img_size), batch_size=cfg.batch_size,
+                                        sampler=sampler, num_workers=workers, with_keys=True)
+    else:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=workers, pin_memory=device.type == "cuda",
+                            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
     iters_per_epoch = sampler.per_rank // cfg.batch_size
     steps_per_epoch = iters_per_epoch // cfg.accum_iter
     if steps_per_epoch == 0:
