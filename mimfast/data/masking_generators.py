@@ -154,8 +154,10 @@ class BlockwiseMaskingGenerator:
         max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
         if not max_num_patches >= 0:
             raise ValueError(f"max_num_patches must be non-negative, got {max_num_patches!r}")
+        if not (min_aspect > 0 and math.isfinite(min_aspect)):
+            raise ValueError(f"min_aspect must be positive and finite, got {min_aspect!r}")
         max_aspect = max_aspect or 1 / min_aspect
-        if not (min_aspect > 0 and max_aspect > 0 and math.isfinite(min_aspect) and math.isfinite(max_aspect)):
+        if not (max_aspect > 0 and math.isfinite(max_aspect)):
             raise ValueError(f"aspect ratios must be positive and finite, got {min_aspect!r}, {max_aspect!r}")
         self.num_masking_patches = int(num_masking_patches)
         self.min_num_patches = min_num_patches
