@@ -1,25 +1,33 @@
-"""``mimfast export``: a pretrained MAE encoder as a timm ``VisionTransformer`` state_dict.
+"""``mimfast export``: a pretrained encoder as a timm state_dict, ``.pth`` and ``.safetensors``.
 
-MAE's encoder already uses timm's names, so export is a selection, not a conversion:
+MAE (-> timm ``VisionTransformer``). MAE's encoder already uses timm's names, so export is a
+selection, not a conversion:
 
     kept     cls_token, pos_embed (1, 1 + L, D) with the cls row (MAE's fixed 2D sin-cos),
              patch_embed.proj.*, blocks.<i>.*, norm.*
     dropped  mask_token, decoder_* (the decoder is thrown away after pretraining)
 
 The result loads into ``timm.create_model('vit_base_patch16_224', pretrained=False)`` (or a
-``VisionTransformer`` of the same sizes) with ``strict=False``, and only ``head.*`` missing.
+``VisionTransformer`` of the same sizes, see :func:`timm_model_spec`) with ``strict=False`` and
+only ``head.*`` missing.
 
-The final norm. timm's default (cls-token) ViT ends with ``norm``, which is MAE's final norm,
-so it is kept as is. With ``global_pool=True`` the state_dict is laid out for a global-pool
-model (``timm.create_model(..., global_pool='avg')``, and facebookresearch/mae
-``models_vit.VisionTransformer(global_pool=True)``, which fine-tunes that way): those have
-``fc_norm`` after the mean over patch tokens and no ``norm``. ``fc_norm.*`` is then written from
-MAE's ``norm.*`` and ``norm.*`` is left out. Note facebookresearch/mae's own fine-tuning does
-not carry ``norm`` over: it starts ``fc_norm`` fresh (weight 1, bias 0); copying gives the
-pooled features the pretrained norm's scale and shift, and is one layer's difference either way.
+BEiT (-> timm ``Beit``). microsoft/unilm BEiT also uses timm's names (``gamma_1``, ``q_bias``,
+``v_bias``...). The pretraining model shares one relative position bias table across blocks;
+fine-tuning (unilm ``run_class_finetuning.py``, and timm's ``beit_*`` models) gives each block
+its own, so the shared table is copied into every ``blocks.<i>.attn.relative_position_bias_table``,
+as unilm's fine-tuning does on load. ``relative_position_index`` buffers (recomputed by timm),
+``mask_token`` and the ``lm_head`` / ``pixel_head`` are dropped.
 
-BEiT encoders are not exported yet (``mimfast/models/beit.py`` did not exist when this was
-written): a BEiT state_dict is refused with a clear error.
+The final norm. A cls-token model ends with ``norm``, which is the pretrained final norm, so it
+is kept as is (timm ``VisionTransformer`` default; timm ``Beit`` with ``global_pool='token'``).
+With ``global_pool=True`` the state_dict is laid out for a global-pool model (timm
+``create_model(..., global_pool='avg')``, which is the default for timm's ``beit_*``, and
+facebookresearch/mae ``models_vit.VisionTransformer(global_pool=True)``, which is how MAE
+fine-tunes): those have ``fc_norm`` after the mean over patch tokens and no ``norm``. ``fc_norm.*``
+is then written from the pretrained ``norm.*`` and ``norm.*`` is left out. Note the official
+fine-tuning code of MAE and BEiT does not carry ``norm`` over: it starts ``fc_norm`` fresh
+(weight 1, bias 0); copying gives the pooled features the pretrained norm's scale and shift,
+and the two differ by one affine layer that fine-tuning trains anyway.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from mimfast.train.checkpoint import load_model_weights
 
 __all__ = [
     "encoder_state_dict",
-    "timm_vit_kwargs",
+    "timm_model_spec",
     "save_encoder",
     "read_checkpoint_config",
     "build_model_from_config",
@@ -44,9 +52,10 @@ __all__ = [
 ]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
-_DROPPED = ("mask_token", "decoder_")
-_REQUIRED = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "norm.bias")
-_MAE_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # the MAE / DeiT model sizes
+_HEADS = ("mask_token", "decoder_", "lm_head.", "pixel_head.")  # pretraining-only parts
+_ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+_MAE_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # the MAE / BEiT / DeiT model sizes
+_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
 
 def _strip_prefixes(state_dict: dict) -> dict:
@@ -59,59 +68,83 @@ def _strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
+def _is_beit(sd: dict) -> bool:
+    return any(k.startswith(("rel_pos_bias.", "lm_head.")) or k.endswith((".gamma_1", ".attn.q_bias"))
+               or k.endswith(".attn.relative_position_bias_table") for k in sd)
+
+
 def encoder_state_dict(source: nn.Module | dict, global_pool: bool = False) -> dict[str, torch.Tensor]:
-    """The encoder of an MAE (model or state_dict) under timm ``VisionTransformer`` keys.
+    """The encoder of an MAE or BEiT pretraining model (module or state_dict) under timm keys.
 
     Args:
-        source: a ``MaskedAutoencoderViT`` or its state_dict (mimfast or facebookresearch/mae;
-            ``module.`` / ``_orig_mod.`` prefixes are stripped).
+        source: ``MaskedAutoencoderViT`` / BEiT pretraining model or its state_dict (mimfast,
+            facebookresearch/mae or microsoft/unilm; ``module.`` / ``_orig_mod.`` prefixes are
+            stripped).
         global_pool: write ``fc_norm.*`` (from ``norm.*``) instead of ``norm.*``; see the module
             docstring.
 
     Returns:
-        A new dict of detached, contiguous tensors (safe for safetensors: no shared storage).
+        A new dict of detached, contiguous tensors with no shared storage (as safetensors needs).
     """
     if isinstance(source, nn.Module):
         source = source.state_dict()
     if not isinstance(source, dict):
         raise TypeError(f"source must be an nn.Module or a state_dict, got {type(source).__name__}")
     sd = _strip_prefixes(source)
-    if any(".attn.q_bias" in k or k.startswith("lm_head.") for k in sd):
-        raise ValueError("source looks like a BEiT state_dict (q_bias / lm_head keys); only MAE encoders "
-                         "are exported so far")
-    missing = [k for k in _REQUIRED if k not in sd]
-    if missing or not any(k.startswith("blocks.") for k in sd):
-        raise ValueError(f"source is not an MAE encoder state_dict: missing {missing or ['blocks.*']}")
+    required = ("cls_token", "patch_embed.proj.weight", "norm.weight", "norm.bias", "blocks.0.attn.qkv.weight")
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ValueError(f"source is not an MAE or BEiT encoder state_dict: missing {missing}")
+    beit = _is_beit(sd)
+    if not beit and "pos_embed" not in sd:
+        raise ValueError("source is not an MAE encoder state_dict: missing ['pos_embed']")
     out = {}
     for k, v in sd.items():
-        if k.startswith(_DROPPED):
-            continue
-        if not k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")):
-            continue  # anything else (e.g. a fine-tuning head) is not part of the encoder
+        if k.startswith(_HEADS) or not k.startswith(_ENCODER) or k.endswith("relative_position_index"):
+            continue  # pretraining heads, buffers timm recomputes, anything outside the encoder
         if global_pool and k.startswith("norm."):
             k = "fc_" + k
         out[k] = v.detach().clone().contiguous()
+    if beit and _SHARED_TABLE in sd:
+        depth = 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks."))
+        for i in range(depth):
+            key = f"blocks.{i}.attn.relative_position_bias_table"
+            if key in out:
+                raise ValueError(f"source has both a shared relative position bias and {key}")
+            out[key] = sd[_SHARED_TABLE].detach().clone().contiguous()
     return out
 
 
-def timm_vit_kwargs(encoder: dict, num_heads: int | None = None) -> dict:
-    """``timm.models.vision_transformer.VisionTransformer`` arguments matching ``encoder``
-    (an :func:`encoder_state_dict`). The head count cannot be read from weights: give it, or
-    it is taken from the MAE sizes (192: 3, 384: 6, 768: 12, 1024/1280: 16) else 64-wide heads."""
+def timm_model_spec(encoder: dict, num_heads: int | None = None) -> tuple[str, dict]:
+    """(timm class name, constructor arguments) matching ``encoder`` (an
+    :func:`encoder_state_dict`): ``timm.models.vision_transformer.VisionTransformer`` for MAE,
+    ``timm.models.beit.Beit`` for BEiT. The head count cannot be read from weights: give it,
+    or it is taken from the standard sizes (192: 3, 384: 6, 768: 12, 1024/1280: 16) else
+    64-wide heads."""
     proj = encoder["patch_embed.proj.weight"]  # (D, C, p, p)
     embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
-    num_patches = encoder["pos_embed"].shape[1] - 1
-    grid = int(round(num_patches ** 0.5))
-    if grid * grid != num_patches:
-        raise ValueError(f"pos_embed has {num_patches} patch rows, not a square grid")
     depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("blocks."))
     mlp_hidden = encoder["blocks.0.mlp.fc1.weight"].shape[0]
     if num_heads is None:
         num_heads = _MAE_HEADS.get(embed_dim, max(1, embed_dim // 64))
     global_pool = "fc_norm.weight" in encoder
-    return dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / embed_dim, qkv_bias=True,
-                global_pool="avg" if global_pool else "token", fc_norm=global_pool)
+    kw = dict(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+              mlp_ratio=mlp_hidden / embed_dim, global_pool="avg" if global_pool else "token")
+    if not _is_beit(encoder):
+        num_patches = encoder["pos_embed"].shape[1] - 1
+        grid = int(round(num_patches ** 0.5))
+        if grid * grid != num_patches:
+            raise ValueError(f"pos_embed has {num_patches} patch rows, not a square grid")
+        return "VisionTransformer", dict(img_size=grid * patch_size, **kw, qkv_bias=True, fc_norm=global_pool)
+    table = encoder["blocks.0.attn.relative_position_bias_table"].shape[0]  # (2h-1)(2w-1) + 3
+    side = int(round((table - 3) ** 0.5))
+    if side * side != table - 3 or side % 2 == 0:
+        raise ValueError(f"relative_position_bias_table has {table} rows, not a square window's")
+    layer_scale = "blocks.0.gamma_1" in encoder  # any value: the loaded gamma replaces it
+    return "Beit", dict(img_size=(side + 1) // 2 * patch_size, **kw, qkv_bias="blocks.0.attn.q_bias" in encoder,
+                        init_values=0.1 if layer_scale else None,
+                        use_abs_pos_emb="pos_embed" in encoder, use_rel_pos_bias=True,
+                        use_shared_rel_pos_bias=False, use_fc_norm=global_pool)
 
 
 def save_encoder(encoder: dict, out: str | os.PathLike, fmt: str = "both",
@@ -164,8 +197,8 @@ def build_model_from_config(config: dict | None, model_name: str | None = None, 
     if name is None:
         raise ValueError("the checkpoint holds no 'config'; give the model name (--model), one of "
                          f"{', '.join(sorted(MODELS))}")
-    if config.get("method", "mae") != "mae":
-        raise ValueError(f"method={config.get('method')!r}: only MAE encoders are supported so far")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     kw = dict(config.get("model_kwargs") or {})
     for key in ("img_size", "patch_size"):
         if config.get(key) is not None:
@@ -175,33 +208,39 @@ def build_model_from_config(config: dict | None, model_name: str | None = None, 
         return create_model(name, **kw)
 
 
+def _encoder_keys(model_sd: dict) -> list[str]:
+    return [k for k in model_sd if not k.startswith(_HEADS) and not k.endswith("relative_position_index")]
+
+
 def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None, kernels: str = "auto",
                           device: torch.device | str = "cpu") -> nn.Module:
-    """An MAE with the checkpoint's encoder weights (decoder weights too when present).
+    """The pretraining model (MAE or BEiT) with the checkpoint's weights; encoder-only
+    checkpoints (official MAE releases) are fine, the pretraining head stays as initialised.
 
     Every encoder weight must be in the checkpoint with the model's shape: a checkpoint that
     does not fit ``model_name`` / its config is an error, not a silently random encoder."""
     sd = _strip_prefixes(load_model_weights(path))
-    model = build_model_from_config(read_checkpoint_config(path), model_name, kernels=kernels, device="meta")
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    encoder_keys = [k for k in expected if not k.startswith(_DROPPED)]
-    missing = [k for k in encoder_keys if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(expected[k])}" for k in expected
-             if k in sd and sd[k].shape != expected[k]]
+    config = read_checkpoint_config(path)
+    shapes = {k: v.shape for k, v in build_model_from_config(config, model_name, device="meta").state_dict().items()}
+    missing = [k for k in _encoder_keys(shapes) if k not in sd]
+    unexpected = [k for k in sd if k not in shapes]
+    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(shapes[k])}" for k in shapes
+             if k in sd and sd[k].shape != shapes[k]]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not fit the model ({type(model).__name__}): missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
-    model = build_model_from_config(read_checkpoint_config(path), model_name, kernels=kernels, device=device)
-    model.load_state_dict(sd, strict=False)  # decoder keys may be absent (encoder-only checkpoints)
+        name = model_name or (config or {}).get("model")
+        raise ValueError(f"{path} does not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shape mismatch {wrong[:5]}")
+    model = build_model_from_config(config, model_name, kernels=kernels, device=device)
+    model.load_state_dict(sd, strict=False)  # pretraining heads may be absent (encoder-only checkpoints)
     return model
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None,
                       global_pool: bool = False, fmt: str = "both") -> dict:
-    """Read a mimfast or official MAE checkpoint, write its encoder for timm. When the model
-    is known (checkpoint config or ``model_name``) its sizes are checked against the weights
-    and give the head count. Returns a summary (paths, timm kwargs, tensor count)."""
+    """Read a mimfast, facebookresearch/mae or microsoft/unilm BEiT checkpoint and write its
+    encoder for timm. When the model is known (checkpoint config or ``model_name``) the weights
+    are checked against it and it gives the head count. Returns a summary (paths, timm class
+    and arguments, tensor count)."""
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
     num_heads = None
@@ -211,41 +250,45 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_nam
         got = encoder_state_dict(sd)
         bad = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and got[k].shape != expected[k]]
         if bad:
-            raise ValueError(f"{path} does not match model {model_name or config.get('model')!r}: "
-                             f"keys or shapes differ at {bad[:5]}")
+            name = model_name or config.get("model")
+            raise ValueError(f"{path} does not match model {name!r}: keys or shapes differ at {bad[:5]}")
         num_heads = model.blocks[0].attn.num_heads
     encoder = encoder_state_dict(sd, global_pool=global_pool)
-    kwargs = timm_vit_kwargs(encoder, num_heads)
-    paths = save_encoder(encoder, out, fmt, metadata={"timm_vit_kwargs": kwargs, "source": str(path)})
-    return {"paths": [str(p) for p in paths], "timm_vit_kwargs": kwargs, "tensors": len(encoder)}
+    timm_class, kwargs = timm_model_spec(encoder, num_heads)
+    paths = save_encoder(encoder, out, fmt, metadata={"timm_class": timm_class, "timm_kwargs": kwargs,
+                                                       "source": str(path)})
+    return {"paths": [str(p) for p in paths], "timm_class": timm_class, "timm_kwargs": kwargs,
+            "tensors": len(encoder)}
 
 
 def add_export_command(sub) -> None:
     """``mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool] [--format ...]``."""
-    p = sub.add_parser("export", help="write a pretrained MAE encoder as a timm VisionTransformer state_dict "
+    p = sub.add_parser("export", help="write a pretrained MAE/BEiT encoder as a timm state_dict "
                                       "(.pth and .safetensors)")
-    p.add_argument("checkpoint", help="mimfast or facebookresearch/mae checkpoint, or a bare state_dict")
+    p.add_argument("checkpoint", help="mimfast, facebookresearch/mae or microsoft/unilm BEiT checkpoint, "
+                                      "or a bare state_dict")
     p.add_argument("--out", required=True,
                    help="output path without suffix (PATH.pth and PATH.safetensors are written)")
     p.add_argument("--model", default=None,
                    help="model name to check the weights against (default: the checkpoint's config, if any)")
     p.add_argument("--global-pool", action="store_true",
-                   help="lay out for a global-pool ViT: fc_norm.* from MAE's norm.*, no norm.*")
+                   help="lay out for a global-pool model (timm global_pool='avg'): fc_norm.* from the "
+                        "pretrained norm.*, no norm.*")
     p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors"), default="both")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
     if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"checkpoint {args.checkpoint!r} does not exist")
+        raise SystemExit(f"mimfast export: checkpoint {args.checkpoint!r} does not exist")
     try:
         summary = export_checkpoint(args.checkpoint, args.out, args.model, args.global_pool, args.fmt)
     except ValueError as e:
         raise SystemExit(f"mimfast export: {e}")
-    kw = summary["timm_vit_kwargs"]
     for path in summary["paths"]:
         print(f"wrote {path} ({summary['tensors']} tensors)")
-    print("load with: timm.models.vision_transformer.VisionTransformer(" +
-          ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ", num_classes=...)"
-          ".load_state_dict(sd, strict=False)  # only head.* missing")
+    kw = ", ".join(f"{k}={v!r}" for k, v in summary["timm_kwargs"].items())
+    print(f"load with: model = timm.models.{'beit' if summary['timm_class'] == 'Beit' else 'vision_transformer'}"
+          f".{summary['timm_class']}({kw}, num_classes=...)\n"
+          "           model.load_state_dict(state_dict, strict=False)  # only head.* missing")
     return 0
