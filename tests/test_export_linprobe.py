@@ -323,3 +323,16 @@ def test_cli_parsing_and_errors(tmp_path, capsys):
     assert "only head.* missing" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="epochs must be positive"):
         main(["linprobe", str(ckpt), "--epochs", "0"])
+
+
+def test_beit_checkpoint_export_and_load(tmp_path):
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "vocab_size": 64}
+    beit = _perturbed(create_model("beit_tiny_patch16_224_8k_vocab", **kw, kernels="eager"))
+    config = {"method": "beit", "model": "beit_tiny_patch16_224_8k_vocab", "img_size": 32, "patch_size": 8,
+              "model_kwargs": {k: v for k, v in kw.items() if k not in ("img_size", "patch_size")}}
+    ckpt = _save_mimfast_checkpoint(beit, tmp_path / "beit.pth", config)
+    summary = export_checkpoint(ckpt, tmp_path / "enc", global_pool=True)
+    assert summary["timm_class"] == "Beit" and summary["timm_kwargs"]["num_heads"] == 3
+    assert summary["timm_kwargs"]["global_pool"] == "avg"
+    loaded = load_pretrained_model(ckpt, kernels="eager")
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, beit.blocks[0].attn.qkv.weight)

@@ -222,16 +222,19 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
     shapes = {k: v.shape for k, v in build_model_from_config(config, model_name, device="meta").state_dict().items()}
-    missing = [k for k in _encoder_keys(shapes) if k not in sd]
-    unexpected = [k for k in sd if k not in shapes]
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(shapes[k])}" for k in shapes
+    encoder_keys = _encoder_keys(shapes)
+    missing = [k for k in encoder_keys if k not in sd]
+    unexpected = [k for k in sd if k not in shapes and not k.startswith(_HEADS)]
+    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(shapes[k])}" for k in encoder_keys
              if k in sd and sd[k].shape != shapes[k]]
     if missing or unexpected or wrong:
         name = model_name or (config or {}).get("model")
         raise ValueError(f"{path} does not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shape mismatch {wrong[:5]}")
+    # pretraining heads are loaded where they fit (e.g. another vocabulary size is skipped)
+    sd = {k: v for k, v in sd.items() if k in shapes and v.shape == shapes[k]}
     model = build_model_from_config(config, model_name, kernels=kernels, device=device)
-    model.load_state_dict(sd, strict=False)  # pretraining heads may be absent (encoder-only checkpoints)
+    model.load_state_dict(sd, strict=False)
     return model
 
 
