@@ -162,6 +162,7 @@ class BlockwiseMaskingGenerator:
         self.num_masking_patches = int(num_masking_patches)
         self.min_num_patches = min_num_patches
         self.max_num_patches = max_num_patches
+        self.min_aspect, self.max_aspect = min_aspect, max_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
         # largest h, w the rule can draw; larger ones (and any >= the grid) are rejected
         s_max = max(min_num_patches, max_num_patches, 1)
@@ -183,8 +184,12 @@ class BlockwiseMaskingGenerator:
     def __call__(self, batch_size: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
         """(h, w) bool mask, or (batch_size, h, w) masks; exactly ``num_masking_patches`` True each."""
         n = _batch_arg(batch_size)
-        masks, _ = self.generate(1 if n is None else n, rng)
-        return masks[0] if n is None else masks
+        if n is None:  # one mask: the sequential loop is cheaper than a batch step
+            seed = int(rng.integers(2**62)) if rng is not None else int(np.random.randint(2**62, dtype=np.int64))
+            return blockwise_mask_reference(self.height, self.width, self.num_masking_patches, self.min_num_patches,
+                                            self.max_num_patches, self.min_aspect, self.max_aspect,
+                                            rng=random.Random(seed))
+        return self.generate(n, rng)[0]
 
     def _tries(self, cur: np.ndarray, limit: np.ndarray, tries: int, rng):
         """``tries`` draws of a rectangle for each of A masks ``cur`` (A, words) with at most
