@@ -122,6 +122,43 @@ def _attn_fwd(
 
 
 @triton.jit
+def _bwd_fused_batch(
+    b64, h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s, tile_mask, qkv_tile, od_tile,
+    stride_qb, stride_qc, S, H, scale, qk_scale2,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dq, dk, dv of one (batch, head) held in one tile; returns dS^T (keys x queries), fp32."""
+    # transposed tiles (keys x queries), as in _attn_bwd_dkdv: dv and dk need no register
+    # transpose, only dq does; ordered so that few (BLOCK, BLOCK) fp32 tiles are live at once
+    od_base = (b64 * S * H + h) * HEAD_DIM
+    o = tl.load(OUT + od_base + od_tile, mask=tile_mask, other=0.0)
+    do = tl.load(DOUT + od_base + od_tile, mask=tile_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK,) rowsum(o * do)
+    lse2 = tl.load(LSE + (b64 * H + h) * S + offs, mask=mask_s, other=0.0) * 1.4426950408889634
+    q_base = b64 * stride_qb + h * HEAD_DIM * stride_qc
+    k_base = q_base + H * HEAD_DIM * stride_qc
+    v_base = k_base + H * HEAD_DIM * stride_qc
+    q = tl.load(QKV + q_base + qkv_tile, mask=tile_mask, other=0.0)  # (BLOCK, DH_PAD)
+    k = tl.load(QKV + k_base + qkv_tile, mask=tile_mask, other=0.0)
+    sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK keys, BLOCK queries)
+    if HAS_BIAS:
+        sT += biasT
+    pT = tl.exp2(sT - lse2[None, :])
+    pT = tl.where(mask_s[:, None], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)  # (BLOCK, DH_PAD)
+    tl.store(DQKV + v_base + qkv_tile, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
+    v = tl.load(QKV + v_base + qkv_tile, mask=tile_mask, other=0.0)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])  # d loss / d (scale * q k^T + bias), transposed
+    ds16 = dsT.to(q.dtype)
+    dk = tl.dot(ds16, q, input_precision=DOT_PRECISION) * scale
+    tl.store(DQKV + k_base + qkv_tile, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
+    dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale
+    tl.store(DQKV + q_base + qkv_tile, dq.to(DQKV.dtype.element_ty), mask=tile_mask)
+    return dsT
+
+
+@triton.jit
 def _attn_bwd_fused(
     QKV,  # (B, S, 3*H*HEAD_DIM)
     BIAS,  # (H, S, S)
@@ -134,10 +171,11 @@ def _attn_bwd_fused(
     stride_bh, stride_bi, stride_bj,
     B, S, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # One tile holds all S queries and keys of a head (S <= BLOCK); a program loops over a
-    # group of batches so the bias gradient of its head accumulates in registers.
+    # One tile holds all S queries and keys of a head (S <= BLOCK). program -> (group g, head h).
+    # BATCH_LOOP: the program loops over a group of batches and sums the bias gradient in
+    # registers; otherwise it handles batch g alone (a runtime loop costs registers: spills).
     pid = tl.program_id(0)
     g = pid // H
     h = pid % H
@@ -146,51 +184,83 @@ def _attn_bwd_fused(
     mask_s = offs < S
     mask_d = offs_d < HEAD_DIM
     tile_mask = mask_s[:, None] & mask_d[None, :]
-    # one offset tile for q, k, v and their gradients, one for out and its gradient: few
-    # (BLOCK, DH_PAD) integer tensors stay live across the batch loop
+    # one offset tile for q, k, v and their gradients, one for out and its gradient
     qkv_tile = offs[:, None] * stride_qs + offs_d[None, :] * stride_qc
     od_tile = offs[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    if HAS_BIAS:
-        bias = tl.load(BIAS + h * stride_bh + offs[:, None] * stride_bi + offs[None, :] * stride_bj,
-                       mask=mask_s[:, None] & mask_s[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    biasT = 0.0
+    if HAS_BIAS:  # transposed: (keys, queries)
+        biasT = tl.load(BIAS + h * stride_bh + offs[None, :] * stride_bi + offs[:, None] * stride_bj,
+                        mask=mask_s[:, None] & mask_s[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    if BATCH_LOOP:
+        dbiasT = tl.zeros([BLOCK, BLOCK], tl.float32)
+        b_start = g.to(tl.int64) * batches_per_program  # int64: batch offsets may pass 2^31
+        b_end = tl.minimum(b_start + batches_per_program, B)
+        for b64 in range(b_start, b_end):
+            dbiasT += _bwd_fused_batch(b64, h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s, tile_mask,
+                                       qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
+                                       HEAD_DIM, HAS_BIAS, DOT_PRECISION)
+    else:
+        dbiasT = _bwd_fused_batch(g.to(tl.int64), h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s,
+                                  tile_mask, qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
+                                  HEAD_DIM, HAS_BIAS, DOT_PRECISION)
     if NEED_DBIAS:
-        dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
+        dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs[None, :] * S + offs[:, None]
+        tl.store(dptr, dbiasT, mask=mask_s[:, None] & mask_s[None, :])
 
-    b_start = g.to(tl.int64) * batches_per_program  # int64 loop index: batch offsets may pass 2^31
-    b_end = tl.minimum(b_start + batches_per_program, B)
-    for b64 in range(b_start, b_end):
-        # ordered so that few (BLOCK, BLOCK) fp32 tiles are live at once
-        od_base = (b64 * S * H + h) * HEAD_DIM
-        o = tl.load(OUT + od_base + od_tile, mask=tile_mask, other=0.0)
-        do = tl.load(DOUT + od_base + od_tile, mask=tile_mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK,) rowsum(o * do)
-        lse2 = tl.load(LSE + (b64 * H + h) * S + offs, mask=mask_s, other=0.0) * 1.4426950408889634
-        q_base = b64 * stride_qb + h * HEAD_DIM * stride_qc
-        k_base = q_base + H * HEAD_DIM * stride_qc
-        v_base = k_base + H * HEAD_DIM * stride_qc
-        q = tl.load(QKV + q_base + qkv_tile, mask=tile_mask, other=0.0)  # (BLOCK, DH_PAD)
-        k = tl.load(QKV + k_base + qkv_tile, mask=tile_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK q, BLOCK k)
+
+@triton.jit
+def _bwd_dq_batch(
+    b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
+    offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
+    stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, H, scale, qk_scale2,
+    HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """delta and dq of one query block of one (batch, head); returns the updated register bias
+    gradient (ONE_N_BLOCK) or updates the in-memory strip."""
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    # row offsets depend on the batch, so no (BLOCK, DH_PAD) offset tile is loop-invariant
+    od_rows = (b64 * S + offs_m[:, None]) * (H * HEAD_DIM)
+    o = tl.load(OUT + od_rows + od_cols[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOUT + od_rows + od_cols[None, :], mask=q_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    row = (b64 * H + h) * S + offs_m
+    tl.store(DELTA + row, delta, mask=mask_m)
+    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
+    q_rows = b64 * stride_qb + offs_m[:, None] * stride_qs
+    q = tl.load(QKV + q_rows + q_cols[None, :], mask=q_mask, other=0.0)
+    base = QKV + b64 * stride_qb
+
+    dq = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
+    for start_n in range(0, S, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < S
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
         if HAS_BIAS:
-            s += bias
+            if ONE_N_BLOCK:
+                s += bias
+            else:
+                s += tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                             mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         p = tl.exp2(s - lse2[:, None])
-        p = tl.where(mask_s[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)  # (BLOCK, DH_PAD)
-        tl.store(DQKV + v_base + qkv_tile, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
-        v = tl.load(QKV + v_base + qkv_tile, mask=tile_mask, other=0.0)
+        p = tl.where(mask_n[None, :], p, 0.0)
+        v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])  # d loss / d (scale * q k^T + bias)
+        ds = p * (dp - delta[:, None])
         if NEED_DBIAS:
-            dbias += ds
-        ds = ds.to(q.dtype)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
-        tl.store(DQKV + q_base + qkv_tile, dq.to(DQKV.dtype.element_ty), mask=tile_mask)
-        dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION) * scale
-        tl.store(DQKV + k_base + qkv_tile, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
+            if ONE_N_BLOCK:
+                dbias += ds
+            else:  # this program is the only one touching these addresses
+                dptr = dbias_rows + offs_n[None, :]
+                dmask = mask_m[:, None] & mask_n[None, :]
+                tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + ds, mask=dmask)
+                tl.debug_barrier()  # the next batch re-reads these from other threads
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    if NEED_DBIAS:
-        dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs[:, None] * S + offs[None, :]
-        tl.store(dptr, dbias, mask=mask_s[:, None] & mask_s[None, :])
+    tl.store(DQKV + q_rows + q_cols[None, :], (dq * scale).to(DQKV.dtype.element_ty), mask=q_mask)
+    return dbias
 
 
 @triton.jit
@@ -207,10 +277,12 @@ def _attn_bwd_dq(
     stride_bh, stride_bi, stride_bj,
     B, S, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr, BATCH_LOOP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # program -> (batch group g, head h, query block); the query block is the fastest index.
+    # BATCH_LOOP: loop over the batches of group g (bias gradient summed over them); otherwise
+    # the program handles batch g alone.
     num_m = tl.cdiv(S, BLOCK_M)
     pid = tl.program_id(0)
     start_m = (pid % num_m) * BLOCK_M
@@ -223,64 +295,33 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, DH_PAD)
     mask_m = offs_m < S
     mask_d = offs_d < HEAD_DIM
-    q_mask = mask_m[:, None] & mask_d[None, :]
     q_cols = (h * HEAD_DIM + offs_d) * stride_qc
     k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
     v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
     od_cols = h * HEAD_DIM + offs_d
     dbias_rows = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs_m[:, None] * S
+    bias = 0.0
+    dbias = 0.0
     if ONE_N_BLOCK:  # all keys in one block: the bias tile is loaded once, its gradient kept in registers
-        mask_n = offs_n0 < S
         if HAS_BIAS:
             bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n0[None, :] * stride_bj,
-                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+                           mask=mask_m[:, None] & (offs_n0 < S)[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         if NEED_DBIAS:
             dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
-    b_start = g.to(tl.int64) * batches_per_program  # int64 loop index: batch offsets may pass 2^31
-    b_end = tl.minimum(b_start + batches_per_program, B)
-    for b64 in range(b_start, b_end):
-        # row offsets depend on the batch, so no (BLOCK, DH_PAD) offset tile is loop-invariant
-        od_rows = OUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM)
-        o = tl.load(od_rows + od_cols[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DOUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + od_cols[None, :], mask=q_mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
-        row = (b64 * H + h) * S + offs_m
-        tl.store(DELTA + row, delta, mask=mask_m)
-        lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
-        q_rows = b64 * stride_qb + offs_m[:, None] * stride_qs
-        q = tl.load(QKV + q_rows + q_cols[None, :], mask=q_mask, other=0.0)
-        base = QKV + b64 * stride_qb
-
-        dq = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
-        for start_n in range(0, S, BLOCK_N):
-            offs_n = start_n + offs_n0
-            mask_n = offs_n < S
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
-            if HAS_BIAS:
-                if ONE_N_BLOCK:
-                    s += bias
-                else:
-                    s += tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                                 mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-            p = tl.exp2(s - lse2[:, None])
-            p = tl.where(mask_n[None, :], p, 0.0)
-            v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            if NEED_DBIAS:
-                if ONE_N_BLOCK:
-                    dbias += ds
-                else:  # this program is the only one touching these addresses
-                    dptr = dbias_rows + offs_n[None, :]
-                    dmask = mask_m[:, None] & mask_n[None, :]
-                    tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + ds, mask=dmask)
-                    tl.debug_barrier()  # the next batch re-reads these from other threads
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-        tl.store(DQKV + q_rows + q_cols[None, :], (dq * scale).to(DQKV.dtype.element_ty), mask=q_mask)
+    if BATCH_LOOP:
+        b_start = g.to(tl.int64) * batches_per_program  # int64: batch offsets may pass 2^31
+        b_end = tl.minimum(b_start + batches_per_program, B)
+        for b64 in range(b_start, b_end):
+            dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
+                                  offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
+                                  stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, H, scale, qk_scale2,
+                                  HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION)
+    else:
+        dbias = _bwd_dq_batch(g.to(tl.int64), h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
+                              offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
+                              stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, H, scale, qk_scale2,
+                              HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION)
 
     if ONE_N_BLOCK:
         if NEED_DBIAS:
@@ -364,8 +405,8 @@ class AttentionConfig:
     ``fwd_block_n >= S`` gives the one-program-holds-all-keys forward. ``bwd="fused"`` needs
     S <= ``fused_block`` (one tile per head); ``"split"`` runs the dq kernel then the dk/dv kernel.
     ``dq_block_n >= S`` keeps the bias gradient in registers; smaller tiles update a private
-    fp32 strip in memory. ``bias_groups`` is the number of batch groups G of the bias gradient
-    (0: chosen from the device's SM count).
+    fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
+    (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
     """
 
     fwd_block_m: int = 64
@@ -375,14 +416,14 @@ class AttentionConfig:
     bwd: str = "split"
     fused_block: int = 64
     fused_warps: int = 4
-    dq_block_m: int = 64
+    dq_block_m: int = 32
     dq_block_n: int = 64
     dq_warps: int = 4
-    dkdv_block_m: int = 64
+    dkdv_block_m: int = 32
     dkdv_block_n: int = 64
     dkdv_warps: int = 4
     bwd_stages: int = 2
-    bias_groups: int = 0
+    bias_batches: int = 0
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -390,20 +431,28 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def default_config(seq_len: int, head_dim: int, has_bias: bool = False) -> AttentionConfig:
-    """Block sizes for S = ``seq_len`` and Dh = ``head_dim`` (all powers of two, >= 16)."""
+    """Block sizes for S = ``seq_len`` and Dh = ``head_dim`` (all powers of two, >= 16).
+
+    Chosen without a GPU from ``ptxas -v`` on sm_90a (bf16, triton 3.8): every default kernel
+    without a bias compiles with no register spills; ``benchmarks/bench_attention.py`` times
+    the alternatives (fused vs split backward, all-keys forward, bias gradient in registers vs
+    in memory) so a GPU run can revise these.
+    """
     s_pad = _pow2(seq_len)
     dh_pad = _pow2(head_dim)
-    wide = dh_pad > 64  # Dh = 80 / 128 pad to 128: smaller tiles keep registers in check
-    if s_pad <= 64:  # a head fits in one tile
-        return AttentionConfig(fwd_block_m=s_pad, fwd_block_n=s_pad, bwd="fused", fused_block=s_pad,
-                               fused_warps=4 if s_pad * dh_pad <= 64 * 64 else 8)
-    cfg = AttentionConfig(
-        fwd_block_m=64, fwd_block_n=64 if not wide else 32, fwd_warps=4,
-        dq_block_m=64 if not wide else 32, dq_block_n=64 if not wide else 32,
-        dkdv_block_m=64 if not wide else 32, dkdv_block_n=64,
-    )
+    if dh_pad <= 32:
+        tiles = dict(fwd_block_m=64, fwd_block_n=64, dq_block_m=64, dq_block_n=64, dkdv_block_m=64, dkdv_block_n=64)
+    elif dh_pad <= 64:
+        tiles = dict(fwd_block_m=64, fwd_block_n=64, dq_block_m=32, dq_block_n=64, dkdv_block_m=32, dkdv_block_n=64)
+    else:  # Dh = 80 / 128 pad to 128: smaller tiles keep registers in check
+        tiles = dict(fwd_block_m=64, fwd_block_n=32, dq_block_m=32, dq_block_n=32, dkdv_block_m=32, dkdv_block_n=64,
+                     dkdv_warps=8)
+    if s_pad <= 64:  # a head fits in one tile: one program per (batch, head) does the whole backward
+        return AttentionConfig(**dict(tiles, fwd_block_m=s_pad, fwd_block_n=s_pad), bwd="fused", fused_block=s_pad,
+                               fused_warps=4 if dh_pad <= 64 else 8, bias_batches=1)
+    cfg = AttentionConfig(**tiles)
     if has_bias and s_pad <= 256:  # all keys per dq program: the bias gradient stays in registers
-        cfg = replace(cfg, dq_block_m=32 if s_pad <= 128 else 16, dq_block_n=s_pad, dq_warps=4 if s_pad <= 128 else 8)
+        cfg = replace(cfg, dq_block_m=16, dq_block_n=s_pad, dq_warps=4 if s_pad <= 128 else 8)
     return cfg
 
 
@@ -412,13 +461,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _bias_groups(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
-    if cfg.bias_groups:
-        return max(1, min(B, cfg.bias_groups))
+def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
+    """Batches per program for the bias gradient: enough programs to fill the GPU, few partials."""
+    if cfg.bias_batches:
+        return max(1, min(B, cfg.bias_batches))
     if device.type != "cuda":
         return min(B, 2)  # the interpreter: still loop over more than one batch per program
     target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(B, triton.cdiv(target, programs_per_group)))
+    return triton.cdiv(B, max(1, min(B, triton.cdiv(target, programs_per_group))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,22 +582,20 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     if cfg.bwd == "fused":
         if S > cfg.fused_block:
             raise ValueError(f"config.bwd='fused' needs S <= fused_block={cfg.fused_block}, got S={S}")
-        groups = _bias_groups(cfg, B, H, qkv.device) if need_dbias else B
-        per = triton.cdiv(B, groups)
+        per = _bias_batches(cfg, B, H, qkv.device) if need_dbias else 1
         groups = triton.cdiv(B, per)
         dbias_part = _empty(groups, H, S, S, device=qkv.device, dtype=torch.float32) if need_dbias else out
         _attn_bwd_fused[(groups * H,)](
             qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
             B, S, H, per, scale, scale * LOG2E,
             HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block,
-            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, DOT_PRECISION=precision,
+            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, BATCH_LOOP=per > 1, DOT_PRECISION=precision,
             num_warps=cfg.fused_warps, num_stages=cfg.bwd_stages,
         )
     elif cfg.bwd == "split":
         num_m = triton.cdiv(S, cfg.dq_block_m)
         one_n_block = cfg.dq_block_n >= S
-        groups = _bias_groups(cfg, B, H * num_m, qkv.device) if need_dbias else B
-        per = triton.cdiv(B, groups)
+        per = _bias_batches(cfg, B, H * num_m, qkv.device) if need_dbias else 1
         groups = triton.cdiv(B, per)
         if need_dbias:
             alloc = _empty if one_n_block else torch.zeros  # tiles update their strip in place
@@ -559,7 +607,8 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
             qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
             B, S, H, per, scale, scale * LOG2E,
             HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=one_n_block, DOT_PRECISION=precision,
+            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=one_n_block, BATCH_LOOP=per > 1,
+            DOT_PRECISION=precision,
             num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages,
         )
         _attn_bwd_dkdv[(B * H * triton.cdiv(S, cfg.dkdv_block_n),)](
