@@ -62,51 +62,91 @@ def _compute_dtype(hidden, weight, bias):
     return hidden.dtype
 
 
+def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b, cdt):
+    """The chunked loop; returns (loss, grad_hidden, grad_W fp32, grad_b fp32), None where not needed."""
+    M, D = hidden.shape
+    V = weight.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.to(cdt)
+        w = weight.to(cdt)
+        b = bias.to(cdt) if bias is not None else None
+        wt = w.t()  # (D, V) view
+
+        n_valid = (labels != ignore_index).sum()
+        scale = (1.0 / n_valid.to(torch.float32)).reshape(1)  # inf when no row counts
+        loss_rows = torch.empty(M, device=hidden.device, dtype=torch.float32)
+        gh = torch.empty(M, D, device=hidden.device, dtype=hidden.dtype) if need_h else None
+        gw = torch.zeros(V, D, device=hidden.device, dtype=torch.float32) if need_w else None
+        gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
+
+        rows = chunk_rows or max(1, CHUNK_BYTES // (V * h.element_size()))
+        rows = min(rows, M)
+        buf = torch.empty(rows, V, device=hidden.device, dtype=cdt)
+        for c0 in range(0, M, rows):
+            c1 = min(c0 + rows, M)
+            h_c = h[c0:c1]
+            logits = buf[: c1 - c0]
+            if b is not None:
+                torch.addmm(b, h_c, wt, out=logits)
+            else:
+                torch.mm(h_c, wt, out=logits)
+            cross_entropy_fwd_grad_(logits, labels[c0:c1], scale, ignore_index, loss_rows[c0:c1])
+            dlogits = logits  # (c, V), overwritten in place by the kernel
+            if gh is not None:
+                if gh.dtype == cdt:
+                    torch.mm(dlogits, w, out=gh[c0:c1])
+                else:
+                    gh[c0:c1].copy_(_mm_f32(dlogits, w))
+            if gw is not None:
+                gw.add_(_mm_f32(dlogits.t(), h_c))
+            if gb is not None:
+                gb.add_(torch.sum(dlogits, dim=0, dtype=torch.float32))
+        del buf
+        loss = loss_rows.sum()
+        loss = torch.where(n_valid == 0, torch.full_like(loss, float("nan")), loss)
+    return loss, gh, gw, gb
+
+
+# The whole chunked forward as one torch.library custom op (the fake gives shapes only), so
+# torch.compile(fullgraph=True) traces the Function without entering the chunk loop or
+# Triton's launcher. Gradients that are not needed come back as empty tensors.
+@torch.library.custom_op("mimfast::linear_ce_fwd", mutates_args=())
+def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                      ignore_index: int, chunk_rows: int, need_h: bool, need_w: bool, need_b: bool,
+                      cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, gh, gw, gb = _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows or None,
+                                          need_h, need_w, need_b, cdt)
+    empty = hidden.new_empty((0,))
+    return loss, (gh if gh is not None else empty), (gw if gw is not None else empty.clone()), \
+        (gb if gb is not None else empty.clone())
+
+
+@_linear_ce_fwd_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b, cdt):
+    M, D = hidden.shape
+    V = weight.shape[0]
+    f32 = torch.float32
+    return (hidden.new_empty((), dtype=f32),
+            hidden.new_empty((M, D)) if need_h else hidden.new_empty((0,)),
+            hidden.new_empty((V, D), dtype=f32) if need_w else hidden.new_empty((0,)),
+            hidden.new_empty((V,), dtype=f32) if need_b else hidden.new_empty((0,)))
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b):
         cdt = _compute_dtype(hidden, weight, bias)
-        M, D = hidden.shape
-        V = weight.shape[0]
-        with torch.autocast(hidden.device.type, enabled=False):
-            h = hidden.to(cdt)
-            w = weight.to(cdt)
-            b = bias.to(cdt) if bias is not None else None
-            wt = w.t()  # (D, V) view
-
-            n_valid = (labels != ignore_index).sum()
-            scale = (1.0 / n_valid.to(torch.float32)).reshape(1)  # inf when no row counts
-            loss_rows = torch.empty(M, device=hidden.device, dtype=torch.float32)
-            gh = torch.empty(M, D, device=hidden.device, dtype=hidden.dtype) if need_h else None
-            gw = torch.zeros(V, D, device=hidden.device, dtype=torch.float32) if need_w else None
-            gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
-
-            rows = chunk_rows or max(1, CHUNK_BYTES // (V * h.element_size()))
-            rows = min(rows, M)
-            buf = torch.empty(rows, V, device=hidden.device, dtype=cdt)
-            for c0 in range(0, M, rows):
-                c1 = min(c0 + rows, M)
-                h_c = h[c0:c1]
-                logits = buf[: c1 - c0]
-                if b is not None:
-                    torch.addmm(b, h_c, wt, out=logits)
-                else:
-                    torch.mm(h_c, wt, out=logits)
-                cross_entropy_fwd_grad_(logits, labels[c0:c1], scale, ignore_index, loss_rows[c0:c1])
-                dlogits = logits  # (c, V), overwritten in place by the kernel
-                if gh is not None:
-                    if gh.dtype == cdt:
-                        torch.mm(dlogits, w, out=gh[c0:c1])
-                    else:
-                        gh[c0:c1].copy_(_mm_f32(dlogits, w))
-                if gw is not None:
-                    gw.add_(_mm_f32(dlogits.t(), h_c))
-                if gb is not None:
-                    gb.add_(torch.sum(dlogits, dim=0, dtype=torch.float32))
-            del buf
-            loss = loss_rows.sum()
-            loss = torch.where(n_valid == 0, torch.full_like(loss, float("nan")), loss)
-
+        ctx.compiled = torch.compiler.is_compiling()
+        if ctx.compiled:
+            loss, gh, gw, gb = _linear_ce_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows or 0,
+                                                 need_h, need_w, need_b, cdt)
+            gw = gw.to(weight.dtype)
+            gb = gb.to(bias.dtype) if bias is not None else gb
+            ctx.save_for_backward(gh, gw, gb)
+            ctx.needs = (need_h, need_w, need_b)
+            return loss
+        loss, gh, gw, gb = _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows,
+                                              need_h, need_w, need_b, cdt)
         ctx.grads = (
             gh,
             gw.to(weight.dtype) if gw is not None else None,
@@ -117,6 +157,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.compiled:  # a traced graph: out-of-place scale, which inductor fuses
+            out = [(g.float() * grad_output).to(g.dtype) if need else None
+                   for g, need in zip(ctx.saved_tensors, ctx.needs)]
+            return out[0], out[1], out[2], None, None, None, None, None, None
         if ctx.used:
             raise RuntimeError(
                 "linear_cross_entropy (triton): backward ran twice through the same graph; the "
