@@ -32,7 +32,7 @@ sum_b dS[b] is reduced deterministically without float atomics: a program owns o
 registers when it holds all keys, else read-modify-write of its own private strip), writing an
 fp32 partial (G, H, S, S); the G partials are then summed in a fixed order.
 
-Supports: any S >= 1 (masked tails), any head dim <= 256 (Dh = 80 is padded to 128 with masks),
+Supports: any S >= 1 (masked tails), any head dim <= 128 (Dh = 80 is padded to 128 with masks),
 fp32 (``allow_tf32`` picks the dot's input precision), fp16, bf16; any strides of qkv, bias and
 the output gradient; bias of any float dtype. Does not support: attention dropout, masks other
 than the additive bias, causal attention, separate q / k / v tensors, cross-attention.
@@ -51,7 +51,7 @@ __all__ = ["AttentionConfig", "default_config", "attention_forward", "attention_
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 128  # larger heads need other tilings (shared memory); not built
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,28 +430,40 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def default_config(seq_len: int, head_dim: int, has_bias: bool = False) -> AttentionConfig:
-    """Block sizes for S = ``seq_len`` and Dh = ``head_dim`` (all powers of two, >= 16).
+def default_config(seq_len: int, head_dim: int, has_bias: bool = False,
+                   dtype: torch.dtype = torch.bfloat16) -> AttentionConfig:
+    """Block sizes for S = ``seq_len``, Dh = ``head_dim`` and qkv's ``dtype`` (powers of two >= 16).
 
-    Chosen without a GPU from ``ptxas -v`` on sm_90a (bf16, triton 3.8): every default kernel
-    without a bias compiles with no register spills; ``benchmarks/bench_attention.py`` times
-    the alternatives (fused vs split backward, all-keys forward, bias gradient in registers vs
-    in memory) so a GPU run can revise these.
+    Chosen without a GPU from ``ptxas -v`` on sm_90a (triton 3.8): for bf16 / fp16 every default
+    kernel without a bias compiles with no register spills; ``benchmarks/bench_attention.py``
+    times the alternatives (fused vs split backward, all-keys forward, bias gradient in registers
+    vs in memory) so a GPU run can revise these. fp32 tiles take twice the registers and shared
+    memory (and non-TF32 dots run without tensor cores), so fp32 gets half-size tiles.
     """
     s_pad = _pow2(seq_len)
     dh_pad = _pow2(head_dim)
-    if dh_pad <= 32:
-        tiles = dict(fwd_block_m=64, fwd_block_n=64, dq_block_m=64, dq_block_n=64, dkdv_block_m=64, dkdv_block_n=64)
-    elif dh_pad <= 64:
-        tiles = dict(fwd_block_m=64, fwd_block_n=64, dq_block_m=32, dq_block_n=64, dkdv_block_m=32, dkdv_block_n=64)
-    else:  # Dh = 80 / 128 pad to 128: smaller tiles keep registers in check
-        tiles = dict(fwd_block_m=64, fwd_block_n=32, dq_block_m=32, dq_block_n=32, dkdv_block_m=32, dkdv_block_n=64,
-                     dkdv_warps=8)
-    if s_pad <= 64:  # a head fits in one tile: one program per (batch, head) does the whole backward
+    if dtype == torch.float32:
+        if dh_pad <= 32:
+            tiles = dict(fwd_block_m=32, fwd_block_n=32, dq_block_m=32, dq_block_n=32, dkdv_block_m=32, dkdv_block_n=32)
+        elif dh_pad <= 64:
+            tiles = dict(fwd_block_m=32, fwd_block_n=32, dq_block_m=16, dq_block_n=32, dkdv_block_m=16, dkdv_block_n=32)
+        else:
+            tiles = dict(fwd_block_m=16, fwd_block_n=32, dq_block_m=16, dq_block_n=16, dkdv_block_m=16, dkdv_block_n=32)
+        fused_max, bias_regs_max = (32 if dh_pad <= 64 else 16), (128 if dh_pad <= 64 else 64)
+    else:
+        if dh_pad <= 32:
+            tiles = dict(fwd_block_m=64, fwd_block_n=64, dq_block_m=64, dq_block_n=64, dkdv_block_m=64, dkdv_block_n=64)
+        elif dh_pad <= 64:
+            tiles = dict(fwd_block_m=64, fwd_block_n=64, dq_block_m=32, dq_block_n=64, dkdv_block_m=32, dkdv_block_n=64)
+        else:  # Dh = 80 / 128 pad to 128: smaller tiles keep registers in check
+            tiles = dict(fwd_block_m=64, fwd_block_n=32, dq_block_m=32, dq_block_n=32, dkdv_block_m=32,
+                         dkdv_block_n=64, dkdv_warps=8)
+        fused_max, bias_regs_max = 64, (256 if dh_pad <= 64 else 128)
+    if s_pad <= fused_max:  # a head fits in one tile: one program per (batch, head) does the whole backward
         return AttentionConfig(**dict(tiles, fwd_block_m=s_pad, fwd_block_n=s_pad), bwd="fused", fused_block=s_pad,
                                fused_warps=4 if dh_pad <= 64 else 8, bias_batches=1)
     cfg = AttentionConfig(**tiles)
-    if has_bias and s_pad <= 256:  # all keys per dq program: the bias gradient stays in registers
+    if has_bias and s_pad <= bias_regs_max:  # all keys per dq program: the bias gradient stays in registers
         cfg = replace(cfg, dq_block_m=16, dq_block_n=s_pad, dq_warps=4 if s_pad <= 128 else 8)
     return cfg
 
@@ -530,7 +542,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     _check_bias(bias, num_heads, S, qkv)
     H = num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    cfg = config or default_config(S, head_dim, bias is not None)
+    cfg = config or default_config(S, head_dim, bias is not None, qkv.dtype)
     out = _empty(B, S, H * head_dim, device=qkv.device, dtype=qkv.dtype)
     lse = _empty(B, H, S, device=qkv.device, dtype=torch.float32)
     bias_arg = bias if bias is not None else out
@@ -570,7 +582,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         qkv = qkv.contiguous()
         dqkv = _empty_like(qkv)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    cfg = config or default_config(S, head_dim, bias is not None)
+    cfg = config or default_config(S, head_dim, bias is not None, qkv.dtype)
     has_bias = bias is not None
     need_dbias = has_bias and need_bias_grad
     dh_pad = _pow2(head_dim)
