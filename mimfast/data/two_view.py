@@ -30,14 +30,14 @@ _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Ima
 
 
 def random_resized_crop_box(height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop box rule on torch's RNG: up to 10 tries of an area in
+    """torchvision's ``RandomResizedCrop.get_params`` (same draws from torch's RNG): up to 10 tries of an area in
     ``scale`` and a log-uniform aspect in ``ratio``, then a centre crop clamped to ``ratio``.
     Returns (top, left, h, w)."""
     area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):  # torchvision's draws, one for one
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
