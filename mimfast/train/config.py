@@ -43,6 +43,9 @@ class PretrainConfig:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     drop_path: float = 0.0
+    # BEiT: the visual tokenizer ("dalle:PATH" or "vq:PATH", see `mimfast tokenizer`) and mask size
+    tokenizer: str | None = None
+    num_mask_patches: int = 75
     # precision
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
@@ -77,6 +80,12 @@ PRESETS = {
     # small data on one GPU: ViT-Tiny at 96 px, longer
     "small": dict(model="mae_vit_tiny_patch16", img_size=96, patch_size=8, data="builtin", builtin_size=20000,
                   batch_size=256, epochs=50, warmup_epochs=5, blr=1.5e-3, min_lr=1e-5),
+    # BEiT with a 6-block ViT-Tiny at 64 px, patch 8 (8x8 grid, 24 masked, ~BEiT's 75/196); its
+    # tokenizer view is 64 px for an 8x tokenizer: `mimfast tokenizer train --img-size 64`
+    "beit-tiny": dict(RECIPES["beit"], method="beit", model="beit_tiny_patch16_224_8k_vocab", img_size=64,
+                      patch_size=8, model_kwargs={"depth": 6}, data="builtin", builtin_size=2048, batch_size=64,
+                      epochs=8, warmup_epochs=1, min_lr=1e-5, drop_path=0.0, num_mask_patches=24, vis_every=1,
+                      save_every=0),
 }
 
 _CHOICES = {"method": ("mae", "beit"), "kernels": ("auto", "eager", "triton"),
