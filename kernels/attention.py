@@ -19,23 +19,28 @@ FLOPs: 4*B*H*S^2*Dh.
 
 Backward, FlashAttention-2 style (delta = rowsum(o * do), P recomputed from the logsumexp):
   - ``_attn_bwd_fused``: S <= BLOCK (one tile holds every query and key of a head): one program
-    per (head, group of batches) computes delta, dq, dk, dv in one pass and never writes delta.
+    per (batch, head) computes delta, dq, dk, dv in one pass and never writes delta.
+    Bytes: reads q, k, v, o, do once (5*B*S*H*Dh) + lse, writes dqkv (3*B*S*H*Dh).
   - ``_attn_bwd_dq`` then ``_attn_bwd_dkdv`` (any S): the first owns a block of queries, computes
     delta (saved for the second) and dq over all key blocks; the second owns a block of keys and
-    accumulates dk, dv over all query blocks. No atomics.
-Gradients land in one (B, S, 3*H*Dh) tensor in the packed layout of ``qkv``.
+    accumulates dk, dv over all query blocks (k, v re-read per query block, q, do per key
+    block; mostly L2 hits at these lengths). No atomics.
+Gradients land in one (B, S, 3*H*Dh) tensor in the packed layout (and strides) of ``qkv``.
 FLOPs: 2.5x the forward (fused); the split path recomputes Q K^T once more.
 
 Bias (H, S, S) shared across the batch (BEiT's relative position bias): its gradient
 sum_b dS[b] is reduced deterministically without float atomics: a program owns one
 (head, query block) strip for a contiguous group of batches and accumulates over them (in
 registers when it holds all keys, else read-modify-write of its own private strip), writing an
-fp32 partial (G, H, S, S); the G partials are then summed in a fixed order.
+fp32 partial (G, H, S, S); the G partials are then summed in a fixed order. The loop over a
+group of batches costs registers, so without a bias every program handles one batch.
 
-Supports: any S >= 1 (masked tails), any head dim <= 128 (Dh = 80 is padded to 128 with masks),
-fp32 (``allow_tf32`` picks the dot's input precision), fp16, bf16; any strides of qkv, bias and
-the output gradient; bias of any float dtype. Does not support: attention dropout, masks other
-than the additive bias, causal attention, separate q / k / v tensors, cross-attention.
+Supports: any S >= 1 (masked tails), head dims up to 128 (Dh = 80 is padded to 128 with masks),
+fp32 (``allow_tf32`` picks the dot's input precision), fp16, bf16; any strides of qkv and bias
+(the backward copies a qkv with gaps, and a non-contiguous output gradient, once); a bias in
+any of the three float dtypes, whatever qkv's. Does not support: attention dropout, masks other
+than the additive bias, causal attention, separate q / k / v tensors, cross-attention,
+head dims above 128.
 """
 
 from __future__ import annotations
@@ -464,7 +469,7 @@ def default_config(seq_len: int, head_dim: int, has_bias: bool = False,
                                fused_warps=4 if dh_pad <= 64 else 8, bias_batches=1)
     cfg = AttentionConfig(**tiles)
     if has_bias and s_pad <= bias_regs_max:  # all keys per dq program: the bias gradient stays in registers
-        cfg = replace(cfg, dq_block_m=16, dq_block_n=s_pad, dq_warps=4 if s_pad <= 128 else 8)
+        cfg = replace(cfg, dq_block_m=16, dq_block_n=s_pad, dq_warps=4 if s_pad <= 128 and dh_pad <= 64 else 8)
     return cfg
 
 

@@ -13,7 +13,7 @@ import torch
 from mimfast import ops
 from mimfast.kernels import attention as K
 from mimfast.ops.attention import attention_reference
-from tests.tolerance import DEVICE, DOT_DTYPES, assert_2x_rule, poison_
+from tests.tolerance import DEVICE, assert_2x_rule, poison_
 
 CUDA = DEVICE == "cuda"
 
@@ -129,6 +129,16 @@ def test_fp32_honours_allow_tf32(device):
         check_against_reference(2, 197, 3, 64, torch.float32, device, bias=True, factor=4.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_tf32_switch_reaches_the_dot(monkeypatch):
+    from mimfast.ops._attention_triton import allow_tf32
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert allow_tf32() and K._dot_precision(torch.float32, allow_tf32()) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert not allow_tf32() and K._dot_precision(torch.float32, allow_tf32()) == "ieee"
+    assert K._dot_precision(torch.bfloat16, True) == "ieee"  # only fp32 operands have a TF32 mode
 
 
 def test_configs_agree(device):
