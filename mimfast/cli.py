@@ -3,6 +3,8 @@
     mimfast pretrain [--preset tiny] [--model ...] [--data builtin|FOLDER] ...
     mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool]
     mimfast linprobe CHECKPOINT [--model NAME] [--data builtin|FOLDER] [--pool cls|mean] ...
+    mimfast tokenizer train [--data builtin|FOLDER] [--img-size 112] ...   (a VQ tokenizer for BEiT)
+    mimfast tokenizer convert encoder.pkl encoder.safetensors             (DALL-E weights)
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimfast.train.pretrain import pretrain
 
     if "preset" not in vars(args) and "model" not in vars(args) and not getattr(args, "config", None):
-        args.preset = "tiny" if not torch.cuda.is_available() else "small"
+        if getattr(args, "method", None) == "beit":
+            args.preset = "beit-tiny"
+        else:
+            args.preset = "tiny" if not torch.cuda.is_available() else "small"
     cfg = config_from_args(args)
     summary = pretrain(cfg)
     return 0 if summary["status"] == "done" else 1
@@ -40,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_command(sub)
     add_linprobe_command(sub)
+    from mimfast.train.tokenizer_train import add_tokenizer_command
+
+    add_tokenizer_command(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from mimfast.train.progress import Progress
 from mimfast.train.visualize import save_png
 
 __all__ = ["TokenizerTrainConfig", "train_tokenizer", "codebook_usage", "token_colors", "build_train_parser",
-           "config_from_args"]
+           "config_from_args", "add_tokenizer_command"]
 
 
 @dataclass
@@ -172,11 +173,10 @@ def codebook_usage(model, images: torch.Tensor, batch_size: int = 64) -> dict:
 
 def token_colors(ids: torch.Tensor, size: int) -> torch.Tensor:
     """(N, h, w) ids -> (N, 3, size, size) uint8 picture, one fixed pseudo-random colour per id."""
-    g = torch.Generator().manual_seed(1234)
-    top = int(ids.max().item()) + 1 if ids.numel() else 1
-    palette = torch.randint(30, 256, (max(top, 1), 3), generator=g, dtype=torch.uint8)
-    img = palette[ids.cpu()].permute(0, 3, 1, 2)  # (N, 3, h, w)
-    return torch.nn.functional.interpolate(img.float(), size=(size, size), mode="nearest").byte()
+    h = (ids.long().cpu() * 2654435761) % (2**32)  # Knuth's multiplicative hash
+    rgb = torch.stack([(h >> 8) & 255, (h >> 16) & 255, (h >> 24) & 255], dim=1)  # (N, 3, h, w)
+    img = (40 + rgb * 215 // 255).float()
+    return torch.nn.functional.interpolate(img, size=(size, size), mode="nearest").byte()
 
 
 @torch.no_grad()
@@ -324,3 +324,35 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     print(f"done: {step} steps in {summary['seconds']}s; use it with "
           f"`mimfast pretrain --method beit --tokenizer vq:{out / 'tokenizer.safetensors'}`")
     return summary
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    train_tokenizer(config_from_args(args))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from mimfast.models.dalle import convert_dalle_pickle
+
+    try:
+        config = convert_dalle_pickle(args.pickle, args.out)
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"mimfast tokenizer convert: {e}") from None
+    print(f"wrote {args.out}: DALL-E encoder, {config['vocab_size']} tokens, width {config['n_hid']}, "
+          f"{config['group_count']} groups x {config['n_blk_per_group']} blocks; use it with "
+          f"`mimfast pretrain --method beit --tokenizer dalle:{args.out}`")
+    return 0
+
+
+def add_tokenizer_command(sub) -> None:
+    """``mimfast tokenizer {train,convert}`` on the main parser's subcommands."""
+    p = sub.add_parser("tokenizer", help="BEiT visual tokenizers: train a VQ tokenizer, convert DALL-E weights")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a VQ tokenizer on the built-in dataset or an image folder",
+                        argument_default=argparse.SUPPRESS)
+    build_train_parser(t)
+    t.set_defaults(func=_cmd_train)
+    c = tsub.add_parser("convert", help="official DALL-E encoder.pkl -> safetensors (read once, restricted)")
+    c.add_argument("pickle", help="the official encoder.pkl")
+    c.add_argument("out", help="output .safetensors path")
+    c.set_defaults(func=_cmd_convert)
