@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.attention import AttentionConfig, attention_backward, attention_forward
 
@@ -30,6 +31,7 @@ class _Attention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         qkv, bias, out, lse = ctx.saved_tensors
         dqkv, dbias = attention_backward(
