@@ -1,0 +1,182 @@
+"""BEiT pretraining for ``mimfast pretrain --method beit`` (microsoft/unilm ``beit/
+run_beit_pretraining.py``, ``engine_for_pretraining.py``): what the shared loop in
+:mod:`mimfast.train.pretrain` needs to know, as :class:`BEiTTask`.
+
+Per sample (in the data workers, from the (seed, epoch, index)-seeded RNG, so masks and crops
+do not depend on the rank, the batch or the number of workers, and resume is exact):
+
+    image -> TwoViewTransform -> patch view (img_size, normalised), tokenizer view
+             (grid x tokenizer downsampling, map_pixels)
+          -> BlockwiseMaskingGenerator -> bool_masked_pos (grid, exactly num_mask_patches)
+
+Per batch: the frozen tokenizer turns the tokenizer views into (N, h, w) token ids under
+no_grad (``--tokenizer dalle:PATH`` or ``vq:PATH``), and the model's loss is the cross-entropy
+of its predictions at the masked positions, ``model(imgs, bool_masked_pos, labels=tokens)``.
+The pixel variant (``--model beit_*_pixel``) needs no tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from mimfast.data.masking_generators import BlockwiseMaskingGenerator
+from mimfast.data.two_view import TwoViewTransform
+from mimfast.models import create_model
+from mimfast.models.tokenizer import load_tokenizer
+from mimfast.train.config import PretrainConfig
+
+__all__ = ["BEiTTask", "BEiTSampleTransform"]
+
+_NEED_TOKENIZER = (
+    "BEiT predicts visual tokens, so it needs a tokenizer: --tokenizer dalle:ENCODER.safetensors (the "
+    "DALL-E dVAE encoder; convert the official encoder.pkl once with `mimfast tokenizer convert "
+    "encoder.pkl encoder.safetensors`) or --tokenizer vq:TOKENIZER.safetensors (train one with "
+    "`mimfast tokenizer train`; for --preset beit-tiny: `mimfast tokenizer train --img-size 64`). "
+    "Or pretrain the pixel variant: --model beit_base_patch16_224_pixel")
+
+
+class BEiTSampleTransform:
+    """(3, H, W) uint8 image -> (patch view, tokenizer view, bool_masked_pos (h, w)); the
+    tokenizer view is an empty tensor when ``two_view`` is None (pixel variant)."""
+
+    def __init__(self, patch_transform, masks: BlockwiseMaskingGenerator, two_view: bool = True) -> None:
+        self.patch_transform = patch_transform
+        self.masks = masks
+        self.two_view = two_view
+
+    def __call__(self, img):
+        views = self.patch_transform(img)
+        patches, tokens = views if self.two_view else (views, torch.empty(0))
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # from the sample's seeded torch RNG
+        mask = torch.from_numpy(self.masks(rng=np.random.default_rng(seed)))
+        return patches, tokens, mask
+
+
+class BEiTTask:
+    """What ``pretrain`` needs to know about BEiT: model, augmentation, loss, picture."""
+
+    def __init__(self, cfg: PretrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.pixel = cfg.model.endswith("_pixel")
+        self.tokenizer = None
+        if not self.pixel:
+            if not cfg.tokenizer:
+                raise SystemExit(_NEED_TOKENIZER)
+            try:
+                self.tokenizer = load_tokenizer(cfg.tokenizer).to(device)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(f"--tokenizer {cfg.tokenizer}: {e}") from None
+        self.patch_size = cfg.patch_size or 16
+        self.grid = None
+        self.vis = None
+
+    def build_model(self) -> torch.nn.Module:
+        kw = dict(self.cfg.model_kwargs)
+        if self.cfg.img_size is not None:
+            kw["img_size"] = self.cfg.img_size
+        if self.cfg.patch_size is not None:
+            kw["patch_size"] = self.cfg.patch_size
+        kw["kernels"] = self.cfg.kernels
+        kw.setdefault("drop_path_rate", self.cfg.drop_path)
+        if self.tokenizer is not None:
+            kw["vocab_size"] = self.tokenizer.vocab_size
+        model = create_model(self.cfg.model, **kw)
+        if not hasattr(model, "lm_head") and not hasattr(model, "pixel_head"):
+            raise SystemExit(f"--method beit needs a BEiT pretraining model (beit_*), got {self.cfg.model}")
+        self.patch_size = model.patch_size
+        self.grid = tuple(model.patch_embed.grid_size)
+        num_patches = self.grid[0] * self.grid[1]
+        if not 0 < self.cfg.num_mask_patches < num_patches:
+            raise SystemExit(f"--num-mask-patches must be in [1, {num_patches - 1}] for a {self.grid[0]}x"
+                             f"{self.grid[1]} patch grid, got {self.cfg.num_mask_patches}")
+        return model
+
+    def transform(self, img_size: int):
+        grid = self.grid or (img_size // self.patch_size,) * 2
+        masks = BlockwiseMaskingGenerator(grid, self.cfg.num_mask_patches)
+        if self.pixel:
+            from mimfast.train.pretrain import mae_transform
+
+            return BEiTSampleTransform(mae_transform(img_size, self.cfg.min_crop_scale), masks, two_view=False)
+        # the token grid must be the patch grid: view side = grid x the tokenizer's downsampling
+        views = TwoViewTransform(img_size, grid[0] * self.tokenizer.downsample,
+                                 scale=(self.cfg.min_crop_scale, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return BEiTSampleTransform(views, masks)
+
+    @torch.no_grad()
+    def tokens(self, tokenizer_views: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) tokenizer views -> (N, L) token ids from the frozen tokenizer."""
+        ids = self.tokenizer(tokenizer_views)
+        if tuple(ids.shape[1:]) != tuple(self.grid or ids.shape[1:]):
+            raise ValueError(f"the tokenizer gives a {tuple(ids.shape[1:])} token grid, the model has a {self.grid} "
+                             f"patch grid")
+        return ids.flatten(1)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        (imgs, tokenizer_views, bool_masked_pos), _ = batch
+        imgs = imgs.to(self.device, non_blocking=True)
+        bool_masked_pos = bool_masked_pos.to(self.device, non_blocking=True).flatten(1)
+        if self.pixel:
+            loss, _ = model(imgs, bool_masked_pos)
+            return loss
+        labels = self.tokens(tokenizer_views.to(self.device, non_blocking=True))
+        return model(imgs, bool_masked_pos, labels=labels)
+
+    @torch.no_grad()
+    def picture(self, model, dataset, path: Path, write: bool = True) -> None:
+        """One row per image: image | masked image | tokenizer's tokens | the model's predicted
+        tokens at the masked positions (others grey). Pixel variant: image | masked |
+        reconstruction with the visible patches pasted back."""
+        from mimfast.train.tokenizer_train import token_colors
+        from mimfast.train.visualize import save_png
+
+        if self.vis is None:  # fixed images and masks (the dataset's epoch-0 samples)
+            items = [dataset[(0, i)][0] for i in range(min(8, len(dataset)))]
+            self.vis = [torch.stack([it[j] for it in items]).to(self.device) for j in range(3)]
+        imgs, tokenizer_views, masks = self.vis
+        masks = masks.flatten(1)
+        N, _, S, _ = imgs.shape
+        p = self.patch_size
+        h, w = self.grid
+        mask_img = masks.view(N, 1, h, w).float().repeat_interleave(p, 2).repeat_interleave(p, 3)
+        mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+        pixels = (imgs.float() * std + mean).clamp(0, 1)
+        masked = pixels * (1 - mask_img) + 0.5 * mask_img
+        was_training = model.training
+        model.eval()
+        try:
+            if self.pixel:
+                from mimfast import ops
+
+                _, pred = model(imgs, masks)
+                pred = pred.float()
+                if getattr(model, "norm_pix_loss", False):
+                    target = ops.patchify(imgs.float(), p)
+                    pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+                recon = (ops.unpatchify(pred, p, 3, (h, w)) * std + mean).clamp(0, 1)
+                panels = [pixels, masked, pixels * (1 - mask_img) + recon * mask_img]
+            else:
+                labels = self.tokens(tokenizer_views)  # (N, L)
+                pred = model(imgs, masks).argmax(-1)  # (M,) at the masked positions
+                predicted = labels.clone()
+                predicted[masks] = pred
+                tok = token_colors(labels.view(N, h, w), S).float().div(255).to(imgs.device)
+                shown = token_colors(predicted.view(N, h, w), S).float().div(255).to(imgs.device)
+                panels = [pixels, masked, tok, shown * mask_img + 0.5 * (1 - mask_img)]
+        finally:
+            model.train(was_training)
+        if not write:
+            return
+        gap = 2
+        grid = np.full((N * (S + gap) - gap, len(panels) * (S + gap) - gap, 3), 255, np.uint8)
+        for n in range(N):
+            for j, panel in enumerate(panels):
+                tile = (panel[n].permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+                grid[n * (S + gap): n * (S + gap) + S, j * (S + gap): j * (S + gap) + S] = tile
+        save_png(grid, path, scale=max(1, 128 // S))
