@@ -179,10 +179,11 @@ def dall_e_modules(monkeypatch):
         monkeypatch.setitem(sys.modules, m.__name__, m)
 
 
-def test_converter_round_trip(dall_e_modules, tmp_path, monkeypatch):
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_converter_round_trip(dall_e_modules, tmp_path, monkeypatch, zip_format):
     ref = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=24)
     pkl = tmp_path / "encoder.pkl"
-    torch.save(ref, pkl)  # a whole pickled module, as the official file
+    torch.save(ref, pkl, _use_new_zipfile_serialization=zip_format)  # a whole pickled module, as the official file
     assert type(ref.blocks.input).__module__ == "dall_e.utils"
     with open(pkl, "rb") as f:  # the pickle names the dall_e classes
         raw = f.read()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -275,7 +276,9 @@ def read_dalle_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DALL-E encoder pickle {str(path)!r} does not exist")
-    obj = torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
+    with warnings.catch_warnings():  # legacy files: torch cannot compare the stand-ins' source
+        warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+        obj = torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
     pickled_as = getattr(type(obj), "_pickled_as", None)
     if pickled_as != "dall_e.encoder.Encoder":
         raise ValueError(f"{path}: expected a pickled dall_e.encoder.Encoder, found {pickled_as or type(obj).__name__}")
