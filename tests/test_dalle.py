@@ -179,6 +179,7 @@ def dall_e_modules(monkeypatch):
         monkeypatch.setitem(sys.modules, m.__name__, m)
 
 
+@pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")  # legacy torch.save of test classes
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_converter_round_trip(dall_e_modules, tmp_path, monkeypatch, zip_format):
     ref = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=24)
