@@ -20,11 +20,17 @@ import torch
 from benchmarks import harness
 
 
+ORDER = ["bench_masking", "bench_patch_loss", "bench_attention", "bench_step", "bench_beit",
+         "bench_input_pipeline"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", default="", help="comma-separated module names without 'bench_'")
     ap.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no further benchmark module once this many seconds have passed (0: no limit)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks need a CUDA device", file=sys.stderr)
@@ -37,8 +43,15 @@ def main(argv=None) -> int:
     only = {s for s in args.only.split(",") if s}
     here = Path(__file__).parent
     errors = []
-    for mod in sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")):
+    found = [m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")]
+    # the kernels first, then the end-to-end step, then the rest
+    order = {name: i for i, name in enumerate(ORDER)}
+    t_start = time.time()
+    for mod in sorted(found, key=lambda m: (order.get(m, len(order)), m)):
         if only and mod[len("bench_"):] not in only:
+            continue
+        if args.budget_s and time.time() - t_start > args.budget_s:
+            errors.append(f"{mod}: not run, the time budget of {args.budget_s:.0f}s was spent")
             continue
         t0 = time.time()
         try:
