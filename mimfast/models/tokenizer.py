@@ -116,7 +116,9 @@ class VQTokenizer(nn.Module):
         enc = [nn.Conv2d(in_chans, hidden, 4, stride=2, padding=1)]
         for _ in range(n_down - 1):
             enc += [_ResBlock(hidden), nn.ReLU(), nn.Conv2d(hidden, hidden, 4, stride=2, padding=1)]
-        enc += [_ResBlock(hidden), nn.ReLU(), nn.Conv2d(hidden, embed_dim, 1)]
+        # centred per channel (over the batch) before the l2 normalisation of the quantizer, so
+        # the encodings spread over the sphere from the start instead of sharing one direction
+        enc += [_ResBlock(hidden), nn.ReLU(), nn.Conv2d(hidden, embed_dim, 1), nn.BatchNorm2d(embed_dim, affine=False)]
         self.encoder = nn.Sequential(*enc)
         self.quantizer = EMAQuantizer(vocab_size, embed_dim, decay=decay)
         dec = [nn.Conv2d(embed_dim, hidden, 3, padding=1), _ResBlock(hidden)]
