@@ -231,3 +231,15 @@ def test_keyed_noise_is_a_function_of_the_sample():
     a = _keyed_noise(0, [1, 1, 2], [5, 6, 5], 16)
     b = _keyed_noise(0, [2, 1], [5, 6], 16)
     assert torch.equal(a[2], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], a[2])
+
+
+def test_compile_flag_compiles_the_model(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_compile(model, **kw):
+        seen.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    summary = pretrain(_cfg(tmp_path, compile=True, epochs=1))
+    assert summary["status"] == "done" and len(seen) == 1

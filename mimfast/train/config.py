@@ -61,6 +61,7 @@ class PretrainConfig:
     preset: str | None = None
     device: str = "auto"  # auto | cuda | cpu
     gpu_pipeline: bool = False
+    compile: bool = False  # torch.compile the model (the ops are custom ops: no graph breaks)
     fsdp: bool = False
     tensorboard: bool = True
 

@@ -263,6 +263,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if d.enabled and not sharded:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
 
     step, epoch, start_in_epoch = 0, 0, 0
     resume = cfg.resume
