@@ -422,6 +422,7 @@ def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is optional
+        print("TensorBoard scalars are off: pip install 'mimfast[tensorboard]' (log.jsonl has the same numbers)")
         return None
     return SummaryWriter(str(out / "tb"))
 
