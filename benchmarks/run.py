@@ -21,7 +21,7 @@ from benchmarks import harness
 
 
 ORDER = ["bench_masking", "bench_patch_loss", "bench_attention", "bench_step", "bench_beit",
-         "bench_input_pipeline"]
+         "bench_input_pipeline", "bench_profile"]
 
 
 def main(argv=None) -> int:
