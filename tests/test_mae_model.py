@@ -165,3 +165,18 @@ def test_bad_input(imgs, ratio, match):
         m(imgs, mask_ratio=ratio)
     with pytest.raises(ValueError, match="multiple"):
         mae_vit_tiny_patch16(img_size=30, patch_size=8)
+
+
+@pytest.mark.parametrize("factory", [mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14])
+def test_full_size_models_equal_official_semantics(factory):
+    """Base, large and huge: the official forward's loss, prediction and mask, same weights and seed."""
+    torch.manual_seed(0)
+    model = factory(norm_pix_loss=True, kernels="eager")
+    imgs = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = _official_forward(model, imgs, 0.75)
+        torch.manual_seed(5)
+        got = model(imgs, mask_ratio=0.75)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
