@@ -58,6 +58,7 @@ def test_cli_flags_recipe_preset_and_yaml(tmp_path):
         (["--data", "/no/such/folder"], "does not exist"),
         (["--mask-ratio", "1.0"], "mask-ratio"),
         (["--batch-size", "0"], "batch-size"),
+        (["--model", "mae_vit_gigantic"], "unknown"),
     ],
 )
 def test_bad_configs_fail_at_start(argv, match):

@@ -165,6 +165,10 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"--max-steps must be positive, got {cfg.max_steps}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
         problems.append(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    from mimfast.models import MODELS
+
+    if cfg.model not in MODELS:
+        problems.append(f"--model {cfg.model!r} is unknown; known: {', '.join(sorted(MODELS))}")
     if cfg.data != "builtin" and not Path(cfg.data).is_dir():
         problems.append(f"--data folder {cfg.data!r} does not exist (or use --data builtin)")
     if cfg.save_every < 0:
