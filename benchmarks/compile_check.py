@@ -8,9 +8,11 @@ divisibility of pointers and ints, constexprs, num_warps / num_stages) and compi
 ``triton.compile`` for ``GPUTarget("cuda", 90, 64)`` through the bundled ptxas. One line per
 distinct variant: registers per thread, spill stores / loads (bytes), shared memory, OK / FAIL.
 A kernel that compiles but asks for more shared memory than an H100 / H200 block may have
-(227 KiB) also FAILs: Triton raises OutOfResources at launch, not at compile time.
+(227 KiB) also FAILs: Triton raises OutOfResources at launch, not at compile time; so does a
+launch whose grid CUDA refuses (more than 65535 programs on axis 1 or 2).
 
-    python -m benchmarks.compile_check                      # everything (about 2 minutes, 2 cores)
+    python -m benchmarks.compile_check                      # a pairwise cover (about 2 minutes, 2 cores)
+    python -m benchmarks.compile_check --all                # all ~920 specialisations (about 4.5 minutes)
     python -m benchmarks.compile_check --only attention,augment --jobs 4
     python -m benchmarks.compile_check --list               # the variants only, no compile
 
@@ -65,8 +67,12 @@ class Capture:
         self.backend = make_backend(TARGET)
         self.binders = {}
         self.variants = {}  # key -> record
+        self.bad_grids = []  # launches whose grid CUDA would refuse
 
-    def run(self, fn, args, kwargs, case):
+    def run(self, fn, args, kwargs, grid, case):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        if not (grid[0] < 2**31 and grid[1] <= 65535 and grid[2] <= 65535):
+            self.bad_grids.append(f"{fn.__name__} grid {grid} beyond CUDA's limits  [{case}]")
         kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
         kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
         binder = self.binders.get(fn)
@@ -89,7 +95,7 @@ class Capture:
         cap = self
 
         def run(self, *args, grid, warmup, **kwargs):
-            cap.run(self, args, kwargs, case)
+            cap.run(self, args, kwargs, grid, case)
             return None
 
         _jit.JITFunction.run = run
@@ -435,9 +441,11 @@ def main(argv=None) -> int:
     print("\nkernel: variants, failed, with spills, max registers, max shared memory")
     for name, (n, nf, ns, regs, smem) in per_kernel.items():
         print(f"  {name:42s} {n:4d} {nf:4d} {ns:4d} {regs:4d} {smem:7d} B")
+    for line in cap.bad_grids:
+        print(f"FAIL      {line}")
     print(f"{len(variants)} variants: {len(variants) - failed} compiled ({spilled} with register spills), "
-          f"{failed} failed, in {time.perf_counter() - t0:.0f} s")
-    return 1 if failed else 0
+          f"{failed} failed, in {time.perf_counter() - t0:.0f} s; {len(cap.bad_grids)} launches with a bad grid")
+    return 1 if failed or cap.bad_grids else 0
 
 
 if __name__ == "__main__":
