@@ -198,9 +198,10 @@ def cases_attention():
     yield "models: frozen bias (no bias gradient)", lambda: [fwd_bwd(2, S, 12, 64, BF16, True, need_bias_grad=False)
                                                              for S in (50, 197)]
     yield "models: fp32 bias under bf16 autocast", lambda: fwd_bwd(8, 197, 12, 64, BF16, True, bias_dtype=F32)
-    yield "models: tiny test models (Dh 8, 16)", lambda: [fwd_bwd(2, S, H, Dh, dt, bias)
-                                                          for S in (5, 17, 65) for H, Dh in ((2, 8), (3, 16))
-                                                          for dt in FLOATS for bias in (False, True)]
+    yield "models: tiny test models (Dh 8, 16, 32)", lambda: [fwd_bwd(2, S, H, Dh, dt, bias)
+                                                              for S in (5, 17, 50, 65)
+                                                              for H, Dh in ((2, 8), (3, 16), (2, 32))
+                                                              for dt in FLOATS for bias in (False, True)]
 
     def bench():
         from benchmarks.bench_attention import CASES, _alt_configs
