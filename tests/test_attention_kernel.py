@@ -13,7 +13,7 @@ import torch
 from mimfast import ops
 from mimfast.kernels import attention as K
 from mimfast.ops.attention import attention_reference
-from tests.tolerance import DEVICE, assert_2x_rule, poison_
+from tolerance import DEVICE, assert_2x_rule, poison_
 
 CUDA = DEVICE == "cuda"
 

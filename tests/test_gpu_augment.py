@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mimfast.data import gpu_pipeline as gp
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from tests.tolerance import DEVICE, INTERPRETED, poison_
+from tolerance import DEVICE, INTERPRETED, poison_
 
 MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 

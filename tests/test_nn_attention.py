@@ -9,7 +9,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 import mimfast
 from mimfast.models.mae import mae_vit_tiny_patch16
 from mimfast.nn import Attention
-from tests.tolerance import DEVICE
+from tolerance import DEVICE
 
 
 def _tiny_vit(**kwargs):
