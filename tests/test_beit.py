@@ -1,7 +1,6 @@
 """BEiT pretraining model: the reference's keys, parameter counts and init, its forward line by
 line on the same weights, and loss + every gradient with kernels on and off; the pixel variant."""
 
-import importlib.util
 import math
 
 import numpy as np
@@ -23,8 +22,6 @@ from mimfast.models.beit import (
 from mimfast.nn import BEiTAttention
 from tolerance import DEVICE
 
-TRITON_ATTENTION = importlib.util.find_spec("mimfast.ops._attention_triton") is not None
-TRITON_PATCH_LOSS = importlib.util.find_spec("mimfast.ops._patch_loss_triton") is not None
 # small model for the interpreter: 4 x 4 patches (S = 17), head dim 32
 SMALL = dict(img_size=64, embed_dim=96, depth=2, num_heads=3, vocab_size=1000)
 
@@ -219,8 +216,6 @@ def _loss_and_grads(model, imgs, bool_masked_pos, labels):
 
 @pytest.mark.parametrize("attention", ["eager", "triton"])
 def test_kernels_on_and_off_same_weights(attention, device):
-    if attention == "triton" and not TRITON_ATTENTION:
-        pytest.skip("the Triton attention op is not there yet")
     torch.manual_seed(0)
     model = beit_tiny_patch16_224_8k_vocab(**SMALL).to(device)
     _randomize(model)
@@ -244,8 +239,6 @@ def test_kernels_on_and_off_same_weights(attention, device):
 
 @pytest.mark.parametrize("attention", ["eager", "triton"])
 def test_pixel_variant(attention, device):
-    if attention == "triton" and not (TRITON_ATTENTION and TRITON_PATCH_LOSS):
-        pytest.skip("the Triton attention / patch loss ops are not there yet")
     torch.manual_seed(0)
     model = beit_tiny_patch16_224_pixel(img_size=64, embed_dim=96, depth=2, num_heads=3).to(device)
     _randomize(model)
@@ -269,8 +262,6 @@ def test_pixel_variant(attention, device):
         for m in model.modules():
             if isinstance(m, BEiTAttention):
                 m.kernels = "eager"
-    if not TRITON_PATCH_LOSS:
-        model.kernels = "eager"
     model.zero_grad(set_to_none=True)
     loss, pred = model(imgs, bool_masked_pos)
     loss.backward()
