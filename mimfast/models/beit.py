@@ -28,7 +28,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import check_backend_name
-from mimfast.ops.linear_ce import _rows_equal
+from mimfast.ops.linear_ce import same_row_count
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias
 
 __all__ = [
@@ -250,7 +250,7 @@ class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
             raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
         if labels.shape == bool_masked_pos.shape:
             labels = labels[bool_masked_pos]
-        elif labels.dim() != 1 or not _rows_equal(labels.shape[0], hidden.shape[0]):
+        elif labels.dim() != 1 or not same_row_count(labels.shape[0], hidden.shape[0]):
             raise ValueError(f"labels must be (M,) = ({hidden.shape[0]},) or (N, L) = "
                              f"{tuple(bool_masked_pos.shape)}, got {tuple(labels.shape)}")
         return ops.linear_cross_entropy(hidden, self.lm_head.weight, self.lm_head.bias, labels,

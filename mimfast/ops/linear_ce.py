@@ -14,7 +14,7 @@ from mimfast import backend as _backend
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
 
 
-def _rows_equal(a, b) -> bool:
+def same_row_count(a, b) -> bool:
     """a == b for row counts; under torch.compile the count of masked rows is data-dependent,
     so the check becomes a runtime assertion instead of a guard."""
     if torch.compiler.is_compiling():
@@ -36,7 +36,7 @@ def _check_linear_ce_args(hidden, weight, bias, labels):
     V = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"bias must be (V,) = ({V},), got {tuple(bias.shape)}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or not _rows_equal(labels.shape[0], M):
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or not same_row_count(labels.shape[0], M):
         raise ValueError(f"labels must be (M,) = ({M},), got {getattr(labels, 'shape', None)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
