@@ -27,9 +27,10 @@ from timm.layers import trunc_normal_ as _timm_trunc_normal_
 from torch import nn
 
 from mimfast import ops
-from mimfast.backend import check_backend_name
+from mimfast.backend import check_backend_name, resolve
 from mimfast.ops.linear_ce import same_row_count
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias
+from mimfast.nn.blocks import forward_blocks
 
 __all__ = [
     "BEiTBlock",
@@ -89,7 +90,7 @@ class _BEiTEncoder(nn.Module):
                  qk_scale=None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), init_values=0.1, attn_head_dim=None,
                  use_abs_pos_emb: bool = False, use_rel_pos_bias: bool = False, use_shared_rel_pos_bias: bool = True,
-                 init_std: float = 0.02, kernels: str = "auto") -> None:
+                 init_std: float = 0.02, kernels: str = "auto", fused_norm: bool = True) -> None:
         super().__init__()
         if not isinstance(img_size, int) or not isinstance(patch_size, int):
             raise TypeError(f"img_size and patch_size must be ints, got {img_size!r}, {patch_size!r}")
@@ -122,6 +123,7 @@ class _BEiTEncoder(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.init_std = init_std
         self.kernels = check_backend_name(kernels, "kernels")
+        self.fused_norm = bool(fused_norm)
 
     def _init_all(self, head: nn.Linear) -> None:
         """The reference's order: tokens, head, every module, then the depth rescale."""
@@ -149,9 +151,12 @@ class _BEiTEncoder(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def set_kernels(self, kernels: str) -> None:
-        """Switch every op of the model to ``"auto"``, ``"eager"`` or ``"triton"``."""
+    def set_kernels(self, kernels: str, fused_norm: bool | None = None) -> None:
+        """Switch every op of the model to ``"auto"``, ``"eager"`` or ``"triton"``, and the fused
+        residual add + LayerNorm (:func:`mimfast.nn.forward_blocks`) on or off (unchanged when None)."""
         self.kernels = check_backend_name(kernels, "kernels")
+        if fused_norm is not None:
+            self.fused_norm = bool(fused_norm)
         for m in self.modules():
             if isinstance(m, BEiTAttention):
                 m.kernels = self.kernels
@@ -207,6 +212,8 @@ class _BEiTEncoder(nn.Module):
             x = x + self.pos_embed
         x = self.pos_drop(x)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, 1 + L, 1 + L)
+        if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
+            return forward_blocks(x, self.blocks, self.norm, kernels=self.kernels, rel_pos_bias=rel_pos_bias)
         for blk in self.blocks:
             x = blk(x, rel_pos_bias=rel_pos_bias)
         return self.norm(x)
@@ -221,6 +228,8 @@ class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
         use_abs_pos_emb, use_rel_pos_bias, use_shared_rel_pos_bias: position encodings; the
             defaults are the pretraining recipe's (shared relative bias only).
         kernels: ``"auto"``, ``"eager"`` or ``"triton"`` for every op the model calls.
+        fused_norm: where kernels resolve to Triton, run the blocks with each residual add fused
+            into the LayerNorm after it (:func:`mimfast.nn.forward_blocks`; same results).
     """
 
     def __init__(self, vocab_size: int = 8192, **kwargs) -> None:

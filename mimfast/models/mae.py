@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block
 from mimfast import ops
 from mimfast.backend import check_backend_name
 from mimfast.models.pos_embed import get_2d_sincos_pos_embed
-from mimfast.nn import Attention
+from mimfast.nn import Attention, forward_blocks
 
 __all__ = [
     "MaskedAutoencoderViT",
@@ -50,6 +50,9 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: normalise each target patch by its mean and unbiased variance.
         loss: ``"mse"`` (MAE) or ``"l1"`` (SimMIM variant).
         kernels: ``"auto"``, ``"eager"`` or ``"triton"`` for every op the model calls.
+        fused_norm: where kernels resolve to Triton, run the encoder and decoder blocks with
+            each residual add fused into the LayerNorm after it (:func:`mimfast.nn.forward_blocks`;
+            same parameters, same results).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = False,
         loss: str = "mse",
         kernels: str = "auto",
+        fused_norm: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(img_size, int) or not isinstance(patch_size, int):
@@ -105,11 +109,14 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
         self.initialize_weights()
-        self.set_kernels(kernels)
+        self.set_kernels(kernels, fused_norm)
 
-    def set_kernels(self, kernels: str) -> None:
-        """Switch every op of the model to ``"auto"``, ``"eager"`` or ``"triton"``."""
+    def set_kernels(self, kernels: str, fused_norm: bool | None = None) -> None:
+        """Switch every op of the model to ``"auto"``, ``"eager"`` or ``"triton"``, and the fused
+        residual add + LayerNorm on or off (unchanged when None)."""
         self.kernels = check_backend_name(kernels, "kernels")
+        if fused_norm is not None:
+            self.fused_norm = bool(fused_norm)
         for m in self.modules():
             if isinstance(m, Attention):
                 m.kernels = self.kernels
@@ -174,6 +181,16 @@ class MaskedAutoencoderViT(nn.Module):
         if not math.isfinite(mask_ratio) or not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
 
+    def _blocks(self, x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module) -> torch.Tensor:
+        """``norm(blocks(x))``: fused residual add + LayerNorm where kernels resolve to Triton."""
+        from mimfast.backend import resolve
+
+        if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
+            return forward_blocks(x, blocks, norm, kernels=self.kernels)
+        for blk in blocks:
+            x = blk(x)
+        return norm(x)
+
     # --- the three stages of the official model
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """imgs -> (latent (N, 1 + K, D), mask (N, L), ids_restore (N, L))."""
@@ -198,9 +215,7 @@ class MaskedAutoencoderViT(nn.Module):
             )  # (N, K, D)
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (N, 1 + K, D)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        x = self._blocks(x, self.blocks, self.norm)
         return x, mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -209,9 +224,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = ops.unshuffle_with_mask_token(
             x, self.mask_token, ids_restore, pos_embed=self.decoder_pos_embed, backend=self.kernels
         )  # (N, 1 + L, Dd)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
+        x = self._blocks(x, self.decoder_blocks, self.decoder_norm)
         x = self.decoder_pred(x)  # (N, 1 + L, p*p*C)
         return x[:, 1:, :]  # remove the cls row (a view)
 

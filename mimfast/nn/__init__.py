@@ -2,5 +2,6 @@
 
 from mimfast.nn.attention import Attention, patch_timm
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias
+from mimfast.nn.blocks import can_fuse_blocks, forward_blocks
 
-__all__ = ["Attention", "patch_timm", "BEiTAttention", "RelativePositionBias"]
+__all__ = ["Attention", "patch_timm", "BEiTAttention", "RelativePositionBias", "forward_blocks", "can_fuse_blocks"]

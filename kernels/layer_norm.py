@@ -1,0 +1,310 @@
+"""Residual add (with optional layer scale) fused with the LayerNorm that follows it, forward
+and backward (the pre-norm transformer block's ``x = x + ls(branch); y = norm(x)``).
+
+Replaces, for a branch output x (M, D), the residual stream r (M, D), an optional layer-scale
+vector s (D,) and LayerNorm weight w, bias b (D,):
+
+    h = x * s                          # read x, write h        (only with layer scale)
+    r = r + h                          # read r, h, write r
+    y = layer_norm(r, w, b, eps)       # read r, write y (fp32 under autocast)
+    y = y.to(bfloat16)                 # read y, write y        (autocast's cast before the next Linear)
+    # backward: layer_norm_backward, the add's and the cast's gradients, about as many passes again
+
+with one pass that reads x and r and writes r and y (y directly in the dtype the next matmul
+wants), keeping the row's mean and 1/std (fp32) for the backward; and one backward pass that
+reads r, dy and the residual stream's incoming gradient and writes the gradients of x and r,
+with the weight / bias / layer-scale gradients reduced per program (fp32, a fixed split of the
+rows) and summed over programs afterwards in a fixed order (bit-identical run to run).
+
+Bytes moved, M rows of D values: forward M*D*(x + r in + r out + y bytes); backward
+M*D*(r + dy + dr in + dr out + dx bytes) (+ x with layer scale). Eager moves about twice that.
+
+Semantics are those of the eager code in each dtype: h and r are rounded to the dtypes eager
+arithmetic would give (``torch.result_type``) before the statistics are taken; statistics are
+fp32 (biased variance, ``eps`` added, as ``torch.nn.functional.layer_norm``).
+
+Supports: x, residual in float32 / float16 / bfloat16 with unit stride along D and any row
+stride; no residual (plain LayerNorm of x, optionally scaled); weight / bias / scale absent or
+(D,) contiguous; D up to 16384 (a row tile is held in registers). Does not support float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["add_layer_norm_fwd", "add_layer_norm_bwd", "MAX_D"]
+
+MAX_D = 16384
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _add_ln_fwd_kernel(
+    x_ptr,  # (M, D) branch output, unit stride along D
+    res_ptr,  # (M, D) residual stream, unit stride along D (HAS_RES)
+    scale_ptr,  # (D,) layer scale (HAS_SCALE)
+    w_ptr, b_ptr,  # (D,) LayerNorm weight and bias (HAS_W, HAS_B)
+    r_out_ptr,  # (M, D) contiguous: the new residual stream (WRITE_R)
+    y_ptr,  # (M, D) contiguous: the normalised rows, out dtype
+    mean_ptr, rstd_ptr,  # (M,) fp32
+    M, D,
+    s_xm, s_rm,  # row strides of x and residual
+    eps,
+    H_DTYPE: tl.constexpr,  # dtype of x * scale in eager arithmetic
+    R_DTYPE: tl.constexpr,  # dtype of residual + h in eager arithmetic
+    HAS_RES: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    WRITE_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    col_ok = cols < D
+    ok = row_ok[:, None] & col_ok[None, :]
+
+    h = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        h = (h * s[None, :]).to(H_DTYPE).to(tl.float32)
+    if HAS_RES:
+        res = tl.load(res_ptr + rows[:, None] * s_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        r = (res + h).to(R_DTYPE).to(tl.float32)
+    else:
+        r = h
+    if WRITE_R:
+        tl.store(r_out_ptr + rows[:, None] * D + cols[None, :], r.to(r_out_ptr.dtype.element_ty), mask=ok)
+
+    mean = tl.sum(r, axis=1) / D
+    diff = tl.where(ok, r - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = diff * rstd[:, None]
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _add_ln_bwd_kernel(
+    dy_ptr,  # (M, D) contiguous, gradient of y
+    dr_in_ptr,  # (M, D) contiguous, gradient of the new residual stream from later uses (HAS_DR)
+    r_ptr,  # (M, D) the new residual stream (or x when there is no add), unit stride along D
+    x_ptr,  # (M, D) the branch output, unit stride along D (HAS_SCALE and NEED_DSCALE)
+    scale_ptr,  # (D,) (HAS_SCALE)
+    w_ptr,  # (D,) (HAS_W)
+    mean_ptr, rstd_ptr,  # (M,) fp32
+    dx_ptr,  # (M, D) contiguous, x's dtype (NEED_DX)
+    dres_ptr,  # (M, D) contiguous, residual's dtype (NEED_DRES)
+    part_ptr,  # (programs, 3, D) fp32: per-program sums for dw, db, dscale
+    M, D,
+    s_rm, s_xm,
+    TILES,  # row tiles per program (a fixed split of the rows: deterministic partials)
+    HAS_DR: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DRES: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    NEED_DSCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_ds = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t in range(TILES):
+        tile = pid.to(tl.int64) * TILES + t
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < M
+        ok = row_ok[:, None] & col_ok[None, :]
+        r = tl.load(r_ptr + rows[:, None] * s_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(ok, (r - mean[:, None]) * rstd[:, None], 0.0)
+        if NEED_DW:
+            acc_dw += tl.sum(dy * xhat, axis=0)
+        if NEED_DB:
+            acc_db += tl.sum(dy, axis=0)
+        if HAS_W:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dr = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DR:
+            dr += tl.load(dr_in_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if NEED_DRES:
+            tl.store(dres_ptr + rows[:, None] * D + cols[None, :], dr.to(dres_ptr.dtype.element_ty), mask=ok)
+        if HAS_SCALE:
+            if NEED_DSCALE:
+                x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                acc_ds += tl.sum(tl.where(ok, dr * x, 0.0), axis=0)
+            dx = dr * s[None, :]
+        else:
+            dx = dr
+        if NEED_DX:
+            tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    base = part_ptr + pid.to(tl.int64) * 3 * D + cols
+    if NEED_DW:
+        tl.store(base, acc_dw, mask=col_ok)
+    if NEED_DB:
+        tl.store(base + D, acc_db, mask=col_ok)
+    if NEED_DSCALE:
+        tl.store(base + 2 * D, acc_ds, mask=col_ok)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests poison it to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): a row tile of about 4096 (fwd) / 2048 (bwd) values."""
+    block_d = triton.next_power_of_2(D)
+    budget = 2048 if backward else 4096
+    block_m = max(1, min(16, budget // block_d))
+    num_warps = 4 if block_m * block_d <= 2048 else 8
+    return block_m, block_d, num_warps
+
+
+def _check_rows(name: str, t: torch.Tensor, D: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() != 2 or t.shape[1] != D:
+        raise ValueError(f"{name} must be (M, D) with D = {D}, got {tuple(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride along D, got strides {t.stride()}")
+
+
+def _check_vec(name: str, t, D: int, device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != D:
+        raise ValueError(f"{name} must be a (D,) = ({D},) tensor or None, got {getattr(t, 'shape', t)!r}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, x on {device}")
+
+
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+                       out_dtype: torch.dtype):
+    """(r, y, mean, rstd) for x, residual (M, D): r = residual + x * scale (rounded as eager
+    rounds it), y = layer_norm(r) in ``out_dtype``. Without a residual and a scale, r is not
+    written and is returned as an empty (0,) tensor (r is x itself)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (M, D), got {tuple(x.shape)}")
+    M, D = x.shape
+    _check_rows("x", x, D)
+    if residual is not None:
+        _check_rows("residual", residual, D)
+        if residual.shape[0] != M:
+            raise ValueError(f"residual must be ({M}, {D}) like x, got {tuple(residual.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device}, x on {x.device}")
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale)):
+        _check_vec(name, t, D, x.device)
+    if D > MAX_D or D == 0:
+        raise ValueError(f"D must be in [1, {MAX_D}], got {D}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    h_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
+    r_dtype = h_dtype if residual is None else torch.promote_types(residual.dtype, h_dtype)
+    write_r = residual is not None or scale is not None
+    r = _empty((M, D) if write_r else (0,), r_dtype, x.device)
+    y = _empty((M, D), out_dtype, x.device)
+    mean = _empty((M,), torch.float32, x.device)
+    rstd = _empty((M,), torch.float32, x.device)
+    if M == 0:
+        return r, y, mean, rstd
+    block_m, block_d, num_warps = _blocks(D, backward=False)
+    dummy = x
+    _add_ln_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, residual if residual is not None else dummy, scale if scale is not None else dummy,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        r if write_r else dummy, y, mean, rstd,
+        M, D, x.stride(0), residual.stride(0) if residual is not None else 0, float(eps),
+        H_DTYPE=_TL_DTYPES[h_dtype], R_DTYPE=_TL_DTYPES[r_dtype],
+        HAS_RES=residual is not None, HAS_SCALE=scale is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, WRITE_R=write_r, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return r, y, mean, rstd
+
+
+def _programs(n_tiles: int, device: torch.device) -> int:
+    """Programs of the backward: a fixed number per device, each owning a run of row tiles."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter runs programs one after another: few, long ones
+        target = 4
+    return max(1, min(n_tiles, target))
+
+
+def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor | None,
+                       weight: torch.Tensor | None, scale: torch.Tensor | None, mean: torch.Tensor,
+                       rstd: torch.Tensor, x_dtype: torch.dtype, res_dtype: torch.dtype | None,
+                       need_dx: bool, need_dres: bool, need_dw: bool, need_db: bool, need_dscale: bool):
+    """Gradients (dx, dres, sums) of :func:`add_layer_norm_fwd`: sums (3, D) fp32 holds the
+    weight, bias and layer-scale gradients (rows not asked for are zero); what is not needed
+    is an empty (0,) tensor. ``r`` is the forward's residual output (x itself when there was no add
+    and no scale), ``x`` the branch output (needed for ``dscale`` only)."""
+    M, D = r.shape
+    _check_rows("r", r, D)
+    dy = dy.contiguous()
+    _check_rows("dy", dy, D)
+    if dr_in is not None:
+        dr_in = dr_in.contiguous()
+        _check_rows("dr_in", dr_in, D)
+    if need_dscale and (x is None or scale is None):
+        raise ValueError("the layer-scale gradient needs x and scale")
+    dx = _empty((M, D) if need_dx else (0,), x_dtype, r.device)
+    dres = _empty((M, D) if need_dres else (0,), res_dtype, r.device)
+    block_m, block_d, num_warps = _blocks(D, backward=True)
+    n_tiles = triton.cdiv(M, block_m)
+    programs = _programs(n_tiles, r.device)
+    tiles = triton.cdiv(n_tiles, programs)
+    programs = triton.cdiv(n_tiles, tiles)
+    need_part = need_dw or need_db or need_dscale
+    part = r.new_zeros((programs, 3, D) if need_part else (0,), dtype=torch.float32)
+    if M > 0:
+        dummy = r
+        _add_ln_bwd_kernel[(programs,)](
+            dy, dr_in if dr_in is not None else dummy, r, x if x is not None else dummy,
+            scale if scale is not None else dummy, weight if weight is not None else dummy,
+            mean, rstd, dx if need_dx else dummy, dres if need_dres else dummy, part if need_part else dummy,
+            M, D, r.stride(0), x.stride(0) if x is not None else 0, tiles,
+            HAS_DR=dr_in is not None, HAS_SCALE=scale is not None, HAS_W=weight is not None,
+            NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db, NEED_DSCALE=need_dscale,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    sums = part.sum(0) if need_part else _empty((0,), torch.float32, r.device)  # (3, D) fp32: a fixed-order reduction over programs
+    return dx, dres, sums

@@ -1,0 +1,118 @@
+"""Run a stack of pre-norm transformer blocks with every residual add fused into the LayerNorm
+that follows it (:func:`mimfast.ops.add_layer_norm`).
+
+A pre-norm block is ``x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x)))`` and the stack
+ends with a final ``norm``. Each residual add is followed by a LayerNorm of its result (the
+block's ``norm2``, the next block's ``norm1``, or the final norm), so the stack runs as
+
+    r, y = x, norm1_0(x)
+    for each block:  r, y = add_layer_norm(ls1(attn(y)), r, norm2)
+                     r, y = add_layer_norm(ls2(mlp(y)), r, next norm1 or the final norm)
+
+with the layer scale applied inside the fused op and ``y`` written in the autocast dtype the
+next Linear casts to. The blocks' own modules and parameters are used: weights, names and
+checkpoints are unchanged. Stochastic depth (a training-mode drop path) is applied to the
+branch before the fused add. Blocks that something else drives (a forward hook or pre-hook,
+e.g. an FSDP unit or a user's hook; a subclass with its own forward) make the stack run the
+plain loop, so the result is always that of ``for blk in blocks: x = blk(x); norm(x)``.
+
+Supported blocks: timm's ``Block`` (``ls1``/``ls2`` identity or ``LayerScale``) and
+:class:`mimfast.models.beit.BEiTBlock` (``gamma_1``/``gamma_2``), with ``nn.LayerNorm`` norms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mimfast import ops
+
+__all__ = ["forward_blocks", "can_fuse_blocks"]
+
+
+def _is_layer_norm(m) -> bool:
+    return type(m) is nn.LayerNorm and len(m.normalized_shape) == 1
+
+
+def _plain(m) -> bool:
+    """No hooks on the module (FSDP units and user hooks need the module's own forward)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+
+
+def _block_kind(blk) -> str | None:
+    from timm.models.vision_transformer import Block, LayerScale
+
+    from mimfast.models.beit import BEiTBlock
+
+    if not (_plain(blk) and _is_layer_norm(blk.norm1) and _is_layer_norm(blk.norm2)):
+        return None
+    if type(blk) is Block:
+        if all(type(ls) is nn.Identity or (type(ls) is LayerScale and not ls.inplace) for ls in (blk.ls1, blk.ls2)):
+            return "timm"
+        return None
+    if type(blk) is BEiTBlock:
+        return "beit"
+    return None
+
+
+def can_fuse_blocks(blocks, norm) -> bool:
+    """Whether :func:`forward_blocks` fuses this stack (else it runs the plain loop)."""
+    return len(blocks) > 0 and _is_layer_norm(norm) and _plain(norm) and all(_block_kind(b) for b in blocks)
+
+
+def _parts(blk, kind):
+    """(scale1, drop1, scale2, drop2) of a block: layer-scale vectors (or None) and the drop-path
+    modules (or None when they are identities or not active)."""
+    if kind == "timm":
+        s1 = blk.ls1.gamma if type(blk.ls1) is not nn.Identity else None
+        s2 = blk.ls2.gamma if type(blk.ls2) is not nn.Identity else None
+        d1, d2 = blk.drop_path1, blk.drop_path2
+    else:
+        s1, s2 = blk.gamma_1, blk.gamma_2
+        d1 = d2 = blk.drop_path
+    active = [d if (type(d) is not nn.Identity and d.training and getattr(d, "drop_prob", 1.0) > 0) else None
+              for d in (d1, d2)]
+    return s1, active[0], s2, active[1]
+
+
+def _out_dtype(x: torch.Tensor):
+    """The dtype the next Linear casts its input to: the autocast dtype, or None (no cast)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "auto", **attn_kwargs) -> torch.Tensor:
+    """``norm(blocks[-1](...blocks[0](x)))`` with fused residual add + LayerNorm.
+
+    Args:
+        x: (B, S, D) input of the first block.
+        blocks: sequence of timm ``Block`` or ``BEiTBlock`` modules.
+        norm: the final ``nn.LayerNorm``.
+        kernels: backend of the fused op (``"auto"``, ``"eager"``, ``"triton"``).
+        attn_kwargs: passed to each block's attention (``rel_pos_bias`` for BEiT blocks).
+    """
+    kinds = [_block_kind(b) for b in blocks]
+    if not can_fuse_blocks(blocks, norm):
+        for blk in blocks:
+            x = blk(x, **attn_kwargs)
+        return norm(x)
+    out_dtype = _out_dtype(x)
+    first = blocks[0].norm1
+    r, y = ops.add_layer_norm(x, None, first.weight, first.bias, first.eps, out_dtype=out_dtype, backend=kernels)
+    for i, (blk, kind) in enumerate(zip(blocks, kinds)):
+        s1, d1, s2, d2 = _parts(blk, kind)
+        nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else norm
+        nxt_dtype = out_dtype if i + 1 < len(blocks) else None  # the final norm's output as eager gives it
+        a = blk.attn(y, **attn_kwargs)
+        if d1 is not None:  # stochastic depth: scale and drop the branch first
+            a, s1 = d1(a * s1 if s1 is not None else a), None
+        r, y = ops.add_layer_norm(a, r, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, scale=s1,
+                                  out_dtype=out_dtype, backend=kernels)
+        m = blk.mlp(y)
+        if d2 is not None:
+            m, s2 = d2(m * s2 if s2 is not None else m), None
+        r, y = ops.add_layer_norm(m, r, nxt.weight, nxt.bias, nxt.eps, scale=s2, out_dtype=nxt_dtype,
+                                  backend=kernels)
+    return y

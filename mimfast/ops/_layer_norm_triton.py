@@ -1,0 +1,107 @@
+"""The Triton branch of :func:`mimfast.ops.add_layer_norm`: an autograd Function over
+:mod:`mimfast.kernels.layer_norm` (one forward pass, one backward pass)."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from mimfast.kernels.layer_norm import add_layer_norm_bwd, add_layer_norm_fwd
+
+__all__ = ["add_layer_norm_triton"]
+
+
+# The kernel launches as torch.library custom ops (fakes give shapes only), so
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher.
+@torch.library.custom_op("mimfast::add_layer_norm_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+         scale: torch.Tensor | None, eps: float, out_dtype: torch.dtype
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_layer_norm_fwd(x, residual, weight, bias, scale, eps, out_dtype)
+
+
+@_fwd.register_fake
+def _(x, residual, weight, bias, scale, eps, out_dtype):
+    M, D = x.shape
+    h_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
+    r_dtype = h_dtype if residual is None else torch.promote_types(residual.dtype, h_dtype)
+    write_r = residual is not None or scale is not None
+    return (x.new_empty((M, D) if write_r else (0,), dtype=r_dtype), x.new_empty((M, D), dtype=out_dtype),
+            x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
+
+
+@torch.library.custom_op("mimfast::add_layer_norm_bwd", mutates_args=())
+def _bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor | None,
+         weight: torch.Tensor | None, scale: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+         x_dtype: torch.dtype, res_dtype: torch.dtype, need_dx: bool, need_dres: bool, need_dw: bool,
+         need_db: bool, need_dscale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_layer_norm_bwd(dy, dr_in, r, x, weight, scale, mean, rstd, x_dtype, res_dtype,
+                              need_dx, need_dres, need_dw, need_db, need_dscale)
+
+
+@_bwd.register_fake
+def _(dy, dr_in, r, x, weight, scale, mean, rstd, x_dtype, res_dtype, need_dx, need_dres, need_dw, need_db,
+      need_dscale):
+    M, D = r.shape
+    need_part = need_dw or need_db or need_dscale
+    return (r.new_empty((M, D) if need_dx else (0,), dtype=x_dtype),
+            r.new_empty((M, D) if need_dres else (0,), dtype=res_dtype),
+            r.new_empty((3, D) if need_part else (0,), dtype=torch.float32))
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """(x2d, residual2d | None, weight, bias, scale, eps, out_dtype) -> (r2d, y2d); r2d is an
+    empty placeholder when there is no residual and no scale (r is x itself)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, scale, eps, out_dtype):
+        r, y, mean, rstd = _fwd(x, residual, weight, bias, scale, eps, out_dtype)
+        write_r = residual is not None or scale is not None
+        need_x = scale is not None and ctx.needs_input_grad[4]
+        ctx.save_for_backward(r if write_r else x, x if need_x else None, weight, scale, mean, rstd)
+        ctx.write_r = write_r
+        ctx.x_dtype = x.dtype
+        ctx.res_dtype = residual.dtype if residual is not None else x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        if not write_r:
+            ctx.mark_non_differentiable(r)
+        return r, y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dr, dy):
+        r, x, weight, scale, mean, rstd = ctx.saved_tensors
+        need_dx, need_dres, need_dw, need_db, need_dscale = ctx.needs_input_grad[:5]
+        if dy is None:  # y unused: r = residual + x * scale is all that has a gradient
+            dy = torch.zeros(r.shape, dtype=torch.float32, device=r.device)
+        dx, dres, sums = _bwd(dy, dr if ctx.write_r else None, r, x, weight, scale, mean, rstd, ctx.x_dtype,
+                              ctx.res_dtype, need_dx, need_dres, need_dw and weight is not None,
+                              need_db and ctx.bias_dtype is not None, need_dscale and scale is not None)
+        return (dx if need_dx else None, dres if need_dres else None,
+                sums[0].to(weight.dtype) if need_dw else None,
+                sums[1].to(ctx.bias_dtype) if need_db else None,
+                sums[2].to(scale.dtype) if need_dscale else None, None, None)
+
+
+def add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype):
+    """The Triton backend of ``add_layer_norm``: (r, y) with the shapes of x."""
+    shape = x.shape
+    D = shape[-1]
+    h_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
+    r_dtype = h_dtype if residual is None else torch.promote_types(residual.dtype, h_dtype)
+    if out_dtype is None:  # what eager's layer_norm gives: fp32 under CUDA autocast, else r's dtype
+        autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        out_dtype = torch.float32 if autocast else r_dtype
+    x2 = x.reshape(-1, D)
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    res2 = None
+    if residual is not None:
+        res2 = residual.reshape(-1, D)
+        if res2.shape[-1] > 1 and res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+    vecs = [t.contiguous() if t is not None else None for t in (weight, bias, scale)]
+    r, y = _AddLayerNorm.apply(x2, res2, *vecs, float(eps), out_dtype)
+    r = r.view(shape) if (residual is not None or scale is not None) else x
+    return r, y.view(shape)

@@ -1,0 +1,332 @@
+"""Residual add + LayerNorm (kernels/layer_norm.py) against the eager reference and float64:
+r, y and every gradient (x, residual, weight, bias, layer scale), odd shapes, the dtype mixes a
+block under autocast produces, poisoned buffers, determinism, bad input, and a stack of timm /
+BEiT blocks run through :func:`mimfast.nn.forward_blocks` against their own forward."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from mimfast import ops
+from mimfast.kernels import layer_norm as K
+from tolerance import DEVICE, assert_2x_rule, max_err, poison_
+
+LOWP = (torch.float16, torch.bfloat16)
+# (leading shape, D)
+SHAPES = [((2, 17), 80), ((3, 5), 33), ((1, 50), 64), ((7,), 1), ((2, 3), 130)]
+if DEVICE == "cuda":
+    SHAPES += [((64, 197), 512), ((64, 50), 768), ((16, 65), 1280), ((8, 197), 1024)]
+else:
+    SHAPES += [((1, 9), 768), ((1, 3), 1280)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_new_buffers(monkeypatch):
+    """Every output buffer the launcher allocates starts as NaN."""
+    monkeypatch.setattr(K, "_empty", lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype,
+                                                                                      device=device)))
+
+
+def _inputs(lead, D, x_dtype, res_dtype, affine=True, scale=False, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    shape = (*lead, D)
+    x = torch.randn(shape, device=DEVICE, generator=g).to(x_dtype)
+    res = None if res_dtype is None else (torch.randn(shape, device=DEVICE, generator=g) * 2 + 0.3).to(res_dtype)
+    w = b = s = None
+    if affine:
+        w = 1 + 0.5 * torch.randn(D, device=DEVICE, generator=g)
+        b = 0.1 * torch.randn(D, device=DEVICE, generator=g)
+    if scale:
+        s = 0.1 + 0.05 * torch.randn(D, device=DEVICE, generator=g)
+    gy = torch.randn(shape, device=DEVICE, generator=g)
+    gr = torch.randn(shape, device=DEVICE, generator=g)
+    return x, res, w, b, s, gy, gr
+
+
+def _run(x, res, w, b, s, gy, gr, backend, out_dtype=None, cast=None, use_r=True):
+    """(r, y, grads of every tensor input) with incoming gradients gy for y and gr for r."""
+    leaves = []
+    args = []
+    for t in (x, res, w, b, s):
+        if t is None:
+            args.append(None)
+            continue
+        t = t.detach()
+        if cast is not None:
+            t = t.to(cast)
+        t.requires_grad_(True)
+        leaves.append(t)
+        args.append(t)
+    r, y = ops.add_layer_norm(args[0], args[1], args[2], args[3], 1e-6, scale=args[4], out_dtype=out_dtype,
+                              backend=backend)
+    outs, grads = [y], [gy.to(y.dtype)]
+    if use_r:
+        outs.append(r)
+        grads.append(gr.to(r.dtype))
+    gs = torch.autograd.grad(outs, leaves, grads)
+    return r.detach(), y.detach(), gs
+
+
+@pytest.mark.parametrize("lead,D", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("residual,scale,affine", [(True, False, True), (True, True, True), (False, False, True),
+                                                   (False, True, True), (True, False, False)])
+def test_fp32_matches_eager_and_float64(lead, D, residual, scale, affine):
+    ins = _inputs(lead, D, torch.float32, torch.float32 if residual else None, affine, scale)
+    rt, yt, gt = _run(*ins, "triton")
+    re, ye, ge = _run(*ins, "eager")
+    r64, y64, g64 = _run(*ins, "eager", cast=torch.float64)
+    assert rt.dtype == re.dtype and yt.dtype == ye.dtype
+    assert_2x_rule("r", rt, re, r64, atol=1e-6)
+    assert_2x_rule("y", yt, ye, y64, atol=2e-5)
+    names = [n for n, t in zip(("x", "residual", "weight", "bias", "scale"), ins[:5]) if t is not None]
+    for name, a, e, f in zip(names, gt, ge, g64):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert_2x_rule(f"grad {name}", a, e, f, atol=1e-4 * max(1.0, f.abs().max().item()))
+
+
+@pytest.mark.parametrize("x_dtype", LOWP)
+@pytest.mark.parametrize("res_dtype", ["fp32", "same", None])
+@pytest.mark.parametrize("scale", [False, True])
+def test_low_precision_two_x_rule(x_dtype, res_dtype, scale):
+    """Branch outputs in fp16/bf16 over an fp32 residual stream (autocast training) or a
+    low-precision one (a model cast to bf16): results and dtypes as eager, within the 2x rule."""
+    res = {"fp32": torch.float32, "same": x_dtype, None: None}[res_dtype]
+    lead, D = ((4, 33), 96) if DEVICE == "cpu" else ((32, 197), 768)
+    ins = _inputs(lead, D, x_dtype, res, True, scale, seed=1)
+    if res_dtype == "same" or (res_dtype is None and not scale):  # a low-precision model: parameters too
+        ins = (*ins[:2], ins[2].to(x_dtype), ins[3].to(x_dtype), ins[4].to(x_dtype) if scale else None, *ins[5:])
+    rt, yt, gt = _run(*ins, "triton")
+    re, ye, ge = _run(*ins, "eager")
+    r64, y64, g64 = _run(*ins, "eager", cast=torch.float64)
+    assert rt.dtype == re.dtype and yt.dtype == ye.dtype
+    assert_2x_rule("r", rt, re, r64, atol=1e-6)
+    assert_2x_rule("y", yt, ye, y64, atol=1e-3)
+    names = [n for n, t in zip(("x", "residual", "weight", "bias", "scale"), ins[:5]) if t is not None]
+    for name, a, e, f in zip(names, gt, ge, g64):
+        assert a.dtype == e.dtype, name
+        assert_2x_rule(f"grad {name}", a, e, f, atol=1e-3 * max(1.0, f.abs().max().item()))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_out_dtype_is_the_cast_of_the_fp32_result(out_dtype):
+    """y in the next Linear's dtype equals eager's fp32 LayerNorm output cast to it."""
+    ins = _inputs((3, 11), 48, torch.bfloat16, torch.float32, True, False, seed=2)
+    rt, yt, gt = _run(*ins, "triton", out_dtype=out_dtype)
+    re, ye, _ = _run(*ins, "eager")
+    assert yt.dtype == out_dtype
+    assert torch.equal(rt, re)
+    # at most one rounding step apart (the fp32 values differ in the last bits only)
+    ulp = {torch.float32: 2**-20, torch.float16: 2**-10, torch.bfloat16: 2**-7}[out_dtype]
+    torch.testing.assert_close(yt.float(), ye.to(out_dtype).float(), rtol=ulp, atol=1e-5)
+
+
+def test_unused_outputs_and_missing_gradients():
+    """Only y used (the final norm), only r used, inputs without grad: gradients as eager."""
+    x, res, w, b, s, gy, gr = _inputs((2, 13), 40, torch.float32, torch.float32, True, True, seed=3)
+    for use_r in (False, True):
+        _, _, gt = _run(x, res, w, b, s, gy, gr, "triton", use_r=use_r)
+        _, _, ge = _run(x, res, w, b, s, gy, gr, "eager", use_r=use_r)
+        for a, e in zip(gt, ge):
+            assert max_err(a, e) < 1e-4
+    # r only: y's gradient never arrives
+    xt = x.clone().requires_grad_(True)
+    r, _ = ops.add_layer_norm(xt, res, w, b, scale=s, backend="triton")
+    (gx,) = torch.autograd.grad(r, xt, gr)
+    assert max_err(gx, gr * s) < 1e-6
+    # parameters without grad, x with grad
+    xt = x.clone().requires_grad_(True)
+    r, y = ops.add_layer_norm(xt, res, w, b, scale=s, backend="triton")
+    xe = x.clone().requires_grad_(True)
+    re, ye = ops.add_layer_norm(xe, res, w, b, scale=s, backend="eager")
+    assert max_err(torch.autograd.grad((r, y), xt, (gr, gy))[0], torch.autograd.grad((re, ye), xe, (gr, gy))[0]) < 1e-5
+
+
+def test_no_residual_no_scale_returns_x_itself():
+    x = torch.randn(3, 7, 24, device=DEVICE, requires_grad=True)
+    r, y = ops.add_layer_norm(x, None, None, None, backend="triton")
+    assert r is x
+    assert max_err(y, torch.nn.functional.layer_norm(x, (24,), eps=1e-6)) < 1e-5
+
+
+def test_strided_rows():
+    """x and residual may be row-strided views (e.g. a slice of a wider buffer)."""
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    xb = torch.randn(5, 9, 100, device=DEVICE, generator=g)
+    rb = torch.randn(5, 9, 70, device=DEVICE, generator=g)
+    x, res = xb[..., 10:74], rb[..., 3:67]
+    w, b = torch.randn(64, device=DEVICE, generator=g), torch.randn(64, device=DEVICE, generator=g)
+    rt, yt = ops.add_layer_norm(x, res, w, b, backend="triton")
+    re, ye = ops.add_layer_norm(x, res, w, b, backend="eager")
+    assert torch.equal(rt, re)
+    assert max_err(yt, ye) < 1e-5
+
+
+def test_deterministic_gradients():
+    ins = _inputs((6, 41), 72, torch.float32, torch.float32, True, True, seed=5)
+    a = _run(*ins, "triton")[2]
+    b = _run(*ins, "triton")[2]
+    for ga, gb in zip(a, b):
+        assert torch.equal(ga, gb)
+
+
+def test_bad_input():
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    w = torch.ones(8, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        ops.add_layer_norm(x, torch.randn(2, 5, 9, device=DEVICE), w, w, backend="triton")
+    with pytest.raises(ValueError, match="weight"):
+        ops.add_layer_norm(x, None, torch.ones(7, device=DEVICE), w, backend="triton")
+    with pytest.raises(ValueError, match="scale"):
+        ops.add_layer_norm(x, None, w, w, scale=torch.ones(2, 8, device=DEVICE), backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        ops.add_layer_norm(x.double(), None, w, w, backend="triton")
+    with pytest.raises(TypeError, match="x must be"):
+        ops.add_layer_norm(x.int(), None, w, w, backend="triton")
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.add_layer_norm(x, None, w, w, out_dtype=torch.int32, backend="triton")
+    with pytest.raises(ValueError, match="eps"):
+        ops.add_layer_norm(x, None, w, w, eps=-1.0, backend="triton")
+    with pytest.raises(ValueError, match="D must be"):
+        K.add_layer_norm_fwd(torch.randn(2, K.MAX_D + 1, device=DEVICE), None, None, None, None, 1e-6,
+                             torch.float32)
+
+
+# --- stacks of blocks
+
+
+def _timm_stack(depth=3, dim=48, heads=3, init_values=None):
+    from timm.models.vision_transformer import Block
+
+    from mimfast.nn import Attention
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(Block(dim, heads, 4.0, qkv_bias=True, init_values=init_values,
+                                 norm_layer=partial(nn.LayerNorm, eps=1e-6), attn_layer=Attention)
+                           for _ in range(depth))
+    norm = nn.LayerNorm(dim, eps=1e-6)
+    for p in list(blocks.parameters()) + list(norm.parameters()):  # non-trivial affine parameters
+        p.data.add_(0.05 * torch.randn_like(p))
+    return blocks.to(DEVICE), norm.to(DEVICE)
+
+
+def _stack_grads(blocks, norm, x, fused, kernels):
+    from mimfast.nn import forward_blocks
+
+    for m in blocks.modules():
+        if hasattr(m, "kernels"):
+            m.kernels = kernels
+    x = x.detach().clone().requires_grad_(True)
+    if fused:
+        y = forward_blocks(x, blocks, norm, kernels=kernels)
+    else:
+        y = x
+        for blk in blocks:
+            y = blk(y)
+        y = norm(y)
+    gy = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)
+    params = [x] + list(blocks.parameters()) + list(norm.parameters())
+    grads = torch.autograd.grad(y, params, gy)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_forward_blocks_matches_block_forward(init_values):
+    blocks, norm = _timm_stack(init_values=init_values)
+    x = torch.randn(2, 11, 48, device=DEVICE)
+    y0, g0 = _stack_grads(blocks, norm, x, fused=False, kernels="eager")
+    y1, g1 = _stack_grads(blocks, norm, x, fused=True, kernels="triton")
+    y2, g2 = _stack_grads(blocks, norm, x, fused=True, kernels="eager")
+    assert max_err(y1, y0) < 1e-4 and max_err(y2, y0) < 1e-5
+    for a, b, c in zip(g0, g1, g2):
+        scale = max(1.0, a.abs().max().item())
+        assert max_err(a, b) < 1e-4 * scale and max_err(a, c) < 1e-5 * scale
+
+
+def test_forward_blocks_falls_back_where_it_cannot_fuse():
+    """Blocks with forward hooks (FSDP units, user hooks) or drop path in training run their
+    own forward: results equal the plain loop."""
+    from mimfast.nn import can_fuse_blocks
+
+    blocks, norm = _timm_stack(depth=2)
+    assert can_fuse_blocks(blocks, norm)
+    h = blocks[1].register_forward_pre_hook(lambda m, a: None)
+    assert not can_fuse_blocks(blocks, norm)
+    h.remove()
+    assert can_fuse_blocks(blocks, norm)
+    assert not can_fuse_blocks(blocks, nn.Identity())
+
+
+def _beit_stack(drop_path=0.0, depth=2, dim=32, heads=2, grid=(3, 3)):
+    from mimfast.models.beit import BEiTBlock
+    from mimfast.nn import RelativePositionBias
+
+    torch.manual_seed(1)
+    blocks = nn.ModuleList(BEiTBlock(dim, heads, qkv_bias=True, drop_path=drop_path, init_values=0.1,
+                                     norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth))
+    norm = nn.LayerNorm(dim, eps=1e-6)
+    rel = RelativePositionBias(window_size=grid, num_heads=heads)
+    for p in list(blocks.parameters()) + list(norm.parameters()) + list(rel.parameters()):
+        p.data.add_(0.05 * torch.randn_like(p))
+    return blocks.to(DEVICE), norm.to(DEVICE), rel.to(DEVICE)
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_forward_blocks_beit_with_bias_layer_scale_and_drop_path(drop_path):
+    """BEiT blocks (gamma layer scale, shared relative position bias, stochastic depth in
+    training): the fused stack draws the same drop-path masks and gives the same results."""
+    from mimfast.nn import forward_blocks
+
+    blocks, norm, rel = _beit_stack(drop_path)
+    blocks.train()
+    x0 = torch.randn(3, 10, 32, device=DEVICE)
+    results = []
+    for fused, kernels in ((False, "eager"), (True, "triton")):
+        for m in blocks.modules():
+            if hasattr(m, "kernels"):
+                m.kernels = kernels
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        bias = rel()
+        if fused:
+            y = forward_blocks(x, blocks, norm, kernels=kernels, rel_pos_bias=bias)
+        else:
+            y = x
+            for blk in blocks:
+                y = blk(y, rel_pos_bias=bias)
+            y = norm(y)
+        params = [x] + list(blocks.parameters()) + list(norm.parameters()) + list(rel.parameters())
+        gy = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)
+        results.append((y.detach(), torch.autograd.grad(y, params, gy)))
+    (y0, g0), (y1, g1) = results
+    assert max_err(y0, y1) < 1e-4
+    for a, b in zip(g0, g1):
+        assert max_err(a, b) < 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_mae_fused_norm_on_and_off():
+    """The tiny MAE with Triton kernels: fused residual + LayerNorm on and off give the same loss
+    and gradients (and the model's parameters and state_dict keys do not change)."""
+    from mimfast.models import mae_vit_tiny_patch16
+
+    torch.manual_seed(0)
+    model = mae_vit_tiny_patch16(img_size=32, depth=2, decoder_depth=1, kernels="triton").to(DEVICE)
+    keys = list(model.state_dict())
+    imgs = torch.randn(2, 3, 32, 32, device=DEVICE)
+    noise = torch.rand(2, 4, device=DEVICE)
+    out = []
+    for fused in (False, True):
+        model.set_kernels("triton", fused_norm=fused)
+        loss, pred, _ = model(imgs, 0.5, noise=noise)
+        params = [p for p in model.parameters() if p.requires_grad]
+        out.append((loss.detach(), pred.detach(), torch.autograd.grad(loss, params,
+                                                                     allow_unused=True)))
+    assert list(model.state_dict()) == keys
+    (l0, p0, g0), (l1, p1, g1) = out
+    assert max_err(l0, l1) < 1e-5 and max_err(p0, p1) < 1e-4
+    for a, b in zip(g0, g1):
+        if a is None:
+            assert b is None
+            continue
+        assert max_err(a, b) < 1e-4 * max(1.0, a.abs().max().item())
