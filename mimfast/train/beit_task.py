@@ -82,6 +82,7 @@ class BEiTTask:
         if self.cfg.patch_size is not None:
             kw["patch_size"] = self.cfg.patch_size
         kw["kernels"] = self.cfg.kernels
+        kw["fused_norm"] = self.cfg.fused_norm
         kw.setdefault("drop_path_rate", self.cfg.drop_path)
         if self.tokenizer is not None:
             kw["vocab_size"] = self.tokenizer.vocab_size

@@ -22,6 +22,7 @@ class PretrainConfig:
     patch_size: int | None = None
     model_kwargs: dict = field(default_factory=dict)  # extra constructor arguments (YAML only)
     kernels: str = "auto"  # auto | eager | triton
+    fused_norm: bool = True  # with Triton kernels, fuse each residual add into the LayerNorm after it
     # data
     data: str = "builtin"  # builtin or a folder (ImageFolder tree or flat folder)
     builtin_size: int = 4096  # images in the built-in dataset
@@ -62,6 +63,7 @@ class PretrainConfig:
     device: str = "auto"  # auto | cuda | cpu
     gpu_pipeline: bool = False
     compile: bool = False  # torch.compile the model (the ops are custom ops: no graph breaks)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     fsdp: bool = False
     tensorboard: bool = True
 
@@ -90,6 +92,7 @@ PRESETS = {
 }
 
 _CHOICES = {"method": ("mae", "beit"), "kernels": ("auto", "eager", "triton"),
+            "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
             "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cuda", "cpu")}
 
 

@@ -87,6 +87,7 @@ def _model_kwargs(cfg: PretrainConfig) -> dict:
     if cfg.patch_size is not None:
         kw["patch_size"] = cfg.patch_size
     kw["kernels"] = cfg.kernels
+    kw["fused_norm"] = cfg.fused_norm
     if cfg.method == "mae":
         kw["norm_pix_loss"] = cfg.norm_pix_loss
     return kw
@@ -264,7 +265,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
+        ddp_model = torch.compile(ddp_model, mode=cfg.compile_mode)
 
     step, epoch, start_in_epoch = 0, 0, 0
     resume = cfg.resume
