@@ -211,7 +211,7 @@ def _timm_stack(depth=3, dim=48, heads=3, init_values=None):
     return blocks.to(DEVICE), norm.to(DEVICE)
 
 
-def _stack_grads(blocks, norm, x, fused, kernels):
+def _stack_grads(blocks, norm, x, fused, kernels, fused_mlp=True):
     from mimfast.nn import forward_blocks
 
     for m in blocks.modules():
@@ -219,7 +219,7 @@ def _stack_grads(blocks, norm, x, fused, kernels):
             m.kernels = kernels
     x = x.detach().clone().requires_grad_(True)
     if fused:
-        y = forward_blocks(x, blocks, norm, kernels=kernels)
+        y = forward_blocks(x, blocks, norm, kernels=kernels, fused_mlp=fused_mlp)
     else:
         y = x
         for blk in blocks:
@@ -231,13 +231,16 @@ def _stack_grads(blocks, norm, x, fused, kernels):
     return y.detach(), grads
 
 
-@pytest.mark.parametrize("init_values", [None, 0.1])
-def test_forward_blocks_matches_block_forward(init_values):
+@pytest.mark.parametrize("init_values,fused_mlp", [(None, True), (0.1, True), (None, False)])
+def test_forward_blocks_matches_block_forward(init_values, fused_mlp):
+    from mimfast.nn import mlp_fusable
+
     blocks, norm = _timm_stack(init_values=init_values)
+    assert all(mlp_fusable(b.mlp) for b in blocks)
     x = torch.randn(2, 11, 48, device=DEVICE)
     y0, g0 = _stack_grads(blocks, norm, x, fused=False, kernels="eager")
-    y1, g1 = _stack_grads(blocks, norm, x, fused=True, kernels="triton")
-    y2, g2 = _stack_grads(blocks, norm, x, fused=True, kernels="eager")
+    y1, g1 = _stack_grads(blocks, norm, x, fused=True, kernels="triton", fused_mlp=fused_mlp)
+    y2, g2 = _stack_grads(blocks, norm, x, fused=True, kernels="eager", fused_mlp=fused_mlp)
     assert max_err(y1, y0) < 1e-4 and max_err(y2, y0) < 1e-5
     for a, b, c in zip(g0, g1, g2):
         scale = max(1.0, a.abs().max().item())
@@ -256,6 +259,21 @@ def test_forward_blocks_falls_back_where_it_cannot_fuse():
     h.remove()
     assert can_fuse_blocks(blocks, norm)
     assert not can_fuse_blocks(blocks, nn.Identity())
+
+
+def test_mlp_fusable_rules():
+    from timm.layers import Mlp
+
+    from mimfast.nn import mlp_fusable
+
+    assert mlp_fusable(Mlp(8, 32))
+    assert not mlp_fusable(Mlp(8, 32, act_layer=partial(nn.GELU, approximate="tanh")))
+    assert not mlp_fusable(Mlp(8, 32, act_layer=nn.ReLU))
+    m = Mlp(8, 32, drop=0.1)
+    assert not mlp_fusable(m) and mlp_fusable(m.eval())
+    m = Mlp(8, 32)
+    m.fc2.register_forward_hook(lambda *a: None)
+    assert not mlp_fusable(m)
 
 
 def _beit_stack(drop_path=0.0, depth=2, dim=32, heads=2, grid=(3, 3)):
@@ -316,17 +334,15 @@ def test_mae_fused_norm_on_and_off():
     imgs = torch.randn(2, 3, 32, 32, device=DEVICE)
     noise = torch.rand(2, 4, device=DEVICE)
     out = []
-    for fused in (False, True):
-        model.set_kernels("triton", fused_norm=fused)
+    for fused, fused_mlp in ((False, False), (True, False), (True, True)):
+        model.set_kernels("triton", fused_norm=fused, fused_mlp=fused_mlp)
         loss, pred, _ = model(imgs, 0.5, noise=noise)
         params = [p for p in model.parameters() if p.requires_grad]
         out.append((loss.detach(), pred.detach(), torch.autograd.grad(loss, params,
                                                                      allow_unused=True)))
     assert list(model.state_dict()) == keys
-    (l0, p0, g0), (l1, p1, g1) = out
-    assert max_err(l0, l1) < 1e-5 and max_err(p0, p1) < 1e-4
-    for a, b in zip(g0, g1):
-        if a is None:
-            assert b is None
-            continue
-        assert max_err(a, b) < 1e-4 * max(1.0, a.abs().max().item())
+    l0, p0, g0 = out[0]
+    for l1, p1, g1 in out[1:]:
+        assert max_err(l0, l1) < 1e-5 and max_err(p0, p1) < 1e-4
+        for a, b in zip(g0, g1):
+            assert max_err(a, b) < 1e-4 * max(1.0, a.abs().max().item())

@@ -90,7 +90,8 @@ class _BEiTEncoder(nn.Module):
                  qk_scale=None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), init_values=0.1, attn_head_dim=None,
                  use_abs_pos_emb: bool = False, use_rel_pos_bias: bool = False, use_shared_rel_pos_bias: bool = True,
-                 init_std: float = 0.02, kernels: str = "auto", fused_norm: bool = True) -> None:
+                 init_std: float = 0.02, kernels: str = "auto", fused_norm: bool = True,
+                 fused_mlp: bool = True) -> None:
         super().__init__()
         if not isinstance(img_size, int) or not isinstance(patch_size, int):
             raise TypeError(f"img_size and patch_size must be ints, got {img_size!r}, {patch_size!r}")
@@ -124,6 +125,7 @@ class _BEiTEncoder(nn.Module):
         self.init_std = init_std
         self.kernels = check_backend_name(kernels, "kernels")
         self.fused_norm = bool(fused_norm)
+        self.fused_mlp = bool(fused_mlp)
 
     def _init_all(self, head: nn.Linear) -> None:
         """The reference's order: tokens, head, every module, then the depth rescale."""
@@ -151,12 +153,15 @@ class _BEiTEncoder(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def set_kernels(self, kernels: str, fused_norm: bool | None = None) -> None:
+    def set_kernels(self, kernels: str, fused_norm: bool | None = None, fused_mlp: bool | None = None) -> None:
         """Switch every op of the model to ``"auto"``, ``"eager"`` or ``"triton"``, and the fused
-        residual add + LayerNorm (:func:`mimfast.nn.forward_blocks`) on or off (unchanged when None)."""
+        residual add + LayerNorm (:func:`mimfast.nn.forward_blocks`) and the fused MLP on or off
+        (each unchanged when None)."""
         self.kernels = check_backend_name(kernels, "kernels")
         if fused_norm is not None:
             self.fused_norm = bool(fused_norm)
+        if fused_mlp is not None:
+            self.fused_mlp = bool(fused_mlp)
         for m in self.modules():
             if isinstance(m, BEiTAttention):
                 m.kernels = self.kernels
@@ -213,7 +218,8 @@ class _BEiTEncoder(nn.Module):
         x = self.pos_drop(x)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, 1 + L, 1 + L)
         if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
-            return forward_blocks(x, self.blocks, self.norm, kernels=self.kernels, rel_pos_bias=rel_pos_bias)
+            return forward_blocks(x, self.blocks, self.norm, kernels=self.kernels, fused_mlp=self.fused_mlp,
+                                  rel_pos_bias=rel_pos_bias)
         for blk in self.blocks:
             x = blk(x, rel_pos_bias=rel_pos_bias)
         return self.norm(x)
@@ -230,6 +236,8 @@ class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
         kernels: ``"auto"``, ``"eager"`` or ``"triton"`` for every op the model calls.
         fused_norm: where kernels resolve to Triton, run the blocks with each residual add fused
             into the LayerNorm after it (:func:`mimfast.nn.forward_blocks`; same results).
+        fused_mlp: with ``fused_norm``, each MLP keeps only its GELU input for the backward
+            (:func:`mimfast.ops.gelu_linear`: less activation memory).
     """
 
     def __init__(self, vocab_size: int = 8192, **kwargs) -> None:

@@ -53,6 +53,8 @@ class MaskedAutoencoderViT(nn.Module):
         fused_norm: where kernels resolve to Triton, run the encoder and decoder blocks with
             each residual add fused into the LayerNorm after it (:func:`mimfast.nn.forward_blocks`;
             same parameters, same results).
+        fused_mlp: with ``fused_norm``, run each MLP's ``fc2(gelu(h))`` keeping only ``h`` for
+            the backward (:func:`mimfast.ops.gelu_linear`: less activation memory).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class MaskedAutoencoderViT(nn.Module):
         loss: str = "mse",
         kernels: str = "auto",
         fused_norm: bool = True,
+        fused_mlp: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(img_size, int) or not isinstance(patch_size, int):
@@ -109,14 +112,16 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
         self.initialize_weights()
-        self.set_kernels(kernels, fused_norm)
+        self.set_kernels(kernels, fused_norm, fused_mlp)
 
-    def set_kernels(self, kernels: str, fused_norm: bool | None = None) -> None:
+    def set_kernels(self, kernels: str, fused_norm: bool | None = None, fused_mlp: bool | None = None) -> None:
         """Switch every op of the model to ``"auto"``, ``"eager"`` or ``"triton"``, and the fused
-        residual add + LayerNorm on or off (unchanged when None)."""
+        residual add + LayerNorm and the fused MLP on or off (each unchanged when None)."""
         self.kernels = check_backend_name(kernels, "kernels")
         if fused_norm is not None:
             self.fused_norm = bool(fused_norm)
+        if fused_mlp is not None:
+            self.fused_mlp = bool(fused_mlp)
         for m in self.modules():
             if isinstance(m, Attention):
                 m.kernels = self.kernels
@@ -186,7 +191,7 @@ class MaskedAutoencoderViT(nn.Module):
         from mimfast.backend import resolve
 
         if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
-            return forward_blocks(x, blocks, norm, kernels=self.kernels)
+            return forward_blocks(x, blocks, norm, kernels=self.kernels, fused_mlp=self.fused_mlp)
         for blk in blocks:
             x = blk(x)
         return norm(x)

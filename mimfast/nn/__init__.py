@@ -2,6 +2,7 @@
 
 from mimfast.nn.attention import Attention, patch_timm
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias
-from mimfast.nn.blocks import can_fuse_blocks, forward_blocks
+from mimfast.nn.blocks import can_fuse_blocks, forward_blocks, mlp_fusable
 
-__all__ = ["Attention", "patch_timm", "BEiTAttention", "RelativePositionBias", "forward_blocks", "can_fuse_blocks"]
+__all__ = ["Attention", "patch_timm", "BEiTAttention", "RelativePositionBias", "forward_blocks", "can_fuse_blocks",
+           "mlp_fusable"]

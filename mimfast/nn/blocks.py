@@ -10,7 +10,9 @@ block's ``norm2``, the next block's ``norm1``, or the final norm), so the stack 
                      r, y = add_layer_norm(ls2(mlp(y)), r, next norm1 or the final norm)
 
 with the layer scale applied inside the fused op and ``y`` written in the autocast dtype the
-next Linear casts to. The blocks' own modules and parameters are used: weights, names and
+next Linear casts to. With ``fused_mlp`` the MLP's ``fc2(gelu(h))`` runs as
+:func:`mimfast.ops.gelu_linear`, which keeps only ``h`` for the backward (the largest
+activation a block saves drops out; GELU's backward recomputes it). The blocks' own modules and parameters are used: weights, names and
 checkpoints are unchanged. Stochastic depth (a training-mode drop path) is applied to the
 branch before the fused add. Blocks that something else drives (a forward hook or pre-hook,
 e.g. an FSDP unit or a user's hook; a subclass with its own forward) make the stack run the
@@ -27,7 +29,7 @@ from torch import nn
 
 from mimfast import ops
 
-__all__ = ["forward_blocks", "can_fuse_blocks"]
+__all__ = ["forward_blocks", "can_fuse_blocks", "mlp_fusable"]
 
 
 def _is_layer_norm(m) -> bool:
@@ -53,6 +55,20 @@ def _block_kind(blk) -> str | None:
     if type(blk) is BEiTBlock:
         return "beit"
     return None
+
+
+def _dropout_off(m) -> bool:
+    return type(m) is nn.Identity or (type(m) is nn.Dropout and (m.p == 0 or not m.training))
+
+
+def mlp_fusable(mlp) -> bool:
+    """A timm ``Mlp`` with exact GELU, no dropout at work, no hidden norm and no hooks."""
+    from timm.layers import Mlp
+
+    return (type(mlp) is Mlp and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+            and type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear and type(mlp.norm) is nn.Identity
+            and _dropout_off(mlp.drop1) and _dropout_off(mlp.drop2)
+            and all(_plain(m) for m in (mlp, mlp.fc1, mlp.act, mlp.fc2)))
 
 
 def can_fuse_blocks(blocks, norm) -> bool:
@@ -83,14 +99,17 @@ def _out_dtype(x: torch.Tensor):
     return None
 
 
-def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "auto", **attn_kwargs) -> torch.Tensor:
+def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "auto", fused_mlp: bool = True,
+                   **attn_kwargs) -> torch.Tensor:
     """``norm(blocks[-1](...blocks[0](x)))`` with fused residual add + LayerNorm.
 
     Args:
         x: (B, S, D) input of the first block.
         blocks: sequence of timm ``Block`` or ``BEiTBlock`` modules.
         norm: the final ``nn.LayerNorm``.
-        kernels: backend of the fused op (``"auto"``, ``"eager"``, ``"triton"``).
+        kernels: backend of the fused ops (``"auto"``, ``"eager"``, ``"triton"``).
+        fused_mlp: run each block's ``fc2(gelu(h))`` as :func:`mimfast.ops.gelu_linear` where
+            the MLP allows it (:func:`mlp_fusable`).
         attn_kwargs: passed to each block's attention (``rel_pos_bias`` for BEiT blocks).
     """
     kinds = [_block_kind(b) for b in blocks]
@@ -110,7 +129,11 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
             a, s1 = d1(a * s1 if s1 is not None else a), None
         r, y = ops.add_layer_norm(a, r, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, scale=s1,
                                   out_dtype=out_dtype, backend=kernels)
-        m = blk.mlp(y)
+        mlp = blk.mlp
+        if fused_mlp and mlp_fusable(mlp):
+            m = ops.gelu_linear(mlp.fc1(y), mlp.fc2.weight, mlp.fc2.bias, backend=kernels)
+        else:
+            m = mlp(y)
         if d2 is not None:
             m, s2 = d2(m * s2 if s2 is not None else m), None
         r, y = ops.add_layer_norm(m, r, nxt.weight, nxt.bias, nxt.eps, scale=s2, out_dtype=nxt_dtype,

@@ -83,6 +83,7 @@ class BEiTTask:
             kw["patch_size"] = self.cfg.patch_size
         kw["kernels"] = self.cfg.kernels
         kw["fused_norm"] = self.cfg.fused_norm
+        kw["fused_mlp"] = self.cfg.fused_mlp
         kw.setdefault("drop_path_rate", self.cfg.drop_path)
         if self.tokenizer is not None:
             kw["vocab_size"] = self.tokenizer.vocab_size

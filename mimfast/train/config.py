@@ -23,6 +23,7 @@ class PretrainConfig:
     model_kwargs: dict = field(default_factory=dict)  # extra constructor arguments (YAML only)
     kernels: str = "auto"  # auto | eager | triton
     fused_norm: bool = True  # with Triton kernels, fuse each residual add into the LayerNorm after it
+    fused_mlp: bool = True  # with --fused-norm, MLPs keep only the GELU input for the backward
     # data
     data: str = "builtin"  # builtin or a folder (ImageFolder tree or flat folder)
     builtin_size: int = 4096  # images in the built-in dataset

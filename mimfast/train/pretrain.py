@@ -88,6 +88,7 @@ def _model_kwargs(cfg: PretrainConfig) -> dict:
         kw["patch_size"] = cfg.patch_size
     kw["kernels"] = cfg.kernels
     kw["fused_norm"] = cfg.fused_norm
+    kw["fused_mlp"] = cfg.fused_mlp
     if cfg.method == "mae":
         kw["norm_pix_loss"] = cfg.norm_pix_loss
     return kw
