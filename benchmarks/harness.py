@@ -3,28 +3,80 @@ the device's measured ceilings, peak memory, and result files.
 
 Every benchmark module ``benchmarks/bench_*.py`` defines ``run(ctx: Context) -> None`` and
 records rows through ``ctx.add(...)``; ``python -m benchmarks.run`` collects them.
+
+Smoke mode (``ctx.smoke``, ``ctx.device == "cpu"``): the same modules run on the CPU at tiny
+shapes, the Triton kernels under the interpreter, so a broken benchmark is caught without a
+GPU. The helpers below follow the device of the last :class:`Context` made: on the CPU
+:func:`time_ms` is a ``perf_counter`` median of a few calls (one call in a smoke run),
+:func:`peak_memory_bytes` returns None, :func:`sync` and :func:`empty_cache` do nothing, and
+:func:`try_compile` returns None in a smoke run (inductor may need a C++ compiler; compiling
+would also take most of the smoke run's time). :meth:`Context.skip` records a variant left
+out and why.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 
+# the device and mode of the last Context made (what the module-level helpers follow)
+_active = {"device": "cuda" if torch.cuda.is_available() else "cpu", "smoke": False}
+CPU_TIMING_CALLS = 3  # timed calls (after one warm-up) of time_ms off CUDA; one call in a smoke run
+
+
+def on_cuda() -> bool:
+    """True when the benchmarks run on a CUDA device (not a CPU smoke run)."""
+    return _active["device"] == "cuda"
+
+
+def sync() -> None:
+    """``torch.cuda.synchronize()`` on CUDA; nothing on the CPU."""
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if on_cuda():
+        torch.cuda.empty_cache()
+
+
 def time_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream (events, after warm-up)."""
+    """Median milliseconds of ``fn()`` on the current CUDA stream (events, after warm-up).
+
+    Off CUDA: the ``perf_counter`` median of ``CPU_TIMING_CALLS`` calls after one warm-up call,
+    in a smoke run one call without warm-up (the interpreter compiles nothing): a figure that
+    proves the call runs, not a measurement worth reporting.
+    """
+    if not on_cuda():
+        if not _active["smoke"]:
+            fn()
+        times = []
+        for _ in range(1 if _active["smoke"] else CPU_TIMING_CALLS):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def peak_memory_bytes(fn) -> int:
-    """Peak CUDA memory allocated by one call of ``fn()`` above what was allocated before it."""
+def peak_memory_bytes(fn) -> int | None:
+    """Peak CUDA memory allocated by one call of ``fn()`` above what was allocated before it.
+
+    Off CUDA: None, without calling ``fn`` (:func:`time_ms` already ran it).
+    """
+    if not on_cuda():
+        return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -34,22 +86,38 @@ def peak_memory_bytes(fn) -> int:
     return int(torch.cuda.max_memory_allocated() - base)
 
 
-def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+def measure_copy_gbps(nbytes: int = 1 << 30, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written.
+
+    Times with the active device's clock (:func:`time_ms`): make the Context first.
+    """
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
     return 2 * nbytes / ms / 1e6
 
 
-def measure_matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+def measure_matmul_tflops(n: int = 8192, dtype=torch.bfloat16, device: str = "cuda") -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b)
     return 2 * n**3 / ms / 1e9
 
 
-def device_info() -> dict:
+def measure_ceilings(ctx: "Context") -> None:
+    """Fill ``ctx.copy_gbps`` and ``ctx.matmul_tflops``: the device's measured peaks on CUDA; a
+    crude CPU figure in a smoke run (16 MiB copy, 256^3 fp32 matmul), marked as such."""
+    if ctx.device == "cuda":
+        ctx.copy_gbps = measure_copy_gbps(device="cuda")
+        ctx.matmul_tflops = measure_matmul_tflops(device="cuda")
+        ctx.ceilings = "measured"
+    else:
+        ctx.copy_gbps = measure_copy_gbps(16 << 20, device=ctx.device)
+        ctx.matmul_tflops = measure_matmul_tflops(256, torch.float32, device=ctx.device)
+        ctx.ceilings = f"crude {ctx.device} estimate (smoke run), not a device peak"
+
+
+def device_info(device: str = "cuda") -> dict:
     import triton
 
     info = {
@@ -58,7 +126,7 @@ def device_info() -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if torch.cuda.is_available():
+    if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
                     memory_gib=round(props.total_memory / 2**30, 1))
@@ -69,12 +137,24 @@ def device_info() -> dict:
 
 @dataclass
 class Context:
-    """What a benchmark module gets: the measured ceilings and a place to put rows."""
+    """What a benchmark module gets: the measured ceilings and a place to put rows.
+
+    ``device``: where tensors go ("cuda", or "cpu" in a smoke run). ``smoke``: tiny shapes, the
+    same variants and rows as on the GPU (modules pick their shapes from it). Making a Context
+    points the module-level helpers (:func:`time_ms`, :func:`sync`, ...) at its device.
+    """
 
     copy_gbps: float
     matmul_tflops: float
     quick: bool = False
     rows: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # variants left out, with the reason (see skip)
+    device: str = "cuda"
+    smoke: bool = False
+    ceilings: str = "measured"  # how copy_gbps / matmul_tflops were obtained (the markdown says it)
+
+    def __post_init__(self):
+        _active.update(device=self.device, smoke=self.smoke)
 
     def add(self, bench: str, case: str, variant: str, ms: float, *, bytes_moved: float | None = None,
             flops: float | None = None, peak_mem: int | None = None, **extra) -> dict:
@@ -92,6 +172,11 @@ class Context:
         self.rows.append(row)
         return row
 
+    def skip(self, bench: str, case: str, variant: str, reason: str) -> None:
+        """Record a variant that was not measured and why (e.g. an SDPA backend refusing the
+        case); listed in the results, and the smoke test fails on a skipped mimfast variant."""
+        self.skipped.append({"bench": bench, "case": case, "variant": variant, "reason": reason[:200]})
+
     def speedups(self, bench: str, case: str, over: str, key: str = "ms") -> None:
         """Add ``speedup_vs_<over>`` to each row of (bench, case)."""
         rows = [r for r in self.rows if r["bench"] == bench and r["case"] == case]
@@ -103,7 +188,9 @@ class Context:
 
 
 def try_compile(fn):
-    """``torch.compile(fn)``, or None where inductor cannot run here."""
+    """``torch.compile(fn)``, or None where inductor cannot run here or in a smoke run."""
+    if _active["smoke"]:
+        return None
     try:
         return torch.compile(fn)
     except Exception:  # pragma: no cover - depends on the machine
@@ -112,23 +199,43 @@ def try_compile(fn):
 
 def write_results(out_dir: Path, info: dict, ctx: Context, errors: list) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"info": info, "copy_gbps": ctx.copy_gbps, "matmul_tflops": ctx.matmul_tflops,
-               "rows": ctx.rows, "errors": errors}
+    payload = {"info": info, "smoke": ctx.smoke, "copy_gbps": ctx.copy_gbps, "matmul_tflops": ctx.matmul_tflops,
+               "ceilings": ctx.ceilings, "rows": ctx.rows, "skipped": ctx.skipped, "errors": errors}
     jpath = out_dir / "results.json"
-    jpath.write_text(json.dumps(payload, indent=1))
+    # strict JSON: a failed row's NaN ms (or an inf) is written as null
+    jpath.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False))
     mpath = out_dir / "results.md"
     mpath.write_text(markdown_table(payload))
     return jpath, mpath
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def markdown_table(payload: dict) -> str:
     info = payload["info"]
-    lines = [
-        f"# mimfast benchmarks on {info.get('device')}",
-        "",
+    ceilings = payload.get("ceilings", "measured")
+    lines = [f"# mimfast benchmarks on {info.get('device')}", ""]
+    if payload.get("smoke"):
+        lines += ["**Smoke run**: tiny shapes on the CPU, Triton kernels interpreted; it proves the benchmarks "
+                  "run, its figures mean nothing.", ""]
+    if ceilings == "measured":
+        peaks = (f"measured copy bandwidth {payload['copy_gbps']:.0f} GB/s (read + write), "
+                 f"bf16 matmul {payload['matmul_tflops']:.0f} TFLOP/s")
+    else:  # the pct_* columns are then against placeholders
+        peaks = (f"copy bandwidth {payload['copy_gbps']:.3g} GB/s, fp32 matmul {payload['matmul_tflops']:.3g} "
+                 f"TFLOP/s: {ceilings}")
+    lines += [
         f"torch {info.get('torch')}, triton {info.get('triton')}, CUDA {info.get('cuda')}, {info.get('date')}",
-        f"measured copy bandwidth {payload['copy_gbps']:.0f} GB/s (read + write), "
-        f"bf16 matmul {payload['matmul_tflops']:.0f} TFLOP/s",
+        peaks,
         "",
     ]
     cols = ["bench", "case", "variant", "ms", "gbps", "pct_copy_bw", "tflops", "pct_matmul_peak",
@@ -139,6 +246,9 @@ def markdown_table(payload: dict) -> str:
     lines.append("|" + "---|" * len(cols))
     for r in payload["rows"]:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    if payload.get("skipped"):
+        lines += ["", "## Skipped variants", ""]
+        lines += [f"- {s['bench']} / {s['case']} / {s['variant']}: {s['reason']}" for s in payload["skipped"]]
     if payload.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in payload["errors"]]
     return "\n".join(lines) + "\n"

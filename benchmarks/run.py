@@ -1,14 +1,27 @@
 """Run every benchmark module (``benchmarks/bench_*.py``) on the GPU and write the results.
 
     python -m benchmarks.run --out DIR [--only masking,patch_loss] [--quick]
+    TRITON_INTERPRET=1 python -m benchmarks.run --out DIR --smoke      # CPU, no GPU needed
 
 Writes ``DIR/results.json`` and ``DIR/results.md`` and prints a short table last.
+
+``--smoke`` runs every module on the CPU at tiny shapes (batch 2-4, small widths, depths and
+token counts), the Triton kernels under Triton's interpreter, through the same variant
+functions, op calls and row bookkeeping as on the GPU: it proves the benchmarks run (imports,
+API calls, shapes), not how fast anything is. Timing is one ``perf_counter``-timed
+call, peak memory is None, the copy / matmul ceilings are crude CPU figures (the markdown says
+so), ``torch.compile`` variants and CUDA-only ones (SDPA efficient / cuDNN, nvjpeg decode) are
+left out, and the GpuLoader takes its synchronous (no side stream) path. ``TRITON_INTERPRET=1``
+must be set before mimfast's kernels are imported; ``--smoke`` sets it when nothing imported
+them yet. ``--quick`` still narrows the cases. ``tests/test_benchmarks_smoke.py`` runs every
+module this way (about 40 s on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -28,17 +41,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", default="", help="comma-separated module names without 'bench_'")
-    ap.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="fewer cases (the GPU suite's default)")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no further benchmark module once this many seconds have passed (0: no limit)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on the CPU, kernels interpreted: checks that every module runs")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks need a CUDA device", file=sys.stderr)
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        if not _interpreter_ready():
+            return 2
+        torch.set_num_threads(1)  # tiny tensors: more threads only spin-wait on a shared CPU
+    elif not torch.cuda.is_available():
+        print("benchmarks need a CUDA device (or --smoke for a CPU check)", file=sys.stderr)
         return 2
-    info = harness.device_info()
-    ctx = harness.Context(copy_gbps=harness.measure_copy_gbps(), matmul_tflops=harness.measure_matmul_tflops(),
-                          quick=args.quick)
-    print(f"{info['device']}: copy {ctx.copy_gbps:.0f} GB/s, bf16 matmul {ctx.matmul_tflops:.0f} TFLOP/s",
+    info = harness.device_info(device)
+    ctx = harness.Context(copy_gbps=0.0, matmul_tflops=0.0, quick=args.quick, device=device, smoke=args.smoke)
+    harness.measure_ceilings(ctx)
+    print(f"{info['device']}: copy {ctx.copy_gbps:.0f} GB/s, matmul {ctx.matmul_tflops:.3g} TFLOP/s ({ctx.ceilings})",
           flush=True)
     only = {s for s in args.only.split(",") if s}
     here = Path(__file__).parent
@@ -59,12 +79,23 @@ def main(argv=None) -> int:
         except Exception as e:  # one broken benchmark must not lose the others' results
             traceback.print_exc()
             errors.append(f"{mod}: {type(e).__name__}: {e}")
-        torch.cuda.empty_cache()
+        harness.empty_cache()
         print(f"[{mod}] {time.time() - t0:.0f}s", flush=True)
         harness.write_results(args.out, info, ctx, errors)
     jpath, mpath = harness.write_results(args.out, info, ctx, errors)
     print(mpath.read_text())
     return 1 if errors else 0
+
+
+def _interpreter_ready() -> bool:
+    """Smoke runs need Triton's interpreter, which is read when a kernel is defined."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    if any(m.startswith("mimfast.kernels.") for m in sys.modules):
+        print("--smoke needs TRITON_INTERPRET=1 set before mimfast's kernels are imported", file=sys.stderr)
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
 
 
 if __name__ == "__main__":
