@@ -20,6 +20,10 @@ SDPA backend at the MAE shapes, >= 2x the best bias-accepting one at BEiT). ``ma
 largest difference of the forward output from fp32 eager math.
 
     python -m benchmarks.run --out DIR --only attention
+
+Smoke mode (``ctx.smoke``, CPU): ``SMOKE_CASES`` keep the cases' names, B = 2, one or two
+small heads, fp16, sequence lengths that build every block alternative; the SDPA backends that
+exist only on CUDA (efficient, cuDNN) are left out.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from mimfast.ops._attention_triton import attention_triton
 from mimfast.ops.attention import attention_reference
 
 BENCH = "attention"
-DEVICE = "cuda"
 DTYPE = torch.bfloat16
 # name: (B, H, S, Dh, bias); ordered so the cases with the most block choices to compare come
 # first (the time budget drops optional variants from the later ones)
@@ -48,7 +51,19 @@ CASES = {
     "mae_decoder": (256, 16, 197, 32, False),
     "mae_vit_l_enc": (256, 16, 50, 64, False),
 }
+# smoke run (CPU, interpreter): S = 65 with the bias builds every block alternative of
+# _alt_configs but the split backward (S <= 64, built by the others); fp16, as the
+# interpreter's bf16 dot is wrong
+SMOKE_CASES = {
+    "beit_b_bias": (2, 1, 65, 16, True),
+    "mae_vit_b_enc": (2, 2, 17, 16, False),
+    "mae_vit_h_enc": (2, 2, 33, 24, False),
+    "mae_decoder": (2, 2, 33, 32, False),
+    "mae_vit_l_enc": (2, 2, 17, 32, False),
+}
+SMOKE_DTYPE = torch.float16
 QUICK_CASES = ("mae_vit_b_enc", "beit_b_bias")
+CUDA_ONLY_SDPA = ("efficient", "cudnn")
 TARGET = {False: 1.3, True: 2.0}  # fwd+bwd speed-up over the best (bias-accepting) SDPA backend
 BUDGET_S = 70.0  # past this, optional variants (other block sizes, torch.compile) are skipped
 
@@ -102,7 +117,7 @@ def _sdpa(backend, H, pad_bias=False):
     return fn
 
 
-def _variants(H, S, Dh, bias, quick, optional):
+def _variants(H, S, Dh, bias, quick, optional, device):
     from torch.nn.attention import SDPBackend
 
     v = {"mimfast": lambda qkv, b: ops.attention(qkv, H, bias=b, backend="triton"),
@@ -113,7 +128,7 @@ def _variants(H, S, Dh, bias, quick, optional):
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None), "math": SDPBackend.MATH}
     for name, be in backends.items():
-        if be is None:
+        if be is None or (device != "cuda" and name in CUDA_ONLY_SDPA):
             continue
         v[f"sdpa_{name}"] = _sdpa(be, H)
         if bias and name in ("efficient", "cudnn"):
@@ -137,27 +152,30 @@ def _variants(H, S, Dh, bias, quick, optional):
 
 
 def _run_case(ctx, name, B, H, S, Dh, bias, optional):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    qkv = torch.randn(B, S, 3 * H * Dh, device=DEVICE, dtype=DTYPE, generator=g).requires_grad_(True)
-    b = (torch.randn(H, S, S, device=DEVICE, dtype=DTYPE, generator=g) * 0.5).requires_grad_(True) if bias else None
-    grad_out = torch.randn(B, S, H * Dh, device=DEVICE, dtype=DTYPE, generator=g)
+    dev, dtype = ctx.device, SMOKE_DTYPE if ctx.smoke else DTYPE
+    g = torch.Generator(device=dev).manual_seed(0)
+    qkv = torch.randn(B, S, 3 * H * Dh, device=dev, dtype=dtype, generator=g).requires_grad_(True)
+    b = (torch.randn(H, S, S, device=dev, dtype=dtype, generator=g) * 0.5).requires_grad_(True) if bias else None
+    grad_out = torch.randn(B, S, H * Dh, device=dev, dtype=dtype, generator=g)
     inputs = [qkv] + ([b] if bias else [])
     with torch.no_grad():
         ref = attention_reference(qkv.float(), H, b.float() if bias else None)
     fwd_flops = 4.0 * B * H * S * S * Dh
     case_fwd, case_fb = f"{name} fwd", f"{name} fwd+bwd"
     shape = dict(B=B, H=H, S=S, Dh=Dh, bias=bias)
-    for vname, fn in _variants(H, S, Dh, bias, ctx.quick, optional).items():
+    for vname, fn in _variants(H, S, Dh, bias, ctx.quick, optional, dev).items():
         try:
             with torch.no_grad():
                 out = fn(qkv, b)
             err = (out.float() - ref).abs().max().item()
             grads = torch.autograd.grad(fn(qkv, b), inputs, grad_out)  # backward works here too
             del grads
-            torch.cuda.synchronize()
+            harness.sync()
         except Exception as e:  # a backend that refuses this case (mask, head dim, alignment)
-            print(f"  [{name}] {vname}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
-            torch.cuda.synchronize()
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            print(f"  [{name}] {vname}: skipped ({reason})", flush=True)
+            ctx.skip(BENCH, name, vname, reason)
+            harness.sync()
             continue
 
         def fwd():
@@ -190,11 +208,12 @@ def _run_case(ctx, name, B, H, S, Dh, bias, optional):
 
 def run(ctx: harness.Context) -> None:
     t0 = time.time()
-    names = QUICK_CASES if ctx.quick else tuple(CASES)
+    cases = SMOKE_CASES if ctx.smoke else CASES
+    names = QUICK_CASES if ctx.quick else tuple(cases)
     for name in names:
-        B, H, S, Dh, bias = CASES[name]
+        B, H, S, Dh, bias = cases[name]
         optional = time.time() - t0 < BUDGET_S
         if not optional:
             print(f"  [{name}] over the {BUDGET_S:.0f} s budget: other block sizes and torch.compile skipped")
         _run_case(ctx, name, B, H, S, Dh, bias, optional)
-        torch.cuda.empty_cache()
+        harness.empty_cache()

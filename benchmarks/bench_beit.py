@@ -18,6 +18,10 @@
    (uniforms drawn + kernel). Target: well under 1 ms.
 
     python -m benchmarks.run --out DIR --only beit
+
+Smoke mode (``ctx.smoke``, CPU): ``SMOKE`` sizes (B = 2, a 4 x 4 grid with 6 masked, D = 32,
+V = 64, a one-block BEiT of 32 px images), the same variants (the compile one left out), one
+timed call each.
 """
 
 from __future__ import annotations
@@ -37,10 +41,21 @@ from mimfast.models.beit import beit_base_patch16_224_8k_vocab
 from mimfast.nn import BEiTAttention
 from mimfast.ops._linear_ce_triton import linear_cross_entropy_triton
 
-DEVICE = "cuda"
 BATCH = 256
 MASKED = 75
 VOCAB = 8192
+WIDTH = 768
+GRID = 14
+CHUNK_ROWS = (1024, 2048, 8192)
+MODEL_OVERRIDES: dict = {}
+# the smoke run's sizes (CPU, interpreter), same names as above
+SMOKE = dict(BATCH=2, MASKED=6, VOCAB=64, WIDTH=32, GRID=4, CHUNK_ROWS=(4, 8, 64),
+             MODEL_OVERRIDES=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=64))
+
+
+def _sizes(ctx: harness.Context) -> dict:
+    names = ("BATCH", "MASKED", "VOCAB", "WIDTH", "GRID", "CHUNK_ROWS", "MODEL_OVERRIDES")
+    return dict(SMOKE) if ctx.smoke else {k: globals()[k] for k in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,20 +69,21 @@ def _eager_lm_loss(hidden, weight, bias, labels):
 
 
 def _lm_fwd_bwd(loss_fn, hidden, weight, bias, labels):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
         loss = loss_fn(hidden, weight, bias, labels)
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
     return loss, grads
 
 
 def _bench_lm_head(ctx: harness.Context) -> None:
-    bench, case = "beit_lm_head_loss", f"M={BATCH * MASKED} D=768 V={VOCAB} bf16-autocast"
-    M, D, V = BATCH * MASKED, 768, VOCAB
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    hidden = torch.randn(M, D, device=DEVICE, generator=g).requires_grad_()
-    weight = (torch.randn(V, D, device=DEVICE, generator=g) * 0.02).requires_grad_()
-    bias = torch.zeros(V, device=DEVICE).requires_grad_()
-    labels = torch.randint(0, V, (M,), device=DEVICE, generator=g)
+    sz, dev = _sizes(ctx), ctx.device
+    M, D, V = sz["BATCH"] * sz["MASKED"], sz["WIDTH"], sz["VOCAB"]
+    bench, case = "beit_lm_head_loss", f"M={M} D={D} V={V} bf16-autocast"
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = torch.randn(M, D, device=dev, generator=g).requires_grad_()
+    weight = (torch.randn(V, D, device=dev, generator=g) * 0.02).requires_grad_()
+    bias = torch.zeros(V, device=dev).requires_grad_()
+    labels = torch.randint(0, V, (M,), device=dev, generator=g)
     flops = 6 * M * V * D
 
     variants = {
@@ -78,7 +94,7 @@ def _bench_lm_head(ctx: harness.Context) -> None:
         compiled = harness.try_compile(_eager_lm_loss)
         if compiled is not None:
             variants["torch.compile"] = compiled
-        for rows in (1024, 2048, 8192):
+        for rows in sz["CHUNK_ROWS"]:
             variants[f"triton chunk_rows={rows}"] = functools.partial(linear_cross_entropy_triton, ignore_index=-100,
                                                                       chunk_rows=rows)
     want_loss, want_grads = _lm_fwd_bwd(variants["eager"], hidden, weight, bias, labels)
@@ -99,14 +115,22 @@ def _bench_lm_head(ctx: harness.Context) -> None:
         peak = harness.peak_memory_bytes(fn)
         ctx.add(bench, case, name, ms, flops=flops, peak_mem=peak, loss_err_vs_eager=float(f"{loss_err:.2e}"),
                 **errs)
-    rows = [r for r in ctx.rows if r["bench"] == bench and r["case"] == case]
-    eager_peak = next(r["peak_mem_mib"] for r in rows if r["variant"] == "eager")
-    for r in rows:
-        r["peak_vs_eager"] = round(r["peak_mem_mib"] / eager_peak, 3)
+    _peak_vs_eager(ctx, bench, case)
     ctx.speedups(bench, case, over="eager")
     ctx.speedups(bench, case, over="torch.compile")
     del hidden, weight, bias, labels, want_grads
-    torch.cuda.empty_cache()
+    harness.empty_cache()
+
+
+def _peak_vs_eager(ctx: harness.Context, bench: str, case: str) -> None:
+    """``peak_vs_eager`` on each row of (bench, case) where peaks were measured (CUDA only)."""
+    rows = [r for r in ctx.rows if r["bench"] == bench and r["case"] == case]
+    eager = next((r for r in rows if r["variant"] == "eager" and r.get("peak_mem_mib")), None)
+    if eager is None:
+        return
+    for r in rows:
+        if "peak_mem_mib" in r:
+            r["peak_vs_eager"] = round(r["peak_mem_mib"] / eager["peak_mem_mib"], 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +155,7 @@ def _model_flops(model, batch: int, masked: int) -> float:
 
 def _step(model, imgs, bool_masked_pos, labels):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16):
         loss = model(imgs, bool_masked_pos, labels=labels)
     loss.backward()
     return loss
@@ -147,16 +171,18 @@ def _set(model, kernels: str, attention: str | None = None) -> None:
 
 def _bench_step(ctx: harness.Context) -> None:
     bench = "beit_b16_step"
+    sz, dev = _sizes(ctx), ctx.device
     torch.manual_seed(0)
-    model = beit_base_patch16_224_8k_vocab().to(DEVICE)
-    batch = BATCH
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    imgs = torch.randn(batch, 3, 224, 224, device=DEVICE, generator=g)
-    masks = BlockwiseMaskingGenerator(14, MASKED)(batch, rng=np.random.default_rng(0))
-    bool_masked_pos = torch.from_numpy(masks).flatten(1).to(DEVICE)
-    labels = torch.randint(0, VOCAB, (batch, 196), device=DEVICE, generator=g)
-    case = f"B={batch} 224px bf16-autocast fwd+bwd"
-    flops = _model_flops(model, batch, MASKED)
+    model = beit_base_patch16_224_8k_vocab(**sz["MODEL_OVERRIDES"]).to(dev)
+    batch, size, L = sz["BATCH"], model.img_size, model.patch_embed.num_patches
+    g = torch.Generator(device=dev).manual_seed(0)
+    imgs = torch.randn(batch, 3, size, size, device=dev, generator=g)
+    masks = BlockwiseMaskingGenerator(tuple(model.patch_embed.grid_size), sz["MASKED"])(
+        batch, rng=np.random.default_rng(0))
+    bool_masked_pos = torch.from_numpy(masks).flatten(1).to(dev)
+    labels = torch.randint(0, model.lm_head.out_features, (batch, L), device=dev, generator=g)
+    case = f"B={batch} {size}px bf16-autocast fwd+bwd"
+    flops = _model_flops(model, batch, sz["MASKED"])
 
     variants = [("eager", "eager", None), ("triton", "triton", None)]
     if not ctx.quick:
@@ -170,22 +196,18 @@ def _bench_step(ctx: harness.Context) -> None:
         except torch.cuda.OutOfMemoryError:
             print(f"[{bench}] {name}: out of memory at B={batch}")
             model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            harness.empty_cache()
             continue
         want = loss if want is None else want
         ms = harness.time_ms(fn, warmup_ms=100, rep_ms=800)
         peak = harness.peak_memory_bytes(fn)
         ctx.add(bench, case, name, ms, flops=flops, peak_mem=peak, images_per_s=round(batch / ms * 1e3, 1),
                 loss=round(loss, 4), loss_diff_vs_eager=float(f"{abs(loss - want):.2e}"))
-    rows = [r for r in ctx.rows if r["bench"] == bench and r["case"] == case]
-    eager = next((r for r in rows if r["variant"] == "eager"), None)
-    if eager is not None:
-        for r in rows:
-            r["peak_vs_eager"] = round(r["peak_mem_mib"] / eager["peak_mem_mib"], 3)
+    _peak_vs_eager(ctx, bench, case)
     ctx.speedups(bench, case, over="eager")
     model.zero_grad(set_to_none=True)
     del model, imgs, labels
-    torch.cuda.empty_cache()
+    harness.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,16 +224,19 @@ def _cpu_ms(fn, reps: int) -> float:
 
 
 def _bench_masks(ctx: harness.Context) -> None:
-    bench, case = "beit_masks", f"{BATCH} masks 14x14, {MASKED} masked"
-    gen = BlockwiseMaskingGenerator(14, MASKED)
+    sz = _sizes(ctx)
+    batch, grid, masked = sz["BATCH"], sz["GRID"], sz["MASKED"]
+    bench, case = "beit_masks", f"{batch} masks {grid}x{grid}, {masked} masked"
+    gen = BlockwiseMaskingGenerator(grid, masked)
     rng = np.random.default_rng(0)
     py_rng = random.Random(0)
-    gen(BATCH, rng)  # warm-up
+    gen(batch, rng)  # warm-up
+    reps = 1 if ctx.smoke else 3
     ctx.add(bench, case, "reference loop (Python, CPU)",
-            _cpu_ms(lambda: [blockwise_mask_reference(14, 14, MASKED, rng=py_rng) for _ in range(BATCH)], 3))
-    ctx.add(bench, case, "numpy batched (1 CPU core)", _cpu_ms(lambda: gen(BATCH, rng), 100))
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    fn = functools.partial(gen.torch_masks, BATCH, device=DEVICE, generator=g)
+            _cpu_ms(lambda: [blockwise_mask_reference(grid, grid, masked, rng=py_rng) for _ in range(batch)], reps))
+    ctx.add(bench, case, "numpy batched (1 CPU core)", _cpu_ms(lambda: gen(batch, rng), 1 if ctx.smoke else 100))
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    fn = functools.partial(gen.torch_masks, batch, device=ctx.device, generator=g, backend="triton")
     fn()  # compile
     ctx.add(bench, case, "triton (GPU)", harness.time_ms(fn))
     ctx.speedups(bench, case, over="reference loop (Python, CPU)")

@@ -25,6 +25,11 @@ concurrently). Target (issue 10): GPU pipeline >= 3x torchvision's CPU pipeline 
 and the step with GPU data loading within 10% of the step without.
 
     python -m benchmarks.run --out DIR --only input_pipeline
+
+Smoke mode (``ctx.smoke``, CPU; sizes in ``_sizes``): 12 JPEGs of about 40 x 50 px, 32 px
+crops, batches of 4, one worker per loader, a one-block MAE with eager ops as the step; every
+pipeline runs on the CPU (the GpuLoader takes its synchronous path), the augmentation kernel
+under the interpreter. ``nvjpeg_decode`` needs CUDA and is left out.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,22 +48,51 @@ from torch.utils.data import DataLoader
 from benchmarks import harness
 
 BENCH = "input_pipeline"
-DEVICE = "cuda"
 IMG_SIZE = 224
 SCALE = (0.2, 1.0)  # MAE
 HYBRID_CPU_FRACTION = 0.4  # share of images decoded by the workers in the hybrid variant
 # (H, W) of common ImageNet shapes; the mean area is about 500x375's
 SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (375, 500), (400, 500), (366, 500), (500, 400),
           (480, 640), (281, 500), (375, 500), (300, 400)]
+BATCH, STEP_BATCH = 256, 128
+STEP_MODEL = ("mae_vit_base_patch16", {})
 
 
-def _make_jpegs(folder: Path, n: int, seed: int = 0) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class _Sizes:
+    device: str
+    img_size: int  # output crop side
+    shapes: list  # (H, W) of the JPEGs made
+    n_images: int
+    batch: int  # pipeline batches
+    measured: int  # timed batches (after 2 warm-up ones)
+    step_batch: int
+    step_steps: int
+    step_model: tuple  # (name, overrides)
+    cpu_workers: int
+    gpu_workers: int
+
+
+def _sizes(ctx) -> _Sizes:
+    if ctx.smoke:
+        # the step's model runs eager: its kernels are bench_step's; here it only consumes batches
+        return _Sizes(ctx.device, 32, [(40, 50), (50, 40), (36, 48), (45, 60)], 12, 4, 2, 4, 2,
+                      ("mae_vit_tiny_patch16", dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                                    decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2,
+                                                    kernels="eager")),
+                      1, 1)
+    cpu_workers = os.cpu_count() or 1
+    return _Sizes(ctx.device, IMG_SIZE, SHAPES, 1024 if ctx.quick else 2048, BATCH, 6 if ctx.quick else 12,
+                  STEP_BATCH, 6 if ctx.quick else 10, STEP_MODEL, cpu_workers, min(8, cpu_workers))
+
+
+def _make_jpegs(folder: Path, n: int, seed: int = 0, shapes=SHAPES) -> list[torch.Tensor]:
     """n JPEGs (quality 90) in ``folder``; returns their bytes."""
     from torchvision.io import encode_jpeg
 
     def one(i: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed * 100003 + i)
-        h, w = SHAPES[i % len(SHAPES)]
+        h, w = shapes[i % len(shapes)]
         # smooth colour fields plus fine noise: JPEG sizes like natural photos
         low = torch.rand(1, 3, max(2, h // 24), max(2, w // 24), generator=g) * 255
         img = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0]
@@ -88,11 +123,11 @@ class _PilFolder(torch.utils.data.Dataset):
         return self.transform(img), 0
 
 
-def _official_mae_transform():
+def _official_mae_transform(size: int):
     from torchvision import transforms
 
     return transforms.Compose([
-        transforms.RandomResizedCrop(IMG_SIZE, scale=SCALE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, scale=SCALE, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
@@ -110,108 +145,114 @@ def _repeat(loader, n_batches):
                 return
 
 
-def _throughput(batches, batch_size: int, warmup: int, measured: int, consume=None) -> tuple[float, float]:
+def _throughput(batches, batch_size: int, warmup: int, measured: int, device: str,
+                consume=None) -> tuple[float, float]:
     """(ms per batch, images/s) over ``measured`` batches after ``warmup``; each batch is moved
-    to the GPU (if it is not there) and ``consume``d; the clock stops after a synchronize."""
+    to the device (if it is not there) and ``consume``d; the clock stops after a synchronize."""
     it = iter(batches)
     t0 = None
     for k in range(warmup + measured):
         if k == warmup:
-            torch.cuda.synchronize()
+            harness.sync()
             t0 = time.perf_counter()
         imgs, _ = next(it)
-        imgs = imgs.to(DEVICE, non_blocking=True)
+        imgs = imgs.to(device, non_blocking=True)
         if consume is not None:
             consume(imgs)
-    torch.cuda.synchronize()
+    harness.sync()
     dt = time.perf_counter() - t0
     return 1e3 * dt / measured, measured * batch_size / dt
 
 
-def _cpu_loaders(folder: Path, files, batch: int, workers: int):
+def _cpu_loaders(folder: Path, files, batch: int, workers: int, size: int):
     from mimfast.data.datasets import build_dataset
     from mimfast.train.pretrain import mae_transform
 
-    common = dict(batch_size=batch, shuffle=True, num_workers=workers, pin_memory=True, drop_last=True,
-                  persistent_workers=True, prefetch_factor=4)
-    yield "torchvision_cpu_pil", DataLoader(_PilFolder(files, _official_mae_transform()), **common)
-    yield "mimfast_cpu", DataLoader(build_dataset(str(folder), IMG_SIZE, mae_transform(IMG_SIZE, SCALE[0])), **common)
+    common = dict(batch_size=batch, shuffle=True, num_workers=workers, pin_memory=harness.on_cuda(),
+                  drop_last=True, persistent_workers=True, prefetch_factor=4)
+    yield "torchvision_cpu_pil", DataLoader(_PilFolder(files, _official_mae_transform(size)), **common)
+    yield "mimfast_cpu", DataLoader(build_dataset(str(folder), size, mae_transform(size, SCALE[0])), **common)
 
 
-def _gpu_loader(folder: Path, batch: int, workers: int, cpu_decode_fraction: float = 0.0):
+def _gpu_loader(folder: Path, batch: int, workers: int, sz: _Sizes, cpu_decode_fraction: float = 0.0):
     from mimfast.data.gpu_pipeline import EncodedImages, GpuAugment, GpuLoader
 
-    augment = GpuAugment(IMG_SIZE, scale=SCALE, seed=0, device=DEVICE)
+    augment = GpuAugment(sz.img_size, scale=SCALE, seed=0, device=sz.device)
     dataset = EncodedImages(folder, cpu_decode_fraction=cpu_decode_fraction)
     return GpuLoader.from_dataset(dataset, augment, batch_size=batch, num_workers=workers, shuffle=True, prefetch=2)
 
 
-def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int):
-    yield "gpu_pipeline", gpu_workers, _gpu_loader(folder, batch, gpu_workers)
+def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int, sz: _Sizes):
+    yield "gpu_pipeline", gpu_workers, _gpu_loader(folder, batch, gpu_workers, sz)
     # the workers decode a share of the images with libjpeg-turbo while nvjpeg decodes the rest
-    yield "gpu_pipeline_hybrid", cpu_workers, _gpu_loader(folder, batch, cpu_workers, HYBRID_CPU_FRACTION)
+    yield "gpu_pipeline_hybrid", cpu_workers, _gpu_loader(folder, batch, cpu_workers, sz, HYBRID_CPU_FRACTION)
 
 
-def _stage_rows(ctx, datas, batch: int) -> None:
+def _stage_rows(ctx, datas, batch: int, sz: _Sizes) -> None:
     """nvjpeg decode alone, the kernel alone, and decode + augment from bytes in memory."""
     from mimfast.data import gpu_pipeline as gp
     from mimfast.kernels.augment import augment_crops
 
+    dev, size = sz.device, sz.img_size
     datas = datas[:batch]
-    ms = harness.time_ms(lambda: gp.decode_images(datas, DEVICE), warmup_ms=100, rep_ms=500)
-    ctx.add(BENCH, f"b{batch}", "nvjpeg_decode", ms, images_per_s=round(batch * 1e3 / ms))
+    if dev == "cuda":  # nvjpeg; elsewhere decode_images decodes on the CPU, which is no nvjpeg row
+        ms = harness.time_ms(lambda: gp.decode_images(datas, dev), warmup_ms=100, rep_ms=500)
+        ctx.add(BENCH, f"b{batch}", "nvjpeg_decode", ms, images_per_s=round(batch * 1e3 / ms))
 
-    images, _ = gp.decode_images(datas, DEVICE)
+    images, _ = gp.decode_images(datas, dev)
     packed = gp.pack_images(images)
     u = gp.crop_uniforms(0, 0, range(batch))
     boxes, flips = gp.sample_crop_params(packed.heights, packed.widths, u, SCALE)
-    meta = gp._meta(packed, boxes, flips).to(DEVICE)
+    meta = gp._meta(packed, boxes, flips).to(dev)
     (mul, add), _ = gp._affines((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "map_pixels")
-    out = torch.empty(batch, 3, IMG_SIZE, IMG_SIZE, device=DEVICE)
+    out = torch.empty(batch, 3, size, size, device=dev)
     crop_bytes = int((boxes[:, 2] * boxes[:, 3]).sum()) * 3
     for variant, kw in (("augment_kernel", {}), ("augment_kernel_bilinear", {"interpolation": "bilinear"})):
         ms = harness.time_ms(lambda: augment_crops(packed.data, meta, out, mul, add, **kw))
         ctx.add(BENCH, f"b{batch}", variant, ms, bytes_moved=out.numel() * 4 + crop_bytes,
                 images_per_s=round(batch * 1e3 / ms))
-    out2 = torch.empty(batch, 3, IMG_SIZE // 2, IMG_SIZE // 2, device=DEVICE)
+    out2 = torch.empty(batch, 3, size // 2, size // 2, device=dev)
     (mul, add), (mul2, add2) = gp._affines((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "map_pixels")
     ms = harness.time_ms(lambda: augment_crops(packed.data, meta, out, mul, add, out2=out2, mul2=mul2, add2=add2))
     ctx.add(BENCH, f"b{batch}", "augment_kernel_beit_two_views", ms,
             bytes_moved=(out.numel() + out2.numel()) * 4 + crop_bytes, images_per_s=round(batch * 1e3 / ms))
     # the host side of a batch: box sampling, packing, meta upload, launch (no decode)
-    ms = harness.time_ms(lambda: gp.gpu_random_resized_crop(images, IMG_SIZE, u, scale=SCALE))
+    ms = harness.time_ms(lambda: gp.gpu_random_resized_crop(images, size, u, scale=SCALE))
     ctx.add(BENCH, f"b{batch}", "augment_incl_host", ms, images_per_s=round(batch * 1e3 / ms))
-    aug = gp.GpuAugment(IMG_SIZE, scale=SCALE, device=DEVICE)
+    aug = gp.GpuAugment(size, scale=SCALE, device=dev)
     epochs, idx = torch.zeros(batch, dtype=torch.int64), torch.arange(batch)
     ms = harness.time_ms(lambda: aug(datas, epochs, idx), warmup_ms=100, rep_ms=500)
     ctx.add(BENCH, f"b{batch}", "gpu_decode_augment_inmem", ms, images_per_s=round(batch * 1e3 / ms))
 
 
-def _step_rows(ctx, folder: Path, files, workers: int, batch: int, steps: int) -> None:
+def _step_rows(ctx, folder: Path, files, workers: int, batch: int, steps: int, sz: _Sizes) -> None:
     from mimfast.models import create_model
 
-    model = create_model("mae_vit_base_patch16").to(DEVICE)
+    dev = sz.device
+    name, overrides = sz.step_model
+    model = create_model(name, **overrides).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
 
     def step(imgs):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             loss, _, _ = model(imgs, mask_ratio=0.75)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    fixed = torch.randn(batch, 3, IMG_SIZE, IMG_SIZE, device=DEVICE)
-    for _ in range(3):
+    fixed = torch.randn(batch, 3, sz.img_size, sz.img_size, device=dev)
+    for _ in range(1 if ctx.smoke else 3):
         step(fixed)
     # the same wall-clock loop as with a loader, on one fixed batch already on the GPU
-    ms, ips = _throughput(((fixed, None) for _ in range(2 + steps)), batch, warmup=2, measured=steps, consume=step)
+    ms, ips = _throughput(((fixed, None) for _ in range(2 + steps)), batch, warmup=2, measured=steps, device=dev,
+                          consume=step)
     ctx.add(BENCH, f"mae_vit_b16_step_b{batch}", "no_data", ms, images_per_s=round(ips))
     base_ms = ms
-    cpu_workers = os.cpu_count() or 1
-    loaders = itertools.chain(((name, dl) for name, _, dl in _gpu_loaders(folder, batch, workers, cpu_workers)),
-                              _cpu_loaders(folder, files, batch, cpu_workers))
+    cpu_workers = sz.cpu_workers
+    loaders = itertools.chain(((name, dl) for name, _, dl in _gpu_loaders(folder, batch, workers, cpu_workers, sz)),
+                              _cpu_loaders(folder, files, batch, cpu_workers, sz.img_size))
     for name, loader in loaders:  # one at a time: a loader's workers end before the next starts
-        ms, ips = _throughput(_repeat(loader, 2 + steps), batch, warmup=2, measured=steps, consume=step)
+        ms, ips = _throughput(_repeat(loader, 2 + steps), batch, warmup=2, measured=steps, device=dev, consume=step)
         ctx.add(BENCH, f"mae_vit_b16_step_b{batch}", name, ms, images_per_s=round(ips),
                 overhead_vs_no_data_pct=round(100 * (ms / base_ms - 1), 1))
         del loader
@@ -219,36 +260,35 @@ def _step_rows(ctx, folder: Path, files, workers: int, batch: int, steps: int) -
 
 
 def run(ctx: harness.Context) -> None:
-    batch = 256
-    n_images = 1024 if ctx.quick else 2048
-    measured = 6 if ctx.quick else 12
-    cpu_workers = os.cpu_count() or 1
-    gpu_workers = min(8, cpu_workers)
+    sz = _sizes(ctx)
+    batch, n_images, measured = sz.batch, sz.n_images, sz.measured
+    cpu_workers, gpu_workers = sz.cpu_workers, sz.gpu_workers
     with tempfile.TemporaryDirectory(prefix="mimfast-jpegs-") as tmp:
         folder = Path(tmp)
         t0 = time.time()
-        datas = _make_jpegs(folder, n_images)
+        datas = _make_jpegs(folder, n_images, shapes=sz.shapes)
         files = sorted(str(p) for p in folder.glob("*.jpg"))
         mean_kb = sum(d.numel() for d in datas) / len(datas) / 1024
         print(f"[{BENCH}] {n_images} JPEGs, mean {mean_kb:.0f} KB, made in {time.time() - t0:.1f}s", flush=True)
 
-        _stage_rows(ctx, datas, batch)
+        _stage_rows(ctx, datas, batch, sz)
 
         case = f"pipeline_b{batch}"
-        for name, workers, loader in _gpu_loaders(folder, batch, gpu_workers, cpu_workers):
-            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured)
+        for name, workers, loader in _gpu_loaders(folder, batch, gpu_workers, cpu_workers, sz):
+            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured, device=sz.device)
             ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=workers, mean_jpeg_kb=round(mean_kb))
             del loader
-        for name, loader in _cpu_loaders(folder, files, batch, cpu_workers):
-            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured)
+        for name, loader in _cpu_loaders(folder, files, batch, cpu_workers, sz.img_size):
+            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured, device=sz.device)
             ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=cpu_workers, mean_jpeg_kb=round(mean_kb))
             del loader
         ctx.speedups(BENCH, case, over="torchvision_cpu_pil")
         ctx.speedups(BENCH, case, over="mimfast_cpu")
 
         try:
-            _step_rows(ctx, folder, files, gpu_workers, batch=128, steps=6 if ctx.quick else 10)
+            _step_rows(ctx, folder, files, gpu_workers, batch=sz.step_batch, steps=sz.step_steps, sz=sz)
         except Exception as e:  # the model's own kernels must not lose the pipeline's rows
             print(f"[{BENCH}] MAE step with data loading failed: {type(e).__name__}: {e}", flush=True)
-            ctx.add(BENCH, "mae_vit_b16_step_b128", "failed", float("nan"), error=f"{type(e).__name__}: {e}")
-        torch.cuda.empty_cache()
+            ctx.add(BENCH, f"mae_vit_b16_step_b{sz.step_batch}", "failed", float("nan"),
+                    error=f"{type(e).__name__}: {e}")
+        harness.empty_cache()

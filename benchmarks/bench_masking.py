@@ -14,6 +14,8 @@ Rows ``fwd`` time the forward with gradient tracking on (the training setting); 
 the bytes the op must move (kept rows only where only kept rows are needed); peak memory is
 that of one fwd+bwd call above what was allocated before it. Variant ``triton_argsort`` is the
 alternative masking design: ranks from two ``torch.argsort`` calls, then the gather kernel.
+
+Smoke mode (``ctx.smoke``): N = 2 and tiny ViT-like shapes (``SMOKE_MODELS``), same variants.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from mimfast import ops
 from mimfast.kernels import masking as km
 
 N = 256
-DEVICE = "cuda"
 RATIO = 0.75
 DEC_D = 512
 # name: (L, D, patch size)
 MODELS = {"vit_b": (196, 768, 16), "vit_l": (196, 1024, 16), "vit_h": (256, 1280, 14)}
+# smoke run (CPU, interpreter): odd token counts and widths, the same three cases
+SMOKE_N, SMOKE_DEC_D = 2, 24
+SMOKE_MODELS = {"vit_b": (16, 32, 4), "vit_l": (16, 48, 4), "vit_h": (25, 40, 2)}
 BF16 = 2
 # torch.compile takes seconds per shape; past this many seconds into the run the remaining
 # cases skip it, so the module stays within its share of the GPU suite (about 60 s).
@@ -81,12 +85,13 @@ def _measure(ctx, bench, case, variants, fwd_bytes, bwd_bytes, fwd_flops=None, b
         ctx.speedups(bench, f"{case} {mode}", "compile")
 
 
-def _bench_random_masking(ctx, case, L, D):
+def _bench_random_masking(ctx, case, N, L, D):
+    dev = ctx.device
     K = ops.num_kept(L, RATIO)
-    x = torch.randn(N, L, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    pos = torch.randn(1, L, D, device=DEVICE, dtype=torch.bfloat16)
-    noise = torch.rand(N, L, device=DEVICE)
-    g = torch.randn(N, K, D, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(N, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16)
+    noise = torch.rand(N, L, device=dev)
+    g = torch.randn(N, K, D, device=dev, dtype=torch.bfloat16)
     ref = ops.random_masking_reference
     comp = _try_compile(ref)
 
@@ -111,14 +116,14 @@ def _bench_random_masking(ctx, case, L, D):
     _measure(ctx, "random_masking", case, variants, fwd_bytes, bwd_bytes)
 
 
-def _bench_unshuffle(ctx, case, L):
-    D = DEC_D
+def _bench_unshuffle(ctx, case, N, L, D):
+    dev = ctx.device
     K = ops.num_kept(L, RATIO)
-    x = torch.randn(N, 1 + K, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    mt = torch.randn(1, 1, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    pos = torch.randn(1, 1 + L, D, device=DEVICE, dtype=torch.bfloat16)
-    ids = torch.argsort(torch.rand(N, L, device=DEVICE), dim=1)
-    g = torch.randn(N, 1 + L, D, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(N, 1 + K, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    mt = torch.randn(1, 1, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(1, 1 + L, D, device=dev, dtype=torch.bfloat16)
+    ids = torch.argsort(torch.rand(N, L, device=dev), dim=1)
+    g = torch.randn(N, 1 + L, D, device=dev, dtype=torch.bfloat16)
     ref = ops.unshuffle_with_mask_token_reference
     comp = _try_compile(ref)
 
@@ -136,23 +141,24 @@ def _bench_unshuffle(ctx, case, L):
     _measure(ctx, "unshuffle", case, variants, fwd_bytes, bwd_bytes)
 
 
-def _bench_masked_patch_embed(ctx, case, L, D, p):
+def _bench_masked_patch_embed(ctx, case, N, L, D, p):
+    dev = ctx.device
     C = 3
     H = W = int(round(L ** 0.5)) * p
     K = ops.num_kept(L, RATIO)
     P = C * p * p
-    imgs = torch.randn(N, C, H, W, device=DEVICE)
-    w = (torch.randn(D, C, p, p, device=DEVICE) * P ** -0.5).requires_grad_(True)
-    b = torch.zeros(D, device=DEVICE, requires_grad=True)
-    pos = torch.randn(1, L, D, device=DEVICE)
-    noise = torch.rand(N, L, device=DEVICE)
-    g = torch.randn(N, K, D, device=DEVICE)  # fp32: bf16 projection + fp32 pos_embed
+    imgs = torch.randn(N, C, H, W, device=dev)
+    w = (torch.randn(D, C, p, p, device=dev) * P ** -0.5).requires_grad_(True)
+    b = torch.zeros(D, device=dev, requires_grad=True)
+    pos = torch.randn(1, L, D, device=dev)
+    noise = torch.rand(N, L, device=dev)
+    g = torch.randn(N, K, D, device=dev)  # fp32: bf16 projection + fp32 pos_embed
     ref = ops.masked_patch_embed_reference
     comp = _try_compile(ref)
 
     def autocast(f):
         def run():
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            with torch.autocast(dev, dtype=torch.bfloat16):
                 return f()
 
         return run
@@ -176,10 +182,11 @@ def _bench_masked_patch_embed(ctx, case, L, D, p):
 
 def run(ctx: harness.Context) -> None:
     _start[0] = time.time()
-    for name in ["vit_b"] if ctx.quick else list(MODELS):  # ViT-B first: it keeps the compile rows
-        L, D, p = MODELS[name]
-        _bench_random_masking(ctx, f"{name} N={N} L={L} D={D}", L, D)
+    n, dec_d, models = (SMOKE_N, SMOKE_DEC_D, SMOKE_MODELS) if ctx.smoke else (N, DEC_D, MODELS)
+    for name in ["vit_b"] if ctx.quick else list(models):  # ViT-B first: it keeps the compile rows
+        L, D, p = models[name]
+        _bench_random_masking(ctx, f"{name} N={n} L={L} D={D}", n, L, D)
         if name != "vit_l":  # ViT-L's decoder shape is ViT-B's
-            _bench_unshuffle(ctx, f"{name} N={N} L={L} Dd={DEC_D}", L)
-        _bench_masked_patch_embed(ctx, f"{name} N={N} L={L} D={D} p={p}", L, D, p)
-        torch.cuda.empty_cache()
+            _bench_unshuffle(ctx, f"{name} N={n} L={L} Dd={dec_d}", n, L, dec_d)
+        _bench_masked_patch_embed(ctx, f"{name} N={n} L={L} D={D} p={p}", n, L, D, p)
+        harness.empty_cache()

@@ -9,6 +9,8 @@ the zero gradient of the visible rows, which the kernel also writes (autograd wa
 gradient). Peak memory is what one forward + backward allocates above the inputs.
 
     python -m benchmarks.run --out DIR --only patch_loss
+
+Smoke mode (``ctx.smoke``): N = 2 and ``SMOKE_CASES`` (P = 48 and the odd P = 147), same rows.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from mimfast.ops.patch_loss import masked_patch_loss_reference
 
 BENCH = "patch_loss"
 N = 256
-DEVICE = "cuda"
 MASK_RATIO = 0.75
 # name: (img_size, patch_size, C)
 CASES = {
@@ -35,18 +36,20 @@ CASES = {
 # kernel-only rows at the B/16 shape (not in --quick): (BLOCK_R, TILES, num_warps, IMG_ORDER)
 # around the heuristic's (2, 8, 4, 1), so a GPU run shows whether another tiling is faster
 TUNING = [(2, 8, 4, 1), (2, 8, 4, 0), (4, 4, 8, 1), (2, 1, 4, 1)]
+SMOKE_N = 2
+SMOKE_CASES = {"vit_b16": (16, 4, 3), "vit_l16": (16, 4, 3), "vit_h14": (21, 7, 3)}
 
 
-def _inputs(img_size, p, C, pred_dtype=torch.bfloat16):
+def _inputs(N, img_size, p, C, device, pred_dtype=torch.bfloat16):
     """dec (N, 1 + L, P) decoder output (pred is its view without the cls row), imgs, mask."""
     L = (img_size // p) ** 2
     P = p * p * C
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    dec = torch.randn(N, 1 + L, P, device=DEVICE, dtype=pred_dtype, generator=g).requires_grad_(True)
-    imgs = torch.randn(N, C, img_size, img_size, device=DEVICE, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    dec = torch.randn(N, 1 + L, P, device=device, dtype=pred_dtype, generator=g).requires_grad_(True)
+    imgs = torch.randn(N, C, img_size, img_size, device=device, generator=g)
     # MAE masking: exactly L - int(L * (1 - ratio)) masked per image, at random positions
     keep = int(L * (1 - MASK_RATIO))
-    ids_restore = torch.rand(N, L, device=DEVICE, generator=g).argsort(1).argsort(1)
+    ids_restore = torch.rand(N, L, device=device, generator=g).argsort(1).argsort(1)
     mask = (ids_restore >= keep).float()
     return dec, imgs, mask
 
@@ -60,15 +63,16 @@ def _fwd_bwd(loss_fn, dec, imgs, mask):
 
 
 def run(ctx: harness.Context) -> None:
-    cases = {"vit_b16": CASES["vit_b16"]} if ctx.quick else CASES
+    n, all_cases = (SMOKE_N, SMOKE_CASES) if ctx.smoke else (N, CASES)
+    cases = {"vit_b16": all_cases["vit_b16"]} if ctx.quick else all_cases
     compiled_ref = harness.try_compile(masked_patch_loss_reference)
     for case, (img_size, p, C) in cases.items():
-        dec, imgs, mask = _inputs(img_size, p, C)
+        dec, imgs, mask = _inputs(n, img_size, p, C, ctx.device)
         L, P = mask.shape[1], p * p * C
         masked_rows = int(mask.sum().item())
         pred_b, img_b, grad_b = dec.element_size(), imgs.element_size(), dec.element_size()
         bytes_moved = masked_rows * P * (pred_b + img_b + grad_b) + mask.numel() * mask.element_size()
-        bytes_incl_zero = bytes_moved + (N * L - masked_rows) * P * grad_b
+        bytes_incl_zero = bytes_moved + (n * L - masked_rows) * P * grad_b
 
         variants = {
             "eager": functools.partial(masked_patch_loss_reference, patch_size=p, norm_pix=True),
@@ -94,7 +98,7 @@ def run(ctx: harness.Context) -> None:
             peak = harness.peak_memory_bytes(fn)
             ctx.add(BENCH, case, name, ms, bytes_moved=bytes_moved, peak_mem=peak,
                     gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1),
-                    grad_buffer_mib=round(N * L * P * grad_b / 2**20, 1),
+                    grad_buffer_mib=round(n * L * P * grad_b / 2**20, 1),
                     loss_err_vs_eager=float(f"{loss_err:.2e}"), grad_err_vs_eager=float(f"{grad_err:.2e}"))
         if case == "vit_b16" and not ctx.quick:
             pred = dec.detach()[:, 1:, :]
@@ -107,4 +111,4 @@ def run(ctx: harness.Context) -> None:
         ctx.speedups(BENCH, case, over="eager")
         ctx.speedups(BENCH, case, over="torch.compile")
         del dec, imgs, mask, want_loss, want_grad
-        torch.cuda.empty_cache()
+        harness.empty_cache()

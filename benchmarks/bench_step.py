@@ -11,6 +11,10 @@ Variants, side by side in one run:
   (e) mimfast+compile — ``torch.compile`` of (d) (the ops are torch.library custom ops)
 
     python -m benchmarks.run --out DIR --only step
+
+Smoke mode (``ctx.smoke``, CPU): the same cases and variants (compile ones left out) on tiny
+models of the same families (``SMOKE_*``: 32 px images, one or two blocks), B = 2, one warm-up
+step.
 """
 
 from __future__ import annotations
@@ -23,10 +27,21 @@ from benchmarks import harness
 from mimfast.models import create_model
 
 BENCH = "step"
-DEVICE = "cuda"
-MAE_CASES = {"mae_vit_b16": ("mae_vit_base_patch16", 256), "mae_vit_l16": ("mae_vit_large_patch16", 128)}
-BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 256)}
+# case: (model name, batch, model overrides)
+MAE_CASES = {"mae_vit_b16": ("mae_vit_base_patch16", 256, {}), "mae_vit_l16": ("mae_vit_large_patch16", 128, {})}
+BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 256, {})}
+MASK_RATIO = 0.75
+BEIT_MASKED = 75  # of 196 patches, as BEiT pretrains
 COMPILE_BUDGET_S = 120  # compile variants are skipped once this much time went to compiling
+WARMUP_STEPS = 3
+# smoke run (CPU, interpreter): tiny models of the same families
+_SMOKE_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=24,
+                  decoder_depth=1, decoder_num_heads=2)
+SMOKE_MAE_CASES = {"mae_vit_b16": ("mae_vit_tiny_patch16", 2, _SMOKE_MAE),
+                   "mae_vit_l16": ("mae_vit_tiny_patch16", 2, dict(_SMOKE_MAE, depth=2))}
+SMOKE_BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 2,
+                                 dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=64))}
+SMOKE_BEIT_MASKED = 6  # of 16 patches
 
 
 def _linear_flops(tokens: int, d_in: int, d_out: int) -> int:
@@ -58,7 +73,7 @@ def mae_step_flops(model, n: int, mask_ratio: float = 0.75) -> int:
     return 3 * fwd
 
 
-def beit_step_flops(model, n: int, num_masked: int = 75, vocab: int = 8192) -> int:
+def beit_step_flops(model, n: int, num_masked: int = BEIT_MASKED, vocab: int = 8192) -> int:
     L = model.patch_embed.num_patches
     p = model.patch_size
     D = model.cls_token.shape[-1]
@@ -85,9 +100,9 @@ def _to_timm_sdpa(model) -> int:
     return swapped
 
 
-def _step_fn(model, loss_fn, opt):
+def _step_fn(model, loss_fn, opt, device):
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = loss_fn(model)
         loss.backward()
         opt.step()
@@ -99,11 +114,11 @@ def _step_fn(model, loss_fn, opt):
 def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     target = torch.compile(model) if compile_model else model
-    step = _step_fn(target, loss_fn(target), opt)
+    step = _step_fn(target, loss_fn(target), opt, ctx.device)
     t0 = time.time()
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(1 if ctx.smoke else WARMUP_STEPS):  # warm-up (and compilation)
         step()
-    torch.cuda.synchronize()
+    harness.sync()
     warm_s = time.time() - t0
     peak = harness.peak_memory_bytes(step)
     ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
@@ -113,25 +128,29 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
 
 
 def _mae_cases(ctx, compile_spent):
-    cases = {"mae_vit_b16": MAE_CASES["mae_vit_b16"]} if ctx.quick else MAE_CASES
-    for case, (name, n) in cases.items():
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        imgs = torch.randn(n, 3, 224, 224, device=DEVICE, generator=g)
-        noise = torch.rand(n, 196, device=DEVICE, generator=g)
+    dev = ctx.device
+    all_cases = SMOKE_MAE_CASES if ctx.smoke else MAE_CASES
+    cases = {"mae_vit_b16": all_cases["mae_vit_b16"]} if ctx.quick else all_cases
+    for case, (name, n, overrides) in cases.items():
+        base = create_model(name, norm_pix_loss=True, kernels="eager", **overrides).to(dev)
+        state = base.state_dict()
+        flops = mae_step_flops(base, n, MASK_RATIO)
+        size, L = base.img_size, base.patch_embed.num_patches
+        del base
+        g = torch.Generator(device=dev).manual_seed(0)
+        imgs = torch.randn(n, 3, size, size, device=dev, generator=g)
+        noise = torch.rand(n, L, device=dev, generator=g)
 
         def loss_fn(m):
-            return lambda model: model(imgs, 0.75, noise)[0]
+            return lambda model: model(imgs, MASK_RATIO, noise)[0]
 
-        base = create_model(name, norm_pix_loss=True, kernels="eager").to(DEVICE)
-        state = base.state_dict()
-        flops = mae_step_flops(base, n)
         variants = [("eager", "eager", False, False), ("timm-sdpa", "eager", True, False),
                     ("timm-sdpa+compile", "eager", True, True), ("mimfast", "auto", False, False),
                     ("mimfast+compile", "auto", False, True)]
         for variant, kernels, sdpa, comp in variants:
-            if comp and compile_spent[0] > COMPILE_BUDGET_S:
+            if comp and (ctx.smoke or compile_spent[0] > COMPILE_BUDGET_S):
                 continue
-            model = create_model(name, norm_pix_loss=True, kernels=kernels).to(DEVICE)
+            model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides).to(dev)
             model.load_state_dict(state)
             if sdpa:
                 _to_timm_sdpa(model)
@@ -142,7 +161,7 @@ def _mae_cases(ctx, compile_spent):
             except Exception as e:  # one failing variant must not hide the others
                 ctx.add(BENCH, case, variant, float("nan"), error=f"{type(e).__name__}: {e}"[:200])
             del model
-            torch.cuda.empty_cache()
+            harness.empty_cache()
         ctx.speedups(BENCH, case, "eager")
         ctx.speedups(BENCH, case, "timm-sdpa")
         ctx.speedups(BENCH, case, "timm-sdpa+compile")
@@ -151,23 +170,28 @@ def _mae_cases(ctx, compile_spent):
 def _beit_cases(ctx, compile_spent):
     from mimfast.data.masking_generators import BlockwiseMaskingGenerator
 
-    for case, (name, n) in BEIT_CASES.items():
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        imgs = torch.randn(n, 3, 224, 224, device=DEVICE, generator=g)
-        masks = torch.from_numpy(BlockwiseMaskingGenerator((14, 14), 75)(n)).to(DEVICE).bool()
-        labels = torch.randint(0, 8192, (int(masks.sum().item()),), device=DEVICE, generator=g)
+    dev = ctx.device
+    cases, num_masked = (SMOKE_BEIT_CASES, SMOKE_BEIT_MASKED) if ctx.smoke else (BEIT_CASES, BEIT_MASKED)
+    for case, (name, n, overrides) in cases.items():
+        base = create_model(name, kernels="eager", **overrides).to(dev)
+        state = base.state_dict()
+        vocab = base.lm_head.out_features
+        flops = beit_step_flops(base, n, num_masked, vocab)
+        size, grid = base.img_size, tuple(base.patch_embed.grid_size)
+        del base
+        g = torch.Generator(device=dev).manual_seed(0)
+        imgs = torch.randn(n, 3, size, size, device=dev, generator=g)
+        masks = torch.from_numpy(BlockwiseMaskingGenerator(grid, num_masked)(n)).to(dev).bool()
+        labels = torch.randint(0, vocab, (int(masks.sum().item()),), device=dev, generator=g)
 
         def loss_fn(m):
             return lambda model: model(imgs, masks, labels=labels)
 
-        base = create_model(name, kernels="eager").to(DEVICE)
-        state = base.state_dict()
-        flops = beit_step_flops(base, n)
         for variant, kernels, comp in [("eager", "eager", False), ("mimfast", "auto", False),
                                        ("mimfast+compile", "auto", True)]:
-            if comp and compile_spent[0] > COMPILE_BUDGET_S:
+            if comp and (ctx.smoke or compile_spent[0] > COMPILE_BUDGET_S):
                 continue
-            model = create_model(name, kernels=kernels).to(DEVICE)
+            model = create_model(name, kernels=kernels, **overrides).to(dev)
             model.load_state_dict(state)
             try:
                 spent = _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
@@ -176,7 +200,7 @@ def _beit_cases(ctx, compile_spent):
             except Exception as e:
                 ctx.add(BENCH, case, variant, float("nan"), error=f"{type(e).__name__}: {e}"[:200])
             del model
-            torch.cuda.empty_cache()
+            harness.empty_cache()
         ctx.speedups(BENCH, case, "eager")
 
 
