@@ -12,6 +12,14 @@ GPU. The helpers below follow the device of the last :class:`Context` made: on t
 :func:`try_compile` returns None in a smoke run (inductor may need a C++ compiler; compiling
 would also take most of the smoke run's time). :meth:`Context.skip` records a variant left
 out and why.
+
+What a module does for smoke mode (``tests/test_benchmarks_smoke.py`` runs every module so):
+tensors, generators and ``torch.autocast`` on ``ctx.device``, never a ``"cuda"`` literal;
+shapes from a ``SMOKE_*`` table beside the GPU one when ``ctx.smoke`` (same case names,
+variants and rows; batch 2-4, tiny widths); ``time_ms`` / ``peak_memory_bytes`` / ``sync`` /
+``empty_cache`` / ``try_compile`` from here instead of ``torch.cuda.*`` and ``torch.compile``;
+CUDA-only variants left out when ``ctx.device != "cuda"``, and a variant that refuses a case
+passed to ``ctx.skip``, not only printed.
 """
 
 from __future__ import annotations
