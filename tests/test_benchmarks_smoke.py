@@ -55,7 +55,7 @@ def _is_main(variant: str) -> bool:
     return variant.startswith(MAIN_VARIANTS)
 
 
-class _TooSlow(Exception):
+class _TooSlow(BaseException):  # not an Exception: the modules' per-variant handlers must not swallow it
     pass
 
 
