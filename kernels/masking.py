@@ -17,7 +17,17 @@ Bytes: read N*K*D (kept rows of x) + K*D per sample of pos_embed (cached) + N*L 
 N*K*D + N*L*(4 + 8) (mask, ids_restore). The other design, ranks from two ``torch.argsort``
 calls and then only the gather (``ids_restore=`` of :func:`masking_forward`), stays for the
 benchmark (``triton_argsort``); rank counting is the default as one launch instead of three
-and no sort (a ``tl.sort`` of packed keys would also work, but needs the whole row per program).
+and no sort.
+
+Sort variant (``method="sort"``), also one launch: each sample's noise becomes int64 keys
+``(float32 bits in the floats' order) << 32 | l``, padded to a power of two and sorted by a
+bitonic network (``tl.sort``'s, see :func:`_sort_keys`); the sorted keys' low halves are
+``ids_shuffle``, so ``ids_restore[ids_shuffle[r]] = r``, ``mask[ids_shuffle[r]] = r >= K`` are
+scattered and kept rank r reads row ``ids_shuffle[r]`` of x (+ pos) into row r of the output.
+Equal noise values order by position, as in the counting kernel. Program (n, c) sorts the whole
+row (O(L log^2 L) compare-swaps, repeated by the cdiv(K, BLOCK_R) programs of a sample) and
+gathers BLOCK_R ranks. Same bytes as above. Noise must be float32 / float16 / bfloat16 (float64
+does not fit the key); -0.0 ranks as +0.0.
 
 Backward: ``grad_x[n, l] = grad_visible[n, ids_restore[n, l]]`` if that is < K, else 0, a
 gather (no atomics). pos_embed's gradient is the sum over the batch: fp32 partial sums over
@@ -36,7 +46,8 @@ Bytes: read N*(1+L)*D, write N*(1+K)*D.
 
 Supports: float32 / float16 / bfloat16 tokens (sums in fp32; the output dtype is the caller's
 choice, normally the type promotion of the inputs), float noise of any dtype (compared in its
-own dtype), any strides on the inputs, int64 offsets. Does not support: non-finite noise (NaN
+own dtype, half precision as float32, exactly; the sort variant: float32 / float16 / bfloat16),
+any strides on the inputs, int64 offsets. Does not support: non-finite noise (NaN
 has no rank), ``ids_restore`` that is not a permutation of 0..L-1 (out-of-range entries read as
 mask tokens, so memory stays safe, but gradient rows of x may be left unwritten).
 """
@@ -70,6 +81,10 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() in (
 # kernels; the interpreter pays a fixed cost per program and per nested call, so on the CPU
 # whole rows go to few programs. Tests set GPU_TILES_ON_CPU to run the GPU tiling interpreted.
 GPU_TILES_ON_CPU = False
+# masking_forward(method="sort") sorts with tl.sort instead of this file's copy of its network
+# (same PTX but add/sub for xor; under the interpreter the copy takes 0.1 s per row of 576
+# keys, tl.sort 3.3 s: see _sort_keys).
+USE_TL_SORT = False
 
 
 @triton.jit
@@ -115,12 +130,18 @@ def _masking_fwd_kernel(
     if RANKS_GIVEN:
         rank = tl.load(ranks_in_ptr + n * stride_rn + rows * stride_rl, mask=row_ok, other=0).to(tl.int32)
     else:
+        # half-precision noise compared in float32 (exact): the interpreter holds bfloat16 as
+        # uint16 and would compare the bit patterns, wrong for negative values
         v = tl.load(noise_ptr + n * stride_nn + rows * stride_nl, mask=row_ok, other=0.0)
+        if noise_ptr.dtype.element_ty.primitive_bitwidth < 32:
+            v = v.to(tl.float32)
         rank = tl.zeros([BLOCK_R], dtype=tl.int32)
         for j0 in range(0, L, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
             col_ok = cols < L
             w = tl.load(noise_ptr + n * stride_nn + cols * stride_nl, mask=col_ok, other=0.0)
+            if noise_ptr.dtype.element_ty.primitive_bitwidth < 32:
+                w = w.to(tl.float32)
             before = (w[None, :] < v[:, None]) | ((w[None, :] == v[:, None]) & (cols[None, :] < rows[:, None]))
             before = before & col_ok[None, :]
             rank += tl.sum(before.to(tl.int32), axis=1)
@@ -138,6 +159,100 @@ def _masking_fwd_kernel(
             val = tl.load(src[:, None] + offs_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
             if HAS_POS:
                 p = tl.load(pos_ptr + rows[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0)
+                val += p.to(tl.float32)
+            tl.store(dst[:, None] + offs_d[None, :], cast(val, out_ptr.dtype.element_ty), mask=m)
+
+
+# Bitonic sort of a power-of-two block, the network of ``tl.sort`` (triton/language/standard.py:
+# reshape to a [2] * N_DIMS hypercube, compare-and-swap along one axis at a time). One change:
+# the partner along an axis is ``sum(pair) - self`` instead of ``self ^ xor_sum(pair)``. The
+# interpreter runs ``xor_sum`` (a reduce with a custom combine function) element by element in
+# Python, about 3 s per row of 1024 keys, and ``tl.sum`` as one numpy call; compiled for sm_90
+# (triton 3.6 and 3.8), the two give the same PTX but for add/sub in place of xor. Integer
+# overflow in the pair sum wraps and cancels. ``TL_SORT`` selects ``tl.sort`` itself.
+@triton.jit
+def _sort_keys(keys, LOG_N: tl.constexpr, TL_SORT: tl.constexpr):
+    """keys (2**LOG_N,) sorted ascending; duplicates are allowed. One function without nested
+    calls: the interpreter pays for each call of a jit function."""
+    if TL_SORT:
+        return tl.sort(keys)
+    else:
+        h = tl.reshape(keys, [2] * LOG_N)  # hypercube: axis LOG_N - 1 - j flips bit j of the index
+        for i in tl.static_range(1, LOG_N + 1):
+            # merge runs of 2**i: ascending / descending alternating by bit i of the index, all
+            # ascending in the last stage
+            if i < LOG_N:
+                flip = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - i - 1) + [2] + [1] * i)
+            else:
+                flip = 0
+            for j in tl.static_range(i - 1, -1, -1):
+                partner = tl.sum(h, axis=LOG_N - 1 - j, keep_dims=True) - h  # element with bit j flipped
+                is_right = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - j - 1) + [2] + [1] * j)
+                h = tl.where((h > partner) != (flip ^ is_right), partner, h)
+        return tl.reshape(h, keys.shape)
+
+
+@triton.jit
+def _masking_sort_fwd_kernel(
+    x_ptr,  # (N, L, D) patch tokens, any strides
+    pos_ptr,  # (L, D) positional embedding, any strides (read when HAS_POS)
+    noise_ptr,  # (N, L) float32 / float16 / bfloat16 noise, any strides; small is kept
+    out_ptr,  # (N, K, D) visible tokens, contiguous (written when GATHER)
+    mask_ptr,  # (N, L) float32, 1 = removed, contiguous
+    ids_restore_ptr,  # (N, L) int64, contiguous
+    ids_keep_ptr,  # (N, K) int32 kept positions in rank order, contiguous (when WRITE_IDS_KEEP)
+    L, D, K,
+    stride_xn, stride_xl, stride_xd,
+    stride_pl, stride_pd,
+    stride_nn, stride_nl,
+    HAS_POS: tl.constexpr,
+    GATHER: tl.constexpr,
+    WRITE_IDS_KEEP: tl.constexpr,
+    TL_SORT: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # ranks gathered per program, divides BLOCK_L
+    BLOCK_L: tl.constexpr,  # 2**LOG_L >= L keys sorted per program
+    LOG_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Program (n, c) sorts all of sample n's keys and gathers the ranks [c * BLOCK_R, (c + 1) *
+    # BLOCK_R) of K; the sort is repeated by each program of a sample, the row traffic is not.
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    pos_l = tl.arange(0, BLOCK_L)
+    ok = pos_l < L
+    v = tl.load(noise_ptr + n * stride_nn + pos_l * stride_nl, mask=ok, other=0.0).to(tl.float32)
+    # float32 bits -> int32 in the floats' order: -0.0 as +0.0 (they compare equal), negative
+    # values with their 31 low bits flipped. Key = (bits, position): the sort is stable.
+    bits = v.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = (bits.to(tl.int64) << 32) | pos_l.to(tl.int64)
+    keys = tl.where(ok, keys, 0x7FFFFFFFFFFFFFFF)  # padding sorts last
+    ids_shuffle = (_sort_keys(keys, LOG_L, TL_SORT) & 0xFFFFFFFF).to(tl.int32)  # (BLOCK_L,) by rank
+
+    # mask, ids_restore (scattered) and ids_keep: each program of the sample writes its share
+    rank = pos_l
+    share = tl.cdiv(L, tl.num_programs(1))
+    mine = (rank >= c * share) & (rank < (c + 1) * share) & ok
+    tl.store(ids_restore_ptr + n * L + ids_shuffle, rank.to(tl.int64), mask=mine)
+    tl.store(mask_ptr + n * L + ids_shuffle, (rank >= K).to(tl.float32), mask=mine)
+    if WRITE_IDS_KEEP:
+        tl.store(ids_keep_ptr + n * K + rank, ids_shuffle, mask=mine & (rank < K))
+    if GATHER:
+        # this program's ranks: row c of ids_shuffle seen as (BLOCK_L // BLOCK_R, BLOCK_R)
+        chunks = tl.reshape(ids_shuffle, (BLOCK_L // BLOCK_R, BLOCK_R))
+        sel = tl.arange(0, BLOCK_L // BLOCK_R)[:, None] == c
+        src_l = tl.sum(tl.where(sel, chunks, 0), axis=0)  # (BLOCK_R,) positions l
+        r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        keep = r < K
+        src = x_ptr + n * stride_xn + src_l.to(tl.int64) * stride_xl  # (BLOCK_R,) row starts
+        dst = out_ptr + (n * K + r.to(tl.int64)) * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            m = keep[:, None] & (offs_d[None, :] < D)
+            val = tl.load(src[:, None] + offs_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+            if HAS_POS:
+                p = tl.load(pos_ptr + src_l[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0)
                 val += p.to(tl.float32)
             tl.store(dst[:, None] + offs_d[None, :], cast(val, out_ptr.dtype.element_ty), mask=m)
 
@@ -368,6 +483,7 @@ def masking_forward(
     out_dtype: torch.dtype | None = None,
     ids_restore: torch.Tensor | None = None,
     write_ids_keep: bool = False,
+    method: str = "count",
 ):
     """Rank the noise and gather the kept rows of x (+ pos).
 
@@ -381,6 +497,10 @@ def masking_forward(
         ids_restore: (N, L) int64 ranks computed elsewhere (e.g. by ``torch.argsort``); then
             only the gather runs and ``mask`` is derived from them.
         write_ids_keep: also return ids_keep (N, K) int32, the kept positions in rank order.
+        method: how the ranks are found when ``ids_restore`` is not given: ``"count"`` (each
+            position counts the positions before it; any float noise) or ``"sort"`` (a bitonic
+            sort of packed (noise bits, position) keys per sample; float32 / float16 / bfloat16
+            noise). Both give the same ranks, masks and outputs.
 
     Returns:
         (x_visible (N, K, D) or None, mask (N, L) float32, ids_restore (N, L) int64,
@@ -408,9 +528,16 @@ def masking_forward(
             raise ValueError(f"pos must be (L, D) = ({L}, {D}), got {tuple(pos.shape)}")
         if pos.device != device:
             raise ValueError(f"pos is on {pos.device}, noise on {device}")
+    if method not in ("count", "sort"):
+        raise ValueError(f"method must be 'count' or 'sort', got {method!r}")
     ranks_given = ids_restore is not None
     if ranks_given:
         _check_ids(ids_restore, N, L, device)
+    if method == "sort":
+        if ranks_given:
+            raise ValueError("ids_restore must be None with method='sort' (the kernel sorts the noise itself)")
+        if noise.dtype not in TOKEN_DTYPES:
+            raise TypeError(f"noise must be float32, float16 or bfloat16 for method='sort', got {noise.dtype}")
     out = None
     if x is not None:
         out_dtype = out_dtype or x.dtype
@@ -424,6 +551,9 @@ def masking_forward(
         mask = torch.empty((N, L), dtype=torch.float32, device=device)
         ids_out = torch.empty((N, L), dtype=torch.int64, device=device)
     ids_keep = torch.empty((N, K), dtype=torch.int32, device=device) if write_ids_keep else None
+    if method == "sort":
+        _masking_sort_forward(x, pos, noise, K, out, mask, ids_out, ids_keep)
+        return out, mask, ids_out, ids_keep
     if gpu_tiles(device):
         BLOCK_R, BLOCK_L, BLOCK_D = 16, min(triton.next_power_of_2(L), 256), min(triton.next_power_of_2(D), 256)
     else:
@@ -446,6 +576,30 @@ def masking_forward(
         num_warps=4,
     )
     return out, mask, ids_out, ids_keep
+
+
+def _masking_sort_forward(x, pos, noise, K, out, mask, ids_restore, ids_keep):
+    N, L = noise.shape
+    D = x.shape[2] if x is not None else 1
+    BLOCK_L = max(16, triton.next_power_of_2(L))
+    if x is None:
+        BLOCK_R, BLOCK_D = BLOCK_L, 16  # masks only: one program per sample
+    elif gpu_tiles(noise.device):
+        BLOCK_R, BLOCK_D = 16, min(triton.next_power_of_2(D), 256)
+    else:
+        BLOCK_R, BLOCK_D = BLOCK_L, triton.next_power_of_2(D)
+    xs = x if x is not None else noise
+    _masking_sort_fwd_kernel[(N, triton.cdiv(K, BLOCK_R))](
+        xs, pos if pos is not None else xs, noise, out if out is not None else mask, mask, ids_restore,
+        ids_keep if ids_keep is not None else ids_restore,
+        L, D, K,
+        *(x.stride() if x is not None else (0, 0, 0)),
+        *(pos.stride() if pos is not None else (0, 0)),
+        noise.stride(0), noise.stride(1),
+        HAS_POS=pos is not None, GATHER=x is not None, WRITE_IDS_KEEP=ids_keep is not None, TL_SORT=USE_TL_SORT,
+        BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, LOG_L=BLOCK_L.bit_length() - 1, BLOCK_D=BLOCK_D,
+        num_warps=4,
+    )
 
 
 def masking_backward(
