@@ -14,7 +14,12 @@ import torch
 from mimfast.kernels import masking as _k
 from mimfast.ops.masking import num_kept
 
-__all__ = ["random_masking_triton", "unshuffle_with_mask_token_triton"]
+__all__ = ["MASKING_METHOD", "random_masking_triton", "unshuffle_with_mask_token_triton"]
+
+# How the Triton random masking ranks the noise (mimfast.kernels.masking.masking_forward's
+# ``method``): "count" (default) or "sort"; a GPU benchmark (bench_masking) decides. Read at each
+# call; "sort" falls back to "count" for float64 noise, which its packed keys cannot hold.
+MASKING_METHOD = "count"
 
 # The kernel launches are registered as torch.library custom ops with fake (shape-only)
 # implementations, so torch.compile(fullgraph=True) traces the autograd Functions below
@@ -25,13 +30,13 @@ _EMPTY = (0,)
 
 @torch.library.custom_op("mimfast::masking_fwd", mutates_args=())
 def _masking_fwd(x: torch.Tensor, pos: torch.Tensor | None, noise: torch.Tensor, K: int,
-                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, mask, ids_restore, _ = _k.masking_forward(x, pos, noise, K, out_dtype=out_dtype)
+                 out_dtype: torch.dtype, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mask, ids_restore, _ = _k.masking_forward(x, pos, noise, K, out_dtype=out_dtype, method=method)
     return out, mask, ids_restore
 
 
 @_masking_fwd.register_fake
-def _(x, pos, noise, K, out_dtype):
+def _(x, pos, noise, K, out_dtype, method):
     N, L, D = x.shape
     return (x.new_empty((N, K, D), dtype=out_dtype), noise.new_empty((N, L), dtype=torch.float32),
             noise.new_empty((N, L), dtype=torch.int64))
@@ -88,9 +93,9 @@ def _promote(*tensors) -> torch.dtype:
 
 class RandomMaskingFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, pos_embed, noise, K):
+    def forward(ctx, x, pos_embed, noise, K, method):
         pos = pos_embed[0] if pos_embed is not None else None
-        out, mask, ids_restore = _masking_fwd(x, pos, noise, K, _promote(x, pos_embed))
+        out, mask, ids_restore = _masking_fwd(x, pos, noise, K, _promote(x, pos_embed), method)
         ctx.mark_non_differentiable(mask, ids_restore)
         ctx.save_for_backward(ids_restore)
         ctx.shape = x.shape
@@ -106,7 +111,7 @@ class RandomMaskingFn(torch.autograd.Function):
             grad_out, ids_restore, ctx.shape[1],
             ctx.x_dtype if want_x else None, ctx.pos_dtype if want_pos else None,
         )
-        return (gx if want_x else None), (gpos.unsqueeze(0) if want_pos else None), None, None
+        return (gx if want_x else None), (gpos.unsqueeze(0) if want_pos else None), None, None, None
 
 
 class UnshuffleFn(torch.autograd.Function):
@@ -135,9 +140,15 @@ class UnshuffleFn(torch.autograd.Function):
         )
 
 
-def random_masking_triton(x, mask_ratio, pos_embed, noise):
-    """Triton random masking; arguments validated by :func:`mimfast.ops.random_masking`."""
-    return RandomMaskingFn.apply(x, pos_embed, noise, num_kept(x.shape[1], mask_ratio))
+def random_masking_triton(x, mask_ratio, pos_embed, noise, method=None):
+    """Triton random masking; arguments validated by :func:`mimfast.ops.random_masking`.
+    ``method``: "count" or "sort" (see :data:`MASKING_METHOD`, the default)."""
+    method = MASKING_METHOD if method is None else method
+    if method not in ("count", "sort"):
+        raise ValueError(f"method must be 'count' or 'sort', got {method!r}")
+    if noise.dtype == torch.float64:
+        method = "count"
+    return RandomMaskingFn.apply(x, pos_embed, noise, num_kept(x.shape[1], mask_ratio), method)
 
 
 def unshuffle_with_mask_token_triton(x, mask_token, ids_restore, pos_embed):
