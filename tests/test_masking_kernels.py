@@ -386,3 +386,164 @@ def test_gpu_tiling_under_the_interpreter(device, monkeypatch):
     assert torch.equal(gt[0], gr[0])
     torch.testing.assert_close(gt[1], gr[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gt[2], gr[2], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# random masking, sort variant (masking_forward(method="sort"), MASKING_METHOD = "sort")
+# --------------------------------------------------------------------------------------------
+SORT_LENGTHS = [16, 49, 196, 257, 576]
+SORT_RATIOS = [0.0, 0.4, 0.75, 0.9]
+
+
+def _tied_noise(N, L, device, dtype=torch.float32):
+    """Noise in [0, 1) where about a third of the positions repeat another position's value
+    (ties, in either order of positions), with exact zeros among them."""
+    noise = torch.rand(N, L, device=device).to(dtype)
+    src = torch.randint(0, L, (N, L // 3), device=device)
+    dst = torch.randint(0, L, (N, L // 3), device=device)
+    noise.scatter_(1, dst, noise.gather(1, src))
+    noise[:, L // 2] = 0.0
+    noise[:, L // 5] = 0.0
+    return noise
+
+
+def _stable_ranks(noise):
+    """ids_restore of a stable argsort (ties to the lower position), computed on the CPU."""
+    return torch.argsort(torch.argsort(noise.cpu(), dim=1, stable=True), dim=1).to(noise.device)
+
+
+@pytest.mark.parametrize("L", SORT_LENGTHS)
+def test_sort_variant_equals_count_kernel_with_ties(device, L):
+    """mask, ids_restore, ids_keep and the gathered rows (+ pos) are bit-identical to the
+    counting kernel's, for every ratio, on noise with ties; ranks are those of a stable argsort
+    (the reference's unstable torch.argsort orders ties arbitrarily on the CPU from L = 49).
+    The counting kernel runs once with K = L: its ranks do not depend on K, and its output rows
+    in rank order hold every ratio's output as a prefix."""
+    N, D = (2, 24) if not CUDA else (16, 200)
+    dtype = FLOAT_DTYPES[SORT_LENGTHS.index(L) % 3]
+    noise = _tied_noise(N, L, device)
+    assert (torch.sort(noise, dim=1).values.diff(dim=1) == 0).any(dim=1).all()  # ties in every sample
+    x = torch.randn(N, L, D, device=device, dtype=dtype)
+    pos = torch.randn(L, D, device=device, dtype=dtype)
+    all_rows, _, ranks, order = km.masking_forward(x, pos, noise, L, write_ids_keep=True, method="count")
+    assert torch.equal(ranks, _stable_ranks(noise))
+    for ratio in SORT_RATIOS:
+        K = ops.num_kept(L, ratio)
+        vis, mask, ids, ids_keep = km.masking_forward(x, pos, noise, K, write_ids_keep=True, method="sort")
+        assert vis.dtype == dtype and ids_keep.dtype == torch.int32
+        assert torch.equal(ids, ranks), f"ids_restore (L={L}, ratio={ratio})"
+        assert torch.equal(mask, (ranks >= K).float()), f"mask (L={L}, ratio={ratio})"
+        assert torch.equal(ids_keep, order[:, :K]), f"ids_keep (L={L}, ratio={ratio})"
+        assert torch.equal(vis, all_rows[:, :K]), f"x_visible (L={L}, ratio={ratio}, {dtype})"
+    if L == 49:  # and the counting kernel at a ratio of its own, once
+        want = km.masking_forward(x, pos, noise, K, write_ids_keep=True, method="count")
+        for g, w in zip((vis, mask, ids, ids_keep), want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("L,ratio,dtype", [pytest.param(L, SORT_RATIOS[i % 4], FLOAT_DTYPES[i % 3], id=f"L{L}-{i}")
+                                           for i, L in enumerate(SORT_LENGTHS)])
+def test_sort_variant_op_matches_reference_with_gradients(device, monkeypatch, L, ratio, dtype):
+    """The public op with MASKING_METHOD = "sort": outputs and gradients of x and pos_embed
+    bit-identical to the counting kernel's, equal to the eager reference (no ties)."""
+    from mimfast.ops import _masking_triton
+
+    N, D = (2, 40) if not CUDA else (8, 768)
+    x = torch.randn(N, L, D, device=device, dtype=dtype)
+    pos = torch.randn(1, L, D, device=device, dtype=dtype)
+    noise = _unique_noise(N, L, device)
+    K = ops.num_kept(L, ratio)
+    g = torch.randn(N, K, D, device=device, dtype=dtype)
+
+    def run(backend, method=None):
+        if method is not None:
+            monkeypatch.setattr(_masking_triton, "MASKING_METHOD", method)
+        xa = x.detach().clone().requires_grad_(True)
+        pa = pos.detach().clone().requires_grad_(True)
+        out = ops.random_masking(xa, ratio, pos_embed=pa, noise=noise, backend=backend)
+        return (*out, *torch.autograd.grad(out[0], (xa, pa), g))
+
+    got, count, ref = run("triton", "sort"), run("triton", "count"), run("eager")
+    for name, a, b in zip(("x_visible", "mask", "ids_restore", "grad x", "grad pos_embed"), got, count):
+        assert torch.equal(a, b), f"{name} differs from the counting kernel"
+    vis, mask, ids, gx, gpos = got
+    assert torch.equal(mask, ref[1]) and torch.equal(ids, ref[2]) and torch.equal(gx, ref[3])
+    x64, p64 = x.double().requires_grad_(True), pos.double().requires_grad_(True)
+    vis64 = ops.random_masking(x64, ratio, p64, noise, backend="eager")[0]
+    _check_close("x_visible", vis, ref[0], vis64, dtype)
+    _check_close("grad pos_embed", gpos, ref[4], torch.autograd.grad(vis64, p64, g.double())[0], dtype)
+
+
+def test_sort_variant_gpu_tiling_under_the_interpreter(device, monkeypatch):
+    """Several programs per sample (BLOCK_R = 16 ranks each, a partial last one), each writing its
+    share of mask / ids_restore / ids_keep, D in two blocks with a tail."""
+    monkeypatch.setattr(km, "GPU_TILES_ON_CPU", True)
+    N, D = 2, 272
+    for L, ratio, dtype in ((50, 0.0, torch.bfloat16), (197, 0.75, torch.float16)):
+        K = ops.num_kept(L, ratio)  # 50 and 49 ranks: 4 programs per sample, the last with 2 / 1
+        x = torch.randn(N, L, D, device=device, dtype=dtype)
+        pos = torch.randn(L, D, device=device)
+        noise = _tied_noise(N, L, device)
+        got = km.masking_forward(x, pos, noise, K, out_dtype=torch.float32, write_ids_keep=True, method="sort")
+        want = km.masking_forward(x, pos, noise, K, out_dtype=torch.float32, write_ids_keep=True, method="count")
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        if L == 50:
+            masks_only = km.masking_forward(None, None, noise, K, write_ids_keep=True, method="sort")
+            assert masks_only[0] is None
+            for g, w in zip(masks_only[1:], want[1:]):
+                assert torch.equal(g, w)
+
+
+def test_sort_variant_noise_dtypes_signs_and_strides(device):
+    """Half-precision noise (many ties), negative values and -0.0 (ranked as +0.0, as the
+    counting kernel's comparisons do), strided noise and tokens: same as the counting kernel.
+    float64 noise: the kernel refuses it, the op falls back to counting."""
+    N, L, D, K = 3, 70, 48, 23
+    x = torch.randn(N, D, L, device=device).transpose(1, 2)  # stride 1 along L
+    for noise_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        noise = (torch.rand(N, 2 * L, device=device) * 2 - 1).to(noise_dtype)[:, ::2]
+        noise[:, 3], noise[:, 8], noise[:, 11] = 0.0, -0.0, 0.0
+        noise[0, 20] = float("inf")
+        noise[1, 21] = -float("inf")
+        got = km.masking_forward(x, None, noise, K, write_ids_keep=True, method="sort")
+        want = km.masking_forward(x, None, noise, K, write_ids_keep=True, method="count")
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), noise_dtype
+        assert torch.equal(got[2], _stable_ranks(noise.float()))
+    noise64 = torch.rand(N, L, device=device, dtype=torch.float64)
+    with pytest.raises(TypeError, match="noise must be float32"):
+        km.masking_forward(x, None, noise64, K, method="sort")
+    from mimfast.ops._masking_triton import random_masking_triton
+
+    got = random_masking_triton(x, 0.75, None, noise64, method="sort")
+    want = ops.random_masking(x, 0.75, noise=noise64, backend="eager")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("L", [16, 49])
+def test_tl_sort_itself_gives_the_same_ranks(device, monkeypatch, L):
+    """USE_TL_SORT: triton's own tl.sort on the packed int64 keys (slow under the interpreter:
+    its xor_sum runs element by element, so small L here) equals this file's network."""
+    monkeypatch.setattr(km, "USE_TL_SORT", True)
+    N, D, K = 2, 24, ops.num_kept(L, 0.75)
+    x = torch.randn(N, L, D, device=device, dtype=torch.float16)
+    noise = _tied_noise(N, L, device)
+    got = km.masking_forward(x, None, noise, K, write_ids_keep=True, method="sort")
+    want = km.masking_forward(x, None, noise, K, write_ids_keep=True, method="count")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_sort_variant_bad_arguments(device):
+    x, noise = torch.randn(2, 16, 8, device=device), torch.rand(2, 16, device=device)
+    with pytest.raises(ValueError, match="method must be"):
+        km.masking_forward(x, None, noise, 4, method="argsort")
+    with pytest.raises(ValueError, match="ids_restore must be None"):
+        km.masking_forward(x, None, noise, 4, ids_restore=torch.zeros(2, 16, dtype=torch.int64, device=device),
+                           method="sort")
+    from mimfast.ops._masking_triton import random_masking_triton
+
+    with pytest.raises(ValueError, match="method must be"):
+        random_masking_triton(x, 0.5, None, noise, method="Sort")
