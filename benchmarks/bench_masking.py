@@ -13,7 +13,9 @@ Rows ``fwd`` time the forward with gradient tracking on (the training setting); 
 ``fwd+bwd`` add ``torch.autograd.grad`` of the output (no gradient accumulation). GB/s count
 the bytes the op must move (kept rows only where only kept rows are needed); peak memory is
 that of one fwd+bwd call above what was allocated before it. Variant ``triton_argsort`` is the
-alternative masking design: ranks from two ``torch.argsort`` calls, then the gather kernel.
+alternative masking design: ranks from two ``torch.argsort`` calls, then the gather kernel;
+``triton_sort`` the one-kernel design that sorts packed (noise bits, index) keys per sample
+(``method="sort"``; the default kernel counts ranks).
 
 Smoke mode (``ctx.smoke``): N = 2 and tiny ViT-like shapes (``SMOKE_MODELS``), same variants.
 """
@@ -27,6 +29,7 @@ import torch
 from benchmarks import harness
 from mimfast import ops
 from mimfast.kernels import masking as km
+from mimfast.ops import _masking_triton
 
 N = 256
 RATIO = 0.75
@@ -102,9 +105,13 @@ def _bench_random_masking(ctx, case, N, L, D):
         ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)
         return km.masking_forward(x.detach(), pos[0], noise, K, ids_restore=ids_restore)
 
+    def sort_fwd():  # the one-kernel bitonic-sort variant (same backward as "triton")
+        return _masking_triton.random_masking_triton(x, RATIO, pos, noise, method="sort")
+
     variants = {
         "eager": (lambda: ref(x, RATIO, pos, noise), _grad_fn(lambda: ref(x, RATIO, pos, noise), (x,), g)),
         "triton": (triton_fwd, _grad_fn(triton_fwd, (x,), g)),
+        "triton_sort": (sort_fwd, _grad_fn(sort_fwd, (x,), g)),
         "triton_argsort": (argsort_fwd, None),
     }
     if comp is not None:

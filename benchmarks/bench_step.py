@@ -9,6 +9,10 @@ Variants, side by side in one run:
   (c) timm-sdpa+compile — ``torch.compile`` of (b)
   (d) mimfast — ``kernels="auto"``: every hot path on its Triton kernel
   (e) mimfast+compile — ``torch.compile`` of (d) (the ops are torch.library custom ops)
+and two ablations of (d), so a run shows what each block fusion is worth:
+  mimfast-no-fused-mlp — (d) with ``fused_mlp=False`` (the MLP keeps gelu(h) as eager does)
+  mimfast-no-fused-blocks — (d) with ``fused_norm=False`` (plain blocks: residual add, LayerNorm
+                and MLP as timm runs them; attention, masking and loss still on kernels)
 
     python -m benchmarks.run --out DIR --only step
 
@@ -42,6 +46,9 @@ SMOKE_MAE_CASES = {"mae_vit_b16": ("mae_vit_tiny_patch16", 2, _SMOKE_MAE),
 SMOKE_BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 2,
                                  dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=64))}
 SMOKE_BEIT_MASKED = 6  # of 16 patches
+# (variant, kernels, timm SDPA, compile, model kwargs): (d) with one block fusion off
+ABLATIONS = [("mimfast-no-fused-mlp", "auto", False, False, {"fused_mlp": False}),
+             ("mimfast-no-fused-blocks", "auto", False, False, {"fused_norm": False})]
 
 
 def _linear_flops(tokens: int, d_in: int, d_out: int) -> int:
@@ -144,13 +151,13 @@ def _mae_cases(ctx, compile_spent):
         def loss_fn(m):
             return lambda model: model(imgs, MASK_RATIO, noise)[0]
 
-        variants = [("eager", "eager", False, False), ("timm-sdpa", "eager", True, False),
-                    ("timm-sdpa+compile", "eager", True, True), ("mimfast", "auto", False, False),
-                    ("mimfast+compile", "auto", False, True)]
-        for variant, kernels, sdpa, comp in variants:
+        variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
+                    ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
+                    ("mimfast+compile", "auto", False, True, {})] + ABLATIONS
+        for variant, kernels, sdpa, comp, extra in variants:
             if comp and (ctx.smoke or compile_spent[0] > COMPILE_BUDGET_S):
                 continue
-            model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides).to(dev)
+            model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides, **extra).to(dev)
             model.load_state_dict(state)
             if sdpa:
                 _to_timm_sdpa(model)
@@ -187,11 +194,12 @@ def _beit_cases(ctx, compile_spent):
         def loss_fn(m):
             return lambda model: model(imgs, masks, labels=labels)
 
-        for variant, kernels, comp in [("eager", "eager", False), ("mimfast", "auto", False),
-                                       ("mimfast+compile", "auto", True)]:
+        variants = [("eager", "eager", False, {}), ("mimfast", "auto", False, {}), ("mimfast+compile", "auto", True, {})]
+        variants += [(v, k, c, extra) for v, k, _, c, extra in ABLATIONS]
+        for variant, kernels, comp, extra in variants:
             if comp and (ctx.smoke or compile_spent[0] > COMPILE_BUDGET_S):
                 continue
-            model = create_model(name, kernels=kernels, **overrides).to(dev)
+            model = create_model(name, kernels=kernels, **overrides, **extra).to(dev)
             model.load_state_dict(state)
             try:
                 spent = _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)

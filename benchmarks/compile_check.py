@@ -52,7 +52,8 @@ H100_SMS = 132
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100 / H200)
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FLOATS = (F32, F16, BF16)
-FILES = ("attention", "masking", "patch_embed", "patch_loss", "linear_ce", "blockwise_mask", "augment")
+FILES = ("attention", "masking", "patch_embed", "patch_loss", "linear_ce", "blockwise_mask", "augment", "layer_norm",
+         "gelu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +252,15 @@ def cases_masking():
         (2, 16, 32, 0.0, False), (3, 50, 80, 0.75, True), (2, 49, 1280, 0.4, True), (2, 197, 64, 0.9, False),
         (1, 576, 32, 0.75, True), (16, 196, 512, 0.75, False), (8, 256, 512, 0.75, True), (4, 576, 1280, 0.4, True),
         (5, 197, 80, 0.9, True), (256, 196, 512, 0.75, True)] for dt in FLOATS]
+    yield "sort variant (bench triton_sort, tests)", lambda: [
+        K.masking_forward(_e(N, L, D, dtype=dt), _e(L, D, dtype=pdt), _e(N, L), max(1, int(L * (1 - r))),
+                          out_dtype=torch.promote_types(dt, pdt), method="sort")
+        for N, L, D, r in [(2, 16, 32, 0.0), (3, 50, 80, 0.75), (2, 49, 1280, 0.4), (2, 197, 48, 0.9),
+                           (1, 576, 32, 0.75), (16, 196, 768, 0.75), (8, 256, 1280, 0.75), (4, 576, 1024, 0.4),
+                           (256, 196, 768, 0.75)]
+        for dt in FLOATS for pdt in {dt, F32}] + [
+        K.masking_forward(None, None, _e(N, L, dtype=ndt), max(1, L // 4), write_ids_keep=True, method="sort")
+        for N, L in ((8, 196), (2, 576)) for ndt in (F32, F16)]
 
 
 def cases_patch_embed():
@@ -349,6 +359,35 @@ def cases_augment():
     yield "tests: small sizes, quantize, same-size second view", lambda: [
         aug(2, 17), aug(2, 21), aug(1, 16, quantize=True), aug(1, 16, interp="bilinear"),
         aug(3, 13, size2=13), aug(3, 24, size2=9, interp2="bilinear"), aug(3, 32, BF16, size2=16)]
+
+
+def cases_layer_norm():
+    from mimfast.kernels import layer_norm as K
+
+    def add_ln(M, D, x_dt, res_dt, affine=True, scale=False, out_dt=BF16):
+        x = _e(M, D, dtype=x_dt)
+        res = _e(M, D, dtype=res_dt) if res_dt is not None else None
+        w = b = _e(D) if affine else None
+        s = _e(D) if scale else None
+        r, y, mean, rstd = K.add_layer_norm_fwd(x, res, w, b, s, 1e-6, out_dt)
+        r_in = r if r.numel() else x
+        K.add_layer_norm_bwd(_e(M, D, dtype=out_dt), _e(M, D, dtype=r_in.dtype) if r.numel() else None, r_in,
+                             x if scale else None, w, s, mean, rstd, x_dt, res.dtype if res is not None else x_dt,
+                             True, res is not None, affine, affine, scale)
+
+    dims = (768, 512, 1024, 1280, 80, 33, 1)
+    yield "blocks under autocast: bf16 branch, fp32 residual, bf16 / fp32 y, layer scale", lambda: [
+        add_ln(256 * 50, D, BF16, F32, scale=sc, out_dt=o) for D in dims for sc in (False, True) for o in (BF16, F32)]
+    yield "tests: every dtype mix, no residual, no affine", lambda: [
+        add_ln(34, D, dt, r, affine=a, scale=sc, out_dt=dt) for D in (80, 33, 130, 768) for dt in FLOATS
+        for r in (None, dt, F32) for a in (True, False) for sc in (False, True)]
+
+
+def cases_gelu():
+    from mimfast.kernels import gelu as K
+
+    yield "MLP hidden widths, every dtype", lambda: [K.gelu_bwd_recompute(_e(M, H, dtype=dt), _e(M, H, dtype=dt))
+                                                     for M, H in ((256 * 197, 2048), (7, 40)) for dt in FLOATS]
 
 
 CASES = {name: globals()[f"cases_{name}"] for name in FILES}

@@ -1,0 +1,148 @@
+"""The block fusions on their own: residual add + LayerNorm (``ops.add_layer_norm``) and the MLP's
+``fc2(gelu(h))`` keeping only h (``ops.gelu_linear``), at the MAE / BEiT block shapes, bf16
+autocast as training runs them.
+
+- ``add_layer_norm``: x (M, D) bf16 branch output, residual (M, D) fp32, LayerNorm fp32
+  parameters, y written in bf16 (what the next Linear casts to). Eager = ``r = residual + x;
+  y = layer_norm(r).to(bf16)`` under autocast; compile = ``torch.compile`` of it; triton = the op.
+  GB/s on the bytes that must move: forward x + r in + r out + y; backward r + dy + dr in +
+  dr out + dx.
+- ``gelu_linear``: h (M, 4D) bf16 (fc1's output), fc2 weight fp32 under autocast. Eager =
+  ``F.linear(F.gelu(h), w, b)``; triton = the op (GELU's backward recomputes gelu(h)).
+  ``saved_mib`` is the memory autograd holds between forward and backward (the activation
+  cost per MLP), ``peak_mem`` that of one forward + backward.
+
+    python -m benchmarks.run --out DIR --only fusions
+
+Smoke mode (``ctx.smoke``, CPU): ``SMOKE_CASES`` (M = 2 x 5 rows, D = 24), the same rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from mimfast import ops
+
+# case: (N, S, D): MAE encoder ViT-B / ViT-L (49 visible + cls), MAE decoder, BEiT-B
+CASES = {"mae_enc_b": (256, 50, 768), "mae_enc_l": (256, 50, 1024), "mae_dec": (256, 197, 512),
+         "beit_b": (256, 197, 768)}
+QUICK = ("mae_enc_b", "mae_dec")
+SMOKE_CASES = {"mae_enc_b": (2, 5, 24), "mae_enc_l": (2, 5, 40), "mae_dec": (2, 9, 16), "beit_b": (2, 9, 24)}
+BF16 = 2
+
+
+def _time(fn) -> float:
+    return harness.time_ms(fn, warmup_ms=10, rep_ms=50)
+
+
+def _saved_bytes(fn):
+    """Memory held after ``fn()`` returns its output (the graph alive): the saved activations."""
+    if not harness.on_cuda():
+        return None
+    harness.sync()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    harness.sync()
+    held = torch.cuda.memory_allocated() - base
+    del out
+    return held
+
+
+def _rows(ctx, bench, case, variants, fwd_bytes, bwd_bytes, fwd_flops=None, saved=False):
+    for mode in ("fwd", "fwd+bwd"):
+        for name, (fwd, fwd_bwd) in variants.items():
+            fn = fwd if mode == "fwd" else fwd_bwd
+            try:
+                ms = _time(fn)
+                extra = {}
+                if mode == "fwd+bwd":
+                    extra["peak_mem"] = harness.peak_memory_bytes(fn)
+                if saved and mode == "fwd":
+                    held = _saved_bytes(fn)
+                    if held is not None:
+                        extra["saved_mib"] = round(held / 2**20, 1)
+            except Exception as e:  # one failing variant must not hide the others
+                ctx.add(bench, f"{case} {mode}", name, float("nan"), error=f"{type(e).__name__}: {e}"[:200])
+                continue
+            nbytes = fwd_bytes if mode == "fwd" else fwd_bytes + bwd_bytes
+            flops = None if fwd_flops is None else (fwd_flops if mode == "fwd" else 3 * fwd_flops)
+            ctx.add(bench, f"{case} {mode}", name, ms, bytes_moved=nbytes, flops=flops, **extra)
+        ctx.speedups(bench, f"{case} {mode}", "eager")
+
+
+def _autocast(device, fn):
+    def run():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
+def _grad(fwd, inputs, grads):
+    def run():
+        out = fwd()
+        outs = out if isinstance(out, tuple) else (out,)
+        return torch.autograd.grad(outs, inputs, grads[: len(outs)])
+
+    return run
+
+
+def _bench_add_layer_norm(ctx, case, N, S, D):
+    dev = ctx.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    M = N * S
+    x = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
+    res = torch.randn(M, D, device=dev, generator=g).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(D, device=dev, generator=g)).requires_grad_(True)
+    b = (0.1 * torch.randn(D, device=dev, generator=g)).requires_grad_(True)
+    dy = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16)
+    dr = torch.randn(M, D, device=dev, generator=g)
+    inputs = (x, res, w, b)
+
+    def eager():
+        r = res + x
+        return r, F.layer_norm(r, (D,), w, b, 1e-6).to(torch.bfloat16)
+
+    def triton():
+        return ops.add_layer_norm(x, res, w, b, 1e-6, out_dtype=torch.bfloat16, backend="triton")
+
+    variants = {"eager": eager, "triton": triton}
+    comp = harness.try_compile(eager)
+    if comp is not None:
+        variants["compile"] = comp
+    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (dr, dy))) for k, f in variants.items()}
+    # outputs are (r, y): the gradient of r comes first
+    fwd_bytes = M * D * (BF16 + 4 + 4 + BF16)
+    bwd_bytes = M * D * (4 + BF16 + 4 + 4 + BF16)
+    _rows(ctx, "add_layer_norm", case, variants, fwd_bytes, bwd_bytes)
+
+
+def _bench_gelu_linear(ctx, case, N, S, D):
+    dev = ctx.device
+    g = torch.Generator(device=dev).manual_seed(1)
+    M, Hd = N * S, 4 * D
+    h = torch.randn(M, Hd, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(D, Hd, device=dev, generator=g) * Hd ** -0.5).requires_grad_(True)
+    b = torch.zeros(D, device=dev).requires_grad_(True)
+    go = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16)
+    inputs = (h, w, b)
+    fns = {"eager": lambda: F.linear(F.gelu(h), w, b),
+           "triton": lambda: ops.gelu_linear(h, w, b, backend="triton")}
+    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (go,))) for k, f in fns.items()}
+    # GELU in (h) and out, the matmul's operands and output; backward: da, h, a, dh and the matmuls'
+    fwd_bytes = M * Hd * BF16 * 3 + M * D * BF16 + D * Hd * BF16
+    bwd_bytes = M * Hd * BF16 * 4 + M * D * BF16 * 2 + D * Hd * 4
+    _rows(ctx, "gelu_linear", case, variants, fwd_bytes, bwd_bytes, fwd_flops=2 * M * Hd * D, saved=True)
+
+
+def run(ctx: harness.Context) -> None:
+    cases = SMOKE_CASES if ctx.smoke else CASES
+    names = QUICK if ctx.quick else tuple(cases)
+    for name in names:
+        N, S, D = cases[name]
+        label = f"{name} N={N} S={S} D={D}"
+        _bench_add_layer_norm(ctx, label, N, S, D)
+        _bench_gelu_linear(ctx, label, N, S, D)
+        harness.empty_cache()
