@@ -212,8 +212,14 @@ def write_results(out_dir: Path, info: dict, ctx: Context, errors: list) -> tupl
     jpath = out_dir / "results.json"
     # strict JSON: a failed row's NaN ms (or an inf) is written as null
     jpath.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False))
+    from benchmarks.report import plot_step
+
+    png = plot_step(_finite(payload), out_dir / "step.png")
     mpath = out_dir / "results.md"
-    mpath.write_text(markdown_table(payload))
+    text = markdown_table(payload)
+    if png is not None:
+        text += f"\n![images/s per configuration]({png.name})\n"
+    mpath.write_text(text)
     return jpath, mpath
 
 

@@ -114,6 +114,15 @@ def test_benchmark_module_smoke(name, tmp_path):
     assert not bad, f"{name}: mimfast / eager variants skipped: {bad}"
     harness.write_results(tmp_path, harness.device_info("cpu"), ctx, [])
     _read_results(tmp_path, len(ctx.rows))
+    png = tmp_path / "step.png"
+    if any(r["bench"] == "step" for r in ctx.rows):  # the report's picture of images/s per configuration
+        from PIL import Image
+
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 0
+        assert "(step.png)" in (tmp_path / "results.md").read_text()
+    else:
+        assert not png.exists()
 
 
 def test_run_main_smoke(tmp_path, capsys):
