@@ -15,6 +15,13 @@ launch whose grid CUDA refuses (more than 65535 programs on axis 1 or 2).
     python -m benchmarks.compile_check --all                # all ~920 specialisations (about 4.5 minutes)
     python -m benchmarks.compile_check --only attention,augment --jobs 4
     python -m benchmarks.compile_check --list               # the variants only, no compile
+    python -m benchmarks.compile_check --warm --jobs 16     # on the GPU machine: fill Triton's cache
+
+``--warm`` compiles every specialisation (``--all``) for the machine's own GPU into Triton's
+on-disk cache, in parallel processes, so the test suite and the benchmarks that follow load
+kernels instead of compiling them one at a time (Triton's runtime compiles through the same
+``triton.compile`` call with the same source, signature, constexprs, attributes, options and
+target, hence the same cache key). It reports failures only.
 
 Exit status 1 if any variant fails. This proves compilation with the Triton it runs under and
 says nothing about numerics or speed. The GPU machine runs triton 3.6; to check against it here::
@@ -32,7 +39,9 @@ import sys
 if any(m.startswith("mimfast.kernels.") for m in sys.modules):
     raise RuntimeError("benchmarks.compile_check must be imported before mimfast.kernels (run it as a script)")
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
+WARM = "--warm" in sys.argv[1:]
+if not WARM:
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -47,7 +56,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import jit as _jit  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 64)
+TARGET = GPUTarget("cuda", 90, 32)  # what Triton's CUDA driver reports for an H100 / H200 (32-lane warps)
 H100_SMS = 132
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100 / H200)
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -401,17 +410,24 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def _target() -> GPUTarget:
+    """sm_90; with ``--warm`` on a CUDA machine, the target Triton's runtime will ask for there."""
+    if WARM and torch.cuda.is_available():
+        return triton.runtime.driver.active.get_current_target()
+    return TARGET
+
+
 def compile_variant(v: dict) -> dict:
     import importlib
 
     fn = getattr(importlib.import_module(v["module"]), v["name"])
-    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.nvidia.dump_ptxas_log = not WARM
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
             k = triton.compile(ASTSource(fn=fn, signature=v["signature"], constexprs=v["constexprs"],
-                                         attrs=v["attrs"]), target=TARGET, options=v["options"])
+                                         attrs=v["attrs"]), target=_target(), options=v["options"])
     except Exception as e:  # a compile error is the result
         msg = str(e).strip().splitlines()
         err = next((line for line in msg if "error" in line.lower()), msg[0] if msg else type(e).__name__)
@@ -432,6 +448,8 @@ def main(argv=None) -> int:
                     help="every distinct specialisation (about 5 minutes), not only a pairwise cover")
     ap.add_argument("--list", action="store_true", help="list the variants, do not compile")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the full error of a failed compile")
+    ap.add_argument("--warm", action="store_true",
+                    help="fill Triton's cache for this machine's GPU (all specialisations, failures reported only)")
     args = ap.parse_args(argv)
     files = [f for f in args.only.split(",") if f] or list(FILES)
     unknown = set(files) - set(FILES)
@@ -446,7 +464,7 @@ def main(argv=None) -> int:
                 launch()
     variants = list(cap.variants.values())
     n_all = len(variants)
-    if not args.all:
+    if not (args.all or args.warm):
         variants = pairwise(variants)
     print(f"{len(variants)} of {n_all} distinct kernel specialisations from {', '.join(files)} for sm_90 "
           f"({'all' if args.all else 'a pairwise cover; --all for every one'}; triton {triton.__version__}, "
@@ -471,8 +489,9 @@ def main(argv=None) -> int:
                 if r["spill_st"] or r["spill_ld"]:
                     status, spilled, tally[2] = "OK SPILLS", spilled + 1, tally[2] + 1
                 tally[3], tally[4] = max(tally[3], r["regs"]), max(tally[4], r["smem"])
-                print(f"{status:9s} {name}  regs={r['regs']} spill={r['spill_st']}/{r['spill_ld']}B "
-                      f"smem={r['smem']}B  {r['s']:.1f}s  {v['label']}", flush=True)
+                if not args.warm:
+                    print(f"{status:9s} {name}  regs={r['regs']} spill={r['spill_st']}/{r['spill_ld']}B "
+                          f"smem={r['smem']}B  {r['s']:.1f}s  {v['label']}", flush=True)
             else:
                 failed, tally[1] = failed + 1, tally[1] + 1
                 print(f"FAIL      {name}  {r['error']}  {v['label']}  [{v['case']}]", flush=True)
