@@ -15,6 +15,8 @@ Semantics, against torchvision's MAE / BEiT pipeline:
   torchvision's own ``get_params`` on them in tests/test_gpu_augment.py).
 - Uniforms come from a counter-based hash of ``(seed, epoch, index)`` (:func:`crop_uniforms`),
   so an image's crop does not depend on the worker count, the batch it lands in or a resume.
+  :func:`keyed_uniforms` is that hash in torch integer ops on any device, with a salt for other
+  per-sample streams (BEiT's blockwise masks, made on the GPU from it).
 - Resampling is torch's ``upsample_bicubic2d`` / ``upsample_bilinear2d`` (``align_corners=False``)
   of the crop, i.e. torchvision's ``resized_crop(..., antialias=False)``; values clamped to
   [0, 255]. torchvision's CPU default (``antialias=True``) and PIL (the official MAE / BEiT
@@ -53,6 +55,7 @@ __all__ = [
     "NUM_TRIES",
     "UNIFORMS_PER_SAMPLE",
     "LOGIT_LAPLACE_EPS",
+    "keyed_uniforms",
     "crop_uniforms",
     "sample_crop_boxes",
     "sample_crop_params",
@@ -91,19 +94,75 @@ def _as_u64(v) -> np.ndarray:
     return (np.asarray(v, dtype=np.int64).reshape(-1).astype(np.uint64))
 
 
-def crop_uniforms(seed: int, epochs, indices) -> torch.Tensor:
-    """The (N, UNIFORMS_PER_SAMPLE) float64 uniforms in [0, 1) of samples ``(epoch, index)``.
+def _i64(v: int) -> int:
+    """A 64-bit pattern as the signed int torch's int64 holds."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
 
-    A counter-based hash (splitmix64) of ``(seed, epoch, index, k)``: a pure function of its
-    arguments, so the same image in the same epoch always gets the same crop and flip. Each
-    value is a multiple of 2**-24, like torch's float32 draws.
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64_torch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_splitmix64` on int64 tensors: two's-complement adds and multiplies wrap as
+    uint64 arithmetic does, so the bits are the same on any device."""
+    x = x + _i64(0x9E3779B97F4A7C15)
+    x = (x ^ _srl(x, 30)) * _i64(0xBF58476D1CE4E5B9)
+    x = (x ^ _srl(x, 27)) * _i64(0x94D049BB133111EB)
+    return x ^ _srl(x, 31)
+
+
+def keyed_uniforms(seed: int, epochs, indices, count: int, *, salt: int | None = None, device=None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, count) uniforms in [0, 1) of samples ``(epochs[i], indices[i])``, computed on ``device``.
+
+    A counter-based hash, splitmix64 in int64 torch ops (no Python loop over samples):
+
+        key  = sm(sm(sm(seed) + epoch) + index)          # per sample
+        key  = sm(key ^ salt)                            # if salt is not None: another stream
+        u[k] = (sm(key + k) >> 40) * 2**-24              # k = 0 .. count - 1, logical shift
+
+    so the values are a pure function of ``(seed, salt, epoch, index, k)``: the same on every
+    device, in every batch, worker and rank, and after a resume. Each is a multiple of 2**-24
+    (exact in float32, like torch's float32 draws). ``salt=None`` is the crop stream
+    (:func:`crop_uniforms`); users of other streams pick their own salt.
+
+    Args:
+        seed: the run's seed (an int64).
+        epochs: one epoch or N of them (ints, array or tensor).
+        indices: the N dataset indices.
+        count: uniforms per sample.
+        salt: None, or a 64-bit int naming the stream.
+        device: where to compute (default: the CPU).
+        dtype: float32 or float64.
     """
-    indices = _as_u64(indices)
-    epochs = np.broadcast_to(_as_u64(epochs), indices.shape)
-    with np.errstate(over="ignore"):
-        key = _splitmix64(_splitmix64(_splitmix64(_as_u64(seed)) + epochs) + indices)
-        words = _splitmix64(key[:, None] + np.arange(UNIFORMS_PER_SAMPLE, dtype=np.uint64)[None, :])
-    return torch.from_numpy((words >> np.uint64(40)).astype(np.float64) * 2.0**-24)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).to(device, non_blocking=True)
+    epochs = torch.as_tensor(epochs, dtype=torch.int64).reshape(-1).to(device, non_blocking=True)
+    if epochs.numel() not in (1, indices.numel()):
+        raise ValueError(f"epochs must be one value or one per index ({indices.numel()}), got {epochs.numel()}")
+    base = _i64(int(_splitmix64(_as_u64(seed))[0]))  # on the host: no copy to the device
+    key = _splitmix64_torch(_splitmix64_torch(epochs.expand_as(indices) + base) + indices)  # (N,)
+    if salt is not None:
+        key = _splitmix64_torch(key ^ _i64(int(salt)))
+    words = _splitmix64_torch(key[:, None] + torch.arange(int(count), dtype=torch.int64, device=device))
+    return _srl(words, 40).to(dtype) * 2.0**-24
+
+
+def crop_uniforms(seed: int, epochs, indices) -> torch.Tensor:
+    """The (N, UNIFORMS_PER_SAMPLE) float64 uniforms in [0, 1) of samples ``(epoch, index)``
+    on the CPU: :func:`keyed_uniforms`' crop stream (no salt).
+
+    A pure function of its arguments, so the same image in the same epoch always gets the same
+    crop and flip. Each value is a multiple of 2**-24, like torch's float32 draws.
+    """
+    return keyed_uniforms(seed, epochs, indices, UNIFORMS_PER_SAMPLE, dtype=torch.float64)
 
 
 def _check_range(name: str, pair, positive: bool) -> tuple[float, float]:
