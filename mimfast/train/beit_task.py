@@ -13,6 +13,21 @@ Per batch: the frozen tokenizer turns the tokenizer views into (N, h, w) token i
 no_grad (``--tokenizer dalle:PATH`` or ``vq:PATH``), and the model's loss is the cross-entropy
 of its predictions at the masked positions, ``model(imgs, bool_masked_pos, labels=tokens)``.
 The pixel variant (``--model beit_*_pixel``) needs no tokenizer.
+
+With ``--gpu-pipeline`` (:mod:`mimfast.data.gpu_pipeline`) the workers only read bytes; per
+batch, on the GPU:
+
+    bytes -> nvjpeg -> one Triton kernel: the crop box and flip of (seed, epoch, index), resized
+             to img_size (bicubic, normalised) and, from the same box and flip, to grid x
+             tokenizer downsampling (bicubic, map_pixels)
+    (seed, epoch, index) -> keyed uniforms (splitmix64 in torch int64 ops, the mask stream)
+             -> the blockwise-mask kernel (mimfast.kernels.blockwise_mask) -> bool_masked_pos
+
+so crops and masks are still functions of (seed, epoch, index) alone and resume stays exact.
+What differs from the CPU path: no ColorJitter (BEiT v1 jitters brightness, contrast and
+saturation by 0.4 before the crop), the tokenizer view is bicubic, not Lanczos, and neither
+resize low-pass filters when it shrinks (PIL's resize does); the masks follow the same rule
+(microsoft/unilm's loop with BEiT v2's top-up to the exact count) from another random stream.
 """
 
 from __future__ import annotations
@@ -22,14 +37,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimfast.backend import resolve
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from mimfast.data.masking_generators import BlockwiseMaskingGenerator
+from mimfast.data.masking_generators import BlockwiseMaskingGenerator, blockwise_mask_reference
 from mimfast.data.two_view import TwoViewTransform
 from mimfast.models import create_model
 from mimfast.models.tokenizer import load_tokenizer
 from mimfast.train.config import PretrainConfig
 
-__all__ = ["BEiTTask", "BEiTSampleTransform"]
+__all__ = ["BEiTTask", "BEiTSampleTransform", "keyed_blockwise_masks", "MASK_SALT"]
+
+MASK_SALT = 0x424549546D61736B  # b"BEITmask": the mask stream of keyed_uniforms, apart from the crops'
 
 _NEED_TOKENIZER = (
     "BEiT predicts visual tokens, so it needs a tokenizer: --tokenizer dalle:ENCODER.safetensors (the "
@@ -56,6 +74,67 @@ class BEiTSampleTransform:
         return patches, tokens, mask
 
 
+class _ReplayedRandom:
+    """Python's ``random`` as the reference loop calls it, replaying one sample's pre-drawn
+    uniforms the way the kernel reads them: try t takes u[t, 0] (area), u[t, 1] (aspect),
+    u[t, 2] (top), u[t, 3] (left); the top-up takes the free cells with the smallest keys."""
+
+    def __init__(self, u: np.ndarray, keys: np.ndarray):
+        self.u, self.keys = u, keys
+        self.t = -1
+        self.uniform_calls = self.randint_calls = 0
+
+    def uniform(self, a, b):  # area, then aspect: one pair per try
+        if self.uniform_calls % 2 == 0:
+            self.t += 1
+        slot = self.uniform_calls % 2
+        self.uniform_calls += 1
+        return a + (b - a) * self.u[self.t, slot]
+
+    def randint(self, a, b):  # top, then left, only for tries whose shape fits
+        slot = 2 + self.randint_calls % 2
+        self.randint_calls += 1
+        return a + int(self.u[self.t, slot] * (b - a + 1))
+
+    def sample(self, population, k):
+        return sorted(population, key=lambda i: self.keys[i])[:k]
+
+
+def keyed_blockwise_masks(generator: BlockwiseMaskingGenerator, seed: int, epochs, indices, device=None,
+                          backend: str = "auto") -> torch.Tensor:
+    """(N, h, w) bool blockwise masks of samples ``(epochs[i], indices[i])``, made on ``device``.
+
+    Each mask is a pure function of (seed, epoch, index) and the generator's rule: its
+    uniforms are :func:`mimfast.data.gpu_pipeline.keyed_uniforms` of the mask stream
+    (:data:`MASK_SALT`), 4 per try for 10 x (num_masking_patches + 1) tries (never runs out)
+    then one key per cell for the top-up, all computed on the device; the blockwise-mask
+    kernel runs microsoft/unilm's loop on them, one program per mask, and tops every mask up to
+    exactly ``num_masking_patches``. Without Triton (CPU tensors, interpreter off) or for grids
+    over the kernel's 4096 cells, the reference loop runs on the same uniforms, mask by mask.
+    """
+    from mimfast.data.gpu_pipeline import keyed_uniforms
+    from mimfast.kernels.blockwise_mask import MAX_CELLS, TRIES_PER_BLOCK
+
+    h, w, cells = generator.height, generator.width, generator.num_patches
+    tries = TRIES_PER_BLOCK * (generator.num_masking_patches + 1)
+    u = keyed_uniforms(seed, epochs, indices, 4 * tries + cells, salt=MASK_SALT, device=device)  # (N, 4T + L)
+    n = u.shape[0]
+    uniforms, keys = u[:, : 4 * tries].view(n, tries, 4), u[:, 4 * tries:]
+    which = resolve(backend if cells <= MAX_CELLS or backend != "auto" else "eager", u, op="blockwise masks")
+    if which == "triton":
+        from mimfast.kernels.blockwise_mask import blockwise_masks
+
+        masks, _, _ = blockwise_masks(uniforms, keys, h, w, generator.num_masking_patches, generator.min_num_patches,
+                                      min(generator.max_num_patches, cells), generator.log_aspect_ratio)
+        return masks.view(n, h, w)
+    u64, k64 = uniforms.double().cpu().numpy(), keys.double().cpu().numpy()
+    masks = [blockwise_mask_reference(h, w, generator.num_masking_patches, generator.min_num_patches,
+                                      generator.max_num_patches, generator.min_aspect, generator.max_aspect,
+                                      rng=_ReplayedRandom(u64[i], k64[i])) for i in range(n)]
+    out = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+    return out.to(u.device)
+
+
 class BEiTTask:
     """What ``pretrain`` needs to know about BEiT: model, augmentation, loss, picture."""
 
@@ -74,6 +153,7 @@ class BEiTTask:
         self.patch_size = cfg.patch_size or 16
         self.grid = None
         self.vis = None
+        self._mask_generator = None
 
     def build_model(self) -> torch.nn.Module:
         kw = dict(self.cfg.model_kwargs)
@@ -98,8 +178,11 @@ class BEiTTask:
                              f"{self.grid[1]} patch grid, got {self.cfg.num_mask_patches}")
         return model
 
+    def _grid(self, img_size: int) -> tuple[int, int]:
+        return self.grid or (img_size // self.patch_size,) * 2
+
     def transform(self, img_size: int):
-        grid = self.grid or (img_size // self.patch_size,) * 2
+        grid = self._grid(img_size)
         masks = BlockwiseMaskingGenerator(grid, self.cfg.num_mask_patches)
         if self.pixel:
             from mimfast.train.pretrain import mae_transform
@@ -109,6 +192,33 @@ class BEiTTask:
         views = TwoViewTransform(img_size, grid[0] * self.tokenizer.downsample,
                                  scale=(self.cfg.min_crop_scale, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return BEiTSampleTransform(views, masks)
+
+    def gpu_augment(self, img_size: int):
+        """The ``--gpu-pipeline`` augmentation: :meth:`transform`'s crop (scale (min_crop_scale,
+        1), bicubic) and flip, decoded and augmented on the GPU. Two views of the same box and
+        flip in one kernel pass: the patch view (img_size, normalised) and the tokenizer view
+        (grid x tokenizer downsampling, map_pixels); the pixel variant has the patch view only.
+
+        Differences from the CPU path: no ColorJitter, a bicubic (not Lanczos) tokenizer view,
+        no antialiasing when shrinking (see :mod:`mimfast.data.gpu_pipeline`).
+        """
+        from mimfast.data.gpu_pipeline import GpuAugment
+
+        kw = dict(scale=(self.cfg.min_crop_scale, 1.0), interpolation="bicubic", mean=IMAGENET_MEAN,
+                  std=IMAGENET_STD, seed=self.cfg.seed, device=self.device)
+        if not self.pixel:
+            kw.update(second_size=self._grid(img_size)[0] * self.tokenizer.downsample,
+                      second_interpolation="bicubic", second_norm="map_pixels")
+        return GpuAugment(img_size, **kw)
+
+    def keyed_masks(self, epochs, indices, img_size: int) -> torch.Tensor:
+        """(N, h, w) bool masks of samples (epoch, index) on the task's device
+        (:func:`keyed_blockwise_masks` of the run's seed): the ``--gpu-pipeline`` masks."""
+        grid = self._grid(img_size)
+        gen = self._mask_generator
+        if gen is None or gen.get_shape() != tuple(grid):
+            gen = self._mask_generator = BlockwiseMaskingGenerator(grid, self.cfg.num_mask_patches)
+        return keyed_blockwise_masks(gen, self.cfg.seed, epochs, indices, device=self.device)
 
     @torch.no_grad()
     def tokens(self, tokenizer_views: torch.Tensor) -> torch.Tensor:
@@ -120,6 +230,10 @@ class BEiTTask:
         return ids.flatten(1)
 
     def loss(self, model, batch) -> torch.Tensor:
+        if len(batch) == 4:  # --gpu-pipeline: (views on the GPU, labels, epochs, indices)
+            views, labels, epochs, indices = batch
+            imgs, tokenizer_views = views if isinstance(views, (tuple, list)) else (views, None)
+            batch = ((imgs, tokenizer_views, self.keyed_masks(epochs, indices, imgs.shape[-1])), labels)
         (imgs, tokenizer_views, bool_masked_pos), _ = batch
         imgs = imgs.to(self.device, non_blocking=True)
         bool_masked_pos = bool_masked_pos.to(self.device, non_blocking=True).flatten(1)
@@ -128,6 +242,20 @@ class BEiTTask:
             return loss
         labels = self.tokens(tokenizer_views.to(self.device, non_blocking=True))
         return model(imgs, bool_masked_pos, labels=labels)
+
+    def _vis_batch(self, dataset, img_size: int) -> list:
+        """[patch views, tokenizer views (None for the pixel variant on the GPU pipeline), masks]
+        of the first (up to) 8 samples of epoch 0, as training sees them."""
+        from mimfast.data.gpu_pipeline import EncodedImages, collate_encoded
+
+        keys = [(0, i) for i in range(min(8, len(dataset)))]
+        if isinstance(dataset, EncodedImages):  # --gpu-pipeline: bytes, augmented as the loader does
+            datas, _, epochs, indices = collate_encoded([dataset[k] for k in keys])
+            views = self.gpu_augment(img_size)(datas, epochs, indices)
+            imgs, tokenizer_views = views if isinstance(views, tuple) else (views, None)
+            return [imgs, tokenizer_views, self.keyed_masks(epochs, indices, img_size)]
+        items = [dataset[k][0] for k in keys]
+        return [torch.stack([it[j] for it in items]).to(self.device) for j in range(3)]
 
     @torch.no_grad()
     def picture(self, model, dataset, path: Path, write: bool = True) -> None:
@@ -138,8 +266,7 @@ class BEiTTask:
         from mimfast.train.visualize import save_png
 
         if self.vis is None:  # fixed images and masks (the dataset's epoch-0 samples)
-            items = [dataset[(0, i)][0] for i in range(min(8, len(dataset)))]
-            self.vis = [torch.stack([it[j] for it in items]).to(self.device) for j in range(3)]
+            self.vis = self._vis_batch(dataset, model.img_size)
         imgs, tokenizer_views, masks = self.vis
         masks = masks.flatten(1)
         N, _, S, _ = imgs.shape
