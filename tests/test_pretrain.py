@@ -244,3 +244,19 @@ def test_compile_flag_compiles_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     summary = pretrain(_cfg(tmp_path, compile=True, epochs=1))
     assert summary["status"] == "done" and len(seen) == 1
+
+
+def test_mae_picture_from_the_gpu_pipeline_dataset(tmp_path):
+    """With --gpu-pipeline the dataset holds encoded images: the picture augments them as the
+    loader does (the augment kernel runs under the interpreter on the CPU)."""
+    from mimfast.data.builtin import ShapesDataset
+    from mimfast.data.gpu_pipeline import EncodedImages
+    from mimfast.train.pretrain import MAETask
+
+    cfg = _cfg(tmp_path, kernels="auto")
+    task = MAETask(cfg, torch.device("cpu"))
+    model = task.build_model()
+    dataset = EncodedImages(ShapesDataset(3, img_size=model.img_size))
+    task.picture(model, dataset, tmp_path / "gpu.png")
+    assert (tmp_path / "gpu.png").is_file()
+    assert task.vis_imgs.shape == (3, 3, model.img_size, model.img_size)

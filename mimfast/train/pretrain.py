@@ -177,7 +177,14 @@ class MAETask:
     def picture(self, model, dataset, path: Path, write: bool = True) -> None:
         if self.vis_imgs is None:  # fixed images and noise, drawn apart from the training RNG
             gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
-            self.vis_imgs = torch.stack([dataset[(0, i)][0][0] for i in range(min(8, len(dataset)))])
+            keys = [(0, i) for i in range(min(8, len(dataset)))]
+            from mimfast.data.gpu_pipeline import EncodedImages, collate_encoded
+
+            if isinstance(dataset, EncodedImages):  # --gpu-pipeline: bytes, augmented as the loader does
+                datas, _, epochs, indices = collate_encoded([dataset[k] for k in keys])
+                self.vis_imgs = self.gpu_augment(model.img_size)(datas, epochs, indices)
+            else:  # items are ((image, mask noise), label)
+                self.vis_imgs = torch.stack([dataset[k][0][0] for k in keys])
             self.vis_imgs = self.vis_imgs.to(self.device)
             self.vis_noise = torch.rand(self.vis_imgs.shape[0], model.patch_embed.num_patches,
                                         generator=gen).to(self.device)
