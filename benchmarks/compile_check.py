@@ -411,7 +411,8 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _target() -> GPUTarget:
-    """sm_90; with ``--warm`` on a CUDA machine, the target Triton's runtime will ask for there."""
+    """sm_90; with ``--warm`` on a CUDA machine, the target Triton's runtime will ask for there.
+    Called in the main process only: the compile workers never touch CUDA."""
     if WARM and torch.cuda.is_available():
         return triton.runtime.driver.active.get_current_target()
     return TARGET
@@ -427,7 +428,7 @@ def compile_variant(v: dict) -> dict:
     try:
         with contextlib.redirect_stdout(log):
             k = triton.compile(ASTSource(fn=fn, signature=v["signature"], constexprs=v["constexprs"],
-                                         attrs=v["attrs"]), target=_target(), options=v["options"])
+                                         attrs=v["attrs"]), target=GPUTarget(*v["target"]), options=v["options"])
     except Exception as e:  # a compile error is the result
         msg = str(e).strip().splitlines()
         err = next((line for line in msg if "error" in line.lower()), msg[0] if msg else type(e).__name__)
@@ -466,6 +467,9 @@ def main(argv=None) -> int:
     n_all = len(variants)
     if not (args.all or args.warm):
         variants = pairwise(variants)
+    target = _target()
+    for v in variants:
+        v["target"] = (target.backend, target.arch, target.warp_size)
     print(f"{len(variants)} of {n_all} distinct kernel specialisations from {', '.join(files)} for sm_90 "
           f"({'all' if args.all else 'a pairwise cover; --all for every one'}; triton {triton.__version__}, "
           f"ptxas {triton.knobs.nvidia.ptxas.path})", flush=True)
