@@ -33,7 +33,7 @@ import torch
 from benchmarks import harness
 
 
-ORDER = ["bench_masking", "bench_patch_loss", "bench_attention", "bench_fusions", "bench_step", "bench_beit",
+ORDER = ["bench_masking", "bench_patch_loss", "bench_attention", "bench_step", "bench_beit", "bench_fusions",
          "bench_input_pipeline", "bench_profile"]
 
 
