@@ -17,13 +17,43 @@ Every generator returns numpy bool masks, True = masked: ``gen()`` one (h, w) ma
 a batch (n, h, w). ``rng`` is a ``numpy.random.Generator``; without one they draw from
 numpy's global RNG, which PyTorch's DataLoader seeds per worker.
 
-How the blockwise generator is fast: all masks of a batch advance together, one block per
-step. A mask is a set of 4 x 64 bits (grids up to 256 cells; more words for larger grids) and
-every rectangle the rule can draw is precomputed as such a set, so a try is a table lookup, an
-AND-NOT and a popcount. The ten tries of a block are independent given the mask (a rejected
-try changes nothing), so two tries of every growing mask are drawn and evaluated at once, the
-other eight only for the masks whose two failed, and the first accepted try wins, exactly as
-in the sequential loop. Rectangles are drawn from uniforms as the reference draws them.
+How the blockwise generator is fast (256 masks of 14 x 14 in about half a millisecond on one
+core; the cost is the number of numpy calls, not arithmetic). It samples the reference's law,
+not its random stream:
+
+- Bit sets. A mask is a set of 4 x 64 bits (grids up to 256 cells; more words for larger
+  grids) and every rectangle the rule can draw is precomputed as such a set (one row of a
+  table per shape and top-left corner), so a try is a row lookup, an AND with the free cells
+  and a popcount.
+- Shapes from exact tables. A try's shape depends only on the block's limit L = min(patches
+  still to mask, max_num_patches): (x, y) = (sqrt(s r), sqrt(s / r)) for s ~ U(m, L),
+  log r ~ U(lo, hi), and (h, w) = (round x, round y). In t = log s the cell of (h, w) is
+  2 log(h -+ 1/2) <= t + log r < ..., 2 log(w -+ 1/2) <= t - log r < ..., a region bounded by
+  lines, so its probability is an integral of e^t times a piecewise linear width, done in
+  closed form between the breakpoints (:func:`_shape_law`; the degenerate cases s = m and
+  lo = hi have their own closed forms). For every L these probabilities (shapes that do not fit
+  the grid pooled as "rejected") become an alias table, so a try draws its shape with one
+  uniform, a coin and two lookups instead of an exp, two square roots and the rounding; the
+  top-left corner is a second lookup, uniform over the shape's positions, as randint's two
+  draws. The law is that of the reference up to float rounding of the tables (1e-15).
+- Rounds. All masks advance together. The first block is drawn at once for every mask: on
+  an empty grid a try is accepted iff its shape fits with h w <= L, so the block is a draw from
+  the try law restricted to those shapes (all ten tries fail with probability (1 - p)^10). In
+  every later round each growing mask draws ``_ROUND_TRIES[k]`` tries at once (2, 3, 5, then
+  10: a round costs about as much as a thousand tries, so late rounds, where blocks are
+  rarely accepted, try all at once); tries are independent given the mask and a rejected try
+  changes nothing, so the first accepted one of the round is the block, exactly as in the
+  sequential loop, and tries not accepted count against the block's 10 (tries past them are
+  ignored). Masks that are done or failed ride along, accepting nothing, until enough of them
+  are dropped. Bit sets are stored a column per mask (words, masks), so the AND with the free
+  cells and the sum of the words' popcounts run over long contiguous rows.
+- The long tail. Once few masks still grow (``_SCALAR_BELOW``), each finishes alone in the
+  reference's loop with Python ints as bit sets (``int.bit_count``) and the direct formula for
+  the shape, which costs less than a numpy round for a handful of masks.
+- Top-up. The missing patches of a short mask are a uniform subset of its free cells: drawn as
+  cells one at a time, keeping those not masked and not drawn before (rejection, exact), all
+  short masks at once with a row of candidates each; when many are missing among few free
+  cells, the smallest of random keys of the free cells instead.
 """
 
 from __future__ import annotations
@@ -43,7 +73,10 @@ __all__ = [
 ]
 
 _TRIES = 10  # per block, as the reference
-_FIRST_TRIES = 2  # drawn for every mask; the rest only where these fail
+_ROUND_TRIES = (2, 3, 5, 10)  # tries per growing mask in batched rounds 1, 2, ... (then the last)
+_COMPACT = 0.9  # done masks are dropped from the batch once fewer than this share still grow
+_SCALAR_BELOW = 6  # masks still growing at or below which each finishes alone
+_TOP_UP_CANDIDATES = 24.0  # most candidate cells a short mask may expect to draw in the rejection top-up
 
 
 def _grid(input_size) -> tuple[int, int]:
@@ -81,53 +114,235 @@ else:  # numpy < 2.0
         return _POP8[b].sum(-1, dtype=np.uint8)
 
 
-@lru_cache(maxsize=8)
-def _rect_table(height: int, width: int, max_h: int, max_w: int):
+class _Rects:
     """Every rectangle the rule can accept, as bit sets over the row-major grid.
 
-    Returns (first, npos, rects, shape): rectangle of shape (h, w) at position p in
-    [0, (H-h+1)(W-w+1)) is ``rects[first[h * (max_w + 1) + w] + p]``; shapes the rule rejects
-    (h >= H or w >= W, or h or w == 0) have npos 0 and point at row 0, the empty set. Each
-    shape has one extra copy of its last rectangle, so a float rounding of ``u * npos`` up to
-    ``npos`` still lands on that shape. ``shape[i]`` is (h, w) of row i.
+    ``rects`` (R, words) uint64: rectangle of shape (h, w) at position p in [0, (H-h+1)(W-w+1))
+    is row ``first[h * (max_w + 1) + w] + p``; shapes the rule rejects (h >= H or w >= W, or h or
+    w == 0) have npos 0 and point at row 0, the empty set. Each shape has one extra copy of its
+    last rectangle, so a float rounding of ``first + u * npos`` up to ``first + npos`` still lands
+    on that shape. ``shapes[i]`` is (h, w) of row i; ``grid`` the set of all cells.
+    ``rects_py``, ``first_py``, ``npos_py``: the same as Python ints and lists (scalar path).
     """
-    cells = height * width
-    words = max(4, -(-cells // 64))
-    words += (-words) % 4  # popcounts are summed four words at a time
-    tw = max_w + 1
-    first = np.zeros((max_h + 1) * tw, dtype=np.float64)
-    npos = np.zeros((max_h + 1) * tw, dtype=np.float64)
-    chunks = [np.zeros((1, words * 64), dtype=bool)]
-    shapes = [np.zeros((1, 2), dtype=np.int64)]
-    n = 1
-    rr = np.arange(height)[:, None]
-    cc = np.arange(width)[None, :]
-    for h in range(1, min(max_h, height - 1) + 1):
-        for w in range(1, min(max_w, width - 1) + 1):
-            tops, lefts = np.meshgrid(np.arange(height - h + 1), np.arange(width - w + 1), indexing="ij")
-            tops, lefts = tops.ravel(), lefts.ravel()
-            tops = np.append(tops, tops[-1])
-            lefts = np.append(lefts, lefts[-1])
-            inside = ((rr >= tops[:, None, None]) & (rr < tops[:, None, None] + h)
-                      & (cc >= lefts[:, None, None]) & (cc < lefts[:, None, None] + w))  # (P+1, H, W)
-            bits = np.zeros((inside.shape[0], words * 64), dtype=bool)
-            bits[:, :cells] = inside.reshape(inside.shape[0], cells)
-            first[h * tw + w] = n
-            npos[h * tw + w] = inside.shape[0] - 1
-            chunks.append(bits)
-            shapes.append(np.broadcast_to(np.array([[h, w]]), (inside.shape[0], 2)))
-            n += inside.shape[0]
-    rects = np.packbits(np.concatenate(chunks), axis=1, bitorder="little").view(np.uint64)
-    return first, npos, np.ascontiguousarray(rects), np.concatenate(shapes)
+
+    def __init__(self, height: int, width: int, max_h: int, max_w: int):
+        cells = height * width
+        words = max(4, -(-cells // 64))
+        words += (-words) % 4  # popcounts are summed four words at a time
+        tw = max_w + 1
+        first = np.zeros((max_h + 1) * tw, dtype=np.int64)
+        npos = np.zeros((max_h + 1) * tw, dtype=np.int64)
+        chunks = [np.zeros((1, words * 64), dtype=bool)]
+        shapes = [np.zeros((1, 2), dtype=np.int64)]
+        n = 1
+        rr = np.arange(height)[:, None]
+        cc = np.arange(width)[None, :]
+        for h in range(1, min(max_h, height - 1) + 1):
+            for w in range(1, min(max_w, width - 1) + 1):
+                tops, lefts = np.meshgrid(np.arange(height - h + 1), np.arange(width - w + 1), indexing="ij")
+                tops, lefts = tops.ravel(), lefts.ravel()
+                tops = np.append(tops, tops[-1])
+                lefts = np.append(lefts, lefts[-1])
+                inside = ((rr >= tops[:, None, None]) & (rr < tops[:, None, None] + h)
+                          & (cc >= lefts[:, None, None]) & (cc < lefts[:, None, None] + w))  # (P+1, H, W)
+                bits = np.zeros((inside.shape[0], words * 64), dtype=bool)
+                bits[:, :cells] = inside.reshape(inside.shape[0], cells)
+                first[h * tw + w] = n
+                npos[h * tw + w] = inside.shape[0] - 1
+                chunks.append(bits)
+                shapes.append(np.broadcast_to(np.array([[h, w]]), (inside.shape[0], 2)))
+                n += inside.shape[0]
+        packed = np.packbits(np.concatenate(chunks), axis=1, bitorder="little")  # (R, words * 8) bytes
+        grid = np.zeros((1, words * 64), dtype=bool)
+        grid[0, :cells] = True
+        self.words, self.tw = words, tw
+        self.rects = np.ascontiguousarray(packed.view("<u8").astype(np.uint64))  # (R, words)
+        self.rects_t = np.ascontiguousarray(self.rects.T)  # (words, R)
+        self.grid = np.packbits(grid, axis=1, bitorder="little").view("<u8").astype(np.uint64)[0]
+        self.shapes = np.concatenate(shapes)
+        self.first, self.npos = first, npos
+        self.rects_py = [int.from_bytes(row.tobytes(), "little") for row in packed]
+        self.first_py, self.npos_py = first.tolist(), npos.tolist()
 
 
-def _popcount_rows(sets: np.ndarray) -> np.ndarray:
-    """Number of set bits in each (..., words) set, words a multiple of 4; int64."""
-    c = _popcount8(sets)  # (..., words) uint8, each <= 64
-    # four byte counts (<= 256 only if 256 consecutive cells are set, impossible for w < W)
-    # summed by one multiply: view as uint32, times 0x01010101, top byte
-    s = ((c.view(np.uint32) * np.uint32(0x01010101)) >> np.uint32(24)).astype(np.int64)
-    return s.sum(-1) if s.shape[-1] > 1 else s[..., 0]
+@lru_cache(maxsize=8)
+def _rects(height: int, width: int, max_h: int, max_w: int) -> _Rects:
+    return _Rects(height, width, max_h, max_w)
+
+
+def _shape_law(max_h: int, max_w: int, m: float, limits, lo: float, hi: float) -> np.ndarray:
+    """(len(limits), (max_h + 1) (max_w + 1)): entry [i, h * (max_w + 1) + w] is the probability
+    that one try with block limit L = ``limits[i]`` draws the shape (h, w) = (round(sqrt(s r)),
+    round(sqrt(s / r))), s ~ U(m, L), log r ~ U(lo, hi) (either bound may be the larger).
+
+    With t = log s and l = log r the shape is (h, w) iff a0 <= t + l < a1 and b0 <= t - l < b1
+    (a = 2 log(h -+ 1/2), b = 2 log(w -+ 1/2)). s has density 1 / |L - m|, so the probability
+    is the integral over t of e^t times the length of the l-interval where this holds, divided
+    by |L - m| |hi - lo|. That length is max(0, min(l_hi, a1 - t, t - b0) - max(l_lo, a0 - t,
+    t - b1)): linear between the points where two of those lines cross, so each piece
+    integrates in closed form. Rows with L < 1 (nothing can be accepted) are left zero.
+    """
+    hs = np.repeat(np.arange(max_h + 1), max_w + 1).astype(np.float64)
+    ws = np.tile(np.arange(max_w + 1), max_h + 1).astype(np.float64)
+    with np.errstate(divide="ignore"):  # h = 0: x in [0, 1/2), log x from -inf
+        a0 = 2 * np.log(np.maximum(hs - 0.5, 0.0))[:, None]
+        b0 = 2 * np.log(np.maximum(ws - 0.5, 0.0))[:, None]
+    a1 = 2 * np.log(hs + 0.5)[:, None]
+    b1 = 2 * np.log(ws + 0.5)[:, None]
+    l_lo, l_hi = min(lo, hi), max(lo, hi)
+
+    def width(t):  # length of {l in [l_lo, l_hi]: the shape's conditions hold at t}
+        up = np.minimum(np.minimum(l_hi, a1 - t), t - b0)
+        down = np.maximum(np.maximum(l_lo, a0 - t), t - b1)
+        return np.maximum(up - down, 0.0)
+
+    with np.errstate(invalid="ignore"):  # where two of the six lines cross (-inf where h or w = 0)
+        cross = np.concatenate([a0 - l_lo, a0 - l_hi, a1 - l_lo, a1 - l_hi, b0 + l_lo, b0 + l_hi, b1 + l_lo,
+                                b1 + l_hi, (a0 + b0) / 2, (a0 + b1) / 2, (a1 + b0) / 2, (a1 + b1) / 2], axis=1)
+    out = np.zeros((len(limits), hs.size))
+    for i, limit in enumerate(limits):
+        if limit < 1:
+            continue
+        t_lo, t_hi = sorted((math.log(m), math.log(limit)))
+        if l_hi > l_lo and t_hi > t_lo:
+            pts = np.concatenate([np.clip(cross, t_lo, t_hi), np.full((hs.size, 2), (t_lo, t_hi))], axis=1)
+            pts.sort(axis=1)
+            w = width(pts)
+            t0, d = pts[:, :-1], np.diff(pts, axis=1)
+            w0, w1 = w[:, :-1], w[:, 1:]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                # integral over [t0, t0 + d] of e^t (w0 + (w1 - w0) (t - t0) / d)
+                em1 = np.expm1(d)
+                part = np.exp(t0) * (w0 * em1 + (w1 - w0) * (em1 + 1 - em1 / d))
+            out[i] = np.where(d > 0, part, 0.0).sum(1) / ((math.exp(t_hi) - math.exp(t_lo)) * (l_hi - l_lo))
+        elif l_hi > l_lo:  # s = m exactly
+            out[i] = width(np.full((hs.size, 1), t_lo))[:, 0] / (l_hi - l_lo)
+        elif t_hi > t_lo:  # log r = lo exactly: an interval of t
+            a = np.maximum(np.maximum(t_lo, a0 - l_lo), b0 + l_lo)[:, 0]
+            b = np.minimum(np.minimum(t_hi, a1 - l_lo), b1 + l_lo)[:, 0]
+            out[i] = np.where(b > a, np.exp(b) - np.exp(np.minimum(a, b)), 0.0) / (math.exp(t_hi) - math.exp(t_lo))
+        else:  # both fixed: one shape
+            h = round(math.sqrt(m * math.exp(lo)))
+            w = round(math.sqrt(m / math.exp(lo)))
+            out[i, h * (max_w + 1) + w] = 1.0
+    return out
+
+
+def _alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker's alias table of the law ``p`` (K,): column c = floor(K u) is outcome c when a
+    second uniform is < ``threshold[c]``, else ``alias[c]`` (Vose's construction)."""
+    k = p.size
+    q = p * (k / p.sum())
+    threshold = np.ones(k)
+    alias = np.arange(k)
+    small = [i for i in range(k) if q[i] < 1.0]
+    large = [i for i in range(k) if q[i] >= 1.0]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        threshold[s], alias[s] = q[s], g
+        q[g] -= 1.0 - q[s]
+        (small if q[g] < 1.0 else large).append(g)
+    return threshold, alias  # leftovers (rounding) keep threshold 1
+
+
+class _ShapeSampler:
+    """Alias tables of the try law for every number r = 0..target of patches still to mask.
+
+    A try of a mask with r to go: column ``c = floor(K u0) + r K``; ``c += rows`` when
+    ``u1 >= threshold[c]`` (the alias); then its rectangle is row ``floor(first[c] + u2 npos[c])``
+    of the rectangle table (row 0, the empty set, for the pooled rejected shapes). ``cap[r]``:
+    the most new patches a block may add, floor(min(r, max_num_patches)).
+
+    The first block (empty grid, r = target): a try is accepted iff its shape fits with
+    h w <= cap, so the block is a draw from the try law restricted to those shapes (the
+    ``first_*`` tables, same layout with K1 columns), and all ten tries fail with probability
+    ``first_fail`` = (1 - p)^10."""
+
+    def __init__(self, rects: _Rects, height, width, max_h, max_w, target, m, max_patches, lo, hi):
+        tw = max_w + 1
+        limits = np.minimum(np.arange(target + 1), max_patches).astype(np.float64)
+        law = _shape_law(max_h, max_w, m, limits, lo, hi)  # (target + 1, shapes)
+        hh, ww = np.divmod(np.arange(law.shape[1]), tw)
+        fit = np.flatnonzero((hh >= 1) & (hh < height) & (ww >= 1) & (ww < width))
+        p = np.zeros((target + 1, fit.size + 1))
+        p[:, :-1] = law[:, fit]
+        p[:, -1] = np.maximum(1.0 - p[:, :-1].sum(1), 0.0)  # shapes that do not fit, pooled
+        p[limits < 1] = 0.0
+        p[limits < 1, -1] = 1.0
+        first = np.append(rects.first[fit], 0).astype(np.float64)
+        npos = np.append(rects.npos[fit], 0).astype(np.float64)
+        self.k, self.threshold, self.first, self.npos, _ = _alias_rows(p, first, npos)
+        self.fn = np.stack([self.first, self.npos])  # (2, 2 rows): first row and positions, one lookup
+        self.rows = self.threshold.size
+        self.law = p  # (target + 1, K): the fitting shapes' probabilities, then "rejected"
+        self.fit = fit
+        cap = np.floor(limits).astype(np.int64)
+        self.cap = cap
+        # popcounts of a try's new patches (< cells) in uint8 where they fit; a block never adds
+        # more than that, so the cap is clipped there
+        count_dtype = np.uint8 if height * width < 256 else np.uint16 if height * width < 65536 else np.uint32
+        self.cap_small = np.minimum(cap, np.iinfo(count_dtype).max).astype(count_dtype)
+        # 0-d constants of the batched rounds (see BlockwiseMaskingGenerator._grow)
+        self.consts = (np.array(float(self.k)), np.array(self.k), np.array(self.rows), np.array(_TRIES),
+                       np.array(0), np.ones((), count_dtype), np.iinfo(count_dtype).max, np.array(1))
+        # the first block: shapes that fit with h w <= cap
+        area = hh[fit] * ww[fit]
+        p1 = np.where(area <= cap[target], law[target, fit], 0.0) if target > 0 else np.zeros(fit.size)
+        p_acc = min(float(p1.sum()), 1.0)
+        self.first_fail = math.exp(_TRIES * math.log1p(-p_acc)) if p_acc < 1 else 0.0
+        self.first_k = 0
+        if p_acc > 0:
+            self.first_k, self.first_threshold, self.first_first, self.first_npos, outcome = _alias_rows(
+                p1[None, :], first[:-1], npos[:-1])
+            self.first_area = area[outcome].astype(np.int64)
+
+
+def _alias_rows(p: np.ndarray, first: np.ndarray, npos: np.ndarray):
+    """Alias tables of the laws ``p`` (n, K) over outcomes with rectangle rows
+    [first, first + npos): K, and (2 n K,) flat threshold (first half), first row, positions
+    and outcome of each entry (primary entries, then alias entries)."""
+    n, k = p.shape
+    threshold = np.empty(p.shape)
+    other = np.empty(p.shape, dtype=np.intp)
+    for r in range(n):
+        threshold[r], other[r] = _alias_table(p[r])
+    outcome = np.concatenate([np.tile(np.arange(k), n), other.ravel()])
+    return k, threshold.ravel(), first[outcome], npos[outcome], outcome
+
+
+@lru_cache(maxsize=8)
+def _shape_sampler(*key) -> _ShapeSampler:
+    height, width, max_h, max_w = key[:4]
+    return _ShapeSampler(_rects(height, width, max_h, max_w), *key)
+
+
+class _Uniforms:
+    """Uniforms for the scalar path, drawn from ``rng`` a chunk at a time."""
+
+    def __init__(self, rng, chunk: int = 768):
+        self.rng, self.chunk = rng, chunk
+        self.buf, self.pos = [], 0
+
+    def take3(self):
+        if self.pos + 3 > len(self.buf):
+            self.buf, self.pos = _uniform(self.rng, self.chunk).tolist(), 0
+        p = self.pos
+        self.pos = p + 3
+        return self.buf[p], self.buf[p + 1], self.buf[p + 2]
+
+
+@lru_cache(maxsize=4)
+def _round_tries(schedule: tuple) -> list:
+    return [(t, np.array(t)) for t in schedule]
+
+
+def _schedule(schedule: tuple):
+    """Tries per mask of batched rounds 1, 2, ...: ``schedule``, then its last entry for ever,
+    each with a 0-d array of it."""
+    rounds = _round_tries(schedule)
+    yield from rounds
+    while True:
+        yield rounds[-1]
 
 
 class BlockwiseMaskingGenerator:
@@ -140,6 +355,9 @@ class BlockwiseMaskingGenerator:
         max_num_patches: most target area of a block; ``num_masking_patches`` if None.
         min_aspect: least aspect ratio; ``max_aspect`` defaults to ``1 / min_aspect``.
     """
+
+    # masks still growing at or below which each finishes alone (tests move it to force a path)
+    _scalar_below = _SCALAR_BELOW
 
     def __init__(self, input_size=14, num_masking_patches: int = 75, min_num_patches: int = 16,
                  max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None):
@@ -170,8 +388,11 @@ class BlockwiseMaskingGenerator:
         a_min = min(math.exp(self.log_aspect_ratio[0]), math.exp(self.log_aspect_ratio[1]))
         self._max_h = int(math.floor(math.sqrt(s_max * a_max) + 0.5)) + 1
         self._max_w = int(math.floor(math.sqrt(s_max / a_min) + 0.5)) + 1
-        self._first, self._npos, self._rects, self._shapes = _rect_table(
-            self.height, self.width, self._max_h, self._max_w)
+        self._rects = _rects(self.height, self.width, self._max_h, self._max_w)
+        self._shapes = _shape_sampler(self.height, self.width, self._max_h, self._max_w, self.num_masking_patches,
+                                      min_num_patches, max_num_patches, *self.log_aspect_ratio)
+        # per patches still to mask r = 0..target: the block limit L = min(r, max_num_patches)
+        self._limit = np.minimum(np.arange(self.num_masking_patches + 1), max_num_patches).astype(np.float64)
 
     def __repr__(self) -> str:
         return (f"BlockwiseMaskingGenerator({self.height}x{self.width}, {self.num_masking_patches} masked, "
@@ -191,29 +412,149 @@ class BlockwiseMaskingGenerator:
                                             rng=random.Random(seed))
         return self.generate(n, rng)[0]
 
-    def _tries(self, cur: np.ndarray, limit: np.ndarray, tries: int, rng):
-        """``tries`` draws of a rectangle for each of A masks ``cur`` (A, words) with at most
-        ``limit`` (A,) patches to add; the first accepted one of each mask.
+    def _first_round(self, st: np.ndarray, random, blocks) -> None:
+        """The first block of every mask (all empty), in place on the state ``st`` (see
+        :meth:`generate`): a draw from the try law restricted to the shapes accepted on an empty
+        grid, unless all ten tries fail."""
+        sh, rt = self._shapes, self._rects
+        words, n = rt.words, st.shape[1]
+        rem = st[words]
+        if sh.first_k == 0:  # no shape is ever accepted on an empty grid
+            st[words + 1] = 0
+            return
+        u = random((4, n))  # alias column, coin, position, all ten tries fail
+        col = u[0]
+        col *= sh.first_k
+        c = col.astype(np.intp)
+        np.add(c, sh.first_k, out=c, where=u[1] >= sh.first_threshold.take(c))
+        pos = u[2]
+        pos *= sh.first_npos.take(c)
+        pos += sh.first_first.take(c)
+        rows = pos.astype(np.intp)
+        got = sh.first_area.take(c)
+        if sh.first_fail > 0:
+            failed = u[3] < sh.first_fail
+            if failed.any():
+                rows[failed] = 0  # the empty set
+                got[failed] = 0
+                st[words + 1, failed] = 0
+        if blocks is not None:
+            sel = got.nonzero()[0]
+            blocks.append((sel, rt.shapes.take(rows.take(sel), axis=0), self._limit.take(rem.take(sel))))
+        st[:words].view(np.uint64)[...] ^= rt.rects_t.take(rows, axis=1)
+        rem -= got
 
-        Returns (ok (A,) whether a try was accepted, new (A,) patches it adds, its set
-        (A, words), its row in the rectangle table (A,))."""
-        a = limit.shape[0]
-        u = _uniform(rng, (3, a, tries))
+    def _grow(self, all_st: np.ndarray, random, blocks):
+        """Batched rounds on the state ``all_st`` (see :meth:`generate`) until at most
+        ``_scalar_below`` masks still grow; returns the state of those and their indices.
+
+        Round k: ``_ROUND_TRIES[k]`` = T tries for each mask, drawn from its row of the alias
+        tables, evaluated together (AND with the free cells, popcount); the first accepted one
+        is the block. Masks that are done (nothing to mask) or failed (no tries left) accept
+        nothing and ride along until enough of them are dropped. Constants are 0-d arrays: numpy
+        handles those faster than Python scalars."""
+        sh, rt = self._shapes, self._rects
+        threshold, first_npos, cap, rects = sh.threshold, sh.fn, sh.cap_small, rt.rects_t
+        k_f, k_i, alias_rows, full, zero, one, minus_one, one_i = sh.consts
+        words, blocks_on, scalar_below = rt.words, blocks is not None, self._scalar_below
+        st, ids = all_st, np.arange(all_st.shape[1])
+        a = ids.size
+        a_0, ar = np.array(a), np.arange(a)
+        free, rem, left = st[:words].view(np.uint64), st[words], st[words + 1]
+        for tries, tries_0 in _schedule(_ROUND_TRIES):
+            if a <= scalar_below:
+                break
+            u = random((3, tries, a))
+            col = u[0]
+            col *= k_f
+            c = col.astype(np.intp)  # the column of the alias table's row for rem
+            c += rem * k_i
+            np.add(c, alias_rows, out=c, where=u[1] >= threshold.take(c))
+            # top, left = randint(0, H - h), randint(0, W - w): one uniform over the (top, left) grid
+            fn = first_npos.take(c, axis=1)
+            pos = u[2]
+            pos *= fn[1]
+            pos += fn[0]
+            sets = rects.take(pos.astype(np.intp), axis=1)  # (words, tries, a)
+            sets &= free[:, None, :]
+            # new patches of each try, minus 1 (0 wraps around to the dtype's max)
+            new = np.add.reduce(_popcount8(sets), axis=0, dtype=cap.dtype, initial=minus_one)
+            ok = new < cap.take(rem)  # accepted iff 0 <= new - 1 < cap
+            if tries == 1:
+                acc = ok[0]
+                acc &= left > zero
+                pick = ar
+            else:
+                j = ok.argmax(0)  # the first accepted try (or 0)
+                pick = j * a_0
+                pick += ar
+                acc = ok.ravel().take(pick)
+                acc &= j < left  # within the block's tries left
+            if blocks_on:
+                sel = acc.nonzero()[0]
+                blocks.append((ids[sel], rt.shapes.take(pos.ravel().take(pick[sel]).astype(np.intp), axis=0),
+                               self._limit.take(rem.take(sel))))
+            keep_u = acc.astype(np.uint64)
+            add = sets.reshape(words, -1).take(pick, axis=1)
+            add *= keep_u
+            free ^= add
+            got = new.ravel().take(pick)
+            got += one
+            got *= acc
+            rem -= got
+            left -= tries_0
+            np.copyto(left, full, where=acc)  # a new block starts with all its tries
+            growing = np.minimum(rem, left) > zero  # a block that adds nothing in 10 tries ends the mask
+            still = np.count_nonzero(growing)
+            # drop the masks that are done once they are many (until then they ride along)
+            if still < _COMPACT * a or still <= scalar_below:
+                if st is not all_st:
+                    all_st[:, ids] = st
+                keep = growing.nonzero()[0]
+                st, ids = st.take(keep, axis=1), ids.take(keep)
+                free, rem, left = st[:words].view(np.uint64), st[words], st[words + 1]
+                a = ids.size
+                a_0, ar = np.array(a), ar[:a]
+        return st, ids
+
+    def _finish(self, st: np.ndarray, ids: np.ndarray, rng, blocks) -> None:
+        """The reference loop, in place on the state ``st``, for each of the few masks still
+        growing, with Python ints as bit sets and the reference's formula for the shape."""
+        rt = self._rects
+        words = rt.words
+        rects, first, npos, tw = rt.rects_py, rt.first_py, rt.npos_py, rt.tw
+        height, width = self.height, self.width
+        m, max_patches = self.min_num_patches, self.max_num_patches
         lo, hi = self.log_aspect_ratio
-        # random.uniform(a, b) = a + (b - a) * random(), as the reference draws both
-        target_area = self.min_num_patches + u[0] * (limit - self.min_num_patches)[:, None]
-        aspect = np.exp(lo + u[1] * (hi - lo))
-        h = np.rint(np.sqrt(target_area * aspect))  # round half to even, as Python's round()
-        w = np.rint(np.sqrt(target_area / aspect))
-        k = (h * (self._max_w + 1) + w).astype(np.intp)  # h <= _max_h, w <= _max_w by construction
-        # top, left = randint(0, H - h), randint(0, W - w): one uniform over the (top, left) grid
-        rows = (self._first.take(k) + u[2] * self._npos.take(k)).astype(np.intp)  # floor (>= 0)
-        sets = self._rects.take(rows, axis=0) & ~cur[:, None, :]  # (A, tries, words)
-        new = _popcount_rows(sets)  # (A, tries)
-        ok = (new > 0) & (new <= limit[:, None])
-        pick = np.arange(a) * tries + ok.argmax(1)  # the first accepted try (or try 0)
-        return (ok.reshape(-1).take(pick), new.reshape(-1).take(pick),
-                sets.reshape(-1, cur.shape[1]).take(pick, axis=0), rows.reshape(-1).take(pick))
+        span = hi - lo
+        uni = _Uniforms(rng)
+        exp, sqrt = math.exp, math.sqrt
+        free = st[:words].view(np.uint64)
+        for i in range(ids.size):
+            bits = int.from_bytes(free[:, i].astype("<u8").tobytes(), "little")
+            r, tries_left = int(st[words, i]), int(st[words + 1, i])
+            while r > 0 and tries_left > 0:
+                limit = min(r, max_patches)
+                while tries_left > 0:
+                    tries_left -= 1
+                    u0, u1, u2 = uni.take3()
+                    area = m + u0 * (limit - m)
+                    aspect = exp(lo + u1 * span)
+                    h = round(sqrt(area * aspect))
+                    w = round(sqrt(area / aspect))
+                    if h < height and w < width:
+                        k = h * tw + w
+                        add = rects[first[k] + int(u2 * npos[k])] & bits
+                        new = add.bit_count()
+                        if 0 < new <= limit:
+                            bits ^= add
+                            r -= new
+                            tries_left = _TRIES
+                            if blocks is not None:
+                                blocks.append((ids[i:i + 1], np.array([[h, w]]), np.array([limit])))
+                            break
+            free[:, i] = np.frombuffer(bits.to_bytes(8 * words, "little"), dtype="<u8")
+            st[words, i] = r
 
     def generate(self, batch_size: int, rng: np.random.Generator | None = None, return_blocks: bool = False):
         """Masks (batch_size, h, w) bool and the count each had before the top-up (int64).
@@ -222,31 +563,33 @@ class BlockwiseMaskingGenerator:
         ``limit`` (the block's ``max_mask_patches``), in acceptance order per sample.
         """
         n = _batch_arg(batch_size)
+        rt = self._rects
         target = self.num_masking_patches
-        masks = np.zeros((n, self._rects.shape[1]), dtype=np.uint64)
-        count = np.zeros(n, dtype=np.float64)  # small integers, exact
-        ids = np.arange(n) if target > 0 else np.arange(0)  # masks still growing
         blocks = [] if return_blocks else None
-        while ids.size:
-            cur, cnt = masks[ids], count[ids]
-            limit = np.minimum(target - cnt, self.max_num_patches)
-            # most blocks are accepted at the first or second try: draw two for every mask,
-            # the other eight only for the masks whose two failed (tries are independent)
-            ok, new, sets, rows = self._tries(cur, limit, _FIRST_TRIES, rng)
-            miss = np.flatnonzero(~ok)
-            if miss.size and _FIRST_TRIES < _TRIES:
-                ok[miss], new[miss], sets[miss], rows[miss] = self._tries(
-                    cur[miss], limit[miss], _TRIES - _FIRST_TRIES, rng)
-            if blocks is not None:
-                acc = np.flatnonzero(ok)
-                blocks.append((ids[acc], self._shapes[rows[acc]], limit[acc]))
-            cur |= sets * ok[:, None].astype(np.uint64)
-            cnt += new * ok
-            masks[ids], count[ids] = cur, cnt
-            ids = ids[ok & (cnt < target)]  # a block that adds nothing ends the mask, as the reference
+        # the state, a column per mask: free cells (words, as int64), patches still to mask, tries
+        # left for the current block
+        words = rt.words
+        st = np.empty((words + 2, n), dtype=np.int64)
+        st[:words] = rt.grid.view(np.int64)[:, None]
+        st[words] = target
+        st[words + 1] = _TRIES
+        random = rng.random if rng is not None else np.random.random_sample
+        if target > 0 and n > 0:
+            grow, ids = st, np.arange(n)
+            if n > self._scalar_below:
+                self._first_round(st, random, blocks)  # all masks empty
+                grow, ids = self._grow(st, random, blocks)
+            if ids.size:
+                self._finish(grow, ids, rng, blocks)
+            if grow is not st:
+                st[:, ids] = grow
 
-        masks = np.unpackbits(masks.view(np.uint8), axis=1, count=self.num_patches, bitorder="little").view(bool)
-        count = count.astype(np.int64)
+        bits = np.ascontiguousarray(st[:words].view(np.uint64).T)
+        np.invert(bits, out=bits)
+        bits &= rt.grid
+        masks = np.unpackbits(bits.astype("<u8", copy=False).view(np.uint8), axis=1, count=self.num_patches,
+                              bitorder="little").view(bool)
+        count = target - st[words]
         self._top_up(masks, count, rng)
         masks = masks.reshape(n, self.height, self.width)
         if blocks is None:
@@ -297,21 +640,68 @@ class BlockwiseMaskingGenerator:
         return (masks, counts, first) if return_stats else masks
 
     def _top_up(self, masks: np.ndarray, count: np.ndarray, rng) -> None:
-        """Mask ``target - count`` more patches of each short mask, uniformly among the unmasked
-        (BEiT v2's fix-up). Counts never exceed the target (a block may add at most the rest)."""
-        short = np.flatnonzero(count < self.num_masking_patches)
+        """Mask ``target - count`` more patches of each short mask (rows of ``masks`` (n, cells)),
+        a uniform subset of its unmasked cells (BEiT v2's fix-up). Counts never exceed the
+        target (a block may add at most the rest).
+
+        Few missing patches (the usual case): rejection. Drawing uniform cells one at a time and
+        keeping those neither masked nor kept before, until enough are kept, picks a uniform
+        subset. All short masks draw a column of candidates at once and keep the first ``need``
+        that were free before: the sequential draw, unless the column runs out or a cell is
+        kept twice. Such a mask has still kept distinct free cells of a prefix of its candidates,
+        as the sequential draw would have, and what it misses is a uniform subset of the cells
+        still free (:meth:`_top_up_keys`, one mask at a time: this is rare). Many missing
+        patches among few free cells: :meth:`_top_up_keys` for those masks.
+        """
+        cells, target = self.num_patches, self.num_masking_patches
+        short = (count < target).nonzero()[0]
         if not short.size:
             return
-        need = self.num_masking_patches - count[short]
-        sub = masks[short]
+        need = target - count.take(short)
+        # a mask missing `need` draws about need * per candidates (free cells: cells - target + need)
+        per = cells / (cells - target + 1)
+        if int(need.max()) * per > _TOP_UP_CANDIDATES:
+            many = need * per > _TOP_UP_CANDIDATES
+            self._top_up_keys(masks, short[many], need[many], rng)
+            short, need = short[~many], need[~many]
+            if not short.size:
+                return
+        flat = masks.reshape(-1)
+        cand = _uniform(rng, (int(per * int(need.max())) + 6, short.size))  # (< 256) candidates per mask
+        cand *= cells
+        cand = cand.astype(np.intp)  # < cells
+        cand += short * cells
+        keep = flat.take(cand)
+        np.invert(keep, out=keep)  # free before
+        kept = np.add.accumulate(keep.view(np.uint8), axis=0, dtype=np.uint8)
+        keep &= kept <= need
+        picked = cand[keep]
+        flat[picked] = True
+        again = set(short[kept[-1] < need].tolist())  # ran out of candidates
+        if picked.size > 1:
+            picked.sort()
+            twice = picked[1:][picked[1:] == picked[:-1]]  # kept twice
+            if twice.size:
+                again.update((twice // cells).tolist())
+        for row in sorted(again):
+            m = masks[row]
+            free = (~m).nonzero()[0]
+            k = target - (cells - free.size)
+            if k < free.size:  # the k smallest of random keys
+                free = free.take(np.argpartition(_uniform(rng, free.size), k - 1)[:k])
+            m[free] = True
+
+    def _top_up_keys(self, masks: np.ndarray, rows: np.ndarray, need: np.ndarray, rng) -> None:
+        """The top-up of masks ``rows``: the ``need`` free cells of smallest random keys."""
+        sub = masks[rows]
         keys = _uniform(rng, sub.shape)
         keys[sub] = 2.0  # masked cells sort last
         # the `need` smallest keys among unmasked cells: a uniform subset without replacement
         kmax = int(need.max())
         smallest = np.partition(keys, kmax - 1, axis=1)[:, :kmax]
         smallest.sort(axis=1)
-        threshold = smallest[np.arange(short.size), need - 1]
-        masks[short] = sub | (keys <= threshold[:, None])
+        threshold = smallest[np.arange(rows.size), need - 1]
+        masks[rows] = sub | (keys <= threshold[:, None])
 
 
 def blockwise_mask_reference(height: int, width: int, num_masking_patches: int, min_num_patches: int = 16,
