@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import mimfast.data.masking_generators as mg
 from mimfast.data.masking_generators import (
     BlockwiseMaskingGenerator,
     RandomMaskingGenerator,
@@ -19,6 +20,16 @@ from mimfast.ops import num_kept
 from tolerance import DEVICE
 
 LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+# the numpy generator's paths: batched rounds then the scalar tail (default), batched rounds to
+# the end, the scalar loop from the first block
+PATHS = {"default": None, "rounds": 0, "scalar": 10**9}
+
+
+def _gen(*args, path="default", **kwargs):
+    gen = BlockwiseMaskingGenerator(*args, **kwargs)
+    if PATHS[path] is not None:
+        gen._scalar_below = PATHS[path]
+    return gen
 
 
 def _chi2_z(observed: np.ndarray, expected: np.ndarray) -> float:
@@ -48,12 +59,13 @@ def _first_block_law(height, width, limit, min_num_patches=16, grid=1000):
     return law / law.sum()
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize(
     "size,count,min_patches",
     [(14, 75, 16), (14, 0, 16), (14, 196, 16), ((12, 20), 100, 16), (4, 8, 16), (7, 20, 4), (14, 118, 16)],
 )
-def test_blockwise_exact_count(size, count, min_patches):
-    gen = BlockwiseMaskingGenerator(size, count, min_num_patches=min_patches)
+def test_blockwise_exact_count(size, count, min_patches, path):
+    gen = _gen(size, count, min_num_patches=min_patches, path=path)
     masks = gen(300, rng=np.random.default_rng(1))
     h, w = (size, size) if isinstance(size, int) else size
     assert masks.shape == (300, h, w) and masks.dtype == bool
@@ -86,10 +98,12 @@ def test_blockwise_blocks_follow_rule_sizes():
     assert np.all(count <= 75) and np.all(masks.reshape(2048, -1).sum(1) == 75)
 
 
-def test_blockwise_first_block_law_matches_rule():
+@pytest.mark.parametrize("path", ["default", "scalar"])
+def test_blockwise_first_block_law_matches_rule(path):
     """The (h, w) law of the first block (empty grid) against the rule integrated numerically:
-    this checks the area and log-uniform aspect sampling, the rounding and the acceptance."""
-    gen = BlockwiseMaskingGenerator(14, 75)
+    this checks the area and log-uniform aspect sampling, the rounding and the acceptance (the
+    first-block alias table on the batched path, the reference's formula on the scalar one)."""
+    gen = _gen(14, 75, path=path)
     _, _, blocks = gen.generate(6000, rng=np.random.default_rng(4), return_blocks=True)
     first = np.flatnonzero(np.r_[True, blocks["sample"][1:] != blocks["sample"][:-1]])
     assert np.all(blocks["limit"][first] == 75)
@@ -106,39 +120,98 @@ def test_blockwise_first_block_law_matches_rule():
     assert abs((log_aspect**2).mean() - law_mean_sq) < 0.05 * law_mean_sq
 
 
-def test_blockwise_statistics_match_reference_loop():
+def _reference_stats(n, seed, *args, **kwargs):
+    """microsoft/unilm's loop (Python's random), without the top-up: counts, blocks per mask,
+    (h, w) of every accepted block."""
+    rng = random.Random(seed)
+    counts, nblocks, hw = [], [], []
+    for _ in range(n):
+        blocks = []
+        counts.append(blockwise_mask_reference(*args, rng=rng, exact=False, blocks=blocks, **kwargs).sum())
+        nblocks.append(len(blocks))
+        hw += [b[:2] for b in blocks]
+    return np.array(counts), np.array(nblocks), np.array(hw, dtype=np.int64).reshape(-1, 2)
+
+
+@pytest.fixture(scope="module")
+def reference_14x14():
+    return _reference_stats(1200, 5, 14, 14, 75)
+
+
+def _z(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return abs(a.mean() - b.mean()) / math.sqrt(a.var() / len(a) + b.var() / len(b) + 1e-300)
+
+
+def _hw_chi2_z(ours_h, ours_w, ref_hw, shape):
+    """Two-sample chi-square z of the (h, w) laws of accepted blocks."""
+    ref = np.zeros(shape)
+    np.add.at(ref, (ref_hw[:, 0], ref_hw[:, 1]), 1)
+    ours = np.zeros(shape)
+    np.add.at(ours, (ours_h, ours_w), 1)
+    pooled = (ref + ours) / (ref.sum() + ours.sum())
+    return _chi2_z(ours.ravel(), pooled.ravel() * ours.sum())
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_blockwise_statistics_match_reference_loop(path, reference_14x14):
     """Whole-mask statistics against microsoft/unilm's loop (run with Python's random): count
     before the top-up (the reference's mean is about 74.4), how often it is exact, blocks per
-    mask, and the (h, w) law of every accepted block."""
-    n_ref, n_ours = 1200, 4096
-    rng = random.Random(5)
-    ref_counts, ref_blocks, ref_nblocks = [], [], []
-    for _ in range(n_ref):
-        blocks = []
-        m = blockwise_mask_reference(14, 14, 75, rng=rng, exact=False, blocks=blocks)
-        ref_counts.append(m.sum())
-        ref_nblocks.append(len(blocks))
-        ref_blocks += blocks
-    ref_counts = np.array(ref_counts)
-    gen = BlockwiseMaskingGenerator(14, 75)
+    mask, and the (h, w) law of every accepted block; on each path of the generator."""
+    ref_counts, ref_nblocks, ref_hw = reference_14x14
+    n_ours = 4096
+    gen = _gen(14, 75, path=path)
     _, counts, blocks = gen.generate(n_ours, rng=np.random.default_rng(6), return_blocks=True)
     nblocks = np.bincount(blocks["sample"], minlength=n_ours)
-
-    def z(a, b):
-        a, b = np.asarray(a, float), np.asarray(b, float)
-        return abs(a.mean() - b.mean()) / math.sqrt(a.var() / len(a) + b.var() / len(b))
-
     assert 74.0 < counts.mean() < 74.8 and 0.55 < np.mean(counts == 75) < 0.8
-    assert z(counts, ref_counts) < 4
-    assert z(counts == 75, ref_counts == 75) < 4
-    assert z(nblocks, ref_nblocks) < 4
-    # two-sample chi-square on the (h, w) law of all accepted blocks
-    ref_hw = np.zeros((14, 14))
-    np.add.at(ref_hw, (np.array([b[0] for b in ref_blocks]), np.array([b[1] for b in ref_blocks])), 1)
-    ours_hw = np.zeros((14, 14))
-    np.add.at(ours_hw, (blocks["h"], blocks["w"]), 1)
-    pooled = (ref_hw + ours_hw) / (ref_hw.sum() + ours_hw.sum())
-    assert _chi2_z(ours_hw.ravel(), pooled.ravel() * ours_hw.sum()) < 4.0
+    assert _z(counts, ref_counts) < 4
+    assert _z(counts == 75, ref_counts == 75) < 4
+    assert _z(nblocks, ref_nblocks) < 4
+    assert _hw_chi2_z(blocks["h"], blocks["w"], ref_hw, (14, 14)) < 4.0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", ["rect_float_max", "first_block_fails"])
+def test_blockwise_other_settings_match_reference_loop(case, path):
+    """Settings off BEiT's defaults against the reference loop: a rectangular grid with a
+    fractional max_num_patches below the target (the limit min(r, 12.5), 12 new patches at
+    most) and aspects in [0.5, 3]; and a 3 x 40 grid where most shapes do not fit, so all ten
+    tries of the first block fail about one mask in two (the first block's (1 - p)^10)."""
+    if case == "rect_float_max":
+        args, kwargs = (9, 13, 40), dict(min_num_patches=6, max_num_patches=12.5, min_aspect=0.5, max_aspect=3.0)
+    else:
+        args, kwargs = (3, 40, 20), dict(min_num_patches=16)
+    ref_counts, ref_nblocks, ref_hw = _reference_stats(1500, 7, *args, **kwargs)
+    gen = _gen((args[0], args[1]), args[2], path=path, **kwargs)
+    masks, counts, blocks = gen.generate(4000, rng=np.random.default_rng(8), return_blocks=True)
+    nblocks = np.bincount(blocks["sample"], minlength=4000)
+    assert np.all(masks.reshape(4000, -1).sum(1) == args[2])
+    assert _z(counts, ref_counts) < 4
+    assert _z(nblocks, ref_nblocks) < 4
+    assert _z(counts == 0, ref_counts == 0) < 4
+    if case == "first_block_fails":
+        assert 0.3 < np.mean(ref_counts == 0) < 0.7
+    assert _hw_chi2_z(blocks["h"], blocks["w"], ref_hw, (args[0], args[1])) < 4.0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("size,count,kwargs", [(14, 75, {}), ((9, 13), 40, dict(min_num_patches=6, max_num_patches=7)),
+                                               ((3, 40), 20, {}), (14, 150, {})])
+def test_blockwise_counts_are_the_blocks(size, count, kwargs, path, monkeypatch):
+    """Before the top-up every mask holds exactly its count of patches, at most the target; the
+    blocks (return_blocks) are what the rule allows: h < H, w < W, recorded limits
+    min(remaining, max_num_patches)."""
+    gen = _gen(size, count, path=path, **kwargs)
+    monkeypatch.setattr(gen, "_top_up", lambda masks, count, rng: None)
+    masks, counts, blocks = gen.generate(500, rng=np.random.default_rng(9), return_blocks=True)
+    assert np.array_equal(masks.reshape(500, -1).sum(1), counts)
+    assert np.all(counts <= count)
+    h, w = (size, size) if isinstance(size, int) else size
+    assert np.all(blocks["h"] < h) and np.all(blocks["w"] < w) and np.all(blocks["h"] >= 1)
+    assert np.all(blocks["limit"] <= kwargs.get("max_num_patches", count))
+    # a mask's first block has the whole target as its limit
+    first = np.r_[True, blocks["sample"][1:] != blocks["sample"][:-1]]
+    assert np.all(blocks["limit"][first] == min(count, kwargs.get("max_num_patches", count)))
 
 
 def test_blockwise_reference_loop_exact_mode_and_rng():
@@ -169,10 +242,123 @@ def test_blockwise_top_up_is_uniform():
     assert np.all(np.abs(freq - 0.5) < 4 * math.sqrt(0.25 / 4000))
 
 
+@pytest.mark.parametrize("way", ["rejection", "fallback", "keys"])
+def test_top_up_is_a_uniform_subset(way, monkeypatch):
+    """The top-up masks a uniform subset of the free cells: on a 4 x 4 grid with 6 patches
+    masked and 9 wanted, every one of the C(10, 3) = 120 subsets comes equally often; on each
+    way it has: candidates in one batch (cells drawn twice are frequent here), the per-mask
+    fallback (candidates run out), random keys (many missing among few free cells)."""
+    if way == "fallback":
+        monkeypatch.setattr(mg, "_TOP_UP_SPARE", -4)
+    elif way == "keys":
+        monkeypatch.setattr(mg, "_TOP_UP_CANDIDATES", 0.0)
+    gen = BlockwiseMaskingGenerator(4, 9)
+    n = 12000
+    before = np.zeros(16, dtype=bool)
+    before[[0, 3, 5, 6, 12, 15]] = True
+    masks = np.tile(before, (n, 1))
+    gen._top_up(masks, np.full(n, 6), np.random.default_rng(10))
+    assert np.all(masks.sum(1) == 9) and np.all(masks[:, before])
+    free = np.flatnonzero(~before)
+    code = (masks[:, free] * (1 << np.arange(free.size))).sum(1)
+    subsets = np.unique(code)
+    assert subsets.size == math.comb(10, 3)
+    observed = np.array([(code == c).sum() for c in subsets])
+    assert _chi2_z(observed, np.full(subsets.size, n / subsets.size)) < 4.0
+
+
+def test_top_up_of_many_masks_and_needs():
+    """A batch where masks miss 1 to 9 patches: each free cell of a mask is picked with
+    probability need / free, cell by cell (the batch of candidates and the fallback both occur)."""
+    gen = BlockwiseMaskingGenerator(14, 75)
+    rng = np.random.default_rng(11)
+    n = 5000
+    need = rng.integers(1, 10, n)
+    masks = np.zeros((n, 196), dtype=bool)
+    masks[:, :75] = True
+    for i, k in enumerate(need):  # unmask `k` of the first 75 cells
+        masks[i, rng.choice(75, k, replace=False)] = False
+    before = masks.copy()
+    gen._top_up(masks, 75 - need, rng)
+    assert np.all(masks.sum(1) == 75) and np.all(masks[before])
+    picked = (masks & ~before).sum(0)  # (196,)
+    expected = np.where(before, 0.0, (need / (196 - 75 + need))[:, None]).sum(0)
+    assert _chi2_z(picked, expected) < 4.0
+
+
 def test_blockwise_masks_drive_the_model_input():
     gen = BlockwiseMaskingGenerator(14, 75)
     bool_masked_pos = torch.from_numpy(gen(4, rng=np.random.default_rng(0))).flatten(1)
     assert bool_masked_pos.dtype == torch.bool and bool_masked_pos.sum().item() == 4 * 75
+
+
+def _law_by_width(max_h, max_w, m, limit, lo, hi, grid=6000):
+    """P(h, w) of one try, by the midpoint rule over s ~ U(m, L) of the exact length of the
+    log-aspect interval giving (h, w) (lo == hi: the fraction of s giving it)."""
+    s = m + (np.arange(grid) + 0.5) / grid * (limit - m)
+    ls = np.log(s)
+    out = np.zeros((max_h + 1, max_w + 1))
+    l_lo, l_hi = min(lo, hi), max(lo, hi)
+    for h in range(max_h + 1):
+        for w in range(max_w + 1):
+            top = np.minimum(l_hi, 2 * math.log(h + 0.5) - ls)
+            bot = np.maximum(l_lo, ls - 2 * math.log(w + 0.5))
+            if w > 0:
+                top = np.minimum(top, ls - 2 * math.log(w - 0.5))
+            if h > 0:
+                bot = np.maximum(bot, 2 * math.log(h - 0.5) - ls)
+            out[h, w] = (np.maximum(top - bot, 0).mean() / (l_hi - l_lo)) if l_hi > l_lo else np.mean(top >= bot)
+    return out.ravel()
+
+
+@pytest.mark.parametrize("m,limit,lo,hi", [
+    (16, 75, *LOG_ASPECT), (16, 40, *LOG_ASPECT), (16, 23.5, *LOG_ASPECT), (16, 16, *LOG_ASPECT),
+    (16, 5, *LOG_ASPECT), (6, 12.5, math.log(0.5), math.log(3.0)), (4, 30, 0.4, -0.4), (9, 30, 0.0, 0.0),
+])
+def test_shape_law_is_the_rule(m, limit, lo, hi):
+    """The closed-form law of a try's shape against the rule integrated numerically, for a
+    limit above, equal to (s = m exactly) and below min_num_patches, fractional limits, swapped
+    and equal aspect bounds."""
+    max_h = max_w = 20
+    law = mg._shape_law(max_h, max_w, m, [limit], lo, hi)[0]
+    assert abs(law.sum() - 1) < 1e-12 and law.min() >= 0
+    tol = 1e-6 if lo != hi else 2e-3  # equal bounds: an indicator on the grid, error ~1 / grid
+    assert np.abs(law - _law_by_width(max_h, max_w, m, limit, lo, hi)).max() < tol
+
+
+@pytest.mark.parametrize("size,count,kwargs", [(14, 75, {}), ((9, 13), 40, dict(min_num_patches=6, max_num_patches=12.5,
+                                                                                 min_aspect=0.5, max_aspect=3.0))])
+def test_alias_tables_give_the_law(size, count, kwargs):
+    """Every row of the alias tables gives the try law exactly (up to rounding): outcome c with
+    probability (threshold[c] + sum of (1 - threshold) of the columns aliasing to c) / K; each
+    entry's rectangles are its outcome's shape. The first-block table is the law restricted to
+    the shapes an empty grid accepts, and all ten tries fail with (1 - p)^10."""
+    gen = BlockwiseMaskingGenerator(size, count, **kwargs)
+    sh, rt = gen._shapes, gen._rects
+    k, rows = sh.k, sh.rows
+    thr = sh.threshold
+    law = np.zeros(rows)
+    np.add.at(law, np.arange(rows), thr / k)
+    alias_col = (np.arange(rows) // k) * k + sh.outcome[rows:]  # alias entry c -> (row, outcome)
+    np.add.at(law, alias_col, (1 - thr) / k)
+    assert np.abs(law.reshape(-1, k) - sh.law).max() < 1e-12
+    fit_hw = np.stack(np.divmod(sh.fit, gen._max_w + 1), 1)
+    for entry in range(0, 2 * rows, 7):
+        o = sh.outcome[entry]
+        lo, n = int(sh.first[entry]), int(sh.npos[entry])
+        if o == k - 1:  # rejected shapes: the empty set
+            assert lo == 0 and n == 0
+        else:
+            assert n > 0 and np.all(rt.shapes[lo:lo + n + 1] == fit_hw[o])
+    # first block
+    limit = min(count, kwargs.get("max_num_patches", count))
+    p = sh.law[count, :-1] * (fit_hw.prod(1) <= math.floor(limit))
+    k1 = sh.first_k
+    law1 = np.zeros(k1)
+    np.add.at(law1, np.arange(k1), sh.first_threshold / k1)
+    np.add.at(law1, sh.first_outcome[k1:], (1 - sh.first_threshold) / k1)
+    assert np.abs(law1 - p / p.sum()).max() < 1e-12
+    assert abs(sh.first_fail - (1 - p.sum()) ** 10) < 1e-12
 
 
 class _GivenUniforms:

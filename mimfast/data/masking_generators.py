@@ -77,6 +77,7 @@ _ROUND_TRIES = (2, 3, 5, 10)  # tries per growing mask in batched rounds 1, 2, .
 _COMPACT = 0.9  # done masks are dropped from the batch once fewer than this share still grow
 _SCALAR_BELOW = 6  # masks still growing at or below which each finishes alone
 _TOP_UP_CANDIDATES = 24.0  # most candidate cells a short mask may expect to draw in the rejection top-up
+_TOP_UP_SPARE = 6  # candidates per short mask beyond the expected number for the most missing patches
 
 
 def _grid(input_size) -> tuple[int, int]:
@@ -271,7 +272,7 @@ class _ShapeSampler:
         p[limits < 1, -1] = 1.0
         first = np.append(rects.first[fit], 0).astype(np.float64)
         npos = np.append(rects.npos[fit], 0).astype(np.float64)
-        self.k, self.threshold, self.first, self.npos, _ = _alias_rows(p, first, npos)
+        self.k, self.threshold, self.first, self.npos, self.outcome = _alias_rows(p, first, npos)
         self.fn = np.stack([self.first, self.npos])  # (2, 2 rows): first row and positions, one lookup
         self.rows = self.threshold.size
         self.law = p  # (target + 1, K): the fitting shapes' probabilities, then "rejected"
@@ -292,9 +293,9 @@ class _ShapeSampler:
         self.first_fail = math.exp(_TRIES * math.log1p(-p_acc)) if p_acc < 1 else 0.0
         self.first_k = 0
         if p_acc > 0:
-            self.first_k, self.first_threshold, self.first_first, self.first_npos, outcome = _alias_rows(
+            self.first_k, self.first_threshold, self.first_first, self.first_npos, self.first_outcome = _alias_rows(
                 p1[None, :], first[:-1], npos[:-1])
-            self.first_area = area[outcome].astype(np.int64)
+            self.first_area = area[self.first_outcome].astype(np.int64)
 
 
 def _alias_rows(p: np.ndarray, first: np.ndarray, npos: np.ndarray):
@@ -494,9 +495,8 @@ class BlockwiseMaskingGenerator:
                 sel = acc.nonzero()[0]
                 blocks.append((ids[sel], rt.shapes.take(pos.ravel().take(pick[sel]).astype(np.intp), axis=0),
                                self._limit.take(rem.take(sel))))
-            keep_u = acc.astype(np.uint64)
             add = sets.reshape(words, -1).take(pick, axis=1)
-            add *= keep_u
+            add *= acc
             free ^= add
             got = new.ravel().take(pick)
             got += one
@@ -667,7 +667,7 @@ class BlockwiseMaskingGenerator:
             if not short.size:
                 return
         flat = masks.reshape(-1)
-        cand = _uniform(rng, (int(per * int(need.max())) + 6, short.size))  # (< 256) candidates per mask
+        cand = _uniform(rng, (max(1, int(per * int(need.max())) + _TOP_UP_SPARE), short.size))  # (< 256) per mask
         cand *= cells
         cand = cand.astype(np.intp)  # < cells
         cand += short * cells
