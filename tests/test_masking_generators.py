@@ -326,38 +326,49 @@ def test_shape_law_is_the_rule(m, limit, lo, hi):
     assert np.abs(law - _law_by_width(max_h, max_w, m, limit, lo, hi)).max() < tol
 
 
+def _alias_law_and_maps(k, split, start_scale, outcome, fit_hw, shapes, n_outcomes):
+    """The law an alias table gives (entry c on a fraction split[c] of column c, entry c + rows
+    on the rest) and a check of each entry's affine map: the middle of the i-th of n equal
+    slices of its part of [0, 1) lands on the i-th position of its outcome's shape."""
+    rows = split.size
+    law = np.zeros((rows // k, n_outcomes))
+    col = np.arange(rows)
+    np.add.at(law, (col // k, outcome[:rows]), split / k)
+    np.add.at(law, (col // k, outcome[rows:]), (1 - split) / k)
+    offset = np.concatenate([np.zeros(rows), split])
+    part = np.concatenate([split, 1 - split])
+    start, scale = start_scale
+    for e in np.flatnonzero(part > 0):
+        o = outcome[e]
+        if o >= len(fit_hw):  # the pooled rejected shapes: row 0, the empty set
+            assert start[e] == 0 and scale[e] == 0
+            continue
+        n = int(round(scale[e] * part[e]))
+        v = offset[e] + (np.arange(n) + 0.5) / n * part[e]
+        got = np.floor(start[e] + scale[e] * v).astype(int)
+        assert np.array_equal(got, got[0] + np.arange(n)), e
+        assert np.all(shapes[got[0]:got[0] + n + 1] == fit_hw[o]) and np.any(shapes[got[0] - 1] != fit_hw[o]), e
+    return law
+
+
 @pytest.mark.parametrize("size,count,kwargs", [(14, 75, {}), ((9, 13), 40, dict(min_num_patches=6, max_num_patches=12.5,
                                                                                  min_aspect=0.5, max_aspect=3.0))])
 def test_alias_tables_give_the_law(size, count, kwargs):
-    """Every row of the alias tables gives the try law exactly (up to rounding): outcome c with
-    probability (threshold[c] + sum of (1 - threshold) of the columns aliasing to c) / K; each
-    entry's rectangles are its outcome's shape. The first-block table is the law restricted to
-    the shapes an empty grid accepts, and all ten tries fail with (1 - p)^10."""
+    """Every row of the alias tables gives the try law exactly (up to rounding) and each entry
+    maps its part of the uniform onto every position of its shape equally; the first-block
+    table is the law restricted to the shapes an empty grid accepts, and all ten tries fail
+    with (1 - p)^10."""
     gen = BlockwiseMaskingGenerator(size, count, **kwargs)
     sh, rt = gen._shapes, gen._rects
-    k, rows = sh.k, sh.rows
-    thr = sh.threshold
-    law = np.zeros(rows)
-    np.add.at(law, np.arange(rows), thr / k)
-    alias_col = (np.arange(rows) // k) * k + sh.outcome[rows:]  # alias entry c -> (row, outcome)
-    np.add.at(law, alias_col, (1 - thr) / k)
-    assert np.abs(law.reshape(-1, k) - sh.law).max() < 1e-12
     fit_hw = np.stack(np.divmod(sh.fit, gen._max_w + 1), 1)
-    for entry in range(0, 2 * rows, 7):
-        o = sh.outcome[entry]
-        lo, n = int(sh.first[entry]), int(sh.npos[entry])
-        if o == k - 1:  # rejected shapes: the empty set
-            assert lo == 0 and n == 0
-        else:
-            assert n > 0 and np.all(rt.shapes[lo:lo + n + 1] == fit_hw[o])
+    law = _alias_law_and_maps(sh.k, sh.split, sh.start_scale, sh.outcome, fit_hw, rt.shapes, sh.k)
+    assert np.abs(law - sh.law).max() < 1e-12
     # first block
     limit = min(count, kwargs.get("max_num_patches", count))
     p = sh.law[count, :-1] * (fit_hw.prod(1) <= math.floor(limit))
-    k1 = sh.first_k
-    law1 = np.zeros(k1)
-    np.add.at(law1, np.arange(k1), sh.first_threshold / k1)
-    np.add.at(law1, sh.first_outcome[k1:], (1 - sh.first_threshold) / k1)
-    assert np.abs(law1 - p / p.sum()).max() < 1e-12
+    law1 = _alias_law_and_maps(sh.first_k, sh.first_split, sh.first_start_scale, sh.first_outcome, fit_hw,
+                               rt.shapes, sh.first_k)
+    assert np.abs(law1[0] - p / p.sum()).max() < 1e-12
     assert abs(sh.first_fail - (1 - p.sum()) ** 10) < 1e-12
 
 

@@ -249,10 +249,11 @@ def _alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _ShapeSampler:
     """Alias tables of the try law for every number r = 0..target of patches still to mask.
 
-    A try of a mask with r to go: column ``c = floor(K u0) + r K``; ``c += rows`` when
-    ``u1 >= threshold[c]`` (the alias); then its rectangle is row ``floor(first[c] + u2 npos[c])``
-    of the rectangle table (row 0, the empty set, for the pooled rejected shapes). ``cap[r]``:
-    the most new patches a block may add, floor(min(r, max_num_patches)).
+    A try of a mask with r to go, from one uniform u (see :func:`_alias_rows`): column
+    ``c = floor(K u) + r K``, v = K u - floor(K u); entry ``e = c`` if ``v < split[c]`` else
+    ``c + rows``; its rectangle is row ``floor(start[e] + v scale[e])`` of the rectangle table
+    (row 0, the empty set, for the pooled rejected shapes). ``cap[r]``: the most new patches a
+    block may add, floor(min(r, max_num_patches)).
 
     The first block (empty grid, r = target): a try is accepted iff its shape fits with
     h w <= cap, so the block is a draw from the try law restricted to those shapes (the
@@ -272,9 +273,9 @@ class _ShapeSampler:
         p[limits < 1, -1] = 1.0
         first = np.append(rects.first[fit], 0).astype(np.float64)
         npos = np.append(rects.npos[fit], 0).astype(np.float64)
-        self.k, self.threshold, self.first, self.npos, self.outcome = _alias_rows(p, first, npos)
-        self.fn = np.stack([self.first, self.npos])  # (2, 2 rows): first row and positions, one lookup
-        self.rows = self.threshold.size
+        self.k, self.split, start, scale, self.outcome = _alias_rows(p, first, npos)
+        self.start_scale = np.stack([start, scale])  # (2, 2 rows): one lookup for both
+        self.rows = self.split.size
         self.law = p  # (target + 1, K): the fitting shapes' probabilities, then "rejected"
         self.fit = fit
         cap = np.floor(limits).astype(np.int64)
@@ -293,22 +294,39 @@ class _ShapeSampler:
         self.first_fail = math.exp(_TRIES * math.log1p(-p_acc)) if p_acc < 1 else 0.0
         self.first_k = 0
         if p_acc > 0:
-            self.first_k, self.first_threshold, self.first_first, self.first_npos, self.first_outcome = _alias_rows(
+            self.first_k, self.first_split, start, scale, self.first_outcome = _alias_rows(
                 p1[None, :], first[:-1], npos[:-1])
+            self.first_start_scale = np.stack([start, scale])
             self.first_area = area[self.first_outcome].astype(np.int64)
 
 
 def _alias_rows(p: np.ndarray, first: np.ndarray, npos: np.ndarray):
-    """Alias tables of the laws ``p`` (n, K) over outcomes with rectangle rows
-    [first, first + npos): K, and (2 n K,) flat threshold (first half), first row, positions
-    and outcome of each entry (primary entries, then alias entries)."""
+    """Alias tables of the laws ``p`` (n, K) over outcomes whose rectangles are the rows
+    [first, first + npos) of the rectangle table, for sampling a try from one uniform.
+
+    Column c = floor(K u) (plus the law's row times K) holds two outcomes, the fraction
+    v = K u - floor(K u) picks one and its rectangle: entry c on v in [0, split[c]), entry
+    c + n K on [split[c], 1), and the rectangle is row floor(start[e] + v scale[e]), an affine map
+    of the entry's part of [0, 1) onto its positions. The shorter part comes first, so the
+    longer one (at least 1/2 long) has scale <= 2 npos and start is never a difference of big
+    numbers. Returns K, split (n K,), start, scale and outcome (2 n K,)."""
     n, k = p.shape
     threshold = np.empty(p.shape)
     other = np.empty(p.shape, dtype=np.intp)
     for r in range(n):
         threshold[r], other[r] = _alias_table(p[r])
-    outcome = np.concatenate([np.tile(np.arange(k), n), other.ravel()])
-    return k, threshold.ravel(), first[outcome], npos[outcome], outcome
+    threshold, other = threshold.ravel(), other.ravel()
+    own = np.tile(np.arange(k), n)
+    swap = threshold > 0.5  # the alias's part is the shorter: it comes first
+    split = np.where(swap, 1.0 - threshold, threshold)
+    outcome = np.concatenate([np.where(swap, other, own), np.where(swap, own, other)])
+    part = np.concatenate([split, 1.0 - split])  # length of each entry's part of [0, 1)
+    offset = np.concatenate([np.zeros_like(split), split])  # where it starts
+    n_pos = npos[outcome]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(part > 0, n_pos / part, 0.0)
+    start = first[outcome] - offset * scale
+    return k, split, start, scale, outcome
 
 
 @lru_cache(maxsize=8)
@@ -423,18 +441,19 @@ class BlockwiseMaskingGenerator:
         if sh.first_k == 0:  # no shape is ever accepted on an empty grid
             st[words + 1] = 0
             return
-        u = random((4, n))  # alias column, coin, position, all ten tries fail
+        u = random((2, n))  # the block's try (alias column, entry, position), all ten tries fail
         col = u[0]
         col *= sh.first_k
         c = col.astype(np.intp)
-        np.add(c, sh.first_k, out=c, where=u[1] >= sh.first_threshold.take(c))
-        pos = u[2]
-        pos *= sh.first_npos.take(c)
-        pos += sh.first_first.take(c)
-        rows = pos.astype(np.intp)
+        col -= c  # v, the fraction
+        np.add(c, sh.first_k, out=c, where=col >= sh.first_split.take(c))
+        start_scale = sh.first_start_scale.take(c, axis=1)
+        col *= start_scale[1]
+        col += start_scale[0]
+        rows = col.astype(np.intp)
         got = sh.first_area.take(c)
         if sh.first_fail > 0:
-            failed = u[3] < sh.first_fail
+            failed = u[1] < sh.first_fail
             if failed.any():
                 rows[failed] = 0  # the empty set
                 got[failed] = 0
@@ -455,7 +474,7 @@ class BlockwiseMaskingGenerator:
         nothing and ride along until enough of them are dropped. Constants are 0-d arrays: numpy
         handles those faster than Python scalars."""
         sh, rt = self._shapes, self._rects
-        threshold, first_npos, cap, rects = sh.threshold, sh.fn, sh.cap_small, rt.rects_t
+        split, start_scale_t, cap, rects = sh.split, sh.start_scale, sh.cap_small, rt.rects_t
         k_f, k_i, alias_rows, full, zero, one, minus_one, one_i = sh.consts
         words, blocks_on, scalar_below = rt.words, blocks is not None, self._scalar_below
         st, ids = all_st, np.arange(all_st.shape[1])
@@ -465,17 +484,18 @@ class BlockwiseMaskingGenerator:
         for tries, tries_0 in _schedule(_ROUND_TRIES):
             if a <= scalar_below:
                 break
-            u = random((3, tries, a))
-            col = u[0]
+            # one uniform per try: alias column, entry and position (see _alias_rows)
+            col = random((tries, a))
             col *= k_f
-            c = col.astype(np.intp)  # the column of the alias table's row for rem
+            c = col.astype(np.intp)  # the column in the alias table's row for rem
+            col -= c  # the fraction v
             c += rem * k_i
-            np.add(c, alias_rows, out=c, where=u[1] >= threshold.take(c))
-            # top, left = randint(0, H - h), randint(0, W - w): one uniform over the (top, left) grid
-            fn = first_npos.take(c, axis=1)
-            pos = u[2]
-            pos *= fn[1]
-            pos += fn[0]
+            np.add(c, alias_rows, out=c, where=col >= split.take(c))
+            # top, left = randint(0, H - h), randint(0, W - w): an affine map of v onto the positions
+            start_scale = start_scale_t.take(c, axis=1)
+            col *= start_scale[1]
+            col += start_scale[0]
+            pos = col
             sets = rects.take(pos.astype(np.intp), axis=1)  # (words, tries, a)
             sets &= free[:, None, :]
             # new patches of each try, minus 1 (0 wraps around to the dtype's max)
