@@ -327,16 +327,16 @@ def test_shape_law_is_the_rule(m, limit, lo, hi):
 
 
 def _alias_law_and_maps(k, split, start_scale, outcome, fit_hw, shapes, n_outcomes):
-    """The law an alias table gives (entry c on a fraction split[c] of column c, entry c + rows
+    """The law an alias table gives (entry 2c on a fraction split[c] of column c, entry 2c + 1
     on the rest) and a check of each entry's affine map: the middle of the i-th of n equal
     slices of its part of [0, 1) lands on the i-th position of its outcome's shape."""
     rows = split.size
     law = np.zeros((rows // k, n_outcomes))
     col = np.arange(rows)
-    np.add.at(law, (col // k, outcome[:rows]), split / k)
-    np.add.at(law, (col // k, outcome[rows:]), (1 - split) / k)
-    offset = np.concatenate([np.zeros(rows), split])
-    part = np.concatenate([split, 1 - split])
+    np.add.at(law, (col // k, outcome[0::2]), split / k)
+    np.add.at(law, (col // k, outcome[1::2]), (1 - split) / k)
+    offset = np.stack([np.zeros(rows), split], 1).ravel()
+    part = np.stack([split, 1 - split], 1).ravel()
     start, scale = start_scale
     for e in np.flatnonzero(part > 0):
         o = outcome[e]

@@ -250,8 +250,8 @@ class _ShapeSampler:
     """Alias tables of the try law for every number r = 0..target of patches still to mask.
 
     A try of a mask with r to go, from one uniform u (see :func:`_alias_rows`): column
-    ``c = floor(K u) + r K``, v = K u - floor(K u); entry ``e = c`` if ``v < split[c]`` else
-    ``c + rows``; its rectangle is row ``floor(start[e] + v scale[e])`` of the rectangle table
+    ``c = floor(K u) + r K``, v = K u - floor(K u); entry ``e = 2 c`` if ``v < split[c]`` else
+    ``2 c + 1``; its rectangle is row ``floor(start[e] + v scale[e])`` of the rectangle table
     (row 0, the empty set, for the pooled rejected shapes). ``cap[r]``: the most new patches a
     block may add, floor(min(r, max_num_patches)).
 
@@ -285,8 +285,8 @@ class _ShapeSampler:
         count_dtype = np.uint8 if height * width < 256 else np.uint16 if height * width < 65536 else np.uint32
         self.cap_small = np.minimum(cap, np.iinfo(count_dtype).max).astype(count_dtype)
         # 0-d constants of the batched rounds (see BlockwiseMaskingGenerator._grow)
-        self.consts = (np.array(float(self.k)), np.array(self.k), np.array(self.rows), np.array(_TRIES),
-                       np.array(0), np.ones((), count_dtype), np.iinfo(count_dtype).max, np.array(1))
+        self.consts = (np.array(float(self.k)), np.array(self.k), np.array(_TRIES), np.array(0),
+                       np.ones((), count_dtype), np.iinfo(count_dtype).max)
         # the first block: shapes that fit with h w <= cap
         area = hh[fit] * ww[fit]
         p1 = np.where(area <= cap[target], law[target, fit], 0.0) if target > 0 else np.zeros(fit.size)
@@ -305,8 +305,8 @@ def _alias_rows(p: np.ndarray, first: np.ndarray, npos: np.ndarray):
     [first, first + npos) of the rectangle table, for sampling a try from one uniform.
 
     Column c = floor(K u) (plus the law's row times K) holds two outcomes, the fraction
-    v = K u - floor(K u) picks one and its rectangle: entry c on v in [0, split[c]), entry
-    c + n K on [split[c], 1), and the rectangle is row floor(start[e] + v scale[e]), an affine map
+    v = K u - floor(K u) picks one and its rectangle: entry 2c on v in [0, split[c]), entry
+    2c + 1 on [split[c], 1), and the rectangle is row floor(start[e] + v scale[e]), an affine map
     of the entry's part of [0, 1) onto its positions. The shorter part comes first, so the
     longer one (at least 1/2 long) has scale <= 2 npos and start is never a difference of big
     numbers. Returns K, split (n K,), start, scale and outcome (2 n K,)."""
@@ -319,9 +319,9 @@ def _alias_rows(p: np.ndarray, first: np.ndarray, npos: np.ndarray):
     own = np.tile(np.arange(k), n)
     swap = threshold > 0.5  # the alias's part is the shorter: it comes first
     split = np.where(swap, 1.0 - threshold, threshold)
-    outcome = np.concatenate([np.where(swap, other, own), np.where(swap, own, other)])
-    part = np.concatenate([split, 1.0 - split])  # length of each entry's part of [0, 1)
-    offset = np.concatenate([np.zeros_like(split), split])  # where it starts
+    outcome = np.stack([np.where(swap, other, own), np.where(swap, own, other)], 1).ravel()
+    part = np.stack([split, 1.0 - split], 1).ravel()  # length of each entry's part of [0, 1)
+    offset = np.stack([np.zeros_like(split), split], 1).ravel()  # where it starts
     n_pos = npos[outcome]
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(part > 0, n_pos / part, 0.0)
@@ -446,7 +446,9 @@ class BlockwiseMaskingGenerator:
         col *= sh.first_k
         c = col.astype(np.intp)
         col -= c  # v, the fraction
-        np.add(c, sh.first_k, out=c, where=col >= sh.first_split.take(c))
+        second = col >= sh.first_split.take(c)
+        c += c
+        c += second  # the entry
         start_scale = sh.first_start_scale.take(c, axis=1)
         col *= start_scale[1]
         col += start_scale[0]
@@ -475,7 +477,7 @@ class BlockwiseMaskingGenerator:
         handles those faster than Python scalars."""
         sh, rt = self._shapes, self._rects
         split, start_scale_t, cap, rects = sh.split, sh.start_scale, sh.cap_small, rt.rects_t
-        k_f, k_i, alias_rows, full, zero, one, minus_one, one_i = sh.consts
+        k_f, k_i, full, zero, one, minus_one = sh.consts
         words, blocks_on, scalar_below = rt.words, blocks is not None, self._scalar_below
         st, ids = all_st, np.arange(all_st.shape[1])
         a = ids.size
@@ -490,7 +492,9 @@ class BlockwiseMaskingGenerator:
             c = col.astype(np.intp)  # the column in the alias table's row for rem
             col -= c  # the fraction v
             c += rem * k_i
-            np.add(c, alias_rows, out=c, where=col >= split.take(c))
+            second = col >= split.take(c)
+            c += c
+            c += second  # the entry
             # top, left = randint(0, H - h), randint(0, W - w): an affine map of v onto the positions
             start_scale = start_scale_t.take(c, axis=1)
             col *= start_scale[1]
@@ -604,14 +608,13 @@ class BlockwiseMaskingGenerator:
             if grow is not st:
                 st[:, ids] = grow
 
-        bits = np.ascontiguousarray(st[:words].view(np.uint64).T)
-        np.invert(bits, out=bits)
-        bits &= rt.grid
-        masks = np.unpackbits(bits.astype("<u8", copy=False).view(np.uint8), axis=1, count=self.num_patches,
-                              bitorder="little").view(bool)
+        bits = np.invert(st[:words].view(np.uint64))
+        bits &= rt.grid[:, None]
+        bits = np.ascontiguousarray(bits.T).astype("<u8", copy=False)  # (n, words)
+        masks = np.unpackbits(bits.view(np.uint8), bitorder="little").view(bool).reshape(n, 64 * words)
         count = target - st[words]
         self._top_up(masks, count, rng)
-        masks = masks.reshape(n, self.height, self.width)
+        masks = masks[:, :self.num_patches].reshape(n, self.height, self.width)  # a copy
         if blocks is None:
             return masks, count
         if blocks:
@@ -660,9 +663,9 @@ class BlockwiseMaskingGenerator:
         return (masks, counts, first) if return_stats else masks
 
     def _top_up(self, masks: np.ndarray, count: np.ndarray, rng) -> None:
-        """Mask ``target - count`` more patches of each short mask (rows of ``masks`` (n, cells)),
-        a uniform subset of its unmasked cells (BEiT v2's fix-up). Counts never exceed the
-        target (a block may add at most the rest).
+        """Mask ``target - count`` more patches of each short mask (rows of ``masks`` (n, stride),
+        cells in the first ``num_patches`` columns), a uniform subset of its unmasked cells (BEiT
+        v2's fix-up). Counts never exceed the target (a block may add at most the rest).
 
         Few missing patches (the usual case): rejection. Drawing uniform cells one at a time and
         keeping those neither masked nor kept before, until enough are kept, picks a uniform
@@ -673,7 +676,7 @@ class BlockwiseMaskingGenerator:
         still free (:meth:`_top_up_keys`, one mask at a time: this is rare). Many missing
         patches among few free cells: :meth:`_top_up_keys` for those masks.
         """
-        cells, target = self.num_patches, self.num_masking_patches
+        cells, target, stride = self.num_patches, self.num_masking_patches, masks.shape[1]
         short = (count < target).nonzero()[0]
         if not short.size:
             return
@@ -690,7 +693,7 @@ class BlockwiseMaskingGenerator:
         cand = _uniform(rng, (max(1, int(per * int(need.max())) + _TOP_UP_SPARE), short.size))  # (< 256) per mask
         cand *= cells
         cand = cand.astype(np.intp)  # < cells
-        cand += short * cells
+        cand += short * stride
         keep = flat.take(cand)
         np.invert(keep, out=keep)  # free before
         kept = np.add.accumulate(keep.view(np.uint8), axis=0, dtype=np.uint8)
@@ -702,9 +705,9 @@ class BlockwiseMaskingGenerator:
             picked.sort()
             twice = picked[1:][picked[1:] == picked[:-1]]  # kept twice
             if twice.size:
-                again.update((twice // cells).tolist())
+                again.update((twice // stride).tolist())
         for row in sorted(again):
-            m = masks[row]
+            m = masks[row, :cells]
             free = (~m).nonzero()[0]
             k = target - (cells - free.size)
             if k < free.size:  # the k smallest of random keys
@@ -713,7 +716,7 @@ class BlockwiseMaskingGenerator:
 
     def _top_up_keys(self, masks: np.ndarray, rows: np.ndarray, need: np.ndarray, rng) -> None:
         """The top-up of masks ``rows``: the ``need`` free cells of smallest random keys."""
-        sub = masks[rows]
+        sub = masks[rows, :self.num_patches]
         keys = _uniform(rng, sub.shape)
         keys[sub] = 2.0  # masked cells sort last
         # the `need` smallest keys among unmasked cells: a uniform subset without replacement
@@ -721,7 +724,7 @@ class BlockwiseMaskingGenerator:
         smallest = np.partition(keys, kmax - 1, axis=1)[:, :kmax]
         smallest.sort(axis=1)
         threshold = smallest[np.arange(rows.size), need - 1]
-        masks[rows] = sub | (keys <= threshold[:, None])
+        masks[rows, :self.num_patches] = sub | (keys <= threshold[:, None])
 
 
 def blockwise_mask_reference(height: int, width: int, num_masking_patches: int, min_num_patches: int = 16,
