@@ -17,25 +17,28 @@ Every generator returns numpy bool masks, True = masked: ``gen()`` one (h, w) ma
 a batch (n, h, w). ``rng`` is a ``numpy.random.Generator``; without one they draw from
 numpy's global RNG, which PyTorch's DataLoader seeds per worker.
 
-How the blockwise generator is fast (256 masks of 14 x 14 in about half a millisecond on one
-core; the cost is the number of numpy calls, not arithmetic). It samples the reference's law,
-not its random stream:
+How the blockwise generator is fast (256 masks of 14 x 14 in about 0.7 ms on one core of the
+development machine, the reference loop batched as two then eight tries per block took about
+1.5 ms; the cost is the number of numpy calls, not arithmetic). It samples the reference's
+law, not its random stream:
 
 - Bit sets. A mask is a set of 4 x 64 bits (grids up to 256 cells; more words for larger
   grids) and every rectangle the rule can draw is precomputed as such a set (one row of a
   table per shape and top-left corner), so a try is a row lookup, an AND with the free cells
   and a popcount.
-- Shapes from exact tables. A try's shape depends only on the block's limit L = min(patches
-  still to mask, max_num_patches): (x, y) = (sqrt(s r), sqrt(s / r)) for s ~ U(m, L),
-  log r ~ U(lo, hi), and (h, w) = (round x, round y). In t = log s the cell of (h, w) is
-  2 log(h -+ 1/2) <= t + log r < ..., 2 log(w -+ 1/2) <= t - log r < ..., a region bounded by
-  lines, so its probability is an integral of e^t times a piecewise linear width, done in
-  closed form between the breakpoints (:func:`_shape_law`; the degenerate cases s = m and
-  lo = hi have their own closed forms). For every L these probabilities (shapes that do not fit
-  the grid pooled as "rejected") become an alias table, so a try draws its shape with one
-  uniform, a coin and two lookups instead of an exp, two square roots and the rounding; the
-  top-left corner is a second lookup, uniform over the shape's positions, as randint's two
-  draws. The law is that of the reference up to float rounding of the tables (1e-15).
+- Tries from exact tables, one uniform each. A try's shape depends only on the block's limit
+  L = min(patches still to mask, max_num_patches): (x, y) = (sqrt(s r), sqrt(s / r)) for
+  s ~ U(m, L), log r ~ U(lo, hi), and (h, w) = (round x, round y). In t = log s the cell of
+  (h, w) is 2 log(h -+ 1/2) <= t + log r < ..., 2 log(w -+ 1/2) <= t - log r < ..., a region
+  bounded by lines, so its probability is an integral of e^t times a piecewise linear width,
+  done in closed form between the breakpoints (:func:`_shape_law`; s = m and lo = hi have their
+  own closed forms). For every L these probabilities (shapes that do not fit the grid pooled as
+  "rejected", the empty set) become a Walker alias table (:func:`_alias_rows`): the integer part
+  of K u picks a column, its fraction v picks one of the column's two shapes and, by an affine
+  map of the shape's part of [0, 1), one of its top-left corners uniformly, as randint's two
+  draws. That replaces an exp, two square roots, the rounding and three uniforms by a few
+  lookups on one uniform; the law is the reference's up to float rounding (about 1e-15 per
+  rectangle: v has 45 bits, and no map subtracts big numbers).
 - Rounds. All masks advance together. The first block is drawn at once for every mask: on
   an empty grid a try is accepted iff its shape fits with h w <= L, so the block is a draw from
   the try law restricted to those shapes (all ten tries fail with probability (1 - p)^10). In
@@ -45,15 +48,19 @@ not its random stream:
   changes nothing, so the first accepted one of the round is the block, exactly as in the
   sequential loop, and tries not accepted count against the block's 10 (tries past them are
   ignored). Masks that are done or failed ride along, accepting nothing, until enough of them
-  are dropped. Bit sets are stored a column per mask (words, masks), so the AND with the free
-  cells and the sum of the words' popcounts run over long contiguous rows.
+  are dropped. The state is one (words + 2, masks) array, a column per mask (free cells,
+  patches to mask, tries left), so the AND with the free cells and the sum of the words'
+  popcounts run over long contiguous rows; constants are 0-d arrays, which numpy handles
+  faster than Python scalars.
 - The long tail. Once few masks still grow (``_SCALAR_BELOW``), each finishes alone in the
-  reference's loop with Python ints as bit sets (``int.bit_count``) and the direct formula for
-  the shape, which costs less than a numpy round for a handful of masks.
+  reference's loop with Python ints as bit sets (``int.bit_count``) and the reference's formula
+  for the shape, which costs less than a numpy round for a handful of masks (and checks the
+  tables: the tests compare both paths with the reference loop).
 - Top-up. The missing patches of a short mask are a uniform subset of its free cells: drawn as
-  cells one at a time, keeping those not masked and not drawn before (rejection, exact), all
-  short masks at once with a row of candidates each; when many are missing among few free
-  cells, the smallest of random keys of the free cells instead.
+  cells one at a time, keeping those neither masked nor drawn before (rejection, exact), all
+  short masks at once with a column of candidates each; a mask whose candidates run out or
+  repeat a kept cell finishes alone, and when many are missing among few free cells the
+  smallest of random keys of the free cells are taken instead.
 """
 
 from __future__ import annotations
@@ -201,22 +208,30 @@ def _shape_law(max_h: int, max_w: int, m: float, limits, lo: float, hi: float) -
         cross = np.concatenate([a0 - l_lo, a0 - l_hi, a1 - l_lo, a1 - l_hi, b0 + l_lo, b0 + l_hi, b1 + l_lo,
                                 b1 + l_hi, (a0 + b0) / 2, (a0 + b1) / 2, (a1 + b0) / 2, (a1 + b1) / 2], axis=1)
     out = np.zeros((len(limits), hs.size))
+    limits = np.asarray(limits, dtype=np.float64)
+    general = np.flatnonzero((limits >= 1) & (limits != m)) if l_hi > l_lo else np.zeros(0, dtype=np.intp)
+    chunk = max(1, 2**20 // (14 * hs.size))
+    for i in range(0, general.size, chunk):  # several limits at once: (limits, shapes, points)
+        rows = general[i:i + chunk]
+        t_lo = np.minimum(math.log(m), np.log(limits[rows]))[:, None, None]
+        t_hi = np.maximum(math.log(m), np.log(limits[rows]))[:, None, None]
+        shape = (rows.size, hs.size, 1)
+        pts = np.concatenate([np.clip(cross, t_lo, t_hi), np.broadcast_to(t_lo, shape), np.broadcast_to(t_hi, shape)],
+                             axis=2)
+        pts.sort(axis=2)
+        w = width(pts)
+        t0, d = pts[..., :-1], np.diff(pts, axis=2)
+        w0, w1 = w[..., :-1], w[..., 1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # integral over [t0, t0 + d] of e^t (w0 + (w1 - w0) (t - t0) / d)
+            em1 = np.expm1(d)
+            part = np.exp(t0) * (w0 * em1 + (w1 - w0) * (em1 + 1 - em1 / d))
+        out[rows] = np.where(d > 0, part, 0.0).sum(2) / ((np.exp(t_hi) - np.exp(t_lo))[:, :, 0] * (l_hi - l_lo))
     for i, limit in enumerate(limits):
-        if limit < 1:
-            continue
-        t_lo, t_hi = sorted((math.log(m), math.log(limit)))
-        if l_hi > l_lo and t_hi > t_lo:
-            pts = np.concatenate([np.clip(cross, t_lo, t_hi), np.full((hs.size, 2), (t_lo, t_hi))], axis=1)
-            pts.sort(axis=1)
-            w = width(pts)
-            t0, d = pts[:, :-1], np.diff(pts, axis=1)
-            w0, w1 = w[:, :-1], w[:, 1:]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                # integral over [t0, t0 + d] of e^t (w0 + (w1 - w0) (t - t0) / d)
-                em1 = np.expm1(d)
-                part = np.exp(t0) * (w0 * em1 + (w1 - w0) * (em1 + 1 - em1 / d))
-            out[i] = np.where(d > 0, part, 0.0).sum(1) / ((math.exp(t_hi) - math.exp(t_lo)) * (l_hi - l_lo))
-        elif l_hi > l_lo:  # s = m exactly
+        t_lo, t_hi = sorted((math.log(m), math.log(max(limit, 1))))
+        if limit < 1 or (l_hi > l_lo and t_hi > t_lo):
+            continue  # nothing can be accepted (any law will do), or done above
+        if l_hi > l_lo:  # s = m exactly
             out[i] = width(np.full((hs.size, 1), t_lo))[:, 0] / (l_hi - l_lo)
         elif t_hi > t_lo:  # log r = lo exactly: an interval of t
             a = np.maximum(np.maximum(t_lo, a0 - l_lo), b0 + l_lo)[:, 0]
@@ -233,9 +248,9 @@ def _alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Walker's alias table of the law ``p`` (K,): column c = floor(K u) is outcome c when a
     second uniform is < ``threshold[c]``, else ``alias[c]`` (Vose's construction)."""
     k = p.size
-    q = p * (k / p.sum())
-    threshold = np.ones(k)
-    alias = np.arange(k)
+    q = (p * (k / p.sum())).tolist()
+    threshold = [1.0] * k
+    alias = list(range(k))
     small = [i for i in range(k) if q[i] < 1.0]
     large = [i for i in range(k) if q[i] >= 1.0]
     while small and large:
@@ -243,7 +258,7 @@ def _alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         threshold[s], alias[s] = q[s], g
         q[g] -= 1.0 - q[s]
         (small if q[g] < 1.0 else large).append(g)
-    return threshold, alias  # leftovers (rounding) keep threshold 1
+    return np.array(threshold), np.array(alias, dtype=np.intp)  # leftovers (rounding) keep threshold 1
 
 
 class _ShapeSampler:
@@ -333,21 +348,6 @@ def _alias_rows(p: np.ndarray, first: np.ndarray, npos: np.ndarray):
 def _shape_sampler(*key) -> _ShapeSampler:
     height, width, max_h, max_w = key[:4]
     return _ShapeSampler(_rects(height, width, max_h, max_w), *key)
-
-
-class _Uniforms:
-    """Uniforms for the scalar path, drawn from ``rng`` a chunk at a time."""
-
-    def __init__(self, rng, chunk: int = 768):
-        self.rng, self.chunk = rng, chunk
-        self.buf, self.pos = [], 0
-
-    def take3(self):
-        if self.pos + 3 > len(self.buf):
-            self.buf, self.pos = _uniform(self.rng, self.chunk).tolist(), 0
-        p = self.pos
-        self.pos = p + 3
-        return self.buf[p], self.buf[p + 1], self.buf[p + 2]
 
 
 @lru_cache(maxsize=4)
@@ -551,19 +551,25 @@ class BlockwiseMaskingGenerator:
         m, max_patches = self.min_num_patches, self.max_num_patches
         lo, hi = self.log_aspect_ratio
         span = hi - lo
-        uni = _Uniforms(rng)
         exp, sqrt = math.exp, math.sqrt
-        free = st[:words].view(np.uint64)
-        for i in range(ids.size):
-            bits = int.from_bytes(free[:, i].astype("<u8").tobytes(), "little")
-            r, tries_left = int(st[words, i]), int(st[words + 1, i])
+        n = ids.size
+        raw = np.ascontiguousarray(st[:words].view(np.uint64).T).astype("<u8", copy=False).tobytes()
+        rems, lefts = st[words].tolist(), st[words + 1].tolist()
+        done = []
+        buf, p = [], 0  # uniforms, drawn a chunk at a time
+        for i in range(n):
+            bits = int.from_bytes(raw[8 * words * i:8 * words * (i + 1)], "little")
+            r, tries_left = rems[i], lefts[i]
             while r > 0 and tries_left > 0:
                 limit = min(r, max_patches)
                 while tries_left > 0:
                     tries_left -= 1
-                    u0, u1, u2 = uni.take3()
-                    area = m + u0 * (limit - m)
-                    aspect = exp(lo + u1 * span)
+                    if p + 3 > len(buf):
+                        buf, p = _uniform(rng, 600).tolist(), 0
+                    area = m + buf[p] * (limit - m)
+                    aspect = exp(lo + buf[p + 1] * span)
+                    u2 = buf[p + 2]
+                    p += 3
                     h = round(sqrt(area * aspect))
                     w = round(sqrt(area / aspect))
                     if h < height and w < width:
@@ -577,8 +583,11 @@ class BlockwiseMaskingGenerator:
                             if blocks is not None:
                                 blocks.append((ids[i:i + 1], np.array([[h, w]]), np.array([limit])))
                             break
-            free[:, i] = np.frombuffer(bits.to_bytes(8 * words, "little"), dtype="<u8")
-            st[words, i] = r
+            done.append(bits.to_bytes(8 * words, "little"))
+            rems[i] = r
+        st[:words] = np.frombuffer(b"".join(done), dtype="<u8").astype(np.uint64, copy=False).reshape(n, words).T.view(
+            np.int64)
+        st[words] = rems
 
     def generate(self, batch_size: int, rng: np.random.Generator | None = None, return_blocks: bool = False):
         """Masks (batch_size, h, w) bool and the count each had before the top-up (int64).
