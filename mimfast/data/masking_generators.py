@@ -81,8 +81,8 @@ __all__ = [
 
 _TRIES = 10  # per block, as the reference
 _ROUND_TRIES = (2, 3, 5, 10)  # tries per growing mask in batched rounds 1, 2, ... (then the last)
-_COMPACT = 0.9  # done masks are dropped from the batch once fewer than this share still grow
-_SCALAR_BELOW = 6  # masks still growing at or below which each finishes alone
+_COMPACT = 0.8  # done masks are dropped from the batch once fewer than this share still grow
+_SCALAR_BELOW = 12  # masks still growing at or below which each finishes alone
 _TOP_UP_CANDIDATES = 24.0  # most candidate cells a short mask may expect to draw in the rejection top-up
 _TOP_UP_SPARE = 6  # candidates per short mask beyond the expected number for the most missing patches
 
@@ -468,29 +468,38 @@ class BlockwiseMaskingGenerator:
 
     def _grow(self, all_st: np.ndarray, random, blocks):
         """Batched rounds on the state ``all_st`` (see :meth:`generate`) until at most
-        ``_scalar_below`` masks still grow; returns the state of those and their indices.
+        ``_scalar_below`` masks still grow; returns the state of those (a view) and their indices.
 
         Round k: ``_ROUND_TRIES[k]`` = T tries for each mask, drawn from its row of the alias
         tables, evaluated together (AND with the free cells, popcount); the first accepted one
         is the block. Masks that are done (nothing to mask) or failed (no tries left) accept
-        nothing and ride along until enough of them are dropped. Constants are 0-d arrays: numpy
+        nothing and ride along until enough of them are dropped. Column 0 of the working state
+        is a dummy mask with no free cell that never accepts and never ends: a mask without a
+        block this round picks the dummy's first try, the empty set (0 new patches, after the
+        wrap-around of new - 1), so nothing needs zeroing. Constants are 0-d arrays: numpy
         handles those faster than Python scalars."""
         sh, rt = self._shapes, self._rects
         split, start_scale_t, cap, rects = sh.split, sh.start_scale, sh.cap_small, rt.rects_t
         k_f, k_i, full, zero, one, minus_one = sh.consts
         words, blocks_on, scalar_below = rt.words, blocks is not None, self._scalar_below
-        st, ids = all_st, np.arange(all_st.shape[1])
+        st = np.empty((words + 2, all_st.shape[1] + 1), dtype=np.int64)
+        st[:, 1:] = all_st
+        st[:, 0] = 0  # the dummy: no free cell, 1 patch to mask, tries for ever
+        st[words, 0], st[words + 1, 0] = 1, 2**62
+        ids = np.arange(-1, all_st.shape[1])
         a = ids.size
         a_0, ar = np.array(a), np.arange(a)
         free, rem, left = st[:words].view(np.uint64), st[words], st[words + 1]
+        tried = 0  # tries so far: no mask can have run out of them before _TRIES
         for tries, tries_0 in _schedule(_ROUND_TRIES):
-            if a <= scalar_below:
+            if a <= scalar_below + 1:
                 break
             # one uniform per try: alias column, entry and position (see _alias_rows)
             col = random((tries, a))
             col *= k_f
-            c = col.astype(np.intp)  # the column in the alias table's row for rem
+            c = np.floor(col)
             col -= c  # the fraction v
+            c = c.astype(np.intp)  # the column in the alias table's row for rem
             c += rem * k_i
             second = col >= split.take(c)
             c += c
@@ -508,38 +517,38 @@ class BlockwiseMaskingGenerator:
             if tries == 1:
                 acc = ok[0]
                 acc &= left > zero
-                pick = ar
+                pick = ar * acc
             else:
                 j = ok.argmax(0)  # the first accepted try (or 0)
                 pick = j * a_0
                 pick += ar
                 acc = ok.ravel().take(pick)
                 acc &= j < left  # within the block's tries left
+                pick *= acc  # none accepted: the dummy's first try, the empty set
             if blocks_on:
                 sel = acc.nonzero()[0]
                 blocks.append((ids[sel], rt.shapes.take(pos.ravel().take(pick[sel]).astype(np.intp), axis=0),
                                self._limit.take(rem.take(sel))))
-            add = sets.reshape(words, -1).take(pick, axis=1)
-            add *= acc
-            free ^= add
+            free ^= sets.reshape(words, -1).take(pick, axis=1)
             got = new.ravel().take(pick)
             got += one
-            got *= acc
             rem -= got
             left -= tries_0
             np.copyto(left, full, where=acc)  # a new block starts with all its tries
+            tried += tries
+            if tried < _TRIES:  # only masks with nothing left to mask may have ended: no hurry
+                continue
             growing = np.minimum(rem, left) > zero  # a block that adds nothing in 10 tries ends the mask
             still = np.count_nonzero(growing)
             # drop the masks that are done once they are many (until then they ride along)
-            if still < _COMPACT * a or still <= scalar_below:
-                if st is not all_st:
-                    all_st[:, ids] = st
+            if still < _COMPACT * a or still <= scalar_below + 1:
+                all_st[:, ids[1:]] = st[:, 1:]
                 keep = growing.nonzero()[0]
                 st, ids = st.take(keep, axis=1), ids.take(keep)
                 free, rem, left = st[:words].view(np.uint64), st[words], st[words + 1]
                 a = ids.size
                 a_0, ar = np.array(a), ar[:a]
-        return st, ids
+        return st[:, 1:], ids[1:]  # the loop ends after dropping masks: their results are in all_st
 
     def _finish(self, st: np.ndarray, ids: np.ndarray, rng, blocks) -> None:
         """The reference loop, in place on the state ``st``, for each of the few masks still
