@@ -444,8 +444,9 @@ class BlockwiseMaskingGenerator:
         u = random((2, n))  # the block's try (alias column, entry, position), all ten tries fail
         col = u[0]
         col *= sh.first_k
-        c = col.astype(np.intp)
+        c = np.floor(col)
         col -= c  # v, the fraction
+        c = c.astype(np.intp)
         second = col >= sh.first_split.take(c)
         c += c
         c += second  # the entry
@@ -709,9 +710,10 @@ class BlockwiseMaskingGenerator:
                 return
         flat = masks.reshape(-1)
         cand = _uniform(rng, (max(1, int(per * int(need.max())) + _TOP_UP_SPARE), short.size))  # (< 256) per mask
-        cand *= cells
+        cand *= np.array(float(cells))  # (0-d arrays: faster than Python scalars)
         cand = cand.astype(np.intp)  # < cells
-        cand += short * stride
+        offset = short * np.array(stride)
+        cand += offset
         keep = flat.take(cand)
         np.invert(keep, out=keep)  # free before
         kept = np.add.accumulate(keep.view(np.uint8), axis=0, dtype=np.uint8)
