@@ -171,16 +171,19 @@ def test_blockwise_statistics_match_reference_loop(path, reference_14x14):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("case", ["rect_float_max", "first_block_fails"])
+@pytest.mark.parametrize("case", ["rect_float_max", "first_block_fails", "eight_words"])
 def test_blockwise_other_settings_match_reference_loop(case, path):
     """Settings off BEiT's defaults against the reference loop: a rectangular grid with a
     fractional max_num_patches below the target (the limit min(r, 12.5), 12 new patches at
-    most) and aspects in [0.5, 3]; and a 3 x 40 grid where most shapes do not fit, so all ten
-    tries of the first block fail about one mask in two (the first block's (1 - p)^10)."""
+    most) and aspects in [0.5, 3]; a 3 x 40 grid where most shapes do not fit, so all ten
+    tries of the first block fail about one mask in two (the first block's (1 - p)^10); a
+    17 x 17 grid (289 cells: eight 64-bit words, 16-bit popcounts)."""
     if case == "rect_float_max":
         args, kwargs = (9, 13, 40), dict(min_num_patches=6, max_num_patches=12.5, min_aspect=0.5, max_aspect=3.0)
-    else:
+    elif case == "first_block_fails":
         args, kwargs = (3, 40, 20), dict(min_num_patches=16)
+    else:
+        args, kwargs = (17, 17, 150), {}
     ref_counts, ref_nblocks, ref_hw = _reference_stats(1500, 7, *args, **kwargs)
     gen = _gen((args[0], args[1]), args[2], path=path, **kwargs)
     masks, counts, blocks = gen.generate(4000, rng=np.random.default_rng(8), return_blocks=True)
@@ -196,7 +199,7 @@ def test_blockwise_other_settings_match_reference_loop(case, path):
 
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("size,count,kwargs", [(14, 75, {}), ((9, 13), 40, dict(min_num_patches=6, max_num_patches=7)),
-                                               ((3, 40), 20, {}), (14, 150, {})])
+                                               ((3, 40), 20, {}), (14, 150, {}), (17, 200, {})])
 def test_blockwise_counts_are_the_blocks(size, count, kwargs, path, monkeypatch):
     """Before the top-up every mask holds exactly its count of patches, at most the target; the
     blocks (return_blocks) are what the rule allows: h < H, w < W, recorded limits
