@@ -17,10 +17,10 @@ Every generator returns numpy bool masks, True = masked: ``gen()`` one (h, w) ma
 a batch (n, h, w). ``rng`` is a ``numpy.random.Generator``; without one they draw from
 numpy's global RNG, which PyTorch's DataLoader seeds per worker.
 
-How the blockwise generator is fast (256 masks of 14 x 14 in about 0.7 ms on one core of the
-development machine, the reference loop batched as two then eight tries per block took about
-1.5 ms; the cost is the number of numpy calls, not arithmetic). It samples the reference's
-law, not its random stream:
+How the blockwise generator is fast (256 masks of 14 x 14, 75 masked: about 0.75 ms on one
+core of the development machine, where the previous batched version, two then eight tries per
+block, took about 1.55 ms; the cost is the number of numpy calls, about 250, and the rounds they
+come in, not arithmetic). It samples the reference's law, not its random stream:
 
 - Bit sets. A mask is a set of 4 x 64 bits (grids up to 256 cells; more words for larger
   grids) and every rectangle the rule can draw is precomputed as such a set (one row of a
