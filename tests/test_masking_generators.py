@@ -12,6 +12,7 @@ import mimfast.data.masking_generators as mg
 from mimfast.data.masking_generators import (
     BlockwiseMaskingGenerator,
     RandomMaskingGenerator,
+    ReplayedUniforms,
     SimMIMMaskGenerator,
     blockwise_mask_reference,
 )
@@ -375,32 +376,6 @@ def test_alias_tables_give_the_law(size, count, kwargs):
     assert abs(sh.first_fail - (1 - p.sum()) ** 10) < 1e-12
 
 
-class _GivenUniforms:
-    """A stand-in for Python's ``random`` that replays the kernel's uniforms to the reference
-    loop: try t uses u[t, 0] (area), u[t, 1] (aspect), u[t, 2] (top), u[t, 3] (left); the top-up
-    takes the free cells with the smallest keys."""
-
-    def __init__(self, u, keys):
-        self.u, self.keys = u.double().cpu().numpy(), keys.double().cpu().numpy()
-        self.t = -1  # the try being replayed
-        self.uniform_calls = self.randint_calls = 0
-
-    def uniform(self, a, b):  # area, then aspect, once each per try
-        if self.uniform_calls % 2 == 0:
-            self.t += 1
-        slot = self.uniform_calls % 2
-        self.uniform_calls += 1
-        return a + (b - a) * self.u[self.t, slot]
-
-    def randint(self, a, b):  # top, then left, only for tries whose shape fits
-        slot = 2 + self.randint_calls % 2
-        self.randint_calls += 1
-        return a + int(self.u[self.t, slot] * (b - a + 1))
-
-    def sample(self, population, k):
-        return sorted(population, key=lambda i: self.keys[i])[:k]
-
-
 @pytest.mark.parametrize("grid,count,min_patches,max_patches,min_aspect", [
     ((14, 14), 75, 16, None, 0.3), ((6, 9), 20, 4, 6, 0.5), ((14, 14), 118, 16, None, 0.3),
 ])
@@ -423,9 +398,9 @@ def test_kernel_is_the_reference_loop_on_the_same_uniforms(grid, count, min_patc
     for i in range(n):
         blocks = []
         ref_pre = blockwise_mask_reference(h, w, count, min_patches, max_patches, min_aspect,
-                                           rng=_GivenUniforms(u[i], keys[i]), exact=False, blocks=blocks)
+                                           rng=ReplayedUniforms(u[i], keys[i]), exact=False, blocks=blocks)
         ref = blockwise_mask_reference(h, w, count, min_patches, max_patches, min_aspect,
-                                       rng=_GivenUniforms(u[i], keys[i]))
+                                       rng=ReplayedUniforms(u[i], keys[i]))
         assert counts[i] == ref_pre.sum(), i
         assert np.array_equal(masks[i].reshape(h, w), ref), i
         assert tuple(first[i]) == (blocks[0][:2] if blocks else (0, 0)), i

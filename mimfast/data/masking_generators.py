@@ -77,6 +77,7 @@ __all__ = [
     "RandomMaskingGenerator",
     "SimMIMMaskGenerator",
     "blockwise_mask_reference",
+    "ReplayedUniforms",
 ]
 
 _TRIES = 10  # per block, as the reference
@@ -797,6 +798,38 @@ def blockwise_mask_reference(height: int, width: int, num_masking_patches: int, 
         pick = rng.sample(list(free), num_masking_patches - mask_count)
         mask.ravel()[pick] = 1
     return mask.astype(bool)
+
+
+class ReplayedUniforms:
+    """A stand-in for Python's ``random`` that makes :func:`blockwise_mask_reference` replay
+    pre-drawn uniforms the way the GPU generator (:mod:`mimfast.kernels.blockwise_mask`) reads
+    them: try t takes u[t, 0] (area), u[t, 1] (aspect), u[t, 2] (top), u[t, 3] (left); the
+    top-up takes the free cells with the smallest keys. ``u`` (tries, 4) and ``keys`` (cells,)
+    are numpy arrays (or tensors, converted)."""
+
+    def __init__(self, u, keys):
+        if isinstance(u, torch.Tensor):
+            u = u.double().cpu().numpy()
+        if isinstance(keys, torch.Tensor):
+            keys = keys.double().cpu().numpy()
+        self.u, self.keys = u, keys
+        self.t = -1  # the try being replayed
+        self.uniform_calls = self.randint_calls = 0
+
+    def uniform(self, a, b):  # area, then aspect: one pair per try
+        if self.uniform_calls % 2 == 0:
+            self.t += 1
+        slot = self.uniform_calls % 2
+        self.uniform_calls += 1
+        return a + (b - a) * self.u[self.t, slot]
+
+    def randint(self, a, b):  # top, then left, only for tries whose shape fits
+        slot = 2 + self.randint_calls % 2
+        self.randint_calls += 1
+        return a + int(self.u[self.t, slot] * (b - a + 1))
+
+    def sample(self, population, k):
+        return sorted(population, key=lambda i: self.keys[i])[:k]
 
 
 class RandomMaskingGenerator:

@@ -39,7 +39,7 @@ import torch
 
 from mimfast.backend import resolve
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from mimfast.data.masking_generators import BlockwiseMaskingGenerator, blockwise_mask_reference
+from mimfast.data.masking_generators import BlockwiseMaskingGenerator, ReplayedUniforms, blockwise_mask_reference
 from mimfast.data.two_view import TwoViewTransform
 from mimfast.models import create_model
 from mimfast.models.tokenizer import load_tokenizer
@@ -74,32 +74,6 @@ class BEiTSampleTransform:
         return patches, tokens, mask
 
 
-class _ReplayedRandom:
-    """Python's ``random`` as the reference loop calls it, replaying one sample's pre-drawn
-    uniforms the way the kernel reads them: try t takes u[t, 0] (area), u[t, 1] (aspect),
-    u[t, 2] (top), u[t, 3] (left); the top-up takes the free cells with the smallest keys."""
-
-    def __init__(self, u: np.ndarray, keys: np.ndarray):
-        self.u, self.keys = u, keys
-        self.t = -1
-        self.uniform_calls = self.randint_calls = 0
-
-    def uniform(self, a, b):  # area, then aspect: one pair per try
-        if self.uniform_calls % 2 == 0:
-            self.t += 1
-        slot = self.uniform_calls % 2
-        self.uniform_calls += 1
-        return a + (b - a) * self.u[self.t, slot]
-
-    def randint(self, a, b):  # top, then left, only for tries whose shape fits
-        slot = 2 + self.randint_calls % 2
-        self.randint_calls += 1
-        return a + int(self.u[self.t, slot] * (b - a + 1))
-
-    def sample(self, population, k):
-        return sorted(population, key=lambda i: self.keys[i])[:k]
-
-
 def keyed_blockwise_masks(generator: BlockwiseMaskingGenerator, seed: int, epochs, indices, device=None,
                           backend: str = "auto") -> torch.Tensor:
     """(N, h, w) bool blockwise masks of samples ``(epochs[i], indices[i])``, made on ``device``.
@@ -130,7 +104,7 @@ def keyed_blockwise_masks(generator: BlockwiseMaskingGenerator, seed: int, epoch
     u64, k64 = uniforms.double().cpu().numpy(), keys.double().cpu().numpy()
     masks = [blockwise_mask_reference(h, w, generator.num_masking_patches, generator.min_num_patches,
                                       generator.max_num_patches, generator.min_aspect, generator.max_aspect,
-                                      rng=_ReplayedRandom(u64[i], k64[i])) for i in range(n)]
+                                      rng=ReplayedUniforms(u64[i], k64[i])) for i in range(n)]
     out = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool)
     return out.to(u.device)
 
