@@ -9,7 +9,9 @@ Variants, side by side in one run:
   (c) timm-sdpa+compile — ``torch.compile`` of (b)
   (d) mimfast — ``kernels="auto"``: every hot path on its Triton kernel
   (e) mimfast+compile — ``torch.compile`` of (d) (the ops are torch.library custom ops)
-and two ablations of (d), so a run shows what each block fusion is worth:
+and, in full runs (not --quick), (f) mimfast+cudagraphs — ``torch.compile(mode="reduce-overhead")``
+of (d), the step's kernels replayed from CUDA graphs (``mimfast pretrain --compile --compile-mode
+reduce-overhead``); and two ablations of (d), so a run shows what each block fusion is worth:
   mimfast-no-fused-mlp — (d) with ``fused_mlp=False`` (the MLP keeps gelu(h) as eager does)
   mimfast-no-fused-blocks — (d) with ``fused_norm=False`` (plain blocks: residual add, LayerNorm
                 and MLP as timm runs them; attention, masking and loss still on kernels)
@@ -119,8 +121,12 @@ def _step_fn(model, loss_fn, opt, device):
 
 
 def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
+    """``compile_model``: False, True (``torch.compile`` default mode) or a compile mode name."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    target = torch.compile(model) if compile_model else model
+    if compile_model:
+        target = torch.compile(model, **({} if compile_model is True else {"mode": compile_model}))
+    else:
+        target = model
     step = _step_fn(target, loss_fn(target), opt, ctx.device)
     t0 = time.time()
     for _ in range(1 if ctx.smoke else WARMUP_STEPS):  # warm-up (and compilation)
@@ -154,6 +160,8 @@ def _mae_cases(ctx, compile_spent):
         variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
                     ("mimfast+compile", "auto", False, True, {})] + ABLATIONS
+        if not ctx.quick:
+            variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
         for variant, kernels, sdpa, comp, extra in variants:
             if comp and (ctx.smoke or compile_spent[0] > COMPILE_BUDGET_S):
                 continue
