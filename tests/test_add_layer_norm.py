@@ -346,3 +346,27 @@ def test_mae_fused_norm_on_and_off():
         assert max_err(l0, l1) < 1e-5 and max_err(p0, p1) < 1e-4
         for a, b in zip(g0, g1):
             assert max_err(a, b) < 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_mae_fused_blocks_under_autocast():
+    """Training's setting: the tiny MAE under autocast (fp16 here, bf16 on a GPU) with the block
+    fusions on and off gives the same loss and gradients up to low-precision rounding."""
+    from mimfast.models import mae_vit_tiny_patch16
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # no bf16 dots in the interpreter
+    torch.manual_seed(0)
+    model = mae_vit_tiny_patch16(img_size=32, depth=2, decoder_depth=1, kernels="triton").to(DEVICE)
+    imgs = torch.randn(2, 3, 32, 32, device=DEVICE)
+    noise = torch.rand(2, 4, device=DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for fused in (False, True):
+        model.set_kernels("triton", fused_norm=fused, fused_mlp=fused)
+        with torch.autocast(DEVICE, dtype=dtype):
+            loss, pred, _ = model(imgs, 0.5, noise=noise)
+        out.append((loss.detach().float(), pred.detach().float(), torch.autograd.grad(loss, params)))
+    (l0, p0, g0), (l1, p1, g1) = out
+    assert abs(l0.item() - l1.item()) <= 1e-3 * abs(l0.item())
+    assert max_err(p0, p1) <= 2e-2 * max(1.0, p0.abs().max().item())
+    for a, b in zip(g0, g1):
+        assert max_err(a, b) <= 2e-2 * max(1e-3, a.abs().max().item())
