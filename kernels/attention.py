@@ -45,12 +45,13 @@ head dims above 128.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from mimfast.kernels import sm_count
 
 __all__ = ["AttentionConfig", "default_config", "attention_forward", "attention_backward"]
 
@@ -476,18 +477,13 @@ def default_config(seq_len: int, head_dim: int, has_bias: bool = False,
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
     """Batches per program for the bias gradient: enough programs to fill the GPU, few partials."""
     if cfg.bias_batches:
         return max(1, min(B, cfg.bias_batches))
     if device.type != "cuda":
         return min(B, 2)  # the interpreter: still loop over more than one batch per program
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 4 * sm_count(device)
     return triton.cdiv(B, max(1, min(B, triton.cdiv(target, programs_per_group))))
 
 

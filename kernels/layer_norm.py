@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["add_layer_norm_fwd", "add_layer_norm_bwd", "MAX_D"]
+from mimfast.kernels import sm_count
+
+__all__ = ["add_layer_norm_fwd", "add_layer_norm_bwd", "result_dtypes", "MAX_D"]
 
 MAX_D = 16384
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -177,6 +179,13 @@ def _add_ln_bwd_kernel(
         tl.store(base + 2 * D, acc_ds, mask=col_ok)
 
 
+def result_dtypes(x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
+                  scale_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+    """(h, r) dtypes eager arithmetic gives: h = x * scale, r = residual + h."""
+    h = x_dtype if scale_dtype is None else torch.promote_types(x_dtype, scale_dtype)
+    return h, (h if residual_dtype is None else torch.promote_types(residual_dtype, h))
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Every output buffer comes from here (tests poison it to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -240,8 +249,8 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         raise ValueError(f"D must be in [1, {MAX_D}], got {D}")
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    h_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
-    r_dtype = h_dtype if residual is None else torch.promote_types(residual.dtype, h_dtype)
+    h_dtype, r_dtype = result_dtypes(x.dtype, residual.dtype if residual is not None else None,
+                                     scale.dtype if scale is not None else None)
     write_r = residual is not None or scale is not None
     r = _empty((M, D) if write_r else (0,), r_dtype, x.device)
     y = _empty((M, D), out_dtype, x.device)
@@ -266,7 +275,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
 def _programs(n_tiles: int, device: torch.device) -> int:
     """Programs of the backward: a fixed number per device, each owning a run of row tiles."""
     if device.type == "cuda":  # several per SM: a memory-bound pass needs many loads in flight
-        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 8 * sm_count(device)
     else:  # the interpreter runs programs one after another: few, long ones
         target = 4
     return max(1, min(n_tiles, target))

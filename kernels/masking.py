@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels import sm_count
+
 __all__ = [
     "cast",
     "gpu_tiles",
@@ -429,7 +431,7 @@ def _row_tiles(device: torch.device, rows: int, D: int) -> tuple[int, int]:
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8 * sm_count(device)
     # the interpreter runs programs one by one: fewer, longer programs are faster
     return 8 if GPU_TILES_ON_CPU else 1
 

@@ -27,10 +27,10 @@ from timm.layers import trunc_normal_ as _timm_trunc_normal_
 from torch import nn
 
 from mimfast import ops
-from mimfast.backend import check_backend_name, resolve
+from mimfast.backend import check_backend_name
 from mimfast.ops.linear_ce import same_row_count
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias
-from mimfast.nn.blocks import forward_blocks
+from mimfast.nn.blocks import FusedBlocksMixin
 
 __all__ = [
     "BEiTBlock",
@@ -82,7 +82,7 @@ class BEiTBlock(nn.Module):
         return x
 
 
-class _BEiTEncoder(nn.Module):
+class _BEiTEncoder(FusedBlocksMixin, nn.Module):
     """Patch embedding, mask token, cls token, blocks and final norm: everything but the head."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
@@ -124,8 +124,7 @@ class _BEiTEncoder(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.init_std = init_std
         self.kernels = check_backend_name(kernels, "kernels")
-        self.fused_norm = bool(fused_norm)
-        self.fused_mlp = bool(fused_mlp)
+        self._set_fusions(fused_norm, fused_mlp)
 
     def _init_all(self, head: nn.Linear) -> None:
         """The reference's order: tokens, head, every module, then the depth rescale."""
@@ -158,10 +157,7 @@ class _BEiTEncoder(nn.Module):
         residual add + LayerNorm (:func:`mimfast.nn.forward_blocks`) and the fused MLP on or off
         (each unchanged when None)."""
         self.kernels = check_backend_name(kernels, "kernels")
-        if fused_norm is not None:
-            self.fused_norm = bool(fused_norm)
-        if fused_mlp is not None:
-            self.fused_mlp = bool(fused_mlp)
+        self._set_fusions(fused_norm, fused_mlp)
         for m in self.modules():
             if isinstance(m, BEiTAttention):
                 m.kernels = self.kernels
@@ -217,12 +213,7 @@ class _BEiTEncoder(nn.Module):
             x = x + self.pos_embed
         x = self.pos_drop(x)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, 1 + L, 1 + L)
-        if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
-            return forward_blocks(x, self.blocks, self.norm, kernels=self.kernels, fused_mlp=self.fused_mlp,
-                                  rel_pos_bias=rel_pos_bias)
-        for blk in self.blocks:
-            x = blk(x, rel_pos_bias=rel_pos_bias)
-        return self.norm(x)
+        return self.run_blocks(x, self.blocks, self.norm, rel_pos_bias=rel_pos_bias)
 
 
 class VisionTransformerForMaskedImageModeling(_BEiTEncoder):

@@ -22,7 +22,8 @@ from timm.models.vision_transformer import Block
 from mimfast import ops
 from mimfast.backend import check_backend_name
 from mimfast.models.pos_embed import get_2d_sincos_pos_embed
-from mimfast.nn import Attention, forward_blocks
+from mimfast.nn import Attention
+from mimfast.nn.blocks import FusedBlocksMixin
 
 __all__ = [
     "MaskedAutoencoderViT",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(FusedBlocksMixin, nn.Module):
     """Masked autoencoder with a ViT encoder and a light ViT decoder.
 
     Args:
@@ -118,10 +119,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Switch every op of the model to ``"auto"``, ``"eager"`` or ``"triton"``, and the fused
         residual add + LayerNorm and the fused MLP on or off (each unchanged when None)."""
         self.kernels = check_backend_name(kernels, "kernels")
-        if fused_norm is not None:
-            self.fused_norm = bool(fused_norm)
-        if fused_mlp is not None:
-            self.fused_mlp = bool(fused_mlp)
+        self._set_fusions(fused_norm, fused_mlp)
         for m in self.modules():
             if isinstance(m, Attention):
                 m.kernels = self.kernels
@@ -186,16 +184,6 @@ class MaskedAutoencoderViT(nn.Module):
         if not math.isfinite(mask_ratio) or not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
 
-    def _blocks(self, x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module) -> torch.Tensor:
-        """``norm(blocks(x))``: fused residual add + LayerNorm where kernels resolve to Triton."""
-        from mimfast.backend import resolve
-
-        if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
-            return forward_blocks(x, blocks, norm, kernels=self.kernels, fused_mlp=self.fused_mlp)
-        for blk in blocks:
-            x = blk(x)
-        return norm(x)
-
     # --- the three stages of the official model
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """imgs -> (latent (N, 1 + K, D), mask (N, L), ids_restore (N, L))."""
@@ -220,7 +208,7 @@ class MaskedAutoencoderViT(nn.Module):
             )  # (N, K, D)
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (N, 1 + K, D)
-        x = self._blocks(x, self.blocks, self.norm)
+        x = self.run_blocks(x, self.blocks, self.norm)
         return x, mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -229,7 +217,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = ops.unshuffle_with_mask_token(
             x, self.mask_token, ids_restore, pos_embed=self.decoder_pos_embed, backend=self.kernels
         )  # (N, 1 + L, Dd)
-        x = self._blocks(x, self.decoder_blocks, self.decoder_norm)
+        x = self.run_blocks(x, self.decoder_blocks, self.decoder_norm)
         x = self.decoder_pred(x)  # (N, 1 + L, p*p*C)
         return x[:, 1:, :]  # remove the cls row (a view)
 

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from mimfast import ops
+from mimfast.backend import resolve
 
-__all__ = ["forward_blocks", "can_fuse_blocks", "mlp_fusable"]
+__all__ = ["forward_blocks", "can_fuse_blocks", "mlp_fusable", "FusedBlocksMixin"]
 
 
 def _is_layer_norm(m) -> bool:
@@ -69,6 +70,31 @@ def mlp_fusable(mlp) -> bool:
             and type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear and type(mlp.norm) is nn.Identity
             and _dropout_off(mlp.drop1) and _dropout_off(mlp.drop2)
             and all(_plain(m) for m in (mlp, mlp.fc1, mlp.act, mlp.fc2)))
+
+
+class FusedBlocksMixin:
+    """For models that run their block stacks through :func:`forward_blocks`: the
+    ``fused_norm`` / ``fused_mlp`` switches and the choice between the fused stack (when the
+    model's ``kernels`` resolve to Triton) and the blocks' own forward."""
+
+    kernels: str = "auto"
+    fused_norm: bool = True
+    fused_mlp: bool = True
+
+    def _set_fusions(self, fused_norm: bool | None, fused_mlp: bool | None) -> None:
+        """Each switch unchanged when None."""
+        if fused_norm is not None:
+            self.fused_norm = bool(fused_norm)
+        if fused_mlp is not None:
+            self.fused_mlp = bool(fused_mlp)
+
+    def run_blocks(self, x: torch.Tensor, blocks, norm: nn.Module, **attn_kwargs) -> torch.Tensor:
+        """``norm(blocks(x))``, fused where kernels resolve to Triton and ``fused_norm`` is on."""
+        if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
+            return forward_blocks(x, blocks, norm, kernels=self.kernels, fused_mlp=self.fused_mlp, **attn_kwargs)
+        for blk in blocks:
+            x = blk(x, **attn_kwargs)
+        return norm(x)
 
 
 def can_fuse_blocks(blocks, norm) -> bool:
@@ -112,8 +138,8 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
             the MLP allows it (:func:`mlp_fusable`).
         attn_kwargs: passed to each block's attention (``rel_pos_bias`` for BEiT blocks).
     """
-    kinds = [_block_kind(b) for b in blocks]
-    if not can_fuse_blocks(blocks, norm):
+    kinds = [_block_kind(b) for b in blocks]  # once: the checks walk every block's modules
+    if not (kinds and all(kinds) and _is_layer_norm(norm) and _plain(norm)):  # can_fuse_blocks
         for blk in blocks:
             x = blk(x, **attn_kwargs)
         return norm(x)

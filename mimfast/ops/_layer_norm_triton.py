@@ -6,9 +6,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from mimfast.kernels.layer_norm import add_layer_norm_bwd, add_layer_norm_fwd
+from mimfast.kernels.layer_norm import add_layer_norm_bwd, add_layer_norm_fwd, result_dtypes
 
 __all__ = ["add_layer_norm_triton"]
+
+
+def _dtypes(x, residual, scale):
+    return result_dtypes(x.dtype, residual.dtype if residual is not None else None,
+                         scale.dtype if scale is not None else None)
 
 
 # The kernel launches as torch.library custom ops (fakes give shapes only), so
@@ -23,8 +28,7 @@ def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | 
 @_fwd.register_fake
 def _(x, residual, weight, bias, scale, eps, out_dtype):
     M, D = x.shape
-    h_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
-    r_dtype = h_dtype if residual is None else torch.promote_types(residual.dtype, h_dtype)
+    _, r_dtype = _dtypes(x, residual, scale)
     write_r = residual is not None or scale is not None
     return (x.new_empty((M, D) if write_r else (0,), dtype=r_dtype), x.new_empty((M, D), dtype=out_dtype),
             x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
@@ -88,8 +92,7 @@ def add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype):
     """The Triton backend of ``add_layer_norm``: (r, y) with the shapes of x."""
     shape = x.shape
     D = shape[-1]
-    h_dtype = x.dtype if scale is None else torch.promote_types(x.dtype, scale.dtype)
-    r_dtype = h_dtype if residual is None else torch.promote_types(residual.dtype, h_dtype)
+    _, r_dtype = _dtypes(x, residual, scale)
     if out_dtype is None:  # what eager's layer_norm gives: fp32 under CUDA autocast, else r's dtype
         autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
         out_dtype = torch.float32 if autocast else r_dtype
