@@ -42,3 +42,16 @@ def device() -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_tf32():
+    """Full-precision fp32 convolutions and matmuls on CUDA (cuDNN convolutions default to TF32)
+    for the duration of a test. Saved and restored by plain attribute access: torch serves these
+    switches through ``__getattr__``/``__setattr__``, which pytest's monkeypatch (9.2) undoes by
+    deleting the attribute, an error."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    previous = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = previous

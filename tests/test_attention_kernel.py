@@ -131,13 +131,12 @@ def test_fp32_honours_allow_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def test_tf32_switch_reaches_the_dot(monkeypatch):
+def test_tf32_switch_reaches_the_dot(no_tf32):
     from mimfast.ops._attention_triton import allow_tf32
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert allow_tf32() and K._dot_precision(torch.float32, allow_tf32()) == "tf32"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     assert not allow_tf32() and K._dot_precision(torch.float32, allow_tf32()) == "ieee"
+    torch.backends.cuda.matmul.allow_tf32 = True  # restored by no_tf32
+    assert allow_tf32() and K._dot_precision(torch.float32, allow_tf32()) == "tf32"
     assert K._dot_precision(torch.bfloat16, True) == "ieee"  # only fp32 operands have a TF32 mode
 
 

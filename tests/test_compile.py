@@ -45,9 +45,7 @@ def test_mae_fullgraph(kernels):
 
 
 @pytest.mark.parametrize("kernels", ["eager", "triton"])
-def test_beit_fullgraph(kernels, monkeypatch):
-    # x[bool_masked_pos] has a data-dependent size: dynamo captures it with this switch
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+def test_beit_fullgraph(kernels):
     torch.manual_seed(0)
     model = create_model("beit_tiny_patch16_224_8k_vocab", img_size=32, patch_size=8, depth=1, embed_dim=64,
                          num_heads=2, vocab_size=96, kernels=kernels).to(DEVICE)
@@ -55,4 +53,6 @@ def test_beit_fullgraph(kernels, monkeypatch):
     mask = torch.zeros(2, 16, dtype=torch.bool, device=DEVICE)
     mask[:, [1, 2, 5, 6, 9]] = True
     labels = torch.randint(0, 96, (10,), device=DEVICE)
-    _compare(model, lambda m: m(imgs, mask, labels=labels))
+    # x[bool_masked_pos] has a data-dependent size: dynamo captures it with this switch
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        _compare(model, lambda m: m(imgs, mask, labels=labels))

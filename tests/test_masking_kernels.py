@@ -306,12 +306,10 @@ def test_bad_input_names_the_argument(device, call, err, match):
         call(device)
 
 
-def test_tiny_mae_same_loss_and_gradients_kernels_on_and_off(device, monkeypatch):
+def test_tiny_mae_same_loss_and_gradients_kernels_on_and_off(device, monkeypatch, no_tf32):
     """The tiny MAE with this issue's kernels (masked patch embedding, un-shuffle) against the
     eager model on the same weights and noise; attention and the loss stay eager in both runs so
     the comparison isolates these kernels."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convolution on CUDA
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(3)
     model = mae_vit_tiny_patch16(img_size=32, patch_size=8, depth=1).to(device)
     imgs = torch.randn(2, 3, 32, 32, device=device)

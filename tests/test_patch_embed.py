@@ -37,10 +37,8 @@ def _poison_new_buffers(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
+def _full_fp32(no_tf32):
     """cuDNN convolutions default to TF32 on CUDA; the reference must be full fp32 here."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def _inputs(N, C, H, W, p, D, device, dtype):

@@ -23,8 +23,17 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
 
+# Triton's interpreter (3.6 and 3.8) converts float32 to bfloat16 by truncation (its cast_impl
+# passes no rounding mode), a GPU rounds to nearest even: an interpreted bf16 result can be one
+# ulp off where the GPU's and eager's are within half an ulp, twice eager's error by itself.
+INTERPRETED_BF16_FACTOR = 3.0
+
+
 def assert_2x_rule(name: str, out, ref_lowp, ref_f64, atol: float = 1e-6, factor: float = 2.0) -> None:
-    """|out - ref_f64| <= factor * |ref_lowp - ref_f64| + atol, elementwise max; NaN fails."""
+    """|out - ref_f64| <= factor * |ref_lowp - ref_f64| + atol, elementwise max; NaN fails.
+    bf16 results under the interpreter get ``INTERPRETED_BF16_FACTOR`` (truncating casts)."""
+    if INTERPRETED and out.dtype == torch.bfloat16:
+        factor = max(factor, INTERPRETED_BF16_FACTOR)
     out_d = out.detach().double().cpu()
     assert torch.isfinite(out_d).all() or not torch.isfinite(ref_f64.double().cpu()).all(), (
         f"{name}: kernel output holds NaN/inf (an unwritten or wrong element)"
