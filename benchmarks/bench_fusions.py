@@ -64,7 +64,7 @@ def _rows(ctx, bench, case, variants, fwd_bytes, bwd_bytes, fwd_flops=None, save
                     if held is not None:
                         extra["saved_mib"] = round(held / 2**20, 1)
             except Exception as e:  # one failing variant must not hide the others
-                ctx.add(bench, f"{case} {mode}", name, float("nan"), error=f"{type(e).__name__}: {e}"[:200])
+                ctx.fail(bench, f"{case} {mode}", name, e)
                 continue
             nbytes = fwd_bytes if mode == "fwd" else fwd_bytes + bwd_bytes
             flops = None if fwd_flops is None else (fwd_flops if mode == "fwd" else 3 * fwd_flops)

@@ -81,7 +81,7 @@ def _measure(ctx, bench, case, variants, fwd_bytes, bwd_bytes, fwd_flops=None, b
                 ms = _time(fn)
                 peak = harness.peak_memory_bytes(fn) if mode == "fwd+bwd" else None
             except Exception as e:  # e.g. inductor failing on this machine: keep the other rows
-                ctx.add(bench, f"{case} {mode}", name, float("nan"), error=f"{type(e).__name__}: {e}"[:200])
+                ctx.fail(bench, f"{case} {mode}", name, e)
                 continue
             ctx.add(bench, f"{case} {mode}", name, ms, bytes_moved=nbytes, flops=flops, peak_mem=peak)
         ctx.speedups(bench, f"{case} {mode}", "eager")

@@ -86,16 +86,15 @@ def run(ctx: harness.Context) -> None:
             fn = functools.partial(_fwd_bwd, loss_fn, dec, imgs, mask)
             try:
                 loss, grad = fn()  # warm-up / compile, and a correctness check on the same inputs
-            except Exception as e:  # torch.compile may be unavailable on the machine
-                if name != "torch.compile":
-                    raise
-                print(f"[{BENCH}] {case}: torch.compile failed: {type(e).__name__}: {e}")
+                loss_err = abs(loss.float().item() - want_loss.float().item())
+                grad_err = (grad.float() - want_grad.float()).abs().max().item()
+                del loss, grad
+                ms = harness.time_ms(fn)
+                peak = harness.peak_memory_bytes(fn)
+            except Exception as e:  # e.g. inductor failing on this machine: keep the other rows
+                print(f"[{BENCH}] {case}: {name} failed: {type(e).__name__}: {e}")
+                ctx.fail(BENCH, case, name, e)
                 continue
-            loss_err = abs(loss.float().item() - want_loss.float().item())
-            grad_err = (grad.float() - want_grad.float()).abs().max().item()
-            del loss, grad
-            ms = harness.time_ms(fn)
-            peak = harness.peak_memory_bytes(fn)
             ctx.add(BENCH, case, name, ms, bytes_moved=bytes_moved, peak_mem=peak,
                     gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1),
                     grad_buffer_mib=round(n * L * P * grad_b / 2**20, 1),
@@ -103,10 +102,15 @@ def run(ctx: harness.Context) -> None:
         if case == "vit_b16" and not ctx.quick:
             pred = dec.detach()[:, 1:, :]
             for cfg in TUNING:
+                name = f"kernel fwd only cfg={cfg}"
                 fn = functools.partial(patch_loss_fwd, pred, imgs, mask, p, True, "mse", 1e-6, config=cfg)
-                fn()
-                ms = harness.time_ms(fn)
-                ctx.add(BENCH, case, f"kernel fwd only cfg={cfg}", ms, bytes_moved=bytes_moved,
+                try:
+                    fn()
+                    ms = harness.time_ms(fn)
+                except Exception as e:  # a tiling the kernel cannot build here
+                    ctx.fail(BENCH, case, name, e)
+                    continue
+                ctx.add(BENCH, case, name, ms, bytes_moved=bytes_moved,
                         gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1))
         ctx.speedups(BENCH, case, over="eager")
         ctx.speedups(BENCH, case, over="torch.compile")

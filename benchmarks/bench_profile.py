@@ -2,6 +2,11 @@
 the 25 largest CUDA time consumers from ``torch.profiler``, grouped by operator, as rows of the
 results table. This is the evidence for choosing the next fusions (issue: end-to-end speed).
 
+An operator's time is the GPU time of the kernels it launched itself (its children's kernels
+are theirs); ``share_pct`` is its part of all kernels' GPU time. The profiler also lists each
+kernel as an event of its own, which holds the same time again: those are not rows, they are
+the total. Kernels that no operator claims show as one row, ``(kernels outside any operator)``.
+
     python -m benchmarks.run --out DIR --only profile
 
 Smoke mode (``ctx.smoke``, CPU): a one-block MAE of 32 px images, B = 2, one warm-up and one
@@ -11,6 +16,7 @@ profiled step, CPU activities only; rows rank the self CPU time instead.
 from __future__ import annotations
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import harness
@@ -50,20 +56,32 @@ def _profile(ctx, case: str, kernels: str, top: int = 25) -> None:
             step()
         harness.sync()
 
-    # on CUDA the GPU time of each operator; on the CPU (smoke run) its own CPU time
-    def total(e):
-        return e.device_time_total if on_cuda else e.cpu_time_total
+    for key, self_us, count, share in top_consumers(prof.key_averages(), on_cuda, top):
+        ctx.add(BENCH, case, key[:80], self_us / 1e3 / steps,  # profiler times are in microseconds
+                calls_per_step=count // steps, share_pct=round(share, 1))
 
-    def self_time(e):
-        return e.self_device_time_total if on_cuda else e.self_cpu_time_total
 
-    events = [e for e in prof.key_averages() if total(e) > 0]
-    overall = sum(self_time(e) for e in events) or 1.0
-    events.sort(key=self_time, reverse=True)
-    for e in events[:top]:
-        ms = self_time(e) / 1e3 / steps  # profiler times are in microseconds
-        ctx.add(BENCH, case, e.key[:80], ms, calls_per_step=e.count // steps,
-                share_pct=round(100 * self_time(e) / overall, 1))
+def top_consumers(events, on_cuda: bool, top: int) -> list:
+    """(key, self time in us, calls, % of the total) of the ``top`` largest operators.
+
+    On CUDA: operators (CPU-side events) ranked by the GPU time of the kernels each launched
+    itself, against the total of the kernel events (user annotations on the GPU timeline left
+    out: they span kernels counted already). On the CPU (smoke run): self CPU time.
+    """
+    if on_cuda:
+        ops = [e for e in events if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+        kernels = [e for e in events
+                   if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+        total = sum(e.self_device_time_total for e in kernels)
+        rows = [(e.key, e.self_device_time_total, e.count) for e in ops]
+        claimed = sum(r[1] for r in rows)
+        if total - claimed > 0.01 * total:
+            rows.append(("(kernels outside any operator)", total - claimed, 0))
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
+        total = sum(r[1] for r in rows)
+    rows.sort(key=lambda r: r[1], reverse=True)
+    return [(k, t, n, 100 * t / (total or 1.0)) for k, t, n in rows[:top]]
 
 
 def run(ctx: harness.Context) -> None:

@@ -39,6 +39,9 @@ BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 256, {})}
 MASK_RATIO = 0.75
 BEIT_MASKED = 75  # of 196 patches, as BEiT pretrains
 COMPILE_BUDGET_S = 120  # compile variants are skipped once this much time went to compiling
+# nor is one started with less of the run's time budget left (ctx.time_left): a cold compile of a
+# whole model's forward and backward takes about a minute
+COMPILE_MIN_LEFT_S = 120
 WARMUP_STEPS = 3
 # smoke run (CPU, interpreter): tiny models of the same families
 _SMOKE_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=24,
@@ -140,6 +143,21 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
     return warm_s
 
 
+def _skip_compile(ctx, case, variant, compile_spent) -> bool:
+    """Whether to leave a compile variant out (recorded with the reason, except in a smoke run)."""
+    if ctx.smoke:
+        return True
+    if compile_spent[0] > COMPILE_BUDGET_S:
+        reason = f"{compile_spent[0]:.0f} s already spent compiling (COMPILE_BUDGET_S = {COMPILE_BUDGET_S})"
+    elif ctx.time_left() < COMPILE_MIN_LEFT_S:
+        reason = f"{max(ctx.time_left(), 0):.0f} s of the run's time budget left (< {COMPILE_MIN_LEFT_S})"
+    else:
+        return False
+    print(f"  [{BENCH}] {case} {variant}: left out, {reason}", flush=True)
+    ctx.skip(BENCH, case, variant, reason)
+    return True
+
+
 def _mae_cases(ctx, compile_spent):
     dev = ctx.device
     all_cases = SMOKE_MAE_CASES if ctx.smoke else MAE_CASES
@@ -163,18 +181,19 @@ def _mae_cases(ctx, compile_spent):
         if not ctx.quick:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
         for variant, kernels, sdpa, comp, extra in variants:
-            if comp and (ctx.smoke or compile_spent[0] > COMPILE_BUDGET_S):
+            if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
             model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides, **extra).to(dev)
             model.load_state_dict(state)
             if sdpa:
                 _to_timm_sdpa(model)
+            t0 = time.time()
             try:
-                spent = _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
-                if comp:
-                    compile_spent[0] += spent
+                _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
             except Exception as e:  # one failing variant must not hide the others
-                ctx.add(BENCH, case, variant, float("nan"), error=f"{type(e).__name__}: {e}"[:200])
+                ctx.fail(BENCH, case, variant, e)
+            if comp:  # a compile that failed late took its time too
+                compile_spent[0] += time.time() - t0
             del model
             harness.empty_cache()
         ctx.speedups(BENCH, case, "eager")
@@ -205,16 +224,17 @@ def _beit_cases(ctx, compile_spent):
         variants = [("eager", "eager", False, {}), ("mimfast", "auto", False, {}), ("mimfast+compile", "auto", True, {})]
         variants += [(v, k, c, extra) for v, k, _, c, extra in ABLATIONS]
         for variant, kernels, comp, extra in variants:
-            if comp and (ctx.smoke or compile_spent[0] > COMPILE_BUDGET_S):
+            if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
             model = create_model(name, kernels=kernels, **overrides, **extra).to(dev)
             model.load_state_dict(state)
+            t0 = time.time()
             try:
-                spent = _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
-                if comp:
-                    compile_spent[0] += spent
+                _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
             except Exception as e:
-                ctx.add(BENCH, case, variant, float("nan"), error=f"{type(e).__name__}: {e}"[:200])
+                ctx.fail(BENCH, case, variant, e)
+            if comp:
+                compile_spent[0] += time.time() - t0
             del model
             harness.empty_cache()
         ctx.speedups(BENCH, case, "eager")

@@ -6,12 +6,15 @@ records rows through ``ctx.add(...)``; ``python -m benchmarks.run`` collects the
 
 Smoke mode (``ctx.smoke``, ``ctx.device == "cpu"``): the same modules run on the CPU at tiny
 shapes, the Triton kernels under the interpreter, so a broken benchmark is caught without a
-GPU. The helpers below follow the device of the last :class:`Context` made: on the CPU
-:func:`time_ms` is a ``perf_counter`` median of a few calls (one call in a smoke run),
-:func:`peak_memory_bytes` returns None, :func:`sync` and :func:`empty_cache` do nothing, and
-:func:`try_compile` returns None in a smoke run (inductor may need a C++ compiler; compiling
-would also take most of the smoke run's time). :meth:`Context.skip` records a variant left
-out and why.
+GPU. The helpers below follow the device (and time budget) of the last :class:`Context`
+made: on the CPU :func:`time_ms` is a ``perf_counter`` median of a few calls (one call in a
+smoke run), :func:`peak_memory_bytes` returns None, :func:`sync` and :func:`empty_cache` do
+nothing, and :func:`try_compile` returns None in a smoke run (inductor may need a C++
+compiler; compiling would also take most of the smoke run's time); it also returns None when
+less than ``COMPILE_MIN_LEFT_S`` of the run's time budget is left (``Context.deadline``,
+:meth:`Context.time_left`).
+:meth:`Context.skip` records a variant left out and why, :meth:`Context.fail` one that raised
+(a row with a NaN time and the error, an out-of-memory marked ``oom``).
 
 What a module does for smoke mode (``tests/test_benchmarks_smoke.py`` runs every module so):
 tensors, generators and ``torch.autocast`` on ``ctx.device``, never a ``"cuda"`` literal;
@@ -36,9 +39,12 @@ from pathlib import Path
 import torch
 
 
-# the device and mode of the last Context made (what the module-level helpers follow)
-_active = {"device": "cuda" if torch.cuda.is_available() else "cpu", "smoke": False}
+# the device, mode and deadline of the last Context made (what the module-level helpers follow)
+_active = {"device": "cuda" if torch.cuda.is_available() else "cpu", "smoke": False, "deadline": math.inf}
 CPU_TIMING_CALLS = 3  # timed calls (after one warm-up) of time_ms off CUDA; one call in a smoke run
+# try_compile gives up when less of the run's budget is left: a cold inductor compile of one
+# op (forward and backward) takes 10-30 s
+COMPILE_MIN_LEFT_S = 30.0
 
 
 def on_cuda() -> bool:
@@ -160,9 +166,16 @@ class Context:
     device: str = "cuda"
     smoke: bool = False
     ceilings: str = "measured"  # how copy_gbps / matmul_tflops were obtained (the markdown says it)
+    deadline: float = math.inf  # time.time() at which the run's time budget is spent
+    on_add: object = field(default=None, repr=False)  # called after each row (run.py saves the results)
 
     def __post_init__(self):
-        _active.update(device=self.device, smoke=self.smoke)
+        _active.update(device=self.device, smoke=self.smoke, deadline=self.deadline)
+
+    def time_left(self) -> float:
+        """Seconds left of the run's time budget (inf without one): modules drop optional
+        variants (torch.compile above all) when it runs short."""
+        return self.deadline - time.time()
 
     def add(self, bench: str, case: str, variant: str, ms: float, *, bytes_moved: float | None = None,
             flops: float | None = None, peak_mem: int | None = None, **extra) -> dict:
@@ -178,7 +191,17 @@ class Context:
             row["peak_mem_mib"] = round(peak_mem / 2**20, 1)
         row.update(extra)
         self.rows.append(row)
+        if self.on_add is not None:
+            self.on_add()
         return row
+
+    def fail(self, bench: str, case: str, variant: str, exc: BaseException, **extra) -> dict:
+        """Record a variant that raised: a row with a NaN time and the error, so the other
+        variants' rows stay; an out-of-memory also gets ``oom`` and the cache emptied."""
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            extra["oom"] = True
+            empty_cache()
+        return self.add(bench, case, variant, float("nan"), error=f"{type(exc).__name__}: {exc}"[:200], **extra)
 
     def skip(self, bench: str, case: str, variant: str, reason: str) -> None:
         """Record a variant that was not measured and why (e.g. an SDPA backend refusing the
@@ -195,36 +218,55 @@ class Context:
             r[f"speedup_vs_{over}"] = round(base[key] / r[key], 2)
 
 
-def try_compile(fn):
-    """``torch.compile(fn)``, or None where inductor cannot run here or in a smoke run."""
+def try_compile(fn, **kwargs):
+    """``torch.compile(fn, **kwargs)``, or None where inductor cannot run here, in a smoke run,
+    and when less than ``COMPILE_MIN_LEFT_S`` of the run's time budget is left (compilation
+    happens at the first call, inside the caller's timing or warm-up, so inside the budget)."""
     if _active["smoke"]:
         return None
+    left = _active["deadline"] - time.time()
+    if left < COMPILE_MIN_LEFT_S:
+        print(f"torch.compile left out: {left:.0f} s of the time budget left", flush=True)
+        return None
     try:
-        return torch.compile(fn)
+        return torch.compile(fn, **kwargs)
     except Exception:  # pragma: no cover - depends on the machine
         return None
 
 
-def write_results(out_dir: Path, info: dict, ctx: Context, errors: list) -> tuple[Path, Path]:
+def write_results(out_dir: Path, info: dict, ctx: Context, errors: list, plot: bool = True) -> tuple[Path, Path]:
+    """``results.json``, ``results.md`` and (``plot``, where there are step rows) ``step.png``;
+    drawing takes most of the time, so the saves after each row leave it out."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"info": info, "smoke": ctx.smoke, "copy_gbps": ctx.copy_gbps, "matmul_tflops": ctx.matmul_tflops,
                "ceilings": ctx.ceilings, "rows": ctx.rows, "skipped": ctx.skipped, "errors": errors}
     jpath = out_dir / "results.json"
-    # strict JSON: a failed row's NaN ms (or an inf) is written as null
-    jpath.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False))
+    # strict JSON: a failed row's NaN ms (or an inf) is written as null; a value JSON has no
+    # type for as its str(), so one odd value cannot stop the saves
+    _write(jpath, json.dumps(_finite(payload), indent=1, allow_nan=False, default=str))
     from benchmarks.report import plot_step
 
-    png = plot_step(_finite(payload), out_dir / "step.png")
+    png = plot_step(_finite(payload), out_dir / "step.png") if plot else None
     mpath = out_dir / "results.md"
     text = markdown_table(payload)
     if png is not None:
         text += f"\n![images/s per configuration]({png.name})\n"
-    mpath.write_text(text)
+    _write(mpath, text)
     return jpath, mpath
 
 
+def _write(path: Path, text: str) -> None:
+    """Write through a temporary file: a run killed mid-write leaves the previous version whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _finite(obj):
-    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN), numpy / torch
+    scalars as Python numbers."""
+    if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):
+        obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

@@ -3,7 +3,11 @@
     python -m benchmarks.run --out DIR [--only masking,patch_loss] [--quick]
     TRITON_INTERPRET=1 python -m benchmarks.run --out DIR --smoke      # CPU, no GPU needed
 
-Writes ``DIR/results.json`` and ``DIR/results.md`` and prints a short table last.
+Writes ``DIR/results.json`` and ``DIR/results.md`` (again after every row, so a run cut by a
+timeout keeps what it measured; the module then running is named under Errors) and prints a
+short table last. ``--budget-s``: no module starts once the budget is spent, and the modules
+leave out optional variants (torch.compile first) when little of it is left
+(``Context.time_left``).
 
 ``--smoke`` runs every module on the CPU at tiny shapes (batch 2-4, small widths, depths and
 token counts), the Triton kernels under Triton's interpreter, through the same variant
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import pkgutil
 import sys
@@ -47,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU, kernels interpreted: checks that every module runs")
     args = ap.parse_args(argv)
+    t_start = time.time()
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
         if not _interpreter_ready():
@@ -56,7 +62,9 @@ def main(argv=None) -> int:
         print("benchmarks need a CUDA device (or --smoke for a CPU check)", file=sys.stderr)
         return 2
     info = harness.device_info(device)
-    ctx = harness.Context(copy_gbps=0.0, matmul_tflops=0.0, quick=args.quick, device=device, smoke=args.smoke)
+    deadline = t_start + args.budget_s if args.budget_s else math.inf
+    ctx = harness.Context(copy_gbps=0.0, matmul_tflops=0.0, quick=args.quick, device=device, smoke=args.smoke,
+                          deadline=deadline)
     harness.measure_ceilings(ctx)
     print(f"{info['device']}: copy {ctx.copy_gbps:.0f} GB/s, matmul {ctx.matmul_tflops:.3g} TFLOP/s ({ctx.ceilings})",
           flush=True)
@@ -66,19 +74,22 @@ def main(argv=None) -> int:
     found = [m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")]
     # the kernels first, then the end-to-end step, then the rest
     order = {name: i for i, name in enumerate(ORDER)}
-    t_start = time.time()
     for mod in sorted(found, key=lambda m: (order.get(m, len(order)), m)):
         if only and mod[len("bench_"):] not in only:
             continue
-        if args.budget_s and time.time() - t_start > args.budget_s:
+        if ctx.time_left() <= 0:
             errors.append(f"{mod}: not run, the time budget of {args.budget_s:.0f}s was spent")
             continue
         t0 = time.time()
+        # saved after every row: what a timeout cuts short keeps its rows and says so
+        running = [f"{mod}: still running when these results were written (cut short by a timeout?)"]
+        ctx.on_add = lambda: harness.write_results(args.out, info, ctx, errors + running, plot=False)
         try:
             importlib.import_module(f"benchmarks.{mod}").run(ctx)
         except Exception as e:  # one broken benchmark must not lose the others' results
             traceback.print_exc()
             errors.append(f"{mod}: {type(e).__name__}: {e}")
+        ctx.on_add = None
         harness.empty_cache()
         print(f"[{mod}] {time.time() - t0:.0f}s", flush=True)
         harness.write_results(args.out, info, ctx, errors)
