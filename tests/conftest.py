@@ -27,6 +27,11 @@ else:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import bounds_check  # noqa: E402
+
+    bounds_check.install()  # every interpreted load and store stays inside its launch's tensors
+
 # The suite's tensors are small: one intra-op thread avoids OpenMP spin-waiting, which
 # slows CPU runs many times over whenever another process shares the cores.
 torch.set_num_threads(1)

@@ -1,0 +1,41 @@
+"""The interpreter's out-of-bounds check (tests/bounds_check.py) catches what it must and lets
+legal accesses through: a kernel is only as proven as this check is sharp."""
+
+import pytest
+import torch
+
+from tolerance import INTERPRETED
+
+pytestmark = pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's bounds check")
+
+if INTERPRETED:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(src_ptr, dst_ptr, n, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        ok = offs < n
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs + SHIFT, mask=ok), mask=ok)
+
+
+def test_in_bounds_and_masked_off_accesses_pass():
+    src = torch.arange(10.0)
+    dst = torch.empty(10)
+    _copy[(1,)](src, dst, 10, SHIFT=0, BLOCK=16)  # lanes 10..15 are masked off
+    assert torch.equal(dst, src)
+
+
+@pytest.mark.parametrize("shift", [1, -1])
+def test_read_past_either_end_fails(shift):
+    big = torch.arange(12.0)
+    src = big[1:11]  # in the storage, outside the view: still a bug
+    with pytest.raises(Exception, match="load of 4 bytes .* outside every tensor"):
+        _copy[(1,)](src, torch.empty(10), 10, SHIFT=shift, BLOCK=16)
+
+
+def test_write_past_the_end_fails():
+    src = torch.arange(10.0)
+    dst = torch.empty(12)[:9]
+    with pytest.raises(Exception, match="store of 4 bytes .* outside every tensor"):
+        _copy[(1,)](src, dst, 10, SHIFT=0, BLOCK=16)
