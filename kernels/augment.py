@@ -132,8 +132,10 @@ def _resample_view(
         ystride = W
         xstride = 1
 
-    scale_y = ch.to(tl.float32) / S  # torch: (float)input_size / output_size
-    scale_x = cw.to(tl.float32) / S
+    # torch: (float)input_size / output_size, IEEE-rounded (Triton's ``/`` is div.full.f32 on CUDA,
+    # off by up to 2 ulp: a 1x crop's scale would not be exactly 1)
+    scale_y = tl.div_rn(ch.to(tl.float32), S * 1.0)
+    scale_x = tl.div_rn(cw.to(tl.float32), S * 1.0)
     real_y = scale_y * (oy.to(tl.float32) + 0.5) - 0.5
     real_x = scale_x * (sx.to(tl.float32) + 0.5) - 0.5
     out_base = out_ptr + n * (3 * S * S) + (oy[:, None] * S + ox[None, :])

@@ -21,6 +21,9 @@ Semantics, against torchvision's MAE / BEiT pipeline:
   of the crop, i.e. torchvision's ``resized_crop(..., antialias=False)``; values clamped to
   [0, 255]. torchvision's CPU default (``antialias=True``) and PIL (the official MAE / BEiT
   code) low-pass filter when shrinking; this pipeline does not.
+- Decoding: nvjpeg (``decode_jpeg(device="cuda")``) upsamples the chroma of 4:2:0 JPEGs
+  nearest-neighbour where PIL and libjpeg-turbo interpolate: colours differ by a few levels
+  near colour edges.
 - BEiT's tokenizer view: the reference resizes it with PIL lanczos; here it is bicubic (or
   bilinear) of the same box and flip, then ``map_pixels`` (``x * (1 - 2 * 0.1) + 0.1``), or
   [0, 1] for BEiT v2's VQ-KD tokenizer (``second_norm="unit"``). ColorJitter (BEiT v1) is not
@@ -485,6 +488,14 @@ def _decode_cpu(data: torch.Tensor) -> torch.Tensor:
     return decode_image(data, mode=ImageReadMode.RGB)
 
 
+def _to_device(image: torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """``image`` on ``device``; on CUDA an asynchronous copy on the current stream, through
+    pinned memory when ``pin``."""
+    if device.type != "cuda":
+        return image.to(device)
+    return (image.pin_memory() if pin else image).to(device, non_blocking=True)
+
+
 def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
     """Decode a batch to (3, H, W) uint8 RGB images on ``device``.
 
@@ -504,7 +515,7 @@ def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
         if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
             raise TypeError(f"items[{i}] must be a uint8 tensor (encoded bytes or a decoded image)")
         if item.dim() == 3:
-            out[i] = item.to(device, non_blocking=True)
+            out[i] = _to_device(item, device)
         elif item.dim() == 1:
             encoded.append(i)
         else:
@@ -514,9 +525,10 @@ def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
         jpegs = [i for i in encoded if _is_jpeg(items[i])]
         on_cpu = [i for i in encoded if not _is_jpeg(items[i])]
         try:
-            decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-            for i, im in zip(jpegs, decoded):
-                out[i] = im
+            if jpegs:
+                decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+                for i, im in zip(jpegs, decoded):
+                    out[i] = im
         except Exception:  # noqa: BLE001 - nvjpeg refuses the batch: find the image(s) it refuses
             for i in jpegs:
                 try:
@@ -524,14 +536,14 @@ def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
                 except Exception:  # noqa: BLE001 - decoded on the CPU below, or reported
                     on_cpu.append(i)
     failed = []
-    for i in on_cpu:
+    for i in sorted(on_cpu):
         try:
             im = _decode_cpu(items[i])
         except Exception as e:  # noqa: BLE001 - corrupt or unsupported file
             failed.append(i)
             warnings.warn(f"skipping undecodable image at batch position {i}: {e}")
             continue
-        out[i] = im.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else im.to(device)
+        out[i] = _to_device(im, device, pin=True)
     good = [i for i, im in enumerate(out) if im is not None]
     if not good:
         raise ValueError(f"none of the {len(items)} images of the batch could be decoded")
@@ -559,7 +571,9 @@ class EncodedImages(Dataset):
     ``cpu_decode_fraction``: the workers decode this share of the images themselves (a fixed
     subset, chosen by a hash of the index; libjpeg-turbo through ``torchvision.io``) and send
     them decoded, so idle CPU cores add to the GPU decoder's throughput. The kernel treats
-    both alike; nvjpeg and libjpeg-turbo differ by a few levels in their IDCT rounding.
+    both alike. nvjpeg (as torchvision calls it) and libjpeg-turbo differ by a few levels: IDCT
+    rounding, and the chroma of 4:2:0 JPEGs, which nvjpeg upsamples nearest-neighbour where
+    libjpeg-turbo (and PIL) interpolate.
     """
 
     def __init__(self, source, cpu_decode_fraction: float = 0.0):
@@ -617,7 +631,8 @@ class GpuAugment:
             "bicubic", "map_pixels"), or None for one view.
         quantize: round resized values to integers as torchvision's uint8 resize does.
         seed: the crop and flip of sample ``index`` in ``epoch`` depend on (seed, epoch, index) only.
-        device: where to decode and augment (default: CUDA if available).
+        device: where to decode and augment (default: CUDA if available; "cuda" means the current
+            CUDA device at construction).
     """
 
     def __init__(self, size: int = 224, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
@@ -639,6 +654,9 @@ class GpuAugment:
                            second_interpolation=second_interpolation, second_norm=second_norm, quantize=quantize)
         self.seed = int(seed)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            # pinned now: GpuLoader's prefetch thread starts on device 0, not on this thread's device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.skipped = 0
 
     def __call__(self, items, epochs, indices):
