@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mimfast.data.masking_generators as mg
+from mimfast.data._blockwise_law import _shape_law
 from mimfast.data.masking_generators import (
     BlockwiseMaskingGenerator,
     RandomMaskingGenerator,
@@ -324,7 +325,7 @@ def test_shape_law_is_the_rule(m, limit, lo, hi):
     limit above, equal to (s = m exactly) and below min_num_patches, fractional limits, swapped
     and equal aspect bounds."""
     max_h = max_w = 20
-    law = mg._shape_law(max_h, max_w, m, [limit], lo, hi)[0]
+    law = _shape_law(max_h, max_w, m, [limit], lo, hi)[0]
     assert abs(law.sum() - 1) < 1e-12 and law.min() >= 0
     tol = 1e-6 if lo != hi else 2e-3  # equal bounds: an indicator on the grid, error ~1 / grid
     assert np.abs(law - _law_by_width(max_h, max_w, m, limit, lo, hi)).max() < tol
