@@ -190,6 +190,7 @@ def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int, s
 
 def _stage_rows(ctx, datas, batch: int, sz: _Sizes) -> None:
     """nvjpeg decode alone, the kernel alone, and decode + augment from bytes in memory."""
+    from mimfast.data import crop_boxes as cb
     from mimfast.data import gpu_pipeline as gp
     from mimfast.kernels.augment import augment_crops
 
@@ -201,8 +202,8 @@ def _stage_rows(ctx, datas, batch: int, sz: _Sizes) -> None:
 
     images, _ = gp.decode_images(datas, dev)
     packed = gp.pack_images(images)
-    u = gp.crop_uniforms(0, 0, range(batch))
-    boxes, flips = gp.sample_crop_params(packed.heights, packed.widths, u, SCALE)
+    u = cb.crop_uniforms(0, 0, range(batch))
+    boxes, flips = cb.sample_crop_params(packed.heights, packed.widths, u, SCALE)
     meta = gp._meta(packed, boxes, flips).to(dev)
     (mul, add), _ = gp._affines((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "map_pixels")
     out = torch.empty(batch, 3, size, size, device=dev)

@@ -22,6 +22,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from mimfast.data import crop_boxes as cb
 from mimfast.data import gpu_pipeline as gp
 from mimfast.data.builtin import ShapesDataset
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset
@@ -56,11 +57,11 @@ def _reference_uniforms(seed, epoch, index, count, salt=None):
 
 def _numpy_crop_uniforms(seed, epochs, indices):
     """crop_uniforms as it was first written (numpy uint64): its values must not change."""
-    indices = gp._as_u64(indices)
-    epochs = np.broadcast_to(gp._as_u64(epochs), indices.shape)
+    indices = cb._as_u64(indices)
+    epochs = np.broadcast_to(cb._as_u64(epochs), indices.shape)
     with np.errstate(over="ignore"):
-        key = gp._splitmix64(gp._splitmix64(gp._splitmix64(gp._as_u64(seed)) + epochs) + indices)
-        words = gp._splitmix64(key[:, None] + np.arange(gp.UNIFORMS_PER_SAMPLE, dtype=np.uint64)[None, :])
+        key = cb._splitmix64(cb._splitmix64(cb._splitmix64(cb._as_u64(seed)) + epochs) + indices)
+        words = cb._splitmix64(key[:, None] + np.arange(cb.UNIFORMS_PER_SAMPLE, dtype=np.uint64)[None, :])
     return torch.from_numpy((words >> np.uint64(40)).astype(np.float64) * 2.0**-24)
 
 
@@ -75,7 +76,7 @@ def test_keyed_uniforms_are_splitmix64_bit_for_bit(device, salt):
     for seed in seeds:
         epochs, indices = zip(*keys)
         for dtype in (torch.float32, torch.float64):
-            got = gp.keyed_uniforms(seed, list(epochs), list(indices), 13, salt=salt, device=device, dtype=dtype)
+            got = cb.keyed_uniforms(seed, list(epochs), list(indices), 13, salt=salt, device=device, dtype=dtype)
             assert got.dtype == dtype and got.shape == (len(keys), 13) and got.device.type == device
             want = torch.tensor([_reference_uniforms(seed, e, i, 13, salt) for e, i in keys], dtype=torch.float64)
             assert torch.equal(got.cpu().double(), want), (seed, dtype)
@@ -83,25 +84,25 @@ def test_keyed_uniforms_are_splitmix64_bit_for_bit(device, salt):
 
 def test_keyed_uniforms_are_keyed_by_sample_and_device_independent(device):
     idx = torch.arange(300)
-    a = gp.keyed_uniforms(5, 2, idx, 64, salt=MASK_SALT, device=device)
+    a = cb.keyed_uniforms(5, 2, idx, 64, salt=MASK_SALT, device=device)
     # a sample's values do not depend on the batch it is in, its position or the device
     perm = torch.randperm(300)[:37]
-    assert torch.equal(a[perm], gp.keyed_uniforms(5, 2, idx[perm], 64, salt=MASK_SALT, device=device))
-    assert torch.equal(a.cpu(), gp.keyed_uniforms(5, 2, idx, 64, salt=MASK_SALT, device="cpu"))
-    assert torch.equal(a[:, :10], gp.keyed_uniforms(5, 2, idx, 10, salt=MASK_SALT, device=device))
+    assert torch.equal(a[perm], cb.keyed_uniforms(5, 2, idx[perm], 64, salt=MASK_SALT, device=device))
+    assert torch.equal(a.cpu(), cb.keyed_uniforms(5, 2, idx, 64, salt=MASK_SALT, device="cpu"))
+    assert torch.equal(a[:, :10], cb.keyed_uniforms(5, 2, idx, 10, salt=MASK_SALT, device=device))
     # per-sample epochs broadcast like one
-    assert torch.equal(a, gp.keyed_uniforms(5, torch.full((300,), 2), idx, 64, salt=MASK_SALT, device=device))
+    assert torch.equal(a, cb.keyed_uniforms(5, torch.full((300,), 2), idx, 64, salt=MASK_SALT, device=device))
     # another epoch, index, seed or salt: other values (no row of one equals any row of another)
-    others = [gp.keyed_uniforms(5, 3, idx, 64, salt=MASK_SALT, device=device),
-              gp.keyed_uniforms(5, 2, idx + 300, 64, salt=MASK_SALT, device=device),
-              gp.keyed_uniforms(6, 2, idx, 64, salt=MASK_SALT, device=device),
-              gp.keyed_uniforms(5, 2, idx, 64, device=device)]
+    others = [cb.keyed_uniforms(5, 3, idx, 64, salt=MASK_SALT, device=device),
+              cb.keyed_uniforms(5, 2, idx + 300, 64, salt=MASK_SALT, device=device),
+              cb.keyed_uniforms(6, 2, idx, 64, salt=MASK_SALT, device=device),
+              cb.keyed_uniforms(5, 2, idx, 64, device=device)]
     rows = {tuple(r) for r in a.cpu().tolist()}
     assert len(rows) == 300
     for o in others:
         assert rows.isdisjoint(tuple(r) for r in o.cpu().tolist())
     # no aliasing between (epoch, index) pairs: (e + 1, i) is not (e, i + 1)
-    assert not torch.equal(gp.keyed_uniforms(0, 1, [0], 8), gp.keyed_uniforms(0, 0, [1], 8))
+    assert not torch.equal(cb.keyed_uniforms(0, 1, [0], 8), cb.keyed_uniforms(0, 0, [1], 8))
 
 
 def test_crop_uniforms_keep_their_values():
@@ -109,14 +110,14 @@ def test_crop_uniforms_keep_their_values():
     for seed in (0, 3, -11, 2**63 - 1):
         indices = np.concatenate([np.arange(500), rng.integers(-2**62, 2**62, 20)])
         epochs = rng.integers(0, 1000, indices.shape)
-        got = gp.crop_uniforms(seed, epochs, indices)
+        got = cb.crop_uniforms(seed, epochs, indices)
         assert got.dtype == torch.float64 and got.device.type == "cpu"
         assert torch.equal(got, _numpy_crop_uniforms(seed, epochs, indices))
-        assert torch.equal(gp.crop_uniforms(seed, 4, indices), _numpy_crop_uniforms(seed, 4, indices))
+        assert torch.equal(cb.crop_uniforms(seed, 4, indices), _numpy_crop_uniforms(seed, 4, indices))
 
 
 def test_keyed_uniforms_are_uniform(device):
-    u = gp.keyed_uniforms(1, 0, torch.arange(2000), 500, salt=MASK_SALT, device=device).cpu().double()
+    u = cb.keyed_uniforms(1, 0, torch.arange(2000), 500, salt=MASK_SALT, device=device).cpu().double()
     assert u.min() >= 0 and u.max() < 1
     assert torch.equal(u * 2**24, (u * 2**24).round())  # multiples of 2**-24
     n = u.numel()
@@ -132,11 +133,11 @@ def test_keyed_uniforms_are_uniform(device):
 
 def test_keyed_uniforms_bad_arguments():
     with pytest.raises(TypeError, match="dtype"):
-        gp.keyed_uniforms(0, 0, [1], 4, dtype=torch.float16)
+        cb.keyed_uniforms(0, 0, [1], 4, dtype=torch.float16)
     with pytest.raises(ValueError, match="count"):
-        gp.keyed_uniforms(0, 0, [1], -1)
+        cb.keyed_uniforms(0, 0, [1], -1)
     with pytest.raises(ValueError, match="epochs"):
-        gp.keyed_uniforms(0, [0, 1], [1, 2, 3], 4)
+        cb.keyed_uniforms(0, [0, 1], [1, 2, 3], 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_gpu_augment_two_views_of_one_crop(vq_path, device):
     datas, _, epochs, indices = _items(3)
     patches, tokens = aug(datas, epochs, indices)
     assert patches.shape == tokens.shape == (3, 3, 32, 32)
-    boxes, flips = gp.sample_crop_params([40] * 3, [40] * 3, gp.crop_uniforms(5, epochs, indices), (0.08, 1.0))
+    boxes, flips = cb.sample_crop_params([40] * 3, [40] * 3, cb.crop_uniforms(5, epochs, indices), (0.08, 1.0))
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i in range(3):

@@ -20,6 +20,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from mimfast.data import crop_boxes as cb
 from mimfast.data import gpu_pipeline as gp
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from tolerance import DEVICE, INTERPRETED, poison_
@@ -135,8 +136,8 @@ def test_two_views_share_the_box(device):
     sizes = [(33, 47), (50, 38), (27, 27)]
     imgs = _images(sizes, device, seed=5)
     packed = gp.pack_images(imgs)
-    u = gp.crop_uniforms(7, 0, np.arange(3))
-    boxes, flips = gp.sample_crop_params(packed.heights, packed.widths, u, (0.08, 1.0))
+    u = cb.crop_uniforms(7, 0, np.arange(3))
+    boxes, flips = cb.sample_crop_params(packed.heights, packed.widths, u, (0.08, 1.0))
     big, small = 19 if INTERPRETED else 224, 11 if INTERPRETED else 112
     v1, v2 = gp.gpu_random_resized_crop(packed, big, u, scale=(0.08, 1.0), second_size=small,
                                         second_interpolation="bilinear", backend="triton")
@@ -157,7 +158,7 @@ def test_two_views_share_the_box(device):
 def test_eager_reference_equals_kernel(device):
     sizes = [(23, 31), (40, 17)]
     imgs = _images(sizes, device, seed=6)
-    u = gp.crop_uniforms(1, 2, [10, 11])
+    u = cb.crop_uniforms(1, 2, [10, 11])
     kw = dict(scale=(0.2, 1.0), second_size=9, dtype=torch.float32)
     k1, k2 = gp.gpu_random_resized_crop(imgs, 15, u, backend="triton", **kw)
     r1, r2 = gp.gpu_random_resized_crop(imgs, 15, u, backend="eager", **kw)
@@ -188,7 +189,7 @@ class _FeedTorch:
                 feed.tried, slot = divmod(feed.draws, 2)
                 feed.draws += 1
                 u = torch.tensor([feed.u[4 * feed.tried + slot]], dtype=torch.float64)
-                return gp._uniform_f32(u, float(lo), float(hi))
+                return cb._uniform_f32(u, float(lo), float(hi))
 
         return _Draw()
 
@@ -206,8 +207,8 @@ def test_box_sampler_is_torchvision_rule(monkeypatch, scale, ratio):
     rng = np.random.default_rng(0)
     sizes = [tuple(int(v) for v in hw) for hw in rng.integers(1, 600, (300, 2))]
     sizes += [(1, 1), (1, 900), (900, 1), (3, 500), (500, 3), (375, 500), (224, 224)]
-    u = gp.crop_uniforms(0, 3, np.arange(len(sizes)))
-    boxes = gp.sample_crop_boxes([h for h, _ in sizes], [w for _, w in sizes], u, scale, ratio)
+    u = cb.crop_uniforms(0, 3, np.arange(len(sizes)))
+    boxes = cb.sample_crop_boxes([h for h, _ in sizes], [w for _, w in sizes], u, scale, ratio)
     fallbacks = 0
     for i, (h, w) in enumerate(sizes):
         feed = _FeedTorch(u[i].tolist())
@@ -228,18 +229,18 @@ def test_float32_draws_are_torch_uniform():
         got = torch.empty(1).uniform_(0.2, 1.0)
         torch.manual_seed(seed)
         u = torch.rand(1, dtype=torch.float32).double()
-        assert torch.equal(gp._uniform_f32(u, 0.2, 1.0), got)
+        assert torch.equal(cb._uniform_f32(u, 0.2, 1.0), got)
 
 
 def test_uniforms_reproducible_and_flip_rate():
-    a = gp.crop_uniforms(5, 1, np.arange(4000))
-    assert torch.equal(a, gp.crop_uniforms(5, 1, np.arange(4000)))
-    assert torch.equal(a[17:18], gp.crop_uniforms(5, 1, [17]))  # independent of the batch
-    assert not torch.equal(a, gp.crop_uniforms(5, 2, np.arange(4000)))
-    assert not torch.equal(a, gp.crop_uniforms(6, 1, np.arange(4000)))
-    assert a.shape == (4000, gp.UNIFORMS_PER_SAMPLE) and a.min() >= 0 and a.max() < 1
+    a = cb.crop_uniforms(5, 1, np.arange(4000))
+    assert torch.equal(a, cb.crop_uniforms(5, 1, np.arange(4000)))
+    assert torch.equal(a[17:18], cb.crop_uniforms(5, 1, [17]))  # independent of the batch
+    assert not torch.equal(a, cb.crop_uniforms(5, 2, np.arange(4000)))
+    assert not torch.equal(a, cb.crop_uniforms(6, 1, np.arange(4000)))
+    assert a.shape == (4000, cb.UNIFORMS_PER_SAMPLE) and a.min() >= 0 and a.max() < 1
     assert abs(a.mean().item() - 0.5) < 0.01
-    _, flips = gp.sample_crop_params([100] * 4000, [80] * 4000, a, flip_p=0.5)
+    _, flips = cb.sample_crop_params([100] * 4000, [80] * 4000, a, flip_p=0.5)
     assert 0.45 < flips.float().mean().item() < 0.55
 
 
@@ -298,9 +299,9 @@ def test_bad_input_raises(device):
     with pytest.raises(ValueError, match="layout"):
         gp.pack_images(imgs, "nchw")
     with pytest.raises(ValueError, match="scale"):
-        gp.sample_crop_boxes([10], [10], torch.rand(1, 40, dtype=torch.float64), scale=(1.0, 0.5))
+        cb.sample_crop_boxes([10], [10], torch.rand(1, 40, dtype=torch.float64), scale=(1.0, 0.5))
     with pytest.raises(ValueError, match="uniforms"):
-        gp.sample_crop_boxes([10], [10], torch.rand(2, 40, dtype=torch.float64))
+        cb.sample_crop_boxes([10], [10], torch.rand(2, 40, dtype=torch.float64))
     meta = torch.tensor([[0, 10, 12, 0, 0, 10, 12, 0]])
     out = torch.empty(1, 3, 4, 4, device=device)
     with pytest.raises(ValueError, match="src"):

@@ -79,14 +79,14 @@ def keyed_blockwise_masks(generator: BlockwiseMaskingGenerator, seed: int, epoch
     """(N, h, w) bool blockwise masks of samples ``(epochs[i], indices[i])``, made on ``device``.
 
     Each mask is a pure function of (seed, epoch, index) and the generator's rule: its
-    uniforms are :func:`mimfast.data.gpu_pipeline.keyed_uniforms` of the mask stream
+    uniforms are :func:`mimfast.data.crop_boxes.keyed_uniforms` of the mask stream
     (:data:`MASK_SALT`), 4 per try for 10 x (num_masking_patches + 1) tries (never runs out)
     then one key per cell for the top-up, all computed on the device; the blockwise-mask
     kernel runs microsoft/unilm's loop on them, one program per mask, and tops every mask up to
     exactly ``num_masking_patches``. Without Triton (CPU tensors, interpreter off) or for grids
     over the kernel's 4096 cells, the reference loop runs on the same uniforms, mask by mask.
     """
-    from mimfast.data.gpu_pipeline import keyed_uniforms
+    from mimfast.data.crop_boxes import keyed_uniforms
     from mimfast.kernels.blockwise_mask import MAX_CELLS, TRIES_PER_BLOCK
 
     h, w, cells = generator.height, generator.width, generator.num_patches
