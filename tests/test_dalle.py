@@ -142,6 +142,29 @@ def test_fp16_on_cuda_matches_the_reference_half_path():
     assert agree > 0.75  # bf16 keeps most tokens; near-ties may flip
 
 
+def test_half_path_runs_each_conv_in_the_half_type(monkeypatch):
+    """The CUDA-only branch (``x.is_cuda``), taken on the CPU: every conv but the output one in
+    the half type, float32 logits, the same tokens as float32 convs, under any autocast."""
+    enc = DalleEncoder(n_hid=16, n_blk_per_group=1, vocab_size=37, precision="fp16").eval()
+    x = map_pixels(torch.rand(2, 3, 32, 32))
+    with torch.no_grad():
+        want = enc(x)  # CPU: float32 convs
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    dtypes = []
+    for m in enc.modules():
+        if type(m).__name__ == "Conv2d":
+            m.register_forward_hook(lambda m, args, out: dtypes.append((m.use_float16, out.dtype)))
+    for precision, half in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        enc.set_precision(precision)
+        dtypes.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = enc(x)
+        assert got.dtype == torch.float32
+        assert set(dtypes) == {(True, half), (False, torch.float32)}
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-2)
+        assert torch.equal(got.argmax(1), want.argmax(1))
+
+
 def test_map_pixels():
     x = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
     torch.testing.assert_close(map_pixels(x), torch.tensor([0.1, 0.5, 0.9]).view(1, 1, 1, 3))

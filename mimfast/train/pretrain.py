@@ -26,7 +26,7 @@ from mimfast.models import create_model
 from mimfast.train.checkpoint import find_last_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from mimfast.train.config import PretrainConfig
 from mimfast.train.progress import Progress
-from mimfast.train.sharding import full_state_dicts, load_full_state_dicts, shard_model
+from mimfast.train.sharding import full_state_dicts, grad_scaler, load_full_state_dicts, shard_model
 from mimfast.train.schedule import lr_at, param_groups_weight_decay, set_lr
 from mimfast.train.visualize import mae_reconstruction_grid, save_png
 
@@ -267,7 +267,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr,
                                   betas=tuple(cfg.betas), **({"fused": True} if device.type == "cuda" else {}))
     precision, autocast = _autocast(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = grad_scaler(device.type, enabled=precision == "fp16", sharded=sharded)
     ddp_model = model
     if d.enabled and not sharded:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -281,7 +281,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         found = find_last_checkpoint(out)
         resume = str(found) if found else None
     if resume:
-        ckpt = load_checkpoint(resume, map_location="cpu" if sharded else device)
+        # on the CPU: the RNG states must stay CPU tensors; weights and moments are copied to the device
+        ckpt = load_checkpoint(resume, map_location="cpu")
         load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], sharded)
         scaler.load_state_dict(ckpt["scaler"])
         step, epoch, start_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["sample_in_epoch"]
@@ -343,7 +344,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 set_lr(optimizer, lr_at(epoch + data_iter / iters_per_epoch, lr, cfg.min_lr,
                                         cfg.warmup_epochs, cfg.epochs))
             sync = (data_iter + 1) % cfg.accum_iter == 0
-            ctx = ddp_model.no_sync() if (d.enabled and not sync) else nullcontext()
+            if sharded:  # FSDP2's no_sync: no reduce-scatter while the micro-batches accumulate
+                model.set_requires_gradient_sync(sync)
+            ctx = ddp_model.no_sync() if (d.enabled and not sharded and not sync) else nullcontext()
             with ctx:
                 with autocast():
                     loss = task.loss(ddp_model, batch)
@@ -353,8 +356,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             if sync:
                 finite = math.isfinite(d.mean(loss_value))
                 if finite:
-                    if cfg.clip_grad:
+                    if cfg.clip_grad or sharded:  # sharded: unscale_ is where the ranks agree on inf/nan
                         scaler.unscale_(optimizer)
+                    if cfg.clip_grad:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()

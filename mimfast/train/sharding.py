@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["shard_model", "full_state_dicts", "load_full_state_dicts"]
+__all__ = ["shard_model", "full_state_dicts", "load_full_state_dicts", "grad_scaler"]
 
 
 def shard_model(model: nn.Module) -> nn.Module:
     from timm.models.vision_transformer import Block
     from torch.distributed.fsdp import fully_shard
 
-    blocks = [m for m in model.modules() if isinstance(m, Block) or type(m).__name__ == "Block"]
+    from mimfast.models.beit import BEiTBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, (Block, BEiTBlock)) or type(m).__name__ == "Block"]
     for block in blocks:
         fully_shard(block)
     fully_shard(model)
@@ -51,4 +53,30 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
 
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, _keyed_by_name(model, optimizer, optim_sd), options=opts)
+
+
+def _keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> dict:
+    """An unsharded run's optimizer state dict (``torch.optim``'s, keyed by the parameters'
+    positions in the param groups) keyed by parameter name, as the sharded runs save it and
+    ``set_optimizer_state_dict`` reads it; one keyed by name already is returned as it is."""
+    positions = [i for g in optim_sd["param_groups"] for i in g["params"]]
+    if not all(isinstance(i, int) for i in positions):
+        return optim_sd
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if len(order) != len(positions):
+        raise ValueError(f"the checkpoint's optimizer holds {len(positions)} parameters, this one {len(order)}")
+    return {"state": {order[i]: v for i, v in optim_sd["state"].items()},
+            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in optim_sd["param_groups"]]}
+
+
+def grad_scaler(device_type: str, enabled: bool, sharded: bool) -> torch.amp.GradScaler:
+    """fp16's loss scaler. Sharded, each rank checks only its gradient shards for inf/nan:
+    FSDP's scaler all-reduces that check in ``unscale_``, so all ranks skip the same steps and
+    keep one scale (the caller must call ``unscale_`` before ``step``)."""
+    if not sharded:
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device_type, enabled=enabled)

@@ -244,7 +244,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         found = find_last_checkpoint(out)
         resume = str(found) if found else None
     if resume:
-        ckpt = load_checkpoint(resume, map_location=device)
+        ckpt = load_checkpoint(resume, map_location="cpu")  # the RNG states must stay CPU tensors
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, epoch, start_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["sample_in_epoch"]
