@@ -4,7 +4,8 @@
 # then the benchmarks. Writes gpu.txt, install.log, warm.log, tests.log, tests.xml,
 # results.json, results.md and step.png to OUT (8 files) and prints a short table last.
 # Budget: SUITE_S seconds in all (default 540, 9 minutes): every kernel specialisation compiled
-# into Triton's cache in parallel first (up to 100 s), the tests (up to 180 s), then the
+# into Triton's cache in parallel first (up to 100 s), the tests (up to 180 s, in four
+# processes where pytest-xdist is installed), then the
 # benchmarks in --quick mode with whatever is left (about 250 s when the steps before take
 # their whole share): no module starts in the last 40 s, and a timeout 10 s before the end
 # stops the one running (its rows so far are kept: results are saved after every row).
@@ -28,8 +29,13 @@ export MIMFAST_TEST_DEVICE=cuda
 # Triton's cache: the runtime then loads them instead of compiling one by one
 timeout -k 5 100 "$PY" -m benchmarks.compile_check --warm --jobs "$(nproc)" > "$OUT/warm.log" 2>&1
 echo "cache warm-up exit code: $? (124: cut at 100 s)"; tail -1 "$OUT/warm.log"
+# the image has pytest-xdist and pytest-timeout: four test processes share the GPU (the suite's
+# tensors are small; launches and Python dominate), and a hung test fails alone after 120 s
+PYTEST_OPTS=""
+"$PY" -c "import xdist" 2> /dev/null && PYTEST_OPTS="$PYTEST_OPTS -n 4"
+"$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST_OPTS="$PYTEST_OPTS --timeout 120"
 if [ -z "$ONLY" ]; then
-  timeout -k 5 180 "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+  timeout -k 5 180 "$PY" -m pytest tests -q -p no:cacheprovider $PYTEST_OPTS --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   echo "tests exit code: $? (124: cut at 180 s)"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 fi
