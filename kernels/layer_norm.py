@@ -21,7 +21,11 @@ M*D*(r + dy + dr in + dr out + dx bytes) (+ x with layer scale). Eager moves abo
 
 Semantics are those of the eager code in each dtype: h and r are rounded to the dtypes eager
 arithmetic would give (``torch.result_type``) before the statistics are taken; statistics are
-fp32 (biased variance, ``eps`` added, as ``torch.nn.functional.layer_norm``).
+fp32 (biased variance, ``eps`` added, as ``torch.nn.functional.layer_norm``). Compiled for a GPU,
+an fp32 ``residual + x * scale`` is one fused multiply-add (one rounding where eager rounds
+twice), so that r can differ from eager's in the last bit; without a layer scale, or with h in
+half precision, r is eager's bit for bit. 1/std uses the GPU's approximate square root and
+division (a few ulps).
 
 Supports: x, residual in float32 / float16 / bfloat16 with unit stride along D and any row
 stride; no residual (plain LayerNorm of x, optionally scaled); weight / bias / scale absent or
