@@ -4,6 +4,12 @@ Each epoch's order is a permutation drawn from ``(seed, epoch)`` (DistributedSam
 rule: pad to a multiple of the world size, rank r takes every world-th index from r), and
 iteration can start part-way through an epoch, so a run resumed mid-epoch sees exactly the
 samples an uninterrupted run would have seen next.
+
+An epoch position is also meaningful across layouts: rank r takes ``order[r::world_size]``,
+so once every rank has consumed ``s`` samples the consumed set is ``order[:world_size * s]``
+(the padded order is the same for every world size: position ``p`` past the end is
+``order[p - num_samples]``). ``position`` gives that global count and ``start_for`` turns it
+back into a per-rank start for any world size.
 """
 
 from __future__ import annotations
@@ -39,6 +45,21 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"start must be in [0, {self.per_rank}], got {start}")
         self.epoch = epoch
         self.start = start
+
+    def position(self, start: int | None = None) -> int:
+        """Samples of the epoch's global order consumed once every rank consumed ``start``
+        (default: this sampler's start)."""
+        return (self.start if start is None else start) * self.world_size
+
+    def start_for(self, position: int, multiple: int = 1) -> int:
+        """The per-rank start in this layout of a global epoch position (from ``position``, in
+        any layout): rounded down to a whole number of samples per rank, then to a multiple of
+        ``multiple`` (a batch, an optimizer step), and capped at the epoch's end. Nothing is
+        skipped; at most ``world_size * multiple - 1`` samples of ``order[:position]`` come again."""
+        if position < 0 or multiple <= 0:
+            raise ValueError(f"need position >= 0 and multiple > 0, got {position} and {multiple}")
+        start = min(position // self.world_size, self.per_rank)
+        return start - start % multiple
 
     def indices(self) -> list[int]:
         if self.shuffle:

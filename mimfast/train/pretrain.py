@@ -5,6 +5,9 @@ exact resume.
 What makes resume exact: the sampler's order is a function of (seed, epoch) and can start
 mid-epoch; each image's augmentation is seeded by (seed, epoch, index); the mask noise comes
 from torch's RNG, whose CPU and CUDA states are saved with the model, optimizer and scaler.
+A checkpoint also records the epoch position as a global sample count with the layout (world
+size, batch size, accumulation) that saved it, so a run resumed in another layout starts at
+the same place in the epoch's order (position-exact, not bit-exact).
 """
 
 from __future__ import annotations
@@ -194,6 +197,44 @@ class MAETask:
             save_png(grid, path, scale=max(1, 128 // model.img_size))
 
 
+def _resume_position(ckpt: dict, sampler: ResumableSampler, batch_size: int, accum_iter: int,
+                     steps_per_epoch: int) -> tuple[int, int, int, str | None]:
+    """(step, epoch, per-process start, notice) for resuming ``ckpt`` in this run's layout.
+
+    Same layout as the checkpoint's, or a checkpoint that does not record one: the saved
+    position as is (bit-exact). Another world size, batch size or accumulation: the saved
+    global epoch position converted to this layout's per-process start, rounded down to an
+    optimizer step (a batch boundary where the micro-batches of a step begin), so no sample is
+    skipped and fewer than one global step's worth are seen again; ``step`` is recounted in
+    this layout's steps (the LR schedule follows the epoch fraction, the loop ends at
+    epochs x steps per epoch). Either way a position in an epoch's tail that holds no whole
+    optimizer step starts the next epoch, as the uninterrupted run does."""
+    step, epoch, start = ckpt["step"], ckpt["epoch"], ckpt["sample_in_epoch"]
+    group = batch_size * accum_iter  # samples per process in one optimizer step
+    epoch_end = steps_per_epoch * group  # samples per process an epoch uses
+    saved = (ckpt.get("world_size"), ckpt.get("batch_size"), ckpt.get("accum_iter"))
+    here = (sampler.world_size, batch_size, accum_iter)
+    if "global_sample_in_epoch" not in ckpt or saved == here:
+        return (step, epoch + 1, 0, None) if start >= epoch_end else (step, epoch, start, None)
+    position = ckpt["global_sample_in_epoch"]
+    start = sampler.start_for(position, multiple=group)
+    again = position - sampler.position(start)
+    next_epoch = start >= epoch_end
+    if next_epoch:
+        epoch, start = epoch + 1, 0
+    step = epoch * steps_per_epoch + start // group
+    layout = "{} process(es) x batch {} x accum-iter {}"
+    notice = (f"resume: the checkpoint was saved with {layout.format(*saved)} and this run has "
+              f"{layout.format(*here)}: the epoch position is kept ({position} samples of the epoch's order "
+              f"consumed), so the resume is position-exact but not bit-exact (batches are composed differently); ")
+    if next_epoch:
+        notice += f"the rest of that epoch holds no whole step here, so it starts epoch {epoch} at step {step}"
+    else:
+        notice += (f"it starts epoch {epoch} at sample {start} of each process, step {step}"
+                   + (f", rounded down to an optimizer step: {again} samples are seen again" if again else ""))
+    return step, epoch, start, notice
+
+
 def build_task(cfg: PretrainConfig, device: torch.device):
     if cfg.method == "mae":
         return MAETask(cfg, device)
@@ -251,6 +292,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
     iters_per_epoch = sampler.per_rank // cfg.batch_size
     steps_per_epoch = iters_per_epoch // cfg.accum_iter
+    epoch_end_iter = steps_per_epoch * cfg.accum_iter  # the last micro-batches that make no whole step are left out
     if steps_per_epoch == 0:
         raise SystemExit(f"an epoch of {iters_per_epoch} batches holds no optimizer step with "
                          f"--accum-iter {cfg.accum_iter}")
@@ -285,9 +327,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         ckpt = load_checkpoint(resume, map_location="cpu")
         load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], sharded)
         scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, start_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["sample_in_epoch"]
+        step, epoch, start_in_epoch, notice = _resume_position(ckpt, sampler, cfg.batch_size, cfg.accum_iter,
+                                                               steps_per_epoch)
         _set_rng_state(ckpt["rng"][d.rank] if d.rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
         if d.main:
+            if notice:
+                print(notice)
             print(f"resumed from {resume} at step {step} (epoch {epoch}, sample {start_in_epoch})")
     elif cfg.seed is not None:
         torch.manual_seed(cfg.seed + d.rank)  # mask noise differs across ranks
@@ -316,11 +361,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if not d.main:
             return
         state = {"model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
-                 "epoch": ep, "step": tag_step, "sample_in_epoch": sample_in_epoch, "rng": rng,
+                 "epoch": ep, "step": tag_step, "sample_in_epoch": sample_in_epoch,
+                 "global_sample_in_epoch": sampler.position(sample_in_epoch), "world_size": d.world_size,
+                 "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "rng": rng,
                  "config": _jsonable(cfg)}
         save_checkpoint(state, out / f"checkpoint-{tag_step:06d}.pth")
         save_checkpoint(state, out / "checkpoint-last.pth")
-        numbered = sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9].pth"))
+        # the oldest written go first (a resume in another layout recounts steps: names can go down)
+        numbered = sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9].pth"),
+                          key=lambda p: (p.stat().st_mtime_ns, p.name))
         for old in numbered[: max(0, len(numbered) - cfg.keep_checkpoints)]:
             old.unlink()
 
@@ -392,18 +441,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     stop_reason = (f"stopped: {nonfinite_in_row} non-finite losses in a row at step {step}; "
                                    f"the last good checkpoint is kept in {out}")
                     break
+                ended = data_iter >= epoch_end_iter
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save(step, data_iter * cfg.batch_size if data_iter < iters_per_epoch else 0,
-                         epoch if data_iter < iters_per_epoch else epoch + 1)
-                if step >= total_steps:
-                    break
-                if data_iter >= iters_per_epoch - iters_per_epoch % cfg.accum_iter:
+                    save(step, 0 if ended else data_iter * cfg.batch_size, epoch + 1 if ended else epoch)
+                if step >= total_steps or ended:
                     break
             t_data = time.time()
         if stop_reason != "done":
             break
-        epoch_done = data_iter >= iters_per_epoch - iters_per_epoch % cfg.accum_iter
-        if epoch_done:
+        if data_iter >= epoch_end_iter:
             epoch += 1
             start_in_epoch = 0
             if cfg.vis_every and epoch % cfg.vis_every == 0:

@@ -248,6 +248,19 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, epoch, start_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["sample_in_epoch"]
+        if "global_sample_in_epoch" in ckpt and ckpt.get("batch_size") != cfg.batch_size:
+            # another batch size: the same epoch position, rounded down to a batch (one process,
+            # so the global position is this process's); the schedule and the end go by step
+            position = ckpt["global_sample_in_epoch"]
+            start_in_epoch = sampler.start_for(position, multiple=cfg.batch_size)
+            again = position - start_in_epoch
+            if start_in_epoch // cfg.batch_size >= iters_per_epoch:  # the rest holds no whole batch
+                epoch, start_in_epoch, again = epoch + 1, 0, 0
+            print(f"resume: the checkpoint was saved with batch {ckpt['batch_size']} and this run has batch "
+                  f"{cfg.batch_size}: the epoch position is kept ({position} samples consumed), so the resume is "
+                  f"position-exact but not bit-exact (batches are composed differently); it starts epoch {epoch} "
+                  f"at sample {start_in_epoch}" + (f", rounded down to a batch: {again} samples are seen again"
+                                                   if again else ""))
         torch.random.set_rng_state(ckpt["rng"]["torch"])
         if use_cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -259,7 +272,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         if use_cuda:
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
-                 "step": step, "epoch": ep, "sample_in_epoch": sample_in_epoch, "rng": rng,
+                 "step": step, "epoch": ep, "sample_in_epoch": sample_in_epoch,
+                 "global_sample_in_epoch": sampler.position(sample_in_epoch), "world_size": 1,
+                 "batch_size": cfg.batch_size, "rng": rng,
                  "config": dataclasses.asdict(cfg)}
         save_checkpoint(state, out / "checkpoint-last.pth")
         save_vq_tokenizer(model, out / "tokenizer.safetensors")
