@@ -398,18 +398,14 @@ def test_beit_fused_blocks_under_autocast():
 def test_fsdp_units_run_their_own_forward():
     """FSDP2 turns each block into an FSDP unit whose forward gathers its parameters: the fused
     stack must not bypass it (it falls back to the plain loop)."""
-    import socket
-
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from mimfast.models import mae_vit_tiny_patch16
     from mimfast.nn import can_fuse_blocks
+    from runs import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model = mae_vit_tiny_patch16(img_size=32, depth=2, decoder_depth=1)
         assert can_fuse_blocks(model.blocks, model.norm)

@@ -1,13 +1,9 @@
 """The pretraining program: configuration, schedule, data, exact resume, DDP equivalence."""
 
-import json
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mimfast.cli import build_parser
 from mimfast.data.datasets import ImageFiles, SeededTransform
@@ -16,6 +12,7 @@ from mimfast.train.checkpoint import load_checkpoint, load_model_weights
 from mimfast.train.config import PretrainConfig, config_from_args
 from mimfast.train.pretrain import pretrain
 from mimfast.train.schedule import lr_at, param_groups_weight_decay
+from runs import assert_same_training, pretrain_processes
 
 TINY = dict(
     model="mae_vit_tiny_patch16", img_size=32, patch_size=8,
@@ -176,39 +173,13 @@ def test_nonfinite_losses_stop_the_run(tmp_path):
     assert summary["steps"] == 3
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out, cfg_values):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    pretrain(PretrainConfig(**cfg_values, output_dir=out))
-
-
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_process_gloo_ddp_equals_one_process(tmp_path, fsdp):
     one = _cfg(tmp_path / "one", batch_size=8, epochs=1)
     pretrain(one)
     values = dict(TINY, batch_size=4, epochs=1, device="cpu", fsdp=fsdp, vis_every=1)
-    # fork: the children inherit the imported modules (spawn would re-import torch twice)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), values), nprocs=2, join=True,
-                       start_method="fork")
-
-    def losses(d):
-        return [json.loads(line)["loss"] for line in open(d / "log.jsonl")]
-
-    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(l1) == len(l2) == 4
-    for a, b in zip(l1, l2):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    w1 = load_checkpoint(tmp_path / "one" / "checkpoint-last.pth")["model"]
-    w2 = load_checkpoint(tmp_path / "two" / "checkpoint-last.pth")["model"]
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    pretrain_processes(2, tmp_path / "two", values)
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps=4)
 
 
 def test_gpu_pipeline_needs_cuda(tmp_path):

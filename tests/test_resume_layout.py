@@ -6,12 +6,10 @@ step's samples again) with the LR schedule and the step counter where they belon
 import contextlib
 import json
 import os
-import socket
 from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import mimfast.train.pretrain as pretrain_module
 from mimfast.data.sampler import ResumableSampler
@@ -19,6 +17,7 @@ from mimfast.train.checkpoint import load_checkpoint
 from mimfast.train.config import PretrainConfig
 from mimfast.train.pretrain import _resume_position
 from mimfast.train.schedule import lr_at
+from runs import join_process_group, spawn
 
 N = 32
 TINY = dict(
@@ -96,12 +95,6 @@ def test_resume_position():
 # ----------------------------------------------------------------------------- end to end
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Recording(ResumableSampler):
     """The sampler, writing down the (epoch, index) keys the loader actually takes."""
 
@@ -115,9 +108,7 @@ class _Recording(ResumableSampler):
 
 def _run(rank, world, port, out, values):
     if world > 1:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
+        join_process_group(rank, world, port)
     _Recording.seen = []
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"stdout-{rank}.txt"), "w") as f, contextlib.redirect_stdout(f), \
@@ -131,9 +122,8 @@ def _launch(out, world, **kw):
     values = dict(TINY, **kw)
     if world == 1:
         _run(0, 1, 0, str(out), values)
-    else:  # fork: the children inherit the imported modules
-        mp.start_processes(_run, args=(world, _free_port(), str(out), values), nprocs=world, join=True,
-                           start_method="fork")
+    else:
+        spawn(_run, world, str(out), values)
     seen = [json.loads((out / f"seen-{r}.json").read_text()) for r in range(world)]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     return seen, log, (out / "stdout-0.txt").read_text()

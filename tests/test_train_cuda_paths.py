@@ -2,17 +2,13 @@
 made for CUDA (autocast, RNG states in checkpoints), and FSDP2 under gloo (gradient
 accumulation, the fp16 loss scaler, clipping, resuming an unsharded checkpoint)."""
 
-import json
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mimfast.train.checkpoint import load_checkpoint, save_checkpoint
 from mimfast.train.config import PretrainConfig
 from mimfast.train.pretrain import _autocast, _rng_state, _set_rng_state, pretrain
+from runs import assert_same_training, free_port, pretrain_processes, step_losses
 
 TINY = dict(
     model="mae_vit_tiny_patch16", img_size=32, patch_size=8,
@@ -23,16 +19,10 @@ TINY = dict(
 )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one_process_group():
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def test_autocast_on_cuda_is_bf16_by_default():
@@ -143,13 +133,6 @@ def test_grad_scaler_agrees_across_ranks_when_sharded():
     assert isinstance(grad_scaler("cpu", enabled=True, sharded=True), ShardedGradScaler)
 
 
-def _worker(rank, world, port, out, cfg_values):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    pretrain(PretrainConfig(**cfg_values, output_dir=out))
-
-
 def test_fsdp_accumulation_fp16_clipping_and_resume_from_an_unsharded_checkpoint(tmp_path):
     """One process, batch 4 x 2 accumulated, fp16 with loss scaling and clipping, two epochs;
     then two FSDP2 processes (batch 2 x 2 each: the same 8 samples a step) resumed from its
@@ -159,12 +142,9 @@ def test_fsdp_accumulation_fp16_clipping_and_resume_from_an_unsharded_checkpoint
     pretrain(PretrainConfig(**dict(common, batch_size=4), output_dir=str(one)))
     two = tmp_path / "two"
     values = dict(common, batch_size=2, fsdp=True, resume=str(one / "checkpoint-000004.pth"))
-    mp.start_processes(_worker, args=(2, _free_port(), str(two), values), nprocs=2, join=True, start_method="fork")
+    pretrain_processes(2, two, values)
 
-    def losses(d):
-        return {r["step"]: r["loss"] for r in map(json.loads, open(d / "log.jsonl"))}
-
-    l1, l2 = losses(one), losses(two)
+    l1, l2 = step_losses(one), step_losses(two)
     assert sorted(l1) == list(range(1, 9)) and sorted(l2) == [5, 6, 7, 8]
     for step in l2:
         assert l2[step] == pytest.approx(l1[step], rel=1e-3)
@@ -194,17 +174,5 @@ def test_fsdp_beit_with_clipping_equals_one_process(tmp_path):
     pretrain(dataclasses.replace(cfg, output_dir=str(tmp_path / "one")))
     values = dataclasses.asdict(dataclasses.replace(cfg, batch_size=4, fsdp=True))
     values.pop("output_dir")
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "two"), values), nprocs=2, join=True,
-                       start_method="fork")
-
-    def losses(d):
-        return [json.loads(line)["loss"] for line in open(d / "log.jsonl")]
-
-    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(l1) == len(l2) == 4
-    for a, b in zip(l1, l2):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    w1 = load_checkpoint(tmp_path / "one" / "checkpoint-last.pth")["model"]
-    w2 = load_checkpoint(tmp_path / "two" / "checkpoint-last.pth")["model"]
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    pretrain_processes(2, tmp_path / "two", values)
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps=4)
