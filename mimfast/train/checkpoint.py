@@ -1,8 +1,15 @@
-"""Checkpoints: written atomically (temporary file + rename), read with ``weights_only=True``."""
+"""Checkpoints: written atomically (temporary file + rename), read with ``weights_only=True``.
+
+:func:`load_model_weights` also reads ``.safetensors`` files and Hugging Face model folders
+(``config.json`` + ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
+``pytorch_model.bin``), and converts HF ViTMAE / BEiT layouts to the official keys
+(:mod:`mimfast.models.hf`), so ``--init-from`` takes an HF checkpoint as it is."""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,19 +40,95 @@ def find_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_model_weights(path: str | os.PathLike) -> dict:
-    """A model state_dict from a mimfast or official MAE checkpoint (``{'model': ...}``) or a
-    bare state_dict. Official checkpoints also pickle an argparse Namespace, which the safe
-    unpickler refuses; for those only the ``model`` entry is read, through an allow-list."""
+def _torch_load_weights(path) -> object:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         import argparse
 
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_safetensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+def _hf_folder_weights(folder: Path) -> tuple[dict, dict]:
+    """(state_dict, config) of a Hugging Face model folder."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder}: a folder must be a Hugging Face model folder with config.json "
+                         "(for a mimfast run folder give its checkpoint-*.pth)")
+    config = json.loads(config_path.read_text())
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        sd = _load_safetensors(folder / "model.safetensors")
+    elif index.is_file():
+        sd = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            sd.update(_load_safetensors(folder / shard))
+    elif (folder / "pytorch_model.bin").is_file():
+        sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    model_type = config.get("model_type")
+    if model_type not in ("vit_mae", "beit"):
+        raise ValueError(f"{folder}: config.json model_type is {model_type!r}, expected 'vit_mae' or 'beit'")
+    return sd, config
+
+
+def _check_hf_config(config: dict, where) -> None:
+    """Warn where the HF config describes a model that mimfast runs differently."""
+    eps = config.get("layer_norm_eps", 1e-12)
+    if eps != 1e-6:
+        warnings.warn(f"{where}: HF config has layer_norm_eps={eps}, mimfast's models use 1e-6 (the official "
+                      "value): activations differ slightly from the HF model's", stacklevel=3)
+    if config.get("hidden_act", "gelu") != "gelu":
+        warnings.warn(f"{where}: HF config has hidden_act={config['hidden_act']!r}, mimfast's blocks use exact "
+                      "GELU", stacklevel=3)
+
+
+def load_model_weights(path: str | os.PathLike) -> dict:
+    """A model state_dict, under the official MAE / BEiT keys, from:
+
+    * a mimfast or official MAE / BEiT checkpoint (``{'model': ...}``) or a bare state_dict
+      (``.pth``); official checkpoints also pickle an argparse Namespace, which the safe
+      unpickler refuses: for those only the ``model`` entry is read, through an allow-list;
+    * a ``.safetensors`` file;
+    * a Hugging Face model folder (``config.json`` + ``model.safetensors`` / sharded /
+      ``pytorch_model.bin``, read with ``weights_only=True``).
+
+    HF ``ViTMAEForPreTraining`` / ``ViTMAEModel`` / ``BeitForMaskedImageModeling`` layouts are
+    converted (:func:`mimfast.models.hf.from_hf`), wherever they come from."""
+    from mimfast.models.hf import from_hf, is_hf_state_dict
+
+    path = Path(path)
+    config = None
+    if path.is_dir():
+        obj, config = _hf_folder_weights(path)
+    elif path.suffix == ".safetensors":
+        obj = _load_safetensors(path)
+    else:
+        obj = _torch_load_weights(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return obj["model"]
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = obj["model"]
+    elif not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise ValueError(f"{path}: neither a state_dict nor a checkpoint with a 'model' entry")
+    try:
+        hf = is_hf_state_dict(obj)
+    except ValueError:
+        hf = False  # not an MAE / BEiT layout: returned as it is, for the caller to judge
+    if not hf:
         return obj
-    raise ValueError(f"{path}: neither a state_dict nor a checkpoint with a 'model' entry")
+    if config is not None:
+        _check_hf_config(config, path)
+    sd = from_hf(obj)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in sd and not bool(torch.any(sd[key] != 0)):
+            warnings.warn(f"{path}: the HF checkpoint's fixed {key} is all zeros (a ViTMAEForPreTraining built "
+                          "from a config in transformers 5.24 has zero sin-cos position embeddings, and they "
+                          "are not trained): it is loaded as it is", stacklevel=2)
+    return sd

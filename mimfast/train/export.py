@@ -1,4 +1,12 @@
-"""``mimfast export``: a pretrained encoder as a timm state_dict, ``.pth`` and ``.safetensors``.
+"""``mimfast export``: a pretrained encoder as a timm state_dict, ``.pth`` and ``.safetensors``;
+or (``--format hf``) the whole pretraining model as a Hugging Face folder.
+
+HF (-> ``transformers.ViTMAEForPreTraining`` / ``BeitForMaskedImageModeling``). ``--out`` is a
+folder; ``model.safetensors`` (keys mapped by :mod:`mimfast.models.hf`, under the names HF files
+use, which transformers 4 and 5 both read) and ``config.json``
+(:func:`mimfast.models.hf.hf_config_for`, with the run's ``mask_ratio`` and ``norm_pix_loss``)
+are written, and ``from_pretrained(folder)`` gives the same losses and predictions. The
+checkpoint must hold the decoder / LM head too (an encoder-only release has none to export).
 
 MAE (-> timm ``VisionTransformer``). MAE's encoder already uses timm's names, so export is a
 selection, not a conversion:
@@ -49,6 +57,7 @@ __all__ = [
     "build_model_from_config",
     "load_pretrained_model",
     "export_checkpoint",
+    "export_hf",
 ]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -244,6 +253,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_nam
     encoder for timm. When the model is known (checkpoint config or ``model_name``) the weights
     are checked against it and it gives the head count. Returns a summary (paths, timm class
     and arguments, tensor count)."""
+    if fmt == "hf":
+        if global_pool:
+            raise ValueError("global_pool lays out a timm encoder; it does not apply to fmt='hf'")
+        return export_hf(path, out, model_name)
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
     num_heads = None
@@ -264,6 +277,56 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_nam
             "tensors": len(encoder)}
 
 
+def export_hf(path: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None,
+              legacy: bool = True) -> dict:
+    """Write a mimfast / official MAE or BEiT pretraining checkpoint as a Hugging Face model folder
+    ``out`` (``model.safetensors`` + ``config.json``). ``legacy``: the key names of HF files
+    (``encoder.layer.<i>.attention.attention.query``...), which transformers 4 and 5 both read and
+    transformers 5's own ``save_pretrained`` writes; False: transformers 5's module names, which
+    only transformers 5 reads. Returns a summary (paths, HF class, tensor count)."""
+    from safetensors.torch import save_file
+
+    from mimfast.models.hf import beit_to_hf, hf_config_for, mae_to_hf, state_dict_layout
+
+    sd = _strip_prefixes(load_model_weights(path))
+    config = dict(read_checkpoint_config(path) or {})
+    layout = state_dict_layout(sd)
+    kw = dict(config.get("model_kwargs") or {})
+    if layout == "mae" and "norm_pix_loss" in config:
+        kw["norm_pix_loss"] = bool(config["norm_pix_loss"])  # the run's loss, not the model default
+    if layout == "beit":
+        if "lm_head.weight" in sd:  # the tokenizer's vocabulary, which the config does not record
+            kw["vocab_size"] = sd["lm_head.weight"].shape[0]
+        if config.get("drop_path") is not None:
+            kw.setdefault("drop_path_rate", config["drop_path"])
+    config["model_kwargs"] = kw
+    model = build_model_from_config(config, model_name, kernels="eager", device="meta")
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("relative_position_index")}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and not k.endswith("relative_position_index")]
+    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(expected[k])}" for k in expected
+             if k in sd and sd[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        name = model_name or config.get("model")
+        hint = (" (an encoder-only checkpoint has no decoder / head for an HF pretraining model: export the "
+                "encoder with --format safetensors)" if missing and all(k.startswith(_HEADS) for k in missing)
+                else "")
+        raise ValueError(f"{path} does not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shape mismatch {wrong[:5]}{hint}")
+    hf_config = hf_config_for(model, mask_ratio=config.get("mask_ratio", 0.75))
+    sd = {k: v for k, v in sd.items() if k in expected}
+    hf_sd = mae_to_hf(sd, legacy) if layout == "mae" else beit_to_hf(sd, legacy)
+    hf_sd = {k: v.detach().clone().contiguous() for k, v in hf_sd.items()}
+    dtypes = {v.dtype for v in hf_sd.values() if v.is_floating_point()}
+    hf_config["dtype"] = str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, cfg_path = out / "model.safetensors", out / "config.json"
+    save_file(hf_sd, str(weights), metadata={"format": "pt"})
+    cfg_path.write_text(json.dumps(hf_config, indent=2) + "\n")
+    return {"paths": [str(weights), str(cfg_path)], "hf_class": hf_config["architectures"][0], "tensors": len(hf_sd)}
+
+
 def add_export_command(sub) -> None:
     """``mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool] [--format ...]``."""
     p = sub.add_parser("export", help="write a pretrained MAE/BEiT encoder as a timm state_dict "
@@ -271,19 +334,32 @@ def add_export_command(sub) -> None:
     p.add_argument("checkpoint", help="mimfast, facebookresearch/mae or microsoft/unilm BEiT checkpoint, "
                                       "or a bare state_dict")
     p.add_argument("--out", required=True,
-                   help="output path without suffix (PATH.pth and PATH.safetensors are written)")
+                   help="output path without suffix (PATH.pth and PATH.safetensors are written); with "
+                        "--format hf a folder (model.safetensors + config.json)")
     p.add_argument("--model", default=None,
                    help="model name to check the weights against (default: the checkpoint's config, if any)")
     p.add_argument("--global-pool", action="store_true",
                    help="lay out for a global-pool model (timm global_pool='avg'): fc_norm.* from the "
                         "pretrained norm.*, no norm.*")
-    p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors"), default="both")
+    p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors", "hf"), default="both",
+                   help="timm encoder as .pth and/or .safetensors, or hf: the whole pretraining model as a "
+                        "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():
         raise SystemExit(f"mimfast export: checkpoint {args.checkpoint!r} does not exist")
+    if args.fmt == "hf":
+        if args.global_pool:
+            raise SystemExit("mimfast export: --global-pool lays out a timm encoder; it does not apply to --format hf")
+        try:
+            summary = export_hf(args.checkpoint, args.out, args.model)
+        except ValueError as e:
+            raise SystemExit(f"mimfast export: {e}")
+        print(f"wrote {summary['paths'][0]} ({summary['tensors']} tensors) and {summary['paths'][1]}")
+        print(f"load with: transformers.{summary['hf_class']}.from_pretrained({str(args.out)!r})")
+        return 0
     try:
         summary = export_checkpoint(args.checkpoint, args.out, args.model, args.global_pool, args.fmt)
     except ValueError as e:
