@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_last_checkpoint", "load_model_weights"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_last_checkpoint", "resolve_resume", "load_model_weights"]
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -38,6 +38,15 @@ def find_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         return last
     steps = sorted(d.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]*.pth"))
     return steps[-1] if steps else None
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | None:
+    """``--resume``: a checkpoint path as given, or for ``"auto"`` the run's last checkpoint in
+    ``output_dir`` (None when there is none yet: the run starts fresh)."""
+    if resume == "auto":
+        found = find_last_checkpoint(output_dir)
+        return str(found) if found else None
+    return resume or None
 
 
 def _torch_load_weights(path) -> object:

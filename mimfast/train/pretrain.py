@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models import create_model
-from mimfast.train.checkpoint import find_last_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from mimfast.train.checkpoint import load_checkpoint, load_model_weights, resolve_resume, save_checkpoint
 from mimfast.train.config import PretrainConfig
 from mimfast.train.progress import Progress
 from mimfast.train.sharding import full_state_dicts, grad_scaler, load_full_state_dicts, shard_model
@@ -318,10 +318,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         ddp_model = torch.compile(ddp_model, mode=cfg.compile_mode)
 
     step, epoch, start_in_epoch = 0, 0, 0
-    resume = cfg.resume
-    if resume == "auto":
-        found = find_last_checkpoint(out)
-        resume = str(found) if found else None
+    resume = resolve_resume(cfg.resume, out)
     if resume:
         # on the CPU: the RNG states must stay CPU tensors; weights and moments are copied to the device
         ckpt = load_checkpoint(resume, map_location="cpu")

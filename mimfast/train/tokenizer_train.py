@@ -31,7 +31,7 @@ from mimfast.data.datasets import build_dataset
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models.dalle import map_pixels, unmap_pixels
 from mimfast.models.tokenizer import VQTokenizer, save_vq_tokenizer
-from mimfast.train.checkpoint import find_last_checkpoint, load_checkpoint, save_checkpoint
+from mimfast.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mimfast.train.progress import Progress
 from mimfast.train.visualize import save_png
 
@@ -239,10 +239,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     step, epoch, start_in_epoch = 0, 0, 0
-    resume = cfg.resume
-    if resume == "auto":
-        found = find_last_checkpoint(out)
-        resume = str(found) if found else None
+    resume = resolve_resume(cfg.resume, out)
     if resume:
         ckpt = load_checkpoint(resume, map_location="cpu")  # the RNG states must stay CPU tensors
         model.load_state_dict(ckpt["model"])
