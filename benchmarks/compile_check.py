@@ -5,14 +5,14 @@ compiled-mode heuristics, an H100's 132 SMs for the bias-gradient batch groups) 
 dtypes and options the tests and benchmarks use on CUDA; each launch is captured instead of
 run, specialised exactly as Triton's launcher would (argument dtypes, ints equal to 1, 16-byte
 divisibility of pointers and ints, constexprs, num_warps / num_stages) and compiled with
-``triton.compile`` for ``GPUTarget("cuda", 90, 64)`` through the bundled ptxas. One line per
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` through the bundled ptxas. One line per
 distinct variant: registers per thread, spill stores / loads (bytes), shared memory, OK / FAIL.
 A kernel that compiles but asks for more shared memory than an H100 / H200 block may have
 (227 KiB) also FAILs: Triton raises OutOfResources at launch, not at compile time; so does a
 launch whose grid CUDA refuses (more than 65535 programs on axis 1 or 2).
 
     python -m benchmarks.compile_check                      # a pairwise cover (about 2 minutes, 2 cores)
-    python -m benchmarks.compile_check --all                # all ~920 specialisations (about 4.5 minutes)
+    python -m benchmarks.compile_check --all                # all ~1320 specialisations (16 minutes on one core)
     python -m benchmarks.compile_check --only attention,augment --jobs 4
     python -m benchmarks.compile_check --list               # the variants only, no compile
     python -m benchmarks.compile_check --warm --jobs 16     # on the GPU machine: fill Triton's cache
