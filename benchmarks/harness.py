@@ -118,6 +118,29 @@ def measure_matmul_tflops(n: int = 8192, dtype=torch.bfloat16, device: str = "cu
     return 2 * n**3 / ms / 1e9
 
 
+# Dense (no sparsity) bf16 tensor-core peaks of the vendor's data sheets, TFLOP/s, by a part of
+# the name torch reports ("NVIDIA H100 80GB HBM3" is the SXM part); the first match counts, so
+# the lower-clocked variants come first. MFU is quoted against these, as training reports do; the
+# measured matmul ceiling (a large cuBLAS GEMM, about 80% of it on an H100) is reported beside.
+DENSE_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+)
+
+
+def dense_bf16_peak(device_name: str | None) -> float | None:
+    """The data-sheet dense bf16 peak of the GPU called ``device_name``, or None if unknown."""
+    for part, tflops in DENSE_BF16_TFLOPS:
+        if device_name and part in device_name:
+            return tflops
+    return None
+
+
 def measure_ceilings(ctx: "Context") -> None:
     """Fill ``ctx.copy_gbps`` and ``ctx.matmul_tflops``: the device's measured peaks on CUDA; a
     crude CPU figure in a smoke run (16 MiB copy, 256^3 fp32 matmul), marked as such."""
@@ -125,6 +148,7 @@ def measure_ceilings(ctx: "Context") -> None:
         ctx.copy_gbps = measure_copy_gbps(device="cuda")
         ctx.matmul_tflops = measure_matmul_tflops(device="cuda")
         ctx.ceilings = "measured"
+        ctx.dense_bf16_tflops = dense_bf16_peak(torch.cuda.get_device_properties(0).name)
     else:
         ctx.copy_gbps = measure_copy_gbps(16 << 20, device=ctx.device)
         ctx.matmul_tflops = measure_matmul_tflops(256, torch.float32, device=ctx.device)
@@ -166,11 +190,23 @@ class Context:
     device: str = "cuda"
     smoke: bool = False
     ceilings: str = "measured"  # how copy_gbps / matmul_tflops were obtained (the markdown says it)
+    dense_bf16_tflops: float | None = None  # the data-sheet peak MFU is quoted against (None: unknown GPU)
     deadline: float = math.inf  # time.time() at which the run's time budget is spent
     on_add: object = field(default=None, repr=False)  # called after each row (run.py saves the results)
 
     def __post_init__(self):
         _active.update(device=self.device, smoke=self.smoke, deadline=self.deadline)
+
+    def mfu(self, flops: float, ms: float) -> dict:
+        """Model FLOPs utilisation of a step: ``mfu_pct`` against the data-sheet dense bf16 peak
+        (against the measured matmul ceiling where the GPU is not in :data:`DENSE_BF16_TFLOPS`,
+        and ``mfu_peak`` says which), ``mfu_measured_pct`` against the measured ceiling."""
+        achieved = flops / ms / 1e9
+        measured = round(100 * achieved / self.matmul_tflops, 1)
+        if self.dense_bf16_tflops:
+            return dict(mfu_pct=round(100 * achieved / self.dense_bf16_tflops, 1), mfu_measured_pct=measured,
+                        mfu_peak="data sheet")
+        return dict(mfu_pct=measured, mfu_measured_pct=measured, mfu_peak="measured")
 
     def time_left(self) -> float:
         """Seconds left of the run's time budget (inf without one): modules drop optional
@@ -239,6 +275,7 @@ def write_results(out_dir: Path, info: dict, ctx: Context, errors: list, plot: b
     drawing takes most of the time, so the saves after each row leave it out."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"info": info, "smoke": ctx.smoke, "copy_gbps": ctx.copy_gbps, "matmul_tflops": ctx.matmul_tflops,
+               "dense_bf16_tflops": ctx.dense_bf16_tflops,
                "ceilings": ctx.ceilings, "rows": ctx.rows, "skipped": ctx.skipped, "errors": errors}
     jpath = out_dir / "results.json"
     # strict JSON: a failed row's NaN ms (or an inf) is written as null; a value JSON has no
@@ -286,6 +323,11 @@ def markdown_table(payload: dict) -> str:
     if ceilings == "measured":
         peaks = (f"measured copy bandwidth {payload['copy_gbps']:.0f} GB/s (read + write), "
                  f"bf16 matmul {payload['matmul_tflops']:.0f} TFLOP/s")
+        if payload.get("dense_bf16_tflops"):
+            peaks += (f"; MFU (mfu_pct) against the data-sheet dense bf16 peak "
+                      f"{payload['dense_bf16_tflops']:.0f} TFLOP/s, mfu_measured_pct against the measured matmul")
+        else:
+            peaks += "; MFU against the measured matmul (GPU not in the data-sheet table)"
     else:  # the pct_* columns are then against placeholders
         peaks = (f"copy bandwidth {payload['copy_gbps']:.3g} GB/s, fp32 matmul {payload['matmul_tflops']:.3g} "
                  f"TFLOP/s: {ceilings}")

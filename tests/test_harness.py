@@ -95,6 +95,28 @@ def test_ceilings_formulas(monkeypatch):
     assert row["peak_mem_mib"] == 3.0
 
 
+def test_mfu_against_the_data_sheet_peak_and_the_measured_one(monkeypatch):
+    names = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+             "NVIDIA H200": 989.4, "NVIDIA H200 NVL": 835.0, "NVIDIA GH200 480GB": 989.4,
+             "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L4": None, None: None}
+    for name, peak in names.items():
+        assert harness.dense_bf16_peak(name) == peak, name
+    # measure_ceilings on a CUDA device picks the peak by the device's name
+    monkeypatch.setattr(harness, "measure_copy_gbps", lambda **kw: 4000.0)
+    monkeypatch.setattr(harness, "measure_matmul_tflops", lambda **kw: 800.0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(name="NVIDIA H200"))
+    ctx = harness.Context(copy_gbps=0.0, matmul_tflops=0.0, device="cuda")
+    harness.measure_ceilings(ctx)
+    assert ctx.dense_bf16_tflops == 989.4 and ctx.matmul_tflops == 800.0
+    # 400 TFLOP in 1 s: 40.4% of the data sheet's 989.4, 50% of the measured 800
+    assert ctx.mfu(400e12, 1000.0) == dict(mfu_pct=40.4, mfu_measured_pct=50.0, mfu_peak="data sheet")
+    md = harness.markdown_table({"info": {"device": "NVIDIA H200"}, "copy_gbps": 4000.0, "matmul_tflops": 800.0,
+                                 "dense_bf16_tflops": 989.4, "ceilings": "measured", "rows": [], "errors": []})
+    assert "data-sheet dense bf16 peak 989 TFLOP/s" in md
+    ctx.dense_bf16_tflops = None  # a GPU not in the table: the measured ceiling, said so
+    assert ctx.mfu(400e12, 1000.0) == dict(mfu_pct=50.0, mfu_measured_pct=50.0, mfu_peak="measured")
+
+
 def test_device_info_on_cuda(monkeypatch):
     props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132, total_memory=80 * 2**30)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
