@@ -325,6 +325,19 @@ def test_cli_parsing_and_errors(tmp_path, capsys):
         main(["linprobe", str(ckpt), "--epochs", "0"])
 
 
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_loaded_mae_computes_the_loss_it_was_trained_with(tmp_path, norm_pix_loss):
+    """The trainer passes norm_pix_loss beside model_kwargs; the rebuilt model takes it from the
+    checkpoint's config (the model's own default is off), so its loss is the run's loss."""
+    mae = _tiny_mae()
+    mae.norm_pix_loss = norm_pix_loss
+    config = {**TINY_CFG, "method": "mae", "norm_pix_loss": norm_pix_loss}
+    loaded = load_pretrained_model(_save_mimfast_checkpoint(mae, tmp_path / "ck.pth", config), kernels="eager")
+    assert loaded.norm_pix_loss is norm_pix_loss
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    torch.testing.assert_close(loaded(imgs, noise=noise)[0], mae(imgs, noise=noise)[0], rtol=0, atol=0)
+
+
 def test_beit_checkpoint_export_and_load(tmp_path):
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "vocab_size": 64}
     beit = _perturbed(create_model("beit_tiny_patch16_224_8k_vocab", **kw, kernels="eager"))

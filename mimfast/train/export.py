@@ -212,6 +212,8 @@ def build_model_from_config(config: dict | None, model_name: str | None = None, 
     for key in ("img_size", "patch_size"):
         if config.get(key) is not None:
             kw[key] = config[key]
+    if config.get("method", "mae") == "mae" and config.get("norm_pix_loss") is not None:
+        kw["norm_pix_loss"] = config["norm_pix_loss"]  # the trainer passes it beside model_kwargs
     kw["kernels"] = kernels
     with torch.device(device or "cpu"):
         return create_model(name, **kw)
