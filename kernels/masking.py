@@ -129,19 +129,20 @@ def _masking_fwd_kernel(
     n = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # positions l of this program
     row_ok = rows < L
+    rows64 = rows.to(tl.int64)  # for products with strides (any strides: they may pass 2^31)
     if RANKS_GIVEN:
-        rank = tl.load(ranks_in_ptr + n * stride_rn + rows * stride_rl, mask=row_ok, other=0).to(tl.int32)
+        rank = tl.load(ranks_in_ptr + n * stride_rn + rows64 * stride_rl, mask=row_ok, other=0).to(tl.int32)
     else:
         # half-precision noise compared in float32 (exact): the interpreter holds bfloat16 as
         # uint16 and would compare the bit patterns, wrong for negative values
-        v = tl.load(noise_ptr + n * stride_nn + rows * stride_nl, mask=row_ok, other=0.0)
+        v = tl.load(noise_ptr + n * stride_nn + rows64 * stride_nl, mask=row_ok, other=0.0)
         if noise_ptr.dtype.element_ty.primitive_bitwidth < 32:
             v = v.to(tl.float32)
         rank = tl.zeros([BLOCK_R], dtype=tl.int32)
         for j0 in range(0, L, BLOCK_L):
             cols = j0 + tl.arange(0, BLOCK_L)
             col_ok = cols < L
-            w = tl.load(noise_ptr + n * stride_nn + cols * stride_nl, mask=col_ok, other=0.0)
+            w = tl.load(noise_ptr + n * stride_nn + cols.to(tl.int64) * stride_nl, mask=col_ok, other=0.0)
             if noise_ptr.dtype.element_ty.primitive_bitwidth < 32:
                 w = w.to(tl.float32)
             before = (w[None, :] < v[:, None]) | ((w[None, :] == v[:, None]) & (cols[None, :] < rows[:, None]))
@@ -153,14 +154,15 @@ def _masking_fwd_kernel(
     if WRITE_IDS_KEEP:
         tl.store(ids_keep_ptr + n * K + rank, rows, mask=keep)
     if GATHER:
-        src = x_ptr + n * stride_xn + rows.to(tl.int64) * stride_xl  # (BLOCK_R,) row starts
+        src = x_ptr + n * stride_xn + rows64 * stride_xl  # (BLOCK_R,) row starts
         dst = out_ptr + (n * K + rank.to(tl.int64)) * D
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
+            offs_d64 = offs_d.to(tl.int64)
             m = keep[:, None] & (offs_d[None, :] < D)
-            val = tl.load(src[:, None] + offs_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+            val = tl.load(src[:, None] + offs_d64[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
             if HAS_POS:
-                p = tl.load(pos_ptr + rows[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0)
+                p = tl.load(pos_ptr + rows64[:, None] * stride_pl + offs_d64[None, :] * stride_pd, mask=m, other=0.0)
                 val += p.to(tl.float32)
             tl.store(dst[:, None] + offs_d[None, :], cast(val, out_ptr.dtype.element_ty), mask=m)
 
@@ -222,7 +224,7 @@ def _masking_sort_fwd_kernel(
     c = tl.program_id(1)
     pos_l = tl.arange(0, BLOCK_L)
     ok = pos_l < L
-    v = tl.load(noise_ptr + n * stride_nn + pos_l * stride_nl, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(noise_ptr + n * stride_nn + pos_l.to(tl.int64) * stride_nl, mask=ok, other=0.0).to(tl.float32)
     # float32 bits -> int32 in the floats' order: -0.0 as +0.0 (they compare equal), negative
     # values with their 31 low bits flipped. Key = (bits, position): the sort is stable.
     bits = v.to(tl.int32, bitcast=True)
@@ -247,14 +249,16 @@ def _masking_sort_fwd_kernel(
         src_l = tl.sum(tl.where(sel, chunks, 0), axis=0)  # (BLOCK_R,) positions l
         r = c * BLOCK_R + tl.arange(0, BLOCK_R)
         keep = r < K
-        src = x_ptr + n * stride_xn + src_l.to(tl.int64) * stride_xl  # (BLOCK_R,) row starts
+        src_l64 = src_l.to(tl.int64)
+        src = x_ptr + n * stride_xn + src_l64 * stride_xl  # (BLOCK_R,) row starts
         dst = out_ptr + (n * K + r.to(tl.int64)) * D
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
+            offs_d64 = offs_d.to(tl.int64)
             m = keep[:, None] & (offs_d[None, :] < D)
-            val = tl.load(src[:, None] + offs_d[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+            val = tl.load(src[:, None] + offs_d64[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
             if HAS_POS:
-                p = tl.load(pos_ptr + src_l[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0)
+                p = tl.load(pos_ptr + src_l64[:, None] * stride_pl + offs_d64[None, :] * stride_pd, mask=m, other=0.0)
                 val += p.to(tl.float32)
             tl.store(dst[:, None] + offs_d[None, :], cast(val, out_ptr.dtype.element_ty), mask=m)
 
@@ -281,15 +285,18 @@ def _masking_bwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     n_start = chunk * n_per_prog
     n_end = tl.minimum(n_start + n_per_prog, N)
-    # per-sample pointers advance by one sample per iteration (int64 from the start)
+    # per-sample pointers advance by one sample per iteration (int64 from the start); products
+    # with the other strides in int64 too (any strides: they may pass 2^31)
     ids_n = ids_ptr + n_start.to(tl.int64) * stride_in
     g_n = g_ptr + n_start.to(tl.int64) * stride_gn
     gx_n = gx_ptr + n_start.to(tl.int64) * L * D
+    ids_off = rows.to(tl.int64) * stride_il
+    g_col = offs_d.to(tl.int64) * stride_gd
     for _ in range(n_start, n_end):
-        r = tl.load(ids_n + rows * stride_il, mask=row_ok, other=K)
+        r = tl.load(ids_n + ids_off, mask=row_ok, other=K)
         keep = row_ok & (r >= 0) & (r < K)
         g = tl.load(
-            g_n + r[:, None] * stride_gk + offs_d[None, :] * stride_gd,
+            g_n + r[:, None] * stride_gk + g_col[None, :],
             mask=keep[:, None] & d_ok[None, :], other=0.0,
         )
         if WRITE_GX:
@@ -330,18 +337,21 @@ def _unshuffle_fwd_kernel(
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = t < L + 1
     d_ok = offs_d < D
-    r = tl.load(ids_ptr + n * stride_in + (t - 1) * stride_il, mask=t_ok & (t > 0), other=0)
+    t64 = t.to(tl.int64)  # products with strides in int64 (any strides: they may pass 2^31)
+    offs_d64 = offs_d.to(tl.int64)
+    r = tl.load(ids_ptr + n * stride_in + (t64 - 1) * stride_il, mask=t_ok & (t > 0), other=0)
     from_x = t_ok & ((t == 0) | ((r >= 0) & (r < K)))
     src = tl.where(t == 0, 0, r + 1)  # row of x
     val = tl.load(
-        x_ptr + n * stride_xn + src[:, None] * stride_xk + offs_d[None, :] * stride_xd,
+        x_ptr + n * stride_xn + src[:, None] * stride_xk + offs_d64[None, :] * stride_xd,
         mask=from_x[:, None] & d_ok[None, :], other=0.0,
     ).to(tl.float32)
-    mt = tl.load(mt_ptr + offs_d * stride_mt, mask=d_ok, other=0.0).to(tl.float32)
+    mt = tl.load(mt_ptr + offs_d64 * stride_mt, mask=d_ok, other=0.0).to(tl.float32)
     val = tl.where(from_x[:, None], val, mt[None, :])
     m = t_ok[:, None] & d_ok[None, :]
     if HAS_POS:
-        val += tl.load(pos_ptr + t[:, None] * stride_pt + offs_d[None, :] * stride_pd, mask=m, other=0.0).to(tl.float32)
+        val += tl.load(pos_ptr + t64[:, None] * stride_pt + offs_d64[None, :] * stride_pd, mask=m,
+                       other=0.0).to(tl.float32)
     tl.store(out_ptr + (n * (L + 1) + t[:, None]) * D + offs_d[None, :], cast(val, out_ptr.dtype.element_ty), mask=m)
 
 
@@ -374,11 +384,16 @@ def _unshuffle_bwd_kernel(
     ids_n = ids_ptr + n_start.to(tl.int64) * stride_in
     g_n = g_ptr + n_start.to(tl.int64) * stride_gn
     gx_n = gx_ptr + n_start.to(tl.int64) * (K + 1) * D
+    # products with the other strides in int64 too (any strides: they may pass 2^31)
+    t64 = t.to(tl.int64)
+    ids_off = (t64 - 1) * stride_il
+    g_row = t64 * stride_gt
+    g_col = offs_d.to(tl.int64) * stride_gd
     for _ in range(n_start, n_end):
-        r = tl.load(ids_n + (t - 1) * stride_il, mask=t_ok & (t > 0), other=0)
+        r = tl.load(ids_n + ids_off, mask=t_ok & (t > 0), other=0)
         to_x = t_ok & ((t == 0) | ((r >= 0) & (r < K)))
         dst = tl.where(t == 0, 0, r + 1)  # row of grad_x
-        g = tl.load(g_n + t[:, None] * stride_gt + offs_d[None, :] * stride_gd, mask=m, other=0.0)
+        g = tl.load(g_n + g_row[:, None] + g_col[None, :], mask=m, other=0.0)
         tl.store(gx_n + dst[:, None] * D + offs_d[None, :], cast(g, gx_ptr.dtype.element_ty),
                  mask=to_x[:, None] & d_ok[None, :])
         gf = g.to(tl.float32)
