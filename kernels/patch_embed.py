@@ -104,7 +104,9 @@ def _embed_epilogue_kernel(
         val += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
         l = tl.load(ids_keep_ptr + offs_m, mask=m_ok, other=0)
-        val += tl.load(pos_ptr + l[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0).to(tl.float32)
+        # int64 products: pos may have any strides
+        p_off = l.to(tl.int64)[:, None] * stride_pl + offs_d.to(tl.int64)[None, :] * stride_pd
+        val += tl.load(pos_ptr + p_off, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + off, cast(val, out_ptr.dtype.element_ty), mask=m)
 
 
