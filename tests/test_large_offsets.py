@@ -38,12 +38,24 @@ BIG = 1_100_000_000  # < 2**31 (an int32 argument); 2 * BIG > 2**31
 assert BIG < 2**31 - 1 < 2 * BIG
 
 
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    """On a GPU the storage is real memory (up to about 18 GiB for one case), and test processes
+    share the card: hand it back after each case."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _storage(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Untouched storage of ``numel`` elements, or a skip where the address space is refused."""
+    """Untouched storage of ``numel`` elements, or a skip where the address space (on a GPU,
+    the memory, with room to spare for the other test processes) is refused."""
+    size = numel * torch.empty(0, dtype=dtype).element_size()
+    if torch.device(device).type == "cuda" and torch.cuda.mem_get_info()[0] < 1.5 * size + 2**30:
+        pytest.skip(f"{size / 2**30:.1f} GiB of GPU memory not free")  # pragma: no cover - depends on the load
     try:
         return torch.empty(numel, dtype=dtype, device=device)
     except (RuntimeError, MemoryError) as e:  # pragma: no cover - depends on the machine
-        size = numel * torch.empty(0, dtype=dtype).element_size()
         pytest.skip(f"the machine refuses {size / 2**30:.1f} GiB of address space: {e}")
 
 
