@@ -341,11 +341,13 @@ def test_loaded_mae_computes_the_loss_it_was_trained_with(tmp_path, norm_pix_los
 def test_beit_checkpoint_export_and_load(tmp_path):
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "vocab_size": 64}
     beit = _perturbed(create_model("beit_tiny_patch16_224_8k_vocab", **kw, kernels="eager"))
+    # as the trainer saves it: the vocabulary came from the tokenizer and is not in the config
     config = {"method": "beit", "model": "beit_tiny_patch16_224_8k_vocab", "img_size": 32, "patch_size": 8,
-              "model_kwargs": {k: v for k, v in kw.items() if k not in ("img_size", "patch_size")}}
+              "model_kwargs": {k: v for k, v in kw.items() if k not in ("img_size", "patch_size", "vocab_size")}}
     ckpt = _save_mimfast_checkpoint(beit, tmp_path / "beit.pth", config)
     summary = export_checkpoint(ckpt, tmp_path / "enc", global_pool=True)
     assert summary["timm_class"] == "Beit" and summary["timm_kwargs"]["num_heads"] == 3
     assert summary["timm_kwargs"]["global_pool"] == "avg"
     loaded = load_pretrained_model(ckpt, kernels="eager")
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, beit.blocks[0].attn.qkv.weight)
+    assert torch.equal(loaded.lm_head.weight, beit.lm_head.weight)  # the 64-word head, not a fresh 8192 one

@@ -195,10 +195,11 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
 
 
 def build_model_from_config(config: dict | None, model_name: str | None = None, kernels: str = "auto",
-                            device: torch.device | str | None = None) -> nn.Module:
+                            device: torch.device | str | None = None, **overrides) -> nn.Module:
     """Rebuild the pretraining model: from a mimfast checkpoint's ``config`` (``model``,
     ``img_size``, ``patch_size``, ``model_kwargs``), else from ``model_name`` with its defaults.
-    ``model_name`` overrides the config's model name when both are given."""
+    ``model_name`` overrides the config's model name when both are given; ``overrides`` are
+    model arguments the config does not hold (a BEiT run's vocabulary comes from its tokenizer)."""
     from mimfast.models import MODELS, create_model
 
     config = config or {}
@@ -214,9 +215,16 @@ def build_model_from_config(config: dict | None, model_name: str | None = None, 
             kw[key] = config[key]
     if config.get("method", "mae") == "mae" and config.get("norm_pix_loss") is not None:
         kw["norm_pix_loss"] = config["norm_pix_loss"]  # the trainer passes it beside model_kwargs
+    kw.update(overrides)
     kw["kernels"] = kernels
     with torch.device(device or "cpu"):
         return create_model(name, **kw)
+
+
+def _head_overrides(sd: dict) -> dict:
+    """Model arguments a checkpoint's weights say and its config does not: a BEiT run takes its
+    vocabulary from the tokenizer, and the LM head has its size."""
+    return {"vocab_size": sd["lm_head.weight"].shape[0]} if "lm_head.weight" in sd else {}
 
 
 def _encoder_keys(model_sd: dict) -> list[str]:
@@ -232,7 +240,9 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
     does not fit ``model_name`` / its config is an error, not a silently random encoder."""
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
-    shapes = {k: v.shape for k, v in build_model_from_config(config, model_name, device="meta").state_dict().items()}
+    overrides = _head_overrides(sd)
+    shapes = {k: v.shape for k, v in
+              build_model_from_config(config, model_name, device="meta", **overrides).state_dict().items()}
     encoder_keys = _encoder_keys(shapes)
     missing = [k for k in encoder_keys if k not in sd]
     unexpected = [k for k in sd if k not in shapes and not k.startswith(_HEADS)]
@@ -244,7 +254,7 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
                          f"shape mismatch {wrong[:5]}")
     # pretraining heads are loaded where they fit (e.g. another vocabulary size is skipped)
     sd = {k: v for k, v in sd.items() if k in shapes and v.shape == shapes[k]}
-    model = build_model_from_config(config, model_name, kernels=kernels, device=device)
+    model = build_model_from_config(config, model_name, kernels=kernels, device=device, **overrides)
     model.load_state_dict(sd, strict=False)
     return model
 
@@ -294,15 +304,10 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, model_name: str |
     config = dict(read_checkpoint_config(path) or {})
     layout = state_dict_layout(sd)
     kw = dict(config.get("model_kwargs") or {})
-    if layout == "mae" and "norm_pix_loss" in config:
-        kw["norm_pix_loss"] = bool(config["norm_pix_loss"])  # the run's loss, not the model default
-    if layout == "beit":
-        if "lm_head.weight" in sd:  # the tokenizer's vocabulary, which the config does not record
-            kw["vocab_size"] = sd["lm_head.weight"].shape[0]
-        if config.get("drop_path") is not None:
-            kw.setdefault("drop_path_rate", config["drop_path"])
+    if layout == "beit" and config.get("drop_path") is not None:
+        kw.setdefault("drop_path_rate", config["drop_path"])  # HF's config carries it
     config["model_kwargs"] = kw
-    model = build_model_from_config(config, model_name, kernels="eager", device="meta")
+    model = build_model_from_config(config, model_name, kernels="eager", device="meta", **_head_overrides(sd))
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("relative_position_index")}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and not k.endswith("relative_position_index")]
