@@ -92,10 +92,10 @@ def _attn_fwd(
     # rows are recomputed per key block (a loop-invariant (BLOCK, DH_PAD) offset tile would
     # stay live in registers)
     base = QKV + b.to(tl.int64) * stride_qb
-    q_cols = (h * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    k_cols = ((H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    q = tl.load(base + offs_m.to(tl.int64)[:, None] * stride_qs + q_cols[None, :],
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    q = tl.load(base + offs_m[:, None] * stride_qs + q_cols[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, DH_PAD)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
@@ -105,13 +105,11 @@ def _attn_fwd(
         offs_n = start_n + offs_n0
         mask_n = offs_n < S
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        kv_rows = offs_n.to(tl.int64) * stride_qs
-        k = tl.load(base + kv_rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + kv_rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
-            bias = tl.load(BIAS + h.to(tl.int64) * stride_bh + offs_m.to(tl.int64)[:, None] * stride_bi
-                           + offs_n.to(tl.int64)[None, :] * stride_bj,
+            bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                            mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -131,8 +129,8 @@ def _attn_fwd(
 
 @triton.jit
 def _bwd_fused_batch(
-    b64, h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s, tile_mask, qkv_rows, q_cols, k_cols, v_cols,
-    od_tile, stride_qb, S, H, scale, qk_scale2,
+    b64, h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s, tile_mask, qkv_tile, od_tile,
+    stride_qb, stride_qc, S, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dq, dk, dv of one (batch, head) held in one tile; returns dS^T (keys x queries), fp32."""
@@ -143,26 +141,26 @@ def _bwd_fused_batch(
     do = tl.load(DOUT + od_base + od_tile, mask=tile_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK,) rowsum(o * do)
     lse2 = tl.load(LSE + (b64 * H + h) * S + offs, mask=mask_s, other=0.0) * 1.4426950408889634
-    # int64 row and column offsets (any strides of qkv: the products may pass 2^31), combined
-    # into pointer tiles per access rather than kept as a loop-invariant offset tile
-    rows = b64 * stride_qb + qkv_rows
-    q = tl.load(QKV + rows[:, None] + q_cols[None, :], mask=tile_mask, other=0.0)  # (BLOCK, DH_PAD)
-    k = tl.load(QKV + rows[:, None] + k_cols[None, :], mask=tile_mask, other=0.0)
+    q_base = b64 * stride_qb + h * HEAD_DIM * stride_qc
+    k_base = q_base + H * HEAD_DIM * stride_qc
+    v_base = k_base + H * HEAD_DIM * stride_qc
+    q = tl.load(QKV + q_base + qkv_tile, mask=tile_mask, other=0.0)  # (BLOCK, DH_PAD)
+    k = tl.load(QKV + k_base + qkv_tile, mask=tile_mask, other=0.0)
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK keys, BLOCK queries)
     if HAS_BIAS:
         sT += biasT
     pT = tl.exp2(sT - lse2[None, :])
     pT = tl.where(mask_s[:, None], pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)  # (BLOCK, DH_PAD)
-    tl.store(DQKV + rows[:, None] + v_cols[None, :], dv.to(DQKV.dtype.element_ty), mask=tile_mask)
-    v = tl.load(QKV + rows[:, None] + v_cols[None, :], mask=tile_mask, other=0.0)
+    tl.store(DQKV + v_base + qkv_tile, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
+    v = tl.load(QKV + v_base + qkv_tile, mask=tile_mask, other=0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])  # d loss / d (scale * q k^T + bias), transposed
     ds16 = dsT.to(q.dtype)
     dk = tl.dot(ds16, q, input_precision=DOT_PRECISION) * scale
-    tl.store(DQKV + rows[:, None] + k_cols[None, :], dk.to(DQKV.dtype.element_ty), mask=tile_mask)
+    tl.store(DQKV + k_base + qkv_tile, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
     dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale
-    tl.store(DQKV + rows[:, None] + q_cols[None, :], dq.to(DQKV.dtype.element_ty), mask=tile_mask)
+    tl.store(DQKV + q_base + qkv_tile, dq.to(DQKV.dtype.element_ty), mask=tile_mask)
     return dsT
 
 
@@ -192,17 +190,12 @@ def _attn_bwd_fused(
     mask_s = offs < S
     mask_d = offs_d < HEAD_DIM
     tile_mask = mask_s[:, None] & mask_d[None, :]
-    # row and column offsets for q, k, v and their gradients (int64: any strides), one offset
-    # tile for out and its gradient
-    qkv_rows = offs.to(tl.int64) * stride_qs
-    q_cols = (h * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    k_cols = ((H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
+    # one offset tile for q, k, v and their gradients, one for out and its gradient
+    qkv_tile = offs[:, None] * stride_qs + offs_d[None, :] * stride_qc
     od_tile = offs[:, None] * (H * HEAD_DIM) + offs_d[None, :]
     biasT = 0.0
     if HAS_BIAS:  # transposed: (keys, queries)
-        biasT = tl.load(BIAS + h.to(tl.int64) * stride_bh + offs.to(tl.int64)[None, :] * stride_bi
-                        + offs.to(tl.int64)[:, None] * stride_bj,
+        biasT = tl.load(BIAS + h * stride_bh + offs[None, :] * stride_bi + offs[:, None] * stride_bj,
                         mask=mask_s[:, None] & mask_s[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
     if BATCH_LOOP:
         dbiasT = tl.zeros([BLOCK, BLOCK], tl.float32)
@@ -210,12 +203,12 @@ def _attn_bwd_fused(
         b_end = tl.minimum(b_start + batches_per_program, B)
         for b64 in range(b_start, b_end):
             dbiasT += _bwd_fused_batch(b64, h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s, tile_mask,
-                                       qkv_rows, q_cols, k_cols, v_cols, od_tile, stride_qb, S, H, scale, qk_scale2,
+                                       qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
                                        HEAD_DIM, HAS_BIAS, DOT_PRECISION)
     else:
         dbiasT = _bwd_fused_batch(g.to(tl.int64), h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s,
-                                  tile_mask, qkv_rows, q_cols, k_cols, v_cols, od_tile, stride_qb, S, H, scale,
-                                  qk_scale2, HEAD_DIM, HAS_BIAS, DOT_PRECISION)
+                                  tile_mask, qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
+                                  HEAD_DIM, HAS_BIAS, DOT_PRECISION)
     if NEED_DBIAS:
         dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs[None, :] * S + offs[:, None]
         tl.store(dptr, dbiasT, mask=mask_s[:, None] & mask_s[None, :])
@@ -240,7 +233,7 @@ def _bwd_dq_batch(
     row = (b64 * H + h) * S + offs_m
     tl.store(DELTA + row, delta, mask=mask_m)
     lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
-    q_rows = b64 * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qs
+    q_rows = b64 * stride_qb + offs_m[:, None] * stride_qs
     q = tl.load(QKV + q_rows + q_cols[None, :], mask=q_mask, other=0.0)
     base = QKV + b64 * stride_qb
 
@@ -249,19 +242,17 @@ def _bwd_dq_batch(
         offs_n = start_n + offs_n0
         mask_n = offs_n < S
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        kv_rows = offs_n.to(tl.int64) * stride_qs
-        k = tl.load(base + kv_rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
         if HAS_BIAS:
             if ONE_N_BLOCK:
                 s += bias
             else:
-                s += tl.load(BIAS + h.to(tl.int64) * stride_bh + offs_m.to(tl.int64)[:, None] * stride_bi
-                             + offs_n.to(tl.int64)[None, :] * stride_bj,
+                s += tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
                              mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
-        v = tl.load(base + kv_rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if NEED_DBIAS:
@@ -310,17 +301,16 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, DH_PAD)
     mask_m = offs_m < S
     mask_d = offs_d < HEAD_DIM
-    q_cols = (h * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    k_cols = ((H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
     od_cols = h * HEAD_DIM + offs_d
     dbias_rows = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs_m[:, None] * S
     bias = 0.0
     dbias = 0.0
     if ONE_N_BLOCK:  # all keys in one block: the bias tile is loaded once, its gradient kept in registers
         if HAS_BIAS:
-            bias = tl.load(BIAS + h.to(tl.int64) * stride_bh + offs_m.to(tl.int64)[:, None] * stride_bi
-                           + offs_n0.to(tl.int64)[None, :] * stride_bj,
+            bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n0[None, :] * stride_bj,
                            mask=mask_m[:, None] & (offs_n0 < S)[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         if NEED_DBIAS:
             dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -373,10 +363,10 @@ def _attn_bwd_dkdv(
     mask_n = offs_n < S
     mask_d = offs_d < HEAD_DIM
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    kv_rows = b64 * stride_qb + offs_n.to(tl.int64)[:, None] * stride_qs
-    k_cols = ((H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
-    q_cols = (h * HEAD_DIM + offs_d).to(tl.int64) * stride_qc
+    kv_rows = b64 * stride_qb + offs_n[:, None] * stride_qs
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
     do_cols = h * HEAD_DIM + offs_d
     k = tl.load(QKV + kv_rows + k_cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, DH_PAD)
     v = tl.load(QKV + kv_rows + v_cols[None, :], mask=kv_mask, other=0.0)
@@ -388,15 +378,13 @@ def _attn_bwd_dkdv(
         offs_m = start_m + offs_m0
         mask_m = offs_m < S
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(QKV + b64 * stride_qb + offs_m.to(tl.int64)[:, None] * stride_qs + q_cols[None, :], mask=q_mask,
-                    other=0.0)
+        q = tl.load(QKV + b64 * stride_qb + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
         row = bh.to(tl.int64) * S + offs_m
         # +inf logsumexp on padded query rows makes their probabilities exactly 0
         lse2 = tl.load(LSE + row, mask=mask_m, other=float("inf")) * 1.4426950408889634
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
         if HAS_BIAS:
-            biasT = tl.load(BIAS + h.to(tl.int64) * stride_bh + offs_m.to(tl.int64)[None, :] * stride_bi
-                            + offs_n.to(tl.int64)[:, None] * stride_bj,
+            biasT = tl.load(BIAS + h * stride_bh + offs_m[None, :] * stride_bi + offs_n[:, None] * stride_bj,
                             mask=mask_n[:, None] & mask_m[None, :], other=0.0)
             sT += biasT.to(tl.float32) * 1.4426950408889634
         pT = tl.exp2(sT - lse2[None, :])
@@ -542,6 +530,28 @@ def _check_bias(bias, num_heads: int, S: int, qkv: torch.Tensor) -> None:
         raise ValueError(f"bias is on {bias.device}, qkv on {qkv.device}")
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _span(t: torch.Tensor, first_dim: int = 0) -> int:
+    """The largest element offset the kernels form over dims ``first_dim``... of ``t``."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+
+
+def _int32_indexable(qkv: torch.Tensor, bias: torch.Tensor | None):
+    """The kernels offset samples in int64 and index within one sample (rows, columns and heads
+    of qkv; all of bias) in int32, which keeps their address arithmetic and registers small at
+    ViT shapes. A layout whose span within a sample passes 2^31 elements (strides no Linear
+    output has) is read from a dense copy; one that does not fit even dense is refused."""
+    if _span(qkv, 1) > _INT32_MAX:
+        qkv = qkv.contiguous()
+    if bias is not None and _span(bias) > _INT32_MAX:
+        bias = bias.contiguous()
+    if _span(qkv, 1) > _INT32_MAX or (bias is not None and _span(bias) > _INT32_MAX):
+        raise ValueError(f"one sample of qkv {tuple(qkv.shape)} or the bias passes 2^31 elements: too long a sequence")
+    return qkv, bias
+
+
 def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
@@ -556,6 +566,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     """
     B, S, head_dim = _check_qkv(qkv, num_heads)
     _check_bias(bias, num_heads, S, qkv)
+    qkv, bias = _int32_indexable(qkv, bias)
     H = num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
     cfg = config or default_config(S, head_dim, bias is not None, qkv.dtype)
@@ -593,6 +604,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         raise ValueError(f"lse must be the contiguous ({B}, {H}, {S}) float32 forward logsumexp, got {tuple(lse.shape)}")
     # the kernels index out and grad_out alike, and write dqkv with the strides of qkv
     grad_out = grad_out.to(qkv.dtype).contiguous()
+    qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)
     if dqkv.stride() != qkv.stride():  # qkv overlaps or has gaps (e.g. a slice): read a dense copy
         qkv = qkv.contiguous()
