@@ -220,12 +220,14 @@ def test_load_model_weights_reads_hf_folders_safetensors_and_bin(tmp_path):
     hf = _hf_mae()
     expected = mae_from_hf(hf.state_dict())
     hf.save_pretrained(tmp_path / "st")
+    hf.save_pretrained(tmp_path / "shards", max_shard_size="100KB")  # model-0000x-of-0000y + index
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     encoder_only = {k[len("vit."):]: v.contiguous() for k, v in hf.state_dict().items() if k.startswith("vit.")}
     save_file(encoder_only, str(tmp_path / "vitmaemodel.safetensors"))  # ViTMAEModel keys: no "vit."
-    for path in (tmp_path / "st", tmp_path / "bin"):
+    for path in (tmp_path / "st", tmp_path / "shards", tmp_path / "bin"):
         sd = load_model_weights(path)
         assert sd.keys() == expected.keys()
         for k in sd:
