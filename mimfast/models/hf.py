@@ -155,6 +155,14 @@ def _unlegacy(rest: str) -> str:
     return rest
 
 
+def _renamed(k: str, fixed: dict, prefixes) -> str | None:
+    """``k`` under its other name: from the exact-name table ``fixed`` or the (old prefix, new
+    prefix) pairs ``prefixes``; None where neither has it (a layer key)."""
+    if k in fixed:
+        return fixed[k]
+    return next((new + k[len(old):] for old, new in prefixes if k.startswith(old)), None)
+
+
 def _layer_from_hf(rest: str, v: torch.Tensor, out: dict, prefix: str, qkv: dict, where: str) -> None:
     """One HF layer entry (``rest`` after ``layers.<i>.``) into official keys under ``prefix``."""
     rest = _unlegacy(rest)
@@ -223,10 +231,7 @@ def mae_from_hf(sd: dict) -> dict:
     )
     out, qkv = {}, {}
     for k, v in sd.items():
-        if k in fixed:
-            out[fixed[k]] = v
-            continue
-        hit = next((off + k[len(hf):] for hf, off in prefixes if k.startswith(hf)), None)
+        hit = _renamed(k, fixed, prefixes)
         if hit is not None:
             out[hit] = v
             continue
@@ -293,10 +298,7 @@ def mae_to_hf(sd: dict, legacy: bool = False) -> dict:
                 ("decoder_pred.", "decoder.decoder_pred."))
     out = {}
     for k, v in sd.items():
-        if k in fixed:
-            out[fixed[k]] = v
-            continue
-        hit = next((hf + k[len(off):] for off, hf in prefixes if k.startswith(off)), None)
+        hit = _renamed(k, fixed, prefixes)
         if hit is not None:
             out[hit] = v
             continue
@@ -340,12 +342,9 @@ def beit_from_hf(sd: dict) -> dict:
                 ("lm_head.", "lm_head."))
     out, qkv = {}, {}
     for k, v in sd.items():
-        if k in fixed:
-            out[fixed[k]] = v
-            continue
         if k.endswith("relative_position_index"):
             continue  # buffers of older files: recomputed below
-        hit = next((off + k[len(hf):] for hf, off in prefixes if k.startswith(hf)), None)
+        hit = _renamed(k, fixed, prefixes)
         if hit is not None:
             out[hit] = v
             continue
@@ -377,12 +376,9 @@ def beit_to_hf(sd: dict, legacy: bool = False) -> dict:
                 ("lm_head.", "lm_head."))
     out = {}
     for k, v in sd.items():
-        if k in fixed:
-            out[fixed[k]] = v
-            continue
         if k == "rel_pos_bias.relative_position_index":
             continue
-        hit = next((hf + k[len(off):] for off, hf in prefixes if k.startswith(off)), None)
+        hit = _renamed(k, fixed, prefixes)
         if hit is not None:
             out[hit] = v
             continue
