@@ -231,6 +231,21 @@ def _encoder_keys(model_sd: dict) -> list[str]:
     return [k for k in model_sd if not k.startswith(_HEADS) and not k.endswith("relative_position_index")]
 
 
+def _misfit(sd: dict, shapes: dict, required: list[str], ignored) -> tuple[list, list, list]:
+    """What keeps ``sd`` from fitting a model of parameter ``shapes``: required keys missing, keys
+    the model lacks (but ``ignored(key)``), required keys of another shape."""
+    missing = [k for k in required if k not in sd]
+    unexpected = [k for k in sd if k not in shapes and not ignored(k)]
+    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(shapes[k])}" for k in required
+             if k in sd and sd[k].shape != shapes[k]]
+    return missing, unexpected, wrong
+
+
+def _misfit_error(path, name, missing, unexpected, wrong, hint: str = "") -> ValueError:
+    return ValueError(f"{path} does not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                      f"shape mismatch {wrong[:5]}{hint}")
+
+
 def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None, kernels: str = "auto",
                           device: torch.device | str = "cpu") -> nn.Module:
     """The pretraining model (MAE or BEiT) with the checkpoint's weights; encoder-only
@@ -243,15 +258,9 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
     overrides = _head_overrides(sd)
     shapes = {k: v.shape for k, v in
               build_model_from_config(config, model_name, device="meta", **overrides).state_dict().items()}
-    encoder_keys = _encoder_keys(shapes)
-    missing = [k for k in encoder_keys if k not in sd]
-    unexpected = [k for k in sd if k not in shapes and not k.startswith(_HEADS)]
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(shapes[k])}" for k in encoder_keys
-             if k in sd and sd[k].shape != shapes[k]]
+    missing, unexpected, wrong = _misfit(sd, shapes, _encoder_keys(shapes), lambda k: k.startswith(_HEADS))
     if missing or unexpected or wrong:
-        name = model_name or (config or {}).get("model")
-        raise ValueError(f"{path} does not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shape mismatch {wrong[:5]}")
+        raise _misfit_error(path, model_name or (config or {}).get("model"), missing, unexpected, wrong)
     # pretraining heads are loaded where they fit (e.g. another vocabulary size is skipped)
     sd = {k: v for k, v in sd.items() if k in shapes and v.shape == shapes[k]}
     model = build_model_from_config(config, model_name, kernels=kernels, device=device, **overrides)
@@ -309,17 +318,12 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, model_name: str |
     config["model_kwargs"] = kw
     model = build_model_from_config(config, model_name, kernels="eager", device="meta", **_head_overrides(sd))
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("relative_position_index")}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and not k.endswith("relative_position_index")]
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(expected[k])}" for k in expected
-             if k in sd and sd[k].shape != expected[k]]
+    missing, unexpected, wrong = _misfit(sd, expected, list(expected), lambda k: k.endswith("relative_position_index"))
     if missing or unexpected or wrong:
-        name = model_name or config.get("model")
         hint = (" (an encoder-only checkpoint has no decoder / head for an HF pretraining model: export the "
                 "encoder with --format safetensors)" if missing and all(k.startswith(_HEADS) for k in missing)
                 else "")
-        raise ValueError(f"{path} does not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shape mismatch {wrong[:5]}{hint}")
+        raise _misfit_error(path, model_name or config.get("model"), missing, unexpected, wrong, hint)
     hf_config = hf_config_for(model, mask_ratio=config.get("mask_ratio", 0.75))
     sd = {k: v for k, v in sd.items() if k in expected}
     hf_sd = mae_to_hf(sd, legacy) if layout == "mae" else beit_to_hf(sd, legacy)
