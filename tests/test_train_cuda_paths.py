@@ -55,18 +55,24 @@ def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
         torch.random.set_rng_state(loaded["torch"].to("meta"))
 
 
-def test_resume_reads_checkpoints_on_the_cpu(tmp_path, monkeypatch):
-    import mimfast.train.pretrain as pretrain_module
-
-    pretrain(PretrainConfig(**dict(TINY, batch_size=8, output_dir=str(tmp_path), max_steps=2)))
+def _record_map_locations(monkeypatch, module) -> list:
+    """The ``map_location`` of every ``load_checkpoint`` call ``module`` makes, as it makes them."""
     seen = []
-    real = pretrain_module.load_checkpoint
+    real = module.load_checkpoint
 
     def spy(path, map_location="cpu"):
         seen.append(map_location)
         return real(path, map_location=map_location)
 
-    monkeypatch.setattr(pretrain_module, "load_checkpoint", spy)
+    monkeypatch.setattr(module, "load_checkpoint", spy)
+    return seen
+
+
+def test_resume_reads_checkpoints_on_the_cpu(tmp_path, monkeypatch):
+    import mimfast.train.pretrain as pretrain_module
+
+    pretrain(PretrainConfig(**dict(TINY, batch_size=8, output_dir=str(tmp_path), max_steps=2)))
+    seen = _record_map_locations(monkeypatch, pretrain_module)
     pretrain(PretrainConfig(**dict(TINY, batch_size=8, output_dir=str(tmp_path), resume="auto")))
     assert seen == ["cpu"]
 
@@ -78,14 +84,7 @@ def test_tokenizer_resume_reads_checkpoints_on_the_cpu(tmp_path, monkeypatch):
               num_workers=0, eval_images=8, lr=2e-3, warmup_steps=1, output_dir=str(tmp_path), log_every=1000,
               device="cpu")
     tt.train_tokenizer(tt.TokenizerTrainConfig(steps=2, **kw))
-    seen = []
-    real = tt.load_checkpoint
-
-    def spy(path, map_location="cpu"):
-        seen.append(map_location)
-        return real(path, map_location=map_location)
-
-    monkeypatch.setattr(tt, "load_checkpoint", spy)
+    seen = _record_map_locations(monkeypatch, tt)
     assert tt.train_tokenizer(tt.TokenizerTrainConfig(steps=3, resume="auto", **kw))["steps"] == 3
     assert seen == ["cpu"]
 
