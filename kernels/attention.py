@@ -32,8 +32,10 @@ Bias (H, S, S) shared across the batch (BEiT's relative position bias): its grad
 sum_b dS[b] is reduced deterministically without float atomics: a program owns one
 (head, query block) strip for a contiguous group of batches and accumulates over them (in
 registers when it holds all keys, else read-modify-write of its own private strip), writing an
-fp32 partial (G, H, S, S); the G partials are then summed in a fixed order. The loop over a
-group of batches costs registers, so without a bias every program handles one batch.
+fp32 partial (G, H, S, S_B); the G partials are then summed in a fixed order. The loop over a
+group of batches costs registers, so without a bias every program handles one batch. The bias
+and the partials have rows of S_B = S rounded up to 16 elements (the launchers pad the bias
+with zeros), so that their column masks allow 16-byte vector loads and stores.
 
 Supports: any S >= 1 (masked tails), head dims up to 128 (Dh = 80 is padded to 128 with masks),
 fp32 (``allow_tf32`` picks the dot's input precision), fp16, bf16; any strides of qkv and bias
@@ -73,7 +75,7 @@ def _attn_fwd(
     LSE,  # (B, H, S) fp32, natural logsumexp of each row of scale * q k^T + bias
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
-    S, H, qk_scale2,  # qk_scale2 = scale * log2(e)
+    S, S_B, H, qk_scale2,  # S_B: bias columns to read (S padded to 16); qk_scale2 = scale * log2(e)
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -110,7 +112,7 @@ def _attn_fwd(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
             bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                           mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                           mask=mask_m[:, None] & (offs_n < S_B)[None, :], other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -172,10 +174,10 @@ def _attn_bwd_fused(
     DOUT,  # (B, S, H*HEAD_DIM) contiguous, gradient of the output
     LSE,  # (B, H, S) fp32
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV, written in full
-    DBIAS,  # (G, H, S, S) fp32 partial bias gradients, one per batch group (unused unless NEED_DBIAS)
+    DBIAS,  # (G, H, S, S_B) fp32 partial bias gradients, one per batch group (unused unless NEED_DBIAS)
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
-    B, S, H, batches_per_program, scale, qk_scale2,
+    B, S, S_B, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -193,10 +195,11 @@ def _attn_bwd_fused(
     # one offset tile for q, k, v and their gradients, one for out and its gradient
     qkv_tile = offs[:, None] * stride_qs + offs_d[None, :] * stride_qc
     od_tile = offs[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    cols_b = offs < S_B  # bias columns (keys), padded: 16-byte vector loads and stores
     biasT = 0.0
     if HAS_BIAS:  # transposed: (keys, queries)
         biasT = tl.load(BIAS + h * stride_bh + offs[None, :] * stride_bi + offs[:, None] * stride_bj,
-                        mask=mask_s[:, None] & mask_s[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+                        mask=cols_b[:, None] & mask_s[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
     if BATCH_LOOP:
         dbiasT = tl.zeros([BLOCK, BLOCK], tl.float32)
         b_start = g.to(tl.int64) * batches_per_program  # int64: batch offsets may pass 2^31
@@ -210,15 +213,15 @@ def _attn_bwd_fused(
                                   tile_mask, qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
                                   HEAD_DIM, HAS_BIAS, DOT_PRECISION)
     if NEED_DBIAS:
-        dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs[None, :] * S + offs[:, None]
-        tl.store(dptr, dbiasT, mask=mask_s[:, None] & mask_s[None, :])
+        dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S_B + offs[None, :] * S_B + offs[:, None]
+        tl.store(dptr, dbiasT, mask=cols_b[:, None] & mask_s[None, :])  # padded keys: dS = 0
 
 
 @triton.jit
 def _bwd_dq_batch(
     b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
     offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
-    stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, H, scale, qk_scale2,
+    stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -241,6 +244,7 @@ def _bwd_dq_batch(
     for start_n in range(0, S, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < S
+        bias_mask = mask_m[:, None] & (offs_n < S_B)[None, :]  # padded bias columns: vector access
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
@@ -249,7 +253,7 @@ def _bwd_dq_batch(
                 s += bias
             else:
                 s += tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                             mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+                             mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
         v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
@@ -258,10 +262,9 @@ def _bwd_dq_batch(
         if NEED_DBIAS:
             if ONE_N_BLOCK:
                 dbias += ds
-            else:  # this program is the only one touching these addresses
+            else:  # this program is the only one touching these addresses (padded keys: ds = 0)
                 dptr = dbias_rows + offs_n[None, :]
-                dmask = mask_m[:, None] & mask_n[None, :]
-                tl.store(dptr, tl.load(dptr, mask=dmask, other=0.0) + ds, mask=dmask)
+                tl.store(dptr, tl.load(dptr, mask=bias_mask, other=0.0) + ds, mask=bias_mask)
                 tl.debug_barrier()  # the next batch re-reads these from other threads
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -278,10 +281,10 @@ def _attn_bwd_dq(
     LSE,  # (B, H, S) fp32
     DELTA,  # (B, H, S) fp32, written here: rowsum(out * dout), read by _attn_bwd_dkdv
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; the q part is written here
-    DBIAS,  # (G, H, S, S) fp32 partials; zero-filled by the caller unless ONE_N_BLOCK
+    DBIAS,  # (G, H, S, S_B) fp32 partials; zero-filled by the caller unless ONE_N_BLOCK
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
-    B, S, H, batches_per_program, scale, qk_scale2,
+    B, S, S_B, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr, BATCH_LOOP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -305,13 +308,13 @@ def _attn_bwd_dq(
     k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
     v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
     od_cols = h * HEAD_DIM + offs_d
-    dbias_rows = DBIAS + (g.to(tl.int64) * H + h) * S * S + offs_m[:, None] * S
+    dbias_rows = DBIAS + (g.to(tl.int64) * H + h) * S * S_B + offs_m[:, None] * S_B
     bias = 0.0
     dbias = 0.0
     if ONE_N_BLOCK:  # all keys in one block: the bias tile is loaded once, its gradient kept in registers
         if HAS_BIAS:
             bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n0[None, :] * stride_bj,
-                           mask=mask_m[:, None] & (offs_n0 < S)[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+                           mask=mask_m[:, None] & (offs_n0 < S_B)[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         if NEED_DBIAS:
             dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
@@ -321,17 +324,17 @@ def _attn_bwd_dq(
         for b64 in range(b_start, b_end):
             dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
                                   offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
-                                  stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, H, scale, qk_scale2,
+                                  stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
                                   HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION)
     else:
         dbias = _bwd_dq_batch(g.to(tl.int64), h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
                               offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
-                              stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, H, scale, qk_scale2,
+                              stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
                               HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION)
 
     if ONE_N_BLOCK:
         if NEED_DBIAS:
-            tl.store(dbias_rows + offs_n0[None, :], dbias, mask=mask_m[:, None] & (offs_n0 < S)[None, :])
+            tl.store(dbias_rows + offs_n0[None, :], dbias, mask=mask_m[:, None] & (offs_n0 < S_B)[None, :])
 
 
 @triton.jit
@@ -344,7 +347,7 @@ def _attn_bwd_dkdv(
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; the k and v parts are written here
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
-    S, H, scale, qk_scale2,
+    S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -385,7 +388,7 @@ def _attn_bwd_dkdv(
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
         if HAS_BIAS:
             biasT = tl.load(BIAS + h * stride_bh + offs_m[None, :] * stride_bi + offs_n[:, None] * stride_bj,
-                            mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+                            mask=(offs_n < S_B)[:, None] & mask_m[None, :], other=0.0)
             sT += biasT.to(tl.float32) * 1.4426950408889634
         pT = tl.exp2(sT - lse2[None, :])
         do = tl.load(DOUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + do_cols[None, :], mask=q_mask, other=0.0)
@@ -552,6 +555,21 @@ def _int32_indexable(qkv: torch.Tensor, bias: torch.Tensor | None):
     return qkv, bias
 
 
+def _padded_bias(bias: torch.Tensor | None, S: int) -> tuple[torch.Tensor | None, int]:
+    """The bias with its rows padded with zeros to S_B, the next multiple of 16 elements, and S_B.
+
+    The kernels mask bias columns (and the bias-gradient partials' columns) with ``j < S_B``
+    instead of ``j < S``: a runtime bound Triton knows to be a multiple of 16 lets it load and
+    store 16-byte vectors. With ``j < S`` at S = 197 every bias element is its own 2-byte (or
+    4-byte) access; the padded copy of BEiT-B's bias (12 x 197 x 208) costs about 1 MB once per
+    call, against about 240 MB of bias reads per forward at B = 256 (once per batch and query block).
+    """
+    S_B = triton.cdiv(S, 16) * 16
+    if bias is None or S_B == S:
+        return bias, S
+    return torch.nn.functional.pad(bias, (0, S_B - S)), S_B
+
+
 def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
@@ -566,6 +584,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     """
     B, S, head_dim = _check_qkv(qkv, num_heads)
     _check_bias(bias, num_heads, S, qkv)
+    bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     H = num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -578,7 +597,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     _attn_fwd[grid](
         qkv, bias_arg, out, lse,
         *qkv.stride(), *bstr,
-        S, H, scale * LOG2E,
+        S, S_B, H, scale * LOG2E,
         HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=bias is not None,
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, DOT_PRECISION=_dot_precision(qkv.dtype, allow_tf32),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
@@ -604,6 +623,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         raise ValueError(f"lse must be the contiguous ({B}, {H}, {S}) float32 forward logsumexp, got {tuple(lse.shape)}")
     # the kernels index out and grad_out alike, and write dqkv with the strides of qkv
     grad_out = grad_out.to(qkv.dtype).contiguous()
+    bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)
     if dqkv.stride() != qkv.stride():  # qkv overlaps or has gaps (e.g. a slice): read a dense copy
@@ -624,10 +644,10 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
             raise ValueError(f"config.bwd='fused' needs S <= fused_block={cfg.fused_block}, got S={S}")
         per = _bias_batches(cfg, B, H, qkv.device) if need_dbias else 1
         groups = triton.cdiv(B, per)
-        dbias_part = _empty(groups, H, S, S, device=qkv.device, dtype=torch.float32) if need_dbias else out
+        dbias_part = _empty(groups, H, S, S_B, device=qkv.device, dtype=torch.float32) if need_dbias else out
         _attn_bwd_fused[(groups * H,)](
             qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
-            B, S, H, per, scale, scale * LOG2E,
+            B, S, S_B, H, per, scale, scale * LOG2E,
             HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block,
             HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, BATCH_LOOP=per > 1, DOT_PRECISION=precision,
             num_warps=cfg.fused_warps, num_stages=cfg.bwd_stages,
@@ -639,13 +659,13 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         groups = triton.cdiv(B, per)
         if need_dbias:
             alloc = _empty if one_n_block else torch.zeros  # tiles update their strip in place
-            dbias_part = alloc(groups, H, S, S, device=qkv.device, dtype=torch.float32)
+            dbias_part = alloc(groups, H, S, S_B, device=qkv.device, dtype=torch.float32)
         else:
             dbias_part = out
         delta = _empty(B, H, S, device=qkv.device, dtype=torch.float32)
         _attn_bwd_dq[(groups * H * num_m,)](
             qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
-            B, S, H, per, scale, scale * LOG2E,
+            B, S, S_B, H, per, scale, scale * LOG2E,
             HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
             HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=one_n_block, BATCH_LOOP=per > 1,
             DOT_PRECISION=precision,
@@ -653,7 +673,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         )
         _attn_bwd_dkdv[(B * H * triton.cdiv(S, cfg.dkdv_block_n),)](
             qkv, bias_arg, grad_out, lse, delta, dqkv, *common,
-            S, H, scale, scale * LOG2E,
+            S, S_B, H, scale, scale * LOG2E,
             HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
             HAS_BIAS=has_bias, DOT_PRECISION=precision,
             num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages,
@@ -663,6 +683,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
 
     dbias = None
     if need_dbias:
-        # fixed-order sum over the batch groups: deterministic
-        dbias = (dbias_part[0] if dbias_part.shape[0] == 1 else dbias_part.sum(0)).to(bias.dtype)
+        # fixed-order sum over the batch groups: deterministic; the padded columns dropped
+        dbias = (dbias_part[0] if dbias_part.shape[0] == 1 else dbias_part.sum(0))[..., :S]
+        dbias = dbias.to(bias.dtype).contiguous()
     return dqkv, dbias
