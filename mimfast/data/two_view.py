@@ -8,9 +8,11 @@ with ``RandomResizedCropAndInterpolationWithTwoPic``): one crop of the image, se
 
 Both views come from the same jittered, flipped image and the same box, so the token at grid
 cell (i, j) describes the pixels of patch (i, j). Resizing runs on PIL images, as the
-reference (PIL has the Lanczos filter; tensor resizing does not). Every random draw comes from
-torch's global RNG, so :class:`mimfast.data.datasets.SeededTransform` makes it repeatable per
-(seed, epoch, index) (the reference draws the box with Python's ``random``).
+reference (PIL has the Lanczos filter; tensor resizing does not), on the box cut out first as
+torchvision's ``resized_crop`` does, so the filters never read pixels outside the box. Every
+random draw comes from torch's global RNG, so :class:`mimfast.data.datasets.SeededTransform`
+makes it repeatable per (seed, epoch, index) (the reference draws the box with Python's
+``random``).
 """
 
 from __future__ import annotations
@@ -113,10 +115,11 @@ class TwoViewTransform:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         top, left, h, w = random_resized_crop_box(img.height, img.width, self.scale, self.ratio)
         self.last_box = (top, left, h, w)
-        box = (left, top, left + w, top + h)
-        patches = img.resize((self.img_size, self.img_size), _FILTERS[self.interpolation], box=box)
-        tokens = img.resize((self.tokenizer_size, self.tokenizer_size), _FILTERS[self.tokenizer_interpolation],
-                            box=box)
+        # cut the box out, then resize it, as torchvision's resized_crop (the reference): resizing
+        # the whole image with box= would let the filters read pixels around the box
+        crop = img.crop((left, top, left + w, top + h))
+        patches = crop.resize((self.img_size, self.img_size), _FILTERS[self.interpolation])
+        tokens = crop.resize((self.tokenizer_size, self.tokenizer_size), _FILTERS[self.tokenizer_interpolation])
         patches = (F.pil_to_tensor(patches).float().div_(255) - self.mean) / self.std
         tokens = map_pixels(F.pil_to_tensor(tokens).float().div_(255))
         return patches, tokens
