@@ -39,3 +39,23 @@ def test_two_views_are_torchvisions_resized_crop_of_the_box(hflip):
         ref_t = map_pixels(TF.pil_to_tensor(ref_t).float() / 255)
         torch.testing.assert_close(patches, ref_p, rtol=0, atol=1e-6)
         torch.testing.assert_close(tokens, ref_t, rtol=0, atol=1e-6)
+
+
+def test_block_mlp_drops_out_once_after_fc2():
+    """The reference's ``Mlp`` (modeling_finetune.py) applies its dropout once, after ``fc2``
+    (the one after the activation is commented out); timm's ``Mlp(drop=p)`` would drop after
+    the activation too. With ``drop_rate`` > 0 the MLP in training mode must be
+    ``dropout(fc2(gelu(fc1(x))))`` with a single dropout."""
+    from mimfast.models.beit import beit_tiny_patch16_224_8k_vocab
+
+    torch.manual_seed(0)
+    model = beit_tiny_patch16_224_8k_vocab(img_size=32, depth=2, vocab_size=64, drop_rate=0.3, kernels="eager")
+    model.train()
+    x = torch.randn(2, 5, model.embed_dim)
+    for blk in model.blocks:
+        mlp = blk.mlp
+        torch.manual_seed(1)
+        out = mlp(x)
+        torch.manual_seed(1)
+        ref = torch.nn.functional.dropout(mlp.fc2(mlp.act(mlp.fc1(x))), 0.3, training=True)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)

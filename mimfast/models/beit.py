@@ -65,7 +65,8 @@ class BEiTBlock(nn.Module):
                                   attn_head_dim=attn_head_dim, kernels=kernels)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        # dropout after fc2 only, as the reference's Mlp (timm's drop=p would also drop after the GELU)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=(0.0, drop))
         if init_values is not None and init_values > 0:
             self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
             self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
