@@ -445,9 +445,9 @@ def default_config(seq_len: int, head_dim: int, has_bias: bool = False,
 
     Chosen without a GPU from ``ptxas -v`` for sm_90 (``python -m benchmarks.compile_check``,
     rechecked with 32-lane warps under triton 3.6 and 3.8): for bf16 / fp16 every default kernel
-    without a bias compiles with no register spills; with a bias, BEiT-B's forward (Dh 64) is
-    clean, its all-keys dq kernel spills 72 B, and forward tiles of 64 x 64 at Dh <= 32 spill
-    about 250 B; ``benchmarks/bench_attention.py``
+    without a bias compiles with no register spills; with a bias (rows padded to 16 elements,
+    which vectorises its loads and halved the spilling variants), BEiT-B's forward (Dh 64) is
+    clean and its all-keys dq kernel spills 24-44 B; ``benchmarks/bench_attention.py``
     times the alternatives (fused vs split backward, all-keys forward, bias gradient in registers
     vs in memory) so a GPU run can revise these. fp32 tiles take twice the registers and shared
     memory (and non-TF32 dots run without tensor cores), so fp32 gets half-size tiles.
