@@ -97,13 +97,30 @@ _CHOICES = {"method": ("mae", "beit"), "kernels": ("auto", "eager", "triton"),
             "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cuda", "cpu")}
 
 
+# facebookresearch/mae main_pretrain.py's names of settings named otherwise here
+_OFFICIAL_NAMES = {"img_size": ("--input_size", "--input-size")}
+_OFFICIAL_NOTE = ("main_pretrain.py's spellings are accepted too: --batch_size, --accum_iter, --input_size, "
+                  "--mask_ratio, --norm_pix_loss, --weight_decay, --min_lr, --warmup_epochs, --output_dir, "
+                  "--num_workers, ... (every --a-b as --a_b), and --data_path DIR (trains on DIR/train)")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _official_flags(name: str) -> list[str]:
+    """main_pretrain.py's spellings of a setting: ``--mask_ratio`` for ``--mask-ratio``, ..."""
+    flags = ["--" + name] if "_" in name else []
+    return flags + list(_OFFICIAL_NAMES.get(name, ()))
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="mimfast pretrain")
+    parser.epilog = parser.epilog or _OFFICIAL_NOTE
     parser.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    parser.add_argument("--data-path", "--data_path", dest="data_path", default=argparse.SUPPRESS,
+                        help="as main_pretrain.py's --data_path: trains on DATA_PATH/train (--data takes the "
+                             "training folder itself)")
     for f in dataclasses.fields(PretrainConfig):
         if f.name == "model_kwargs":
             continue
@@ -114,17 +131,27 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             kw["choices"] = tuple(PRESETS)
         if f.type in ("bool",) or isinstance(f.default, bool):
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            alias = dict(action="store_true")  # main_pretrain.py's switches (--norm_pix_loss) only switch on
         elif f.name == "betas":
             parser.add_argument(_flag(f.name), type=float, nargs=2, **kw)
+            alias = dict(type=float, nargs=2)
         else:
             typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             parser.add_argument(_flag(f.name), type=typ, **kw)
+            alias = dict(type=typ, choices=kw.get("choices"))
+        for flag in _official_flags(f.name):  # accepted, not listed (the epilog says so)
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **alias)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- method recipe <- preset <- YAML file <- flags."""
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    if "data_path" in given:  # main_pretrain.py reads DATA_PATH/train
+        data_path = given.pop("data_path")
+        if "data" in given:
+            raise SystemExit("give --data (the training folder) or --data-path (a folder holding train/), not both")
+        given["data"] = str(Path(data_path) / "train")
     file_cfg = {}
     if getattr(args, "config", None):
         path = Path(args.config)

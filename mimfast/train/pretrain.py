@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -235,6 +236,27 @@ def _resume_position(ckpt: dict, sampler: ResumableSampler, batch_size: int, acc
     return step, epoch, start, notice
 
 
+# what a resume reads (global_sample_in_epoch and the layout are optional: older checkpoints)
+_RESUME_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "sample_in_epoch", "rng")
+
+
+def _load_resume_checkpoint(path) -> dict:
+    """A mimfast checkpoint for ``--resume``; anything else (facebookresearch/mae's
+    ``checkpoint-N.pth``, a bare state_dict, released weights) stops the run with a pointer to
+    ``--init-from``, which starts a run from such weights."""
+    hint = f"to start a run from its weights use --init-from {path}"
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except pickle.UnpicklingError as e:  # official checkpoints also pickle their argparse args
+        raise SystemExit(f"--resume {path}: not a mimfast checkpoint (it holds objects besides tensors and "
+                         f"numbers, as facebookresearch/mae's checkpoints hold their args); {hint}") from e
+    missing = [k for k in _RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"--resume {path}: not a mimfast checkpoint (no {', '.join(missing)}: a run resumes "
+                         f"from the sampler position and RNG states mimfast saves); {hint}")
+    return ckpt
+
+
 def build_task(cfg: PretrainConfig, device: torch.device):
     if cfg.method == "mae":
         return MAETask(cfg, device)
@@ -321,7 +343,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     resume = resolve_resume(cfg.resume, out)
     if resume:
         # on the CPU: the RNG states must stay CPU tensors; weights and moments are copied to the device
-        ckpt = load_checkpoint(resume, map_location="cpu")
+        ckpt = _load_resume_checkpoint(resume)
         load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], sharded)
         scaler.load_state_dict(ckpt["scaler"])
         step, epoch, start_in_epoch, notice = _resume_position(ckpt, sampler, cfg.batch_size, cfg.accum_iter,
