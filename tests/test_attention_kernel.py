@@ -79,6 +79,9 @@ INTERPRETED_CASES = [
     (2, 65, 1, 80, torch.float16, True),
     (1, 197, 1, 32, torch.float32, False),
     (1, 257, 1, 32, torch.float16, True),
+    # S a multiple of 16: the bias is read in place, not from a copy padded to 16 columns
+    (2, 48, 2, 32, torch.float16, True),
+    (1, 80, 2, 32, torch.float32, True),
 ]
 GPU_GRID = list(itertools.product((1, 17, 50, 65, 197, 257), (32, 64, 80), (1, 3, 12, 16)))
 
@@ -86,6 +89,30 @@ GPU_GRID = list(itertools.product((1, 17, 50, 65, 197, 257), (32, 64, 80), (1, 3
 @pytest.mark.parametrize("B,S,H,Dh,dtype,bias", INTERPRETED_CASES, ids=str)
 def test_matches_reference(B, S, H, Dh, dtype, bias, device):
     check_against_reference(B, S, H, Dh, dtype, device, bias=bias)
+
+
+@pytest.mark.parametrize("S", [1, 16, 50, 197])
+def test_padded_bias(S, device):
+    """Bias rows are padded with zeros to a multiple of 16 (vector loads); a bias whose rows are
+    already a multiple of 16 is passed through untouched, whatever its strides."""
+    bias = torch.randn(3, S, S, device=device).transpose(1, 2)
+    padded, S_B = K._padded_bias(bias, S)
+    assert S_B % 16 == 0 and S <= S_B < S + 16
+    if S_B == S:
+        assert padded is bias
+    else:
+        assert padded.shape == (3, S, S_B) and padded.is_contiguous()
+        assert torch.equal(padded[..., :S], bias) and not padded[..., S:].any()
+    assert K._padded_bias(None, S) == (None, S)
+
+
+@pytest.mark.parametrize("S", [17, 48])
+def test_bias_gradient_is_dense(S, device):
+    """The bias gradient comes back (H, S, S) and contiguous, without the padded columns."""
+    qkv, bias = _inputs(2, S, 2, 32, torch.float32, device, bias=True)
+    out, lse = K.attention_forward(qkv, 2, bias)
+    _, dbias = K.attention_backward(qkv, out, lse, torch.randn_like(out), 2, bias)
+    assert dbias.shape == (2, S, S) and dbias.is_contiguous() and torch.isfinite(dbias).all()
 
 
 @pytest.mark.skipif(not CUDA, reason="the full grid runs compiled on a GPU")
