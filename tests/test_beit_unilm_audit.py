@@ -59,3 +59,14 @@ def test_block_mlp_drops_out_once_after_fc2():
         torch.manual_seed(1)
         ref = torch.nn.functional.dropout(mlp.fc2(mlp.act(mlp.fc1(x))), 0.3, training=True)
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_beit_recipe_min_lr():
+    """run_beit_pretraining.py's --min_lr default (1e-5), not MAE's 0."""
+    from mimfast.train.config import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--method", "beit", "--tokenizer", "vq:t.safetensors"]))
+    assert cfg.method == "beit" and cfg.min_lr == 1e-5 and cfg.lr == 1.5e-3
+    cfg = config_from_args(build_parser().parse_args(["--method", "beit", "--tokenizer", "vq:t.safetensors",
+                                                      "--min-lr", "0"]))
+    assert cfg.min_lr == 0.0

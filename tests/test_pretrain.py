@@ -92,9 +92,25 @@ def test_weight_decay_groups():
     no_decay, decay = param_groups_weight_decay(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "mask_token", "patch_embed.proj.bias", "blocks.0.norm1.weight"} <= nd
+    assert {"patch_embed.proj.bias", "blocks.0.norm1.weight"} <= nd
+    dn = {names[id(p)] for p in decay["params"]}
+    assert {"cls_token", "mask_token"} <= dn  # the official MAE runs decay the tokens
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.05
-    assert "pos_embed" not in nd  # frozen: in no group at all
+    assert "pos_embed" not in nd | dn  # frozen: in no group at all
+
+
+def test_weight_decay_groups_beit():
+    """unilm BEiT's get_parameter_groups: no decay on 1-D, *.bias and no_weight_decay() names only."""
+    from mimfast.models import beit_tiny_patch16_224_8k_vocab
+
+    m = beit_tiny_patch16_224_8k_vocab(img_size=32, patch_size=8, depth=1)
+    no_decay, decay = param_groups_weight_decay(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    dn = {names[id(p)] for p in decay["params"]}
+    assert "cls_token" in nd and "blocks.0.gamma_1" in nd and "blocks.0.attn.q_bias" in nd
+    assert {"mask_token", "rel_pos_bias.relative_position_bias_table"} <= dn
+    assert nd | dn == set(names.values())
 
 
 def test_sampler_resumes_mid_epoch_and_splits_ranks():

@@ -73,7 +73,8 @@ RECIPES = {
     "mae": dict(model="mae_vit_base_patch16", blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, betas=(0.9, 0.95),
                 mask_ratio=0.75, norm_pix_loss=True, min_crop_scale=0.2, epochs=800),
     "beit": dict(model="beit_base_patch16_224_8k_vocab", lr=1.5e-3, warmup_epochs=10, weight_decay=0.05,
-                 betas=(0.9, 0.999), clip_grad=3.0, drop_path=0.1, min_crop_scale=0.08, epochs=800),
+                 betas=(0.9, 0.999), clip_grad=3.0, drop_path=0.1, min_crop_scale=0.08, epochs=800,
+                 min_lr=1e-5),
 }
 
 PRESETS = {

@@ -26,18 +26,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-# parameters that never get weight decay beside biases and norms (MMPretrain's list)
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "relative_position_bias_table")
-
-
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decay on weight matrices; none on biases, norms (1-D), position
-    embeddings and tokens."""
+    """Two groups by the official recipes' rule (timm's ``add_weight_decay`` /
+    ``param_groups_weight_decay``, called by facebookresearch/mae and microsoft/unilm BEiT): no
+    decay on 1-D parameters (norms), ``*.bias`` and the names the model's ``no_weight_decay()``
+    lists (BEiT: ``pos_embed``, ``cls_token``); decay on everything else. So, as in the official
+    runs, MAE decays its cls and mask tokens (its model lists nothing) and BEiT its mask token and
+    relative position bias table. Frozen parameters (MAE's fixed position embeddings) are left out."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)
