@@ -287,6 +287,8 @@ def test_main_pretrain_spellings_are_accepted(tmp_path):
     assert (cfg.output_dir, cfg.num_workers, cfg.seed, cfg.device) == (str(tmp_path / "out"), 3, 7, "cpu")
     assert _parse(["--lr", "2e-3", "--input-size", "96"]).lr == 2e-3
     assert not _parse(["--norm-pix-loss", "--no-norm-pix-loss"]).norm_pix_loss  # our spellings still work
+    # torch.distributed.launch appends --local-rank (its value also sits in LOCAL_RANK): accepted, not a setting
+    assert _parse(["--local-rank=1", "--blr", "1e-3"]).blr == _parse(["--local_rank", "0", "--blr", "1e-3"]).blr == 1e-3
     with pytest.raises(SystemExit, match="not both"):
         _parse(["--data", str(tmp_path), "--data_path", str(tmp_path / "imagenet")])
     with pytest.raises(SystemExit, match="does not exist"):  # no train/ under it

@@ -119,6 +119,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="mimfast pretrain")
     parser.epilog = parser.epilog or _OFFICIAL_NOTE
     parser.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    # torch.distributed.launch appends --local-rank N; the process reads LOCAL_RANK from the environment
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--data-path", "--data_path", dest="data_path", default=argparse.SUPPRESS,
                         help="as main_pretrain.py's --data_path: trains on DATA_PATH/train (--data takes the "
                              "training folder itself)")
@@ -147,7 +150,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- method recipe <- preset <- YAML file <- flags."""
-    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "local_rank")}
     if "data_path" in given:  # main_pretrain.py reads DATA_PATH/train
         data_path = given.pop("data_path")
         if "data" in given:
