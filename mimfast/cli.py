@@ -21,7 +21,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimfast.train.config import config_from_args
     from mimfast.train.pretrain import pretrain
 
-    if "preset" not in vars(args) and "model" not in vars(args) and not getattr(args, "config", None):
+    # the quickstart: no model, data or config named -> a small preset on the built-in data; naming
+    # a dataset gets the method's recipe (MAE ViT-B/16 at 224), as main_pretrain.py would
+    given = vars(args)
+    if not ({"preset", "model", "data", "data_path"} & set(given)) and not given.get("config"):
         if getattr(args, "method", None) == "beit":
             args.preset = "beit-tiny"
         else:

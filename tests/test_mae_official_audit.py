@@ -325,3 +325,22 @@ def test_official_checkpoint_starts_a_run_and_is_refused_by_resume(tmp_path, cap
     torch.save({"model": official.state_dict()}, tmp_path / "weights.pth")
     with pytest.raises(SystemExit, match="no optimizer, scaler, epoch, step"):
         pretrain(_cfg(tmp_path / "again", resume=str(tmp_path / "weights.pth")))
+
+
+def test_naming_a_dataset_gets_the_recipe_not_the_quickstart_preset(tmp_path, monkeypatch):
+    """`mimfast pretrain` alone is the quickstart (a small preset on the built-in data); with a
+    dataset named, as a main_pretrain.py user would, it is the MAE recipe at 224 px."""
+    import mimfast.cli as cli
+    import mimfast.train.pretrain as tp
+
+    seen = []
+    monkeypatch.setattr(tp, "pretrain", lambda cfg: seen.append(cfg) or {"status": "done"})
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    assert cli.main(["pretrain"]) == 0
+    assert seen[-1].preset in ("tiny", "small") and seen[-1].data == "builtin"
+    for argv in (["--data", str(tmp_path / "imagenet" / "train")], ["--data_path", str(tmp_path / "imagenet")]):
+        assert cli.main(["pretrain", *argv]) == 0
+        cfg = seen[-1]
+        assert cfg.preset is None and cfg.model == "mae_vit_base_patch16"
+        assert cfg.img_size is None  # the model's own, 224
+        assert cfg.data == str(tmp_path / "imagenet" / "train")
