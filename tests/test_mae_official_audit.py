@@ -23,14 +23,7 @@ from mimfast.train.checkpoint import load_checkpoint
 from mimfast.train.config import PretrainConfig, config_from_args
 from mimfast.train.pretrain import MAETask, _model_kwargs, pretrain
 from mimfast.train.schedule import param_groups_weight_decay
-
-TINY = dict(
-    model="mae_vit_tiny_patch16", img_size=32, patch_size=8,
-    model_kwargs=dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
-                      decoder_num_heads=2),
-    data="builtin", builtin_size=32, batch_size=8, epochs=2, warmup_epochs=1, blr=1e-2, num_workers=0,
-    kernels="eager", vis_every=0, tensorboard=False, log_every=1, seed=3,
-)
+from test_pretrain import TINY  # the same tiny run
 
 
 def _cfg(tmp_path, **kw) -> PretrainConfig:
