@@ -17,7 +17,17 @@ selection, not a conversion:
 
 The result loads into ``timm.create_model('vit_base_patch16_224', pretrained=False)`` (or a
 ``VisionTransformer`` of the same sizes, see :func:`timm_model_spec`) with ``strict=False`` and
-only ``head.*`` missing.
+only ``head.*`` missing (``strict=True`` with ``num_classes=0``).
+
+Another image size (``img_size``, ``--img-size``: fine-tuning at 384 or 448). ``pos_embed`` is
+written for that size's grid the way facebookresearch/mae ``main_finetune.py`` /
+``main_linprobe.py`` adapt a checkpoint on load (``util/pos_embed.py`` ``interpolate_pos_embed``,
+from DeiT): the patch rows resized as an image, bicubic, ``align_corners=False``, no antialias;
+the cls row kept. Without it the file loads only at the pretraining size with
+``load_state_dict``; timm's own ``pretrained=True`` route would resample it too, but with
+``antialias=True``, which changes the bicubic kernel and gives position embeddings ~1% away
+from the official ones. BEiT's relative position bias tables are not resized (timm's ``beit_*``
+loader and unilm's fine-tuning each have their own way): ``img_size`` is refused for BEiT.
 
 BEiT (-> timm ``Beit``). microsoft/unilm BEiT also uses timm's names (``gamma_1``, ``q_bias``,
 ``v_bias``...). The pretraining model shares one relative position bias table across blocks;
@@ -51,6 +61,7 @@ from mimfast.train.checkpoint import load_model_weights
 
 __all__ = [
     "encoder_state_dict",
+    "interpolate_pos_embed",
     "timm_model_spec",
     "save_encoder",
     "read_checkpoint_config",
@@ -82,7 +93,31 @@ def _is_beit(sd: dict) -> bool:
                or k.endswith(".attn.relative_position_bias_table") for k in sd)
 
 
-def encoder_state_dict(source: nn.Module | dict, global_pool: bool = False) -> dict[str, torch.Tensor]:
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """``pos_embed`` (1, P + g*g, D) for a (grid, grid) patch grid: (1, P + grid*grid, D). The g*g
+    patch rows, as a (D, g, g) image, are resized bicubically (``align_corners=False``, no
+    antialias) as facebookresearch/mae's ``interpolate_pos_embed`` does; the P prefix rows (the
+    cls token's) are kept. Computed in float32, returned in the input's dtype; the same grid
+    returns a copy."""
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must be (1, P + L, D), got {tuple(pos_embed.shape)}")
+    if grid <= 0:
+        raise ValueError(f"grid must be positive, got {grid}")
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(round(patches.shape[1] ** 0.5))
+    if old * old != patches.shape[1]:
+        raise ValueError(f"pos_embed has {patches.shape[1]} patch rows, not a square grid")
+    if old == grid:
+        return pos_embed.detach().clone()
+    dim = patches.shape[-1]
+    img = patches.detach().float().reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
+    img = torch.nn.functional.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = img.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat((prefix.detach(), patches), dim=1)
+
+
+def encoder_state_dict(source: nn.Module | dict, global_pool: bool = False,
+                       img_size: int | None = None) -> dict[str, torch.Tensor]:
     """The encoder of an MAE or BEiT pretraining model (module or state_dict) under timm keys.
 
     Args:
@@ -91,6 +126,8 @@ def encoder_state_dict(source: nn.Module | dict, global_pool: bool = False) -> d
             stripped).
         global_pool: write ``fc_norm.*`` (from ``norm.*``) instead of ``norm.*``; see the module
             docstring.
+        img_size: lay out ``pos_embed`` for this image size (a multiple of the patch size) with
+            :func:`interpolate_pos_embed`; None keeps the pretraining size. MAE only.
 
     Returns:
         A new dict of detached, contiguous tensors with no shared storage (as safetensors needs).
@@ -121,6 +158,14 @@ def encoder_state_dict(source: nn.Module | dict, global_pool: bool = False) -> d
             if key in out:
                 raise ValueError(f"source has both a shared relative position bias and {key}")
             out[key] = sd[_SHARED_TABLE].detach().clone().contiguous()
+    if img_size is not None:
+        if beit:
+            raise ValueError("img_size: BEiT's relative position bias tables are not resized here; export at the "
+                             "pretraining size and let the fine-tuning code resize them")
+        patch = out["patch_embed.proj.weight"].shape[-1]
+        if img_size <= 0 or img_size % patch:
+            raise ValueError(f"img_size must be a positive multiple of the patch size {patch}, got {img_size}")
+        out["pos_embed"] = interpolate_pos_embed(out["pos_embed"], img_size // patch).contiguous()
     return out
 
 
@@ -269,14 +314,15 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None,
-                      global_pool: bool = False, fmt: str = "both") -> dict:
+                      global_pool: bool = False, fmt: str = "both", img_size: int | None = None) -> dict:
     """Read a mimfast, facebookresearch/mae or microsoft/unilm BEiT checkpoint and write its
     encoder for timm. When the model is known (checkpoint config or ``model_name``) the weights
-    are checked against it and it gives the head count. Returns a summary (paths, timm class
+    are checked against it and it gives the head count. ``img_size``: position embeddings for
+    another image size (see :func:`encoder_state_dict`). Returns a summary (paths, timm class
     and arguments, tensor count)."""
     if fmt == "hf":
-        if global_pool:
-            raise ValueError("global_pool lays out a timm encoder; it does not apply to fmt='hf'")
+        if global_pool or img_size is not None:
+            raise ValueError("global_pool and img_size lay out a timm encoder; they do not apply to fmt='hf'")
         return export_hf(path, out, model_name)
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
@@ -290,7 +336,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_nam
             name = model_name or config.get("model")
             raise ValueError(f"{path} does not match model {name!r}: keys or shapes differ at {bad[:5]}")
         num_heads = model.blocks[0].attn.num_heads
-    encoder = encoder_state_dict(sd, global_pool=global_pool)
+    encoder = encoder_state_dict(sd, global_pool=global_pool, img_size=img_size)
     timm_class, kwargs = timm_model_spec(encoder, num_heads)
     paths = save_encoder(encoder, out, fmt, metadata={"timm_class": timm_class, "timm_kwargs": kwargs,
                                                        "source": str(path)})
@@ -352,6 +398,9 @@ def add_export_command(sub) -> None:
     p.add_argument("--global-pool", action="store_true",
                    help="lay out for a global-pool model (timm global_pool='avg'): fc_norm.* from the "
                         "pretrained norm.*, no norm.*")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="write pos_embed for this image size (e.g. 384), interpolated as facebookresearch/mae's "
+                        "fine-tuning does (bicubic); default: the pretraining size. MAE only")
     p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors", "hf"), default="both",
                    help="timm encoder as .pth and/or .safetensors, or hf: the whole pretraining model as a "
                         "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling")
@@ -361,9 +410,11 @@ def add_export_command(sub) -> None:
 def _cmd_export(args) -> int:
     if not Path(args.checkpoint).exists():
         raise SystemExit(f"mimfast export: checkpoint {args.checkpoint!r} does not exist")
+    img_size = getattr(args, "img_size", None)
     if args.fmt == "hf":
-        if args.global_pool:
-            raise SystemExit("mimfast export: --global-pool lays out a timm encoder; it does not apply to --format hf")
+        if args.global_pool or img_size is not None:
+            raise SystemExit("mimfast export: --global-pool and --img-size lay out a timm encoder; they do not "
+                             "apply to --format hf")
         try:
             summary = export_hf(args.checkpoint, args.out, args.model)
         except ValueError as e:
@@ -372,7 +423,7 @@ def _cmd_export(args) -> int:
         print(f"load with: transformers.{summary['hf_class']}.from_pretrained({str(args.out)!r})")
         return 0
     try:
-        summary = export_checkpoint(args.checkpoint, args.out, args.model, args.global_pool, args.fmt)
+        summary = export_checkpoint(args.checkpoint, args.out, args.model, args.global_pool, args.fmt, img_size)
     except ValueError as e:
         raise SystemExit(f"mimfast export: {e}")
     for path in summary["paths"]:
@@ -380,5 +431,6 @@ def _cmd_export(args) -> int:
     kw = ", ".join(f"{k}={v!r}" for k, v in summary["timm_kwargs"].items())
     print(f"load with: model = timm.models.{'beit' if summary['timm_class'] == 'Beit' else 'vision_transformer'}"
           f".{summary['timm_class']}({kw}, num_classes=...)\n"
-          "           model.load_state_dict(state_dict, strict=False)  # only head.* missing")
+          "           model.load_state_dict(state_dict, strict=False)  # only head.* missing "
+          "(strict=True with num_classes=0)")
     return 0

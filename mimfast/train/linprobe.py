@@ -352,7 +352,8 @@ def add_linprobe_command(sub) -> None:
     p = sub.add_parser("linprobe", help="linear probe (BatchNorm + Linear on frozen features) of a pretrained "
                                         "MAE encoder; reports top-1",
                        argument_default=argparse.SUPPRESS)
-    p.add_argument("checkpoint", help="mimfast or facebookresearch/mae checkpoint")
+    p.add_argument("checkpoint", help="mimfast or facebookresearch/mae checkpoint, .safetensors, or a Hugging Face "
+                                      "model folder (with --model)")
     p.add_argument("--model", default=None, help="model name (default: the checkpoint's config)")
     choices = {"pool": ("cls", "mean"), "optimizer": ("lars", "sgd"), "device": ("auto", "cuda", "cpu"),
                "kernels": ("auto", "eager", "triton")}
@@ -370,7 +371,7 @@ def _cmd_linprobe(args) -> int:
 
     names = {f.name for f in dataclasses.fields(LinprobeConfig)}
     cfg = LinprobeConfig(**{k: v for k, v in vars(args).items() if k in names})
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():  # a file, or a Hugging Face model folder
         raise SystemExit(f"checkpoint {args.checkpoint!r} does not exist")
     try:
         cfg.check()
