@@ -33,8 +33,9 @@ def _polygon_inside(u, v, n_vertices, radius, inner=None):
 
 
 def render_shape_image(index: int, img_size: int = 64, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Draw image ``index``: returns (H, W, 3) uint8 and its class id."""
-    rng = np.random.default_rng([seed, index])
+    """Draw image ``index``: returns (H, W, 3) uint8 and its class id. A negative ``seed`` is
+    read as torch reads it, modulo 2**64 (numpy's seeds are non-negative)."""
+    rng = np.random.default_rng([seed % 2**64 if seed < 0 else seed, index])
     label = int(rng.integers(len(CLASSES)))
     s = img_size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s  # (S, S) in [0, 1)

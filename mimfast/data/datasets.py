@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 from mimfast.data.builtin import ShapesDataset
 
-__all__ = ["IMG_EXTENSIONS", "ImageFiles", "SeededTransform", "build_dataset", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMG_EXTENSIONS", "ImageFiles", "SeededTransform", "build_dataset", "sample_seed", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,12 +27,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ImageFiles(Dataset):
     """Images under ``root``: an ImageFolder tree (``root/<class>/<image>``, labels from the
-    folder names) or a flat folder (label -1). Items are ((3, H, W) uint8 tensor, label)."""
+    folder names) or a flat folder (label -1). Items are ((3, H, W) uint8 tensor, label).
+
+    The tree is read as torchvision's ``ImageFolder`` reads it: classes are the sorted
+    sub-folders (symlinks followed), each walked with ``os.walk(followlinks=True)`` in sorted
+    order, files kept by a case-insensitive :data:`IMG_EXTENSIONS` suffix, files directly under
+    the root ignored; images are decoded as its ``pil_loader`` does (``convert("RGB")``, no
+    EXIF rotation, no ``draft``), so the pixels are the same. Deliberate differences: hidden
+    top-level folders (``.ipynb_checkpoints``, ``.Trash-1000``) are not classes, a class folder
+    without images keeps its label instead of stopping the run, and an unreadable file is
+    skipped with a warning (see :meth:`__getitem__`) where ``ImageFolder`` raises. The list is
+    made once, sorted: files added later are seen by a new ``ImageFiles`` only, at their place
+    in the sorted order (which moves the indices of the files after them)."""
 
     def __init__(self, root: str | os.PathLike, transform=None, max_skips: int = 50):
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise FileNotFoundError(f"data folder {str(root)!r} {what}")
         classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         samples = []
         if classes:
@@ -42,7 +55,13 @@ class ImageFiles(Dataset):
         else:
             samples = [(str(p), -1) for p in sorted(root.iterdir()) if p.suffix.lower() in IMG_EXTENSIONS]
         if not samples:
-            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {str(root)!r}")
+            message = f"no images ({', '.join(IMG_EXTENSIONS)}) under {str(root)!r}"
+            if classes and any(p.suffix.lower() in IMG_EXTENSIONS for p in root.iterdir() if p.is_file()):
+                shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+                message = (f"no images in the class folders of {str(root)!r} ({shown}); the images directly "
+                           f"under it are not read when it has sub-folders (the ImageFolder layout): move them "
+                           f"into a sub-folder or remove the sub-folders")
+            raise FileNotFoundError(message)
         self.root = root
         self.classes = classes
         self.samples = samples
@@ -63,6 +82,9 @@ class ImageFiles(Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, index: int):
+        """Item ``index``; an unreadable file (truncated, corrupt, not an image, gone) is skipped
+        with a warning naming it and the next file taken, up to ``max_skips`` in a row, then a
+        ``RuntimeError``."""
         for attempt in range(self.max_skips):
             i = (index + attempt) % len(self.samples)
             try:
@@ -94,13 +116,23 @@ class SeededTransform(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         img, label = self.dataset[index]
-        state = torch.random.get_rng_state()
-        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        # the CPU generator only (transforms draw there): torch.manual_seed would also reseed the
+        # CUDA generators, not restored after, when items load in the training process
+        cpu = torch.default_generator
+        state = cpu.get_state()
+        cpu.manual_seed(sample_seed(self.seed, epoch, index))
         try:
             img = self.transform(img)
         finally:
-            torch.random.set_rng_state(state)
+            cpu.set_state(state)
         return img, label
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch``, reduced modulo 2**64 so any
+    ``seed`` works (where ``torch.manual_seed`` took the unreduced value, negative ones too, the
+    generator state is the same)."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64
 
 
 def build_dataset(data: str, img_size: int, transform, seed: int = 0, builtin_size: int = 4096,

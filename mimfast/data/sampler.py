@@ -8,7 +8,8 @@ samples an uninterrupted run would have seen next.
 An epoch position is also meaningful across layouts: rank r takes ``order[r::world_size]``,
 so once every rank has consumed ``s`` samples the consumed set is ``order[:world_size * s]``
 (the padded order is the same for every world size: position ``p`` past the end is
-``order[p - num_samples]``). ``position`` gives that global count and ``start_for`` turns it
+``order[p % num_samples]``, as DistributedSampler repeats the order when the padding is
+longer than the dataset). ``position`` gives that global count and ``start_for`` turns it
 back into a per-rank start for any world size.
 """
 
@@ -64,12 +65,12 @@ class ResumableSampler(Sampler[int]):
     def indices(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator()
-            g.manual_seed(self.seed * 1_000_003 + self.epoch)
+            g.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)  # any seed torch accepts
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
         total = self.per_rank * self.world_size
-        order += order[: total - len(order)]  # pad so every rank gets the same count
+        order += [order[p % self.num_samples] for p in range(self.num_samples, total)]  # every rank: per_rank
         return order[self.rank:total:self.world_size]
 
     def __iter__(self):
