@@ -103,6 +103,17 @@ def test_mae_loss_of_a_gpu_pipeline_batch_uses_the_keyed_noise():
     assert torch.equal(keyed, task.loss(model, ((imgs, noise), None)))
 
 
+def test_keyed_noise_takes_any_seed():
+    """Date-like and negative seeds (past 64 bits once keyed) give noise; small seeds keep theirs."""
+    from mimfast.train.pretrain import _keyed_noise
+
+    for seed in (20240601, 2**31 - 1, -1):
+        noise = _keyed_noise(seed, [0, 3], [5, 9], 16)
+        assert noise.shape == (2, 16) and torch.equal(noise, _keyed_noise(seed, [0, 3], [5, 9], 16))
+    g = torch.Generator().manual_seed(((3 * 1_000_003 + 1) * 10_000_019 + 2) ^ 0x6D61736B)
+    assert torch.equal(_keyed_noise(3, [1], [2], 16)[0], torch.rand(16, generator=g))
+
+
 def test_fsdp_shards_beit_blocks():
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset, sample_seed
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models import create_model
 from mimfast.train.checkpoint import load_checkpoint, load_model_weights, resolve_resume, save_checkpoint
@@ -139,7 +139,7 @@ def _keyed_noise(seed: int, epochs, indices, num_patches: int) -> torch.Tensor:
     """Mask noise of samples (epoch, index), independent of rank, batch and worker."""
     rows = []
     for e, i in zip(torch.as_tensor(epochs).tolist(), torch.as_tensor(indices).tolist()):
-        g = torch.Generator().manual_seed(((seed * 1_000_003 + e) * 10_000_019 + i) ^ 0x6D61736B)
+        g = torch.Generator().manual_seed(sample_seed(seed, e, i) ^ 0x6D61736B)  # any seed
         rows.append(torch.rand(num_patches, generator=g))
     return torch.stack(rows)
 
