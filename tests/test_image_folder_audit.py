@@ -375,3 +375,30 @@ def test_builtin_shapes_take_a_negative_seed():
     img, _ = ShapesDataset(4, img_size=16, seed=-5)[2]
     assert img.shape == (3, 16, 16)
     assert np.array_equal(render_shape_image(3, 16, seed=4)[0], render_shape_image(3, 16, seed=4)[0])
+
+
+def test_channels_last_load_gives_the_transforms_the_same_pixels(tmp_path):
+    """``ImageFiles.load`` hands out a (3, H, W) view of the decoder's (H, W, 3) memory (the
+    fast layout for torchvision's uint8 resize): MAE's and BEiT's transforms give exactly what
+    they give on a contiguous copy."""
+    from mimfast.data.two_view import TwoViewTransform
+    from mimfast.train.pretrain import mae_transform
+
+    for i, size in enumerate([(500, 375), (97, 301), (640, 480)]):
+        _save(tmp_path / "c" / f"{i}.JPEG", size=size, seed=i)
+    ds = ImageFiles(tmp_path)
+    for transform in (mae_transform(64), TwoViewTransform(64, 32)):
+        ds.transform = transform
+        torch.manual_seed(0)
+        item = ds[0][0]
+        assert all(t.is_contiguous() for t in (item if isinstance(item, tuple) else (item,)))
+        for i in range(len(ds)):
+            img = ds.load(i)
+            assert img.shape[0] == 3 and torch.equal(img, torch.from_numpy(np.array(pil_loader(ds.samples[i][0])))
+                                                      .permute(2, 0, 1))
+            torch.manual_seed(i)
+            got = transform(img)
+            torch.manual_seed(i)
+            want = transform(img.contiguous())
+            for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                assert torch.equal(g, w)

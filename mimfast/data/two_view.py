@@ -120,6 +120,7 @@ class TwoViewTransform:
         crop = img.crop((left, top, left + w, top + h))
         patches = crop.resize((self.img_size, self.img_size), _FILTERS[self.interpolation])
         tokens = crop.resize((self.tokenizer_size, self.tokenizer_size), _FILTERS[self.tokenizer_interpolation])
+        # pil_to_tensor is a (C, H, W) view of (H, W, C) memory: hand out contiguous views
         patches = (F.pil_to_tensor(patches).float().div_(255) - self.mean) / self.std
         tokens = map_pixels(F.pil_to_tensor(tokens).float().div_(255))
-        return patches, tokens
+        return patches.contiguous(), tokens.contiguous()
