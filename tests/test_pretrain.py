@@ -8,7 +8,7 @@ import torch
 from mimfast.cli import build_parser
 from mimfast.data.datasets import ImageFiles, SeededTransform
 from mimfast.data.sampler import ResumableSampler
-from mimfast.train.checkpoint import load_checkpoint, load_model_weights
+from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, load_model_weights
 from mimfast.train.config import PretrainConfig, config_from_args
 from mimfast.train.pretrain import pretrain
 from mimfast.train.schedule import lr_at, param_groups_weight_decay
@@ -180,6 +180,20 @@ def test_exact_resume_mid_epoch(tmp_path):
     # and auto-resume from the output folder
     again = _cfg(tmp_path / "part", save_every=3, resume="auto", epochs=3)
     assert pretrain(again)["steps"] == 12
+
+
+def test_resume_on_a_changed_dataset_says_so(tmp_path, capsys):
+    """Checkpoints record the dataset's size; a resume over a folder that gained or lost images
+    (its epoch order is drawn over the new list) warns, and one over the same data does not."""
+    pretrain(_cfg(tmp_path, save_every=3, max_steps=3))
+    assert load_checkpoint(tmp_path / "checkpoint-last.pth")["dataset_size"] == TINY["builtin_size"]
+    capsys.readouterr()
+    pretrain(_cfg(tmp_path, save_every=3, max_steps=4, resume="auto"))
+    assert "dataset of" not in capsys.readouterr().out
+    pretrain(_cfg(tmp_path, save_every=3, max_steps=5, resume="auto", builtin_size=40))
+    out = capsys.readouterr().out
+    assert "dataset of 32 images and this run's has 40" in out and "resumed from" in out
+    assert dataset_change_notice({"epoch": 1}, 40) is None  # older checkpoints record no size
 
 
 def test_nonfinite_losses_stop_the_run(tmp_path):

@@ -216,4 +216,6 @@ def test_tokenizer_resumed_with_another_batch_size(tmp_path, capsys):
     # batch 16: rounded down to sample 16 (8 again), then epoch 1's first batch
     assert _by_epoch([_Recording.seen], 1) == {0: _order(0)[16:], 1: _order(1)[:16]}
     last = load_checkpoint(tmp_path / "a" / "checkpoint-last.pth")
-    assert (last["step"], last["epoch"], last["sample_in_epoch"]) == (5, 1, 16)
+    assert (last["step"], last["epoch"], last["sample_in_epoch"], last["dataset_size"]) == (5, 1, 16, N)
+    tok_module.train_tokenizer(cfg("a", batch_size=16, steps=6, resume="auto", builtin_size=N + 8))
+    assert f"dataset of {N} images and this run's has {N + 8}" in capsys.readouterr().out

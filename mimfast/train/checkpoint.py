@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_last_checkpoint", "resolve_resume", "load_model_weights"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_last_checkpoint", "resolve_resume", "load_model_weights",
+           "dataset_change_notice"]
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -47,6 +48,19 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | N
         found = find_last_checkpoint(output_dir)
         return str(found) if found else None
     return resume or None
+
+
+def dataset_change_notice(ckpt: dict, dataset_size: int) -> str | None:
+    """A warning when the run resumed from ``ckpt`` reads a dataset of another size than the one
+    it was saved with (images added to or removed from the folder): the epoch's order is drawn
+    over the new list, so the resumed epoch neither continues the saved one exactly nor covers
+    each image once. None when the sizes agree or the checkpoint does not record one."""
+    saved = ckpt.get("dataset_size")
+    if saved is None or saved == dataset_size:
+        return None
+    return (f"resume: the checkpoint was saved with a dataset of {saved} images and this run's has {dataset_size}: "
+            f"the rest of epoch {ckpt.get('epoch')} follows the new list's order, so some images of it may be seen "
+            f"twice and others not at all; later epochs are whole")
 
 
 def _torch_load_weights(path) -> object:

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset, sample_seed
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models import create_model
-from mimfast.train.checkpoint import load_checkpoint, load_model_weights, resolve_resume, save_checkpoint
+from mimfast.train.checkpoint import (dataset_change_notice, load_checkpoint, load_model_weights, resolve_resume,
+                                      save_checkpoint)
 from mimfast.train.config import PretrainConfig
 from mimfast.train.progress import Progress
 from mimfast.train.sharding import full_state_dicts, grad_scaler, load_full_state_dicts, shard_model
@@ -350,8 +351,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                                                steps_per_epoch)
         _set_rng_state(ckpt["rng"][d.rank] if d.rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
         if d.main:
-            if notice:
-                print(notice)
+            for line in (notice, dataset_change_notice(ckpt, len(dataset))):
+                if line:
+                    print(line)
             print(f"resumed from {resume} at step {step} (epoch {epoch}, sample {start_in_epoch})")
     elif cfg.seed is not None:
         torch.manual_seed(cfg.seed + d.rank)  # mask noise differs across ranks
@@ -383,7 +385,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                  "epoch": ep, "step": tag_step, "sample_in_epoch": sample_in_epoch,
                  "global_sample_in_epoch": sampler.position(sample_in_epoch), "world_size": d.world_size,
                  "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "rng": rng,
-                 "config": _jsonable(cfg)}
+                 "dataset_size": len(dataset), "config": _jsonable(cfg)}
         save_checkpoint(state, out / f"checkpoint-{tag_step:06d}.pth")
         save_checkpoint(state, out / "checkpoint-last.pth")
         # the oldest written go first (a resume in another layout recounts steps: names can go down)

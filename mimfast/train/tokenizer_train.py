@@ -31,7 +31,7 @@ from mimfast.data.datasets import build_dataset
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models.dalle import map_pixels, unmap_pixels
 from mimfast.models.tokenizer import VQTokenizer, save_vq_tokenizer
-from mimfast.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, resolve_resume, save_checkpoint
 from mimfast.train.progress import Progress
 from mimfast.train.visualize import save_png
 
@@ -261,6 +261,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         torch.random.set_rng_state(ckpt["rng"]["torch"])
         if use_cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        changed = dataset_change_notice(ckpt, len(dataset))
+        if changed:
+            print(changed)
         print(f"resumed from {resume} at step {step}")
     usage_start = codebook_usage(model, eval_imgs)
 
@@ -271,7 +274,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         state = {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
                  "step": step, "epoch": ep, "sample_in_epoch": sample_in_epoch,
                  "global_sample_in_epoch": sampler.position(sample_in_epoch), "world_size": 1,
-                 "batch_size": cfg.batch_size, "rng": rng,
+                 "batch_size": cfg.batch_size, "rng": rng, "dataset_size": len(dataset),
                  "config": dataclasses.asdict(cfg)}
         save_checkpoint(state, out / "checkpoint-last.pth")
         save_vq_tokenizer(model, out / "tokenizer.safetensors")
