@@ -314,7 +314,8 @@ def _attn_bwd_dq(
     if ONE_N_BLOCK:  # all keys in one block: the bias tile is loaded once, its gradient kept in registers
         if HAS_BIAS:
             bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n0[None, :] * stride_bj,
-                           mask=mask_m[:, None] & (offs_n0 < S_B)[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+                           mask=mask_m[:, None] & (offs_n0 < S_B)[None, :], other=0.0)
+            bias = bias.to(tl.float32) * 1.4426950408889634
         if NEED_DBIAS:
             dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
