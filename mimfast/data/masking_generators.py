@@ -634,8 +634,9 @@ class SimMIMMaskGenerator:
     def __init__(self, input_size=224, mask_patch_size: int = 32, model_patch_size: int = 16,
                  mask_ratio: float = 0.6):
         h, w = _grid(input_size)
-        if mask_patch_size <= 0 or model_patch_size <= 0:
-            raise ValueError(f"patch sizes must be positive, got {mask_patch_size}, {model_patch_size}")
+        for name, v in (("mask_patch_size", mask_patch_size), ("model_patch_size", model_patch_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         if h % mask_patch_size or w % mask_patch_size:
             raise ValueError(f"input_size {h}x{w} is not a multiple of mask_patch_size={mask_patch_size}")
         if mask_patch_size % model_patch_size:
@@ -643,12 +644,16 @@ class SimMIMMaskGenerator:
                              f"model_patch_size={model_patch_size}")
         if not (math.isfinite(mask_ratio) and 0 <= mask_ratio <= 1):
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio!r}")
-        self.rand_size = (h // mask_patch_size, w // mask_patch_size)
-        self.scale = mask_patch_size // model_patch_size
+        self.rand_size = (h // int(mask_patch_size), w // int(mask_patch_size))
+        self.scale = int(mask_patch_size // model_patch_size)
         self.token_count = self.rand_size[0] * self.rand_size[1]
         self.mask_count = int(np.ceil(self.token_count * mask_ratio))
         self.height, self.width = self.rand_size[0] * self.scale, self.rand_size[1] * self.scale
         self.num_masking_patches = self.mask_count * self.scale * self.scale
+
+    def get_shape(self) -> tuple[int, int]:
+        """The model's patch grid (h, w) the masks cover."""
+        return self.height, self.width
 
     def __repr__(self) -> str:
         return (f"SimMIMMaskGenerator({self.rand_size[0]}x{self.rand_size[1]} cells of {self.scale}x{self.scale} "

@@ -270,6 +270,16 @@ class VisionTransformerForMaskedPixelModeling(_BEiTEncoder):
     """BEiT's "recover masked pixels" ablation, SimMIM style: the BEiT encoder, a linear head to
     the p*p*C pixels of each patch, and the masked patch loss.
 
+    Against microsoft/SimMIM's ``SimMIM`` (ViT encoder): the head is its decoder, a 1x1 conv to
+    p*p*3 channels + ``PixelShuffle(p)``, with the output channels in another order: head row
+    ``(i * p + j) * C + c`` (``ops.patchify``'s (p, q, c)) is conv channel ``c * p * p + i * p + j``
+    (PixelShuffle's (c, p, q)), so ``ops.unpatchify(pred)`` is SimMIM's reconstruction, and a SimMIM
+    ``decoder.0`` loads as ``pixel_head`` after that permutation. The L1 loss, without
+    ``norm_pix_loss``, is SimMIM's ``(l1 * mask).sum() / (mask.sum() + 1e-5) / in_chans`` (the mask
+    upsampled to pixels) but for the 1e-5 (a relative 1e-5 / (masked patches * p * p)). The head
+    is initialised as BEiT's LM head (truncated normal, std 0.02, zero bias); SimMIM's conv keeps
+    PyTorch's default init. SimMIM's masks: :class:`mimfast.data.masking_generators.SimMIMMaskGenerator`.
+
     Args (beyond the encoder's):
         norm_pix_loss: normalise each target patch by its mean and variance (off in SimMIM).
         loss: ``"l1"`` (SimMIM) or ``"mse"``.

@@ -12,7 +12,18 @@ do not depend on the rank, the batch or the number of workers, and resume is exa
 Per batch: the frozen tokenizer turns the tokenizer views into (N, h, w) token ids under
 no_grad (``--tokenizer dalle:PATH`` or ``vq:PATH``), and the model's loss is the cross-entropy
 of its predictions at the masked positions, ``model(imgs, bool_masked_pos, labels=tokens)``.
-The pixel variant (``--model beit_*_pixel``) needs no tokenizer.
+The pixel variant (``--model beit_*_pixel``) needs no tokenizer: its patch view is MAE's crop
+(bicubic, scale (min_crop_scale, 1), no ColorJitter; SimMIM's is bilinear at scale (0.67, 1)) and
+its loss the model's masked patch loss against the normalised pixels. Its masks are, by the
+task's ``pixel_masks`` setting (config fields ``pixel_masks``, ``mask_patch_size`` and
+``simmim_mask_ratio`` where the config has them, else the defaults):
+
+- ``"blockwise"`` (default): BEiT's blockwise masks of ``num_mask_patches``, as in BEiT's
+  "recover masked pixels" ablation;
+- ``"simmim"``: SimMIM's masks (microsoft/SimMIM ``MaskGenerator``): ``ceil(ratio * cells)`` of
+  the ``mask_patch_size`` (32 px) cells at random, ratio 0.6, upsampled to the patch grid
+  (:class:`~mimfast.data.masking_generators.SimMIMMaskGenerator`); the image side must be a
+  multiple of the cell and the cell of the patch.
 
 With ``--gpu-pipeline`` (:mod:`mimfast.data.gpu_pipeline`) the workers only read bytes; per
 batch, on the GPU:
@@ -39,15 +50,23 @@ import torch
 
 from mimfast.backend import resolve
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from mimfast.data.masking_generators import BlockwiseMaskingGenerator, ReplayedUniforms, blockwise_mask_reference
+from mimfast.data.masking_generators import (
+    BlockwiseMaskingGenerator,
+    ReplayedUniforms,
+    SimMIMMaskGenerator,
+    blockwise_mask_reference,
+)
 from mimfast.data.two_view import TwoViewTransform
 from mimfast.models import create_model
 from mimfast.models.tokenizer import load_tokenizer
 from mimfast.train.config import PretrainConfig
 
-__all__ = ["BEiTTask", "BEiTSampleTransform", "keyed_blockwise_masks", "MASK_SALT"]
+__all__ = ["BEiTTask", "BEiTSampleTransform", "keyed_blockwise_masks", "keyed_simmim_masks", "MASK_SALT",
+           "PIXEL_MASKS"]
 
 MASK_SALT = 0x424549546D61736B  # b"BEITmask": the mask stream of keyed_uniforms, apart from the crops'
+PIXEL_MASKS = ("blockwise", "simmim")  # the pixel variant's masks: BEiT's ablation, SimMIM's
+_SIMMIM_DEFAULTS = dict(mask_patch_size=32, simmim_mask_ratio=0.6)  # SimMIM's DATA.MASK_PATCH_SIZE, MASK_RATIO
 
 _NEED_TOKENIZER = (
     "BEiT predicts visual tokens, so it needs a tokenizer: --tokenizer dalle:ENCODER.safetensors (the "
@@ -61,7 +80,8 @@ class BEiTSampleTransform:
     """(3, H, W) uint8 image -> (patch view, tokenizer view, bool_masked_pos (h, w)); the
     tokenizer view is an empty tensor when ``two_view`` is None (pixel variant)."""
 
-    def __init__(self, patch_transform, masks: BlockwiseMaskingGenerator, two_view: bool = True) -> None:
+    def __init__(self, patch_transform, masks: BlockwiseMaskingGenerator | SimMIMMaskGenerator,
+                 two_view: bool = True) -> None:
         self.patch_transform = patch_transform
         self.masks = masks
         self.two_view = two_view
@@ -109,6 +129,23 @@ def keyed_blockwise_masks(generator: BlockwiseMaskingGenerator, seed: int, epoch
     return out.to(u.device)
 
 
+def keyed_simmim_masks(generator: SimMIMMaskGenerator, seed: int, epochs, indices, device=None) -> torch.Tensor:
+    """(N, h, w) bool SimMIM masks of samples ``(epochs[i], indices[i])``, made on ``device``.
+
+    Each is a pure function of (seed, epoch, index): the ``mask_count`` cells of smallest keys
+    (a uniform random subset, SimMIM's ``permutation[:mask_count]``), each key two uniforms of
+    :func:`mimfast.data.crop_boxes.keyed_uniforms`' mask stream (48 bits, so ties are
+    negligible), then each cell repeated to its ``scale x scale`` patches."""
+    from mimfast.data.crop_boxes import keyed_uniforms
+
+    cells, (rh, rw), s = generator.token_count, generator.rand_size, generator.scale
+    u = keyed_uniforms(seed, epochs, indices, 2 * cells, salt=MASK_SALT, device=device, dtype=torch.float64)
+    keys = u[:, :cells] + u[:, cells:] * 2.0**-24  # (N, cells)
+    picked = keys.argsort(dim=1)[:, : generator.mask_count]
+    masks = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device).scatter_(1, picked, True)
+    return masks.view(-1, rh, rw).repeat_interleave(s, 1).repeat_interleave(s, 2)
+
+
 class BEiTTask:
     """What ``pretrain`` needs to know about BEiT: model, augmentation, loss, picture."""
 
@@ -116,6 +153,15 @@ class BEiTTask:
         self.cfg = cfg
         self.device = device
         self.pixel = cfg.model.endswith("_pixel")
+        # the pixel variant's masks (config fields where the config has them; see the module docstring)
+        self.pixel_masks = getattr(cfg, "pixel_masks", PIXEL_MASKS[0])
+        self.mask_patch_size = getattr(cfg, "mask_patch_size", _SIMMIM_DEFAULTS["mask_patch_size"])
+        self.simmim_mask_ratio = getattr(cfg, "simmim_mask_ratio", _SIMMIM_DEFAULTS["simmim_mask_ratio"])
+        if self.pixel_masks not in PIXEL_MASKS:
+            raise SystemExit(f"pixel_masks must be one of {PIXEL_MASKS}, got {self.pixel_masks!r}")
+        if self.pixel_masks == "simmim" and not self.pixel:
+            raise SystemExit(f"SimMIM's masks (pixel_masks 'simmim') are for the pixel variant (--model "
+                             f"beit_*_pixel), not {cfg.model}")
         self.tokenizer = None
         if not self.pixel:
             if not cfg.tokenizer:
@@ -147,7 +193,17 @@ class BEiTTask:
         self.patch_size = model.patch_size
         self.grid = tuple(model.patch_embed.grid_size)
         num_patches = self.grid[0] * self.grid[1]
-        if not 0 < self.cfg.num_mask_patches < num_patches:
+        if self.pixel_masks == "simmim":
+            try:
+                masked = self.mask_generator(model.img_size).num_masking_patches
+            except ValueError as e:
+                raise SystemExit(f"SimMIM's masks for {model.img_size} px images and {self.patch_size} px patches: "
+                                 f"{e}") from None
+            if not 0 < masked < num_patches:
+                raise SystemExit(f"SimMIM's masks would mask {masked} of the {num_patches} patches (mask_patch_size "
+                                 f"{self.mask_patch_size}, ratio {self.simmim_mask_ratio}); a smaller mask_patch_size "
+                                 f"or another ratio leaves some masked and some visible")
+        elif not 0 < self.cfg.num_mask_patches < num_patches:
             raise SystemExit(f"--num-mask-patches must be in [1, {num_patches - 1}] for a {self.grid[0]}x"
                              f"{self.grid[1]} patch grid, got {self.cfg.num_mask_patches}")
         return model
@@ -155,9 +211,16 @@ class BEiTTask:
     def _grid(self, img_size: int) -> tuple[int, int]:
         return self.grid or (img_size // self.patch_size,) * 2
 
+    def mask_generator(self, img_size: int):
+        """The masks of ``img_size`` images: SimMIM's for the pixel variant with ``pixel_masks``
+        "simmim", else BEiT's blockwise masks of ``num_mask_patches``."""
+        if self.pixel_masks == "simmim":
+            return SimMIMMaskGenerator(img_size, self.mask_patch_size, self.patch_size, self.simmim_mask_ratio)
+        return BlockwiseMaskingGenerator(self._grid(img_size), self.cfg.num_mask_patches)
+
     def transform(self, img_size: int):
         grid = self._grid(img_size)
-        masks = BlockwiseMaskingGenerator(grid, self.cfg.num_mask_patches)
+        masks = self.mask_generator(img_size)
         if self.pixel:
             from mimfast.train.pretrain import mae_transform
 
@@ -187,11 +250,13 @@ class BEiTTask:
 
     def keyed_masks(self, epochs, indices, img_size: int) -> torch.Tensor:
         """(N, h, w) bool masks of samples (epoch, index) on the task's device
-        (:func:`keyed_blockwise_masks` of the run's seed): the ``--gpu-pipeline`` masks."""
-        grid = self._grid(img_size)
+        (:func:`keyed_blockwise_masks`, or :func:`keyed_simmim_masks` for SimMIM's masks, of the
+        run's seed): the ``--gpu-pipeline`` masks."""
         gen = self._mask_generator
-        if gen is None or gen.get_shape() != tuple(grid):
-            gen = self._mask_generator = BlockwiseMaskingGenerator(grid, self.cfg.num_mask_patches)
+        if gen is None or gen.get_shape() != tuple(self._grid(img_size)):
+            gen = self._mask_generator = self.mask_generator(img_size)
+        if isinstance(gen, SimMIMMaskGenerator):
+            return keyed_simmim_masks(gen, self.cfg.seed, epochs, indices, device=self.device)
         return keyed_blockwise_masks(gen, self.cfg.seed, epochs, indices, device=self.device)
 
     @torch.no_grad()
