@@ -224,9 +224,25 @@ SMALL_RUN = ["--img-size", "32", "--patch-size", "4", "--builtin-size", "16", "-
 def _cfg(*argv, **extra):
     cfg = config_from_args(build_parser().parse_args(["--method", "beit", "--preset", "beit-tiny", *SMALL_RUN,
                                                       "--model", "beit_tiny_patch16_224_pixel", *argv]))
-    for k, v in extra.items():  # settings the config may not have as flags
+    for k, v in extra.items():  # set past the parser (which checks the choices)
         setattr(cfg, k, v)
     return cfg
+
+
+def test_pixel_variant_settings_from_the_command_line():
+    """--pixel-masks, --mask-patch-size, --simmim-mask-ratio, --pixel-loss and --norm-pix-loss reach
+    the task and the model; the BEiT recipe's pixel loss is SimMIM's (l1, no per-patch norm)."""
+    task = BEiTTask(_cfg(), torch.device("cpu"))
+    model = task.build_model()
+    assert (model.loss_type, model.norm_pix_loss) == ("l1", False)
+    task = BEiTTask(_cfg("--pixel-masks", "simmim", "--mask-patch-size", "8", "--simmim-mask-ratio", "0.5",
+                         "--pixel-loss", "mse", "--norm-pix-loss"), torch.device("cpu"))
+    model = task.build_model()
+    assert (task.pixel_masks, task.mask_patch_size, task.simmim_mask_ratio) == ("simmim", 8, 0.5)
+    assert (model.loss_type, model.norm_pix_loss) == ("mse", True)
+    assert isinstance(task.mask_generator(32), SimMIMMaskGenerator)
+    with pytest.raises(SystemExit):
+        _cfg("--pixel-masks", "random")
 
 
 def test_pixel_variant_masks_default_to_blockwise():

@@ -14,9 +14,9 @@ no_grad (``--tokenizer dalle:PATH`` or ``vq:PATH``), and the model's loss is the
 of its predictions at the masked positions, ``model(imgs, bool_masked_pos, labels=tokens)``.
 The pixel variant (``--model beit_*_pixel``) needs no tokenizer: its patch view is MAE's crop
 (bicubic, scale (min_crop_scale, 1), no ColorJitter; SimMIM's is bilinear at scale (0.67, 1)) and
-its loss the model's masked patch loss against the normalised pixels. Its masks are, by the
-task's ``pixel_masks`` setting (config fields ``pixel_masks``, ``mask_patch_size`` and
-``simmim_mask_ratio`` where the config has them, else the defaults):
+its loss the model's masked patch loss against the normalised pixels (``--pixel-loss l1``, SimMIM's,
+or ``mse``; ``--norm-pix-loss`` normalises each target patch, off in the BEiT recipe). Its masks
+are, by ``--pixel-masks`` (with ``--mask-patch-size`` and ``--simmim-mask-ratio``):
 
 - ``"blockwise"`` (default): BEiT's blockwise masks of ``num_mask_patches``, as in BEiT's
   "recover masked pixels" ablation;
@@ -66,7 +66,6 @@ __all__ = ["BEiTTask", "BEiTSampleTransform", "keyed_blockwise_masks", "keyed_si
 
 MASK_SALT = 0x424549546D61736B  # b"BEITmask": the mask stream of keyed_uniforms, apart from the crops'
 PIXEL_MASKS = ("blockwise", "simmim")  # the pixel variant's masks: BEiT's ablation, SimMIM's
-_SIMMIM_DEFAULTS = dict(mask_patch_size=32, simmim_mask_ratio=0.6)  # SimMIM's DATA.MASK_PATCH_SIZE, MASK_RATIO
 
 _NEED_TOKENIZER = (
     "BEiT predicts visual tokens, so it needs a tokenizer: --tokenizer dalle:ENCODER.safetensors (the "
@@ -153,10 +152,9 @@ class BEiTTask:
         self.cfg = cfg
         self.device = device
         self.pixel = cfg.model.endswith("_pixel")
-        # the pixel variant's masks (config fields where the config has them; see the module docstring)
-        self.pixel_masks = getattr(cfg, "pixel_masks", PIXEL_MASKS[0])
-        self.mask_patch_size = getattr(cfg, "mask_patch_size", _SIMMIM_DEFAULTS["mask_patch_size"])
-        self.simmim_mask_ratio = getattr(cfg, "simmim_mask_ratio", _SIMMIM_DEFAULTS["simmim_mask_ratio"])
+        self.pixel_masks = cfg.pixel_masks  # the pixel variant's masks (see the module docstring)
+        self.mask_patch_size = cfg.mask_patch_size
+        self.simmim_mask_ratio = cfg.simmim_mask_ratio
         if self.pixel_masks not in PIXEL_MASKS:
             raise SystemExit(f"pixel_masks must be one of {PIXEL_MASKS}, got {self.pixel_masks!r}")
         if self.pixel_masks == "simmim" and not self.pixel:
@@ -187,6 +185,9 @@ class BEiTTask:
         kw.setdefault("drop_path_rate", self.cfg.drop_path)
         if self.tokenizer is not None:
             kw["vocab_size"] = self.tokenizer.vocab_size
+        if self.pixel:
+            kw.setdefault("norm_pix_loss", self.cfg.norm_pix_loss)
+            kw.setdefault("loss", self.cfg.pixel_loss)
         model = create_model(self.cfg.model, **kw)
         if not hasattr(model, "lm_head") and not hasattr(model, "pixel_head"):
             raise SystemExit(f"--method beit needs a BEiT pretraining model (beit_*), got {self.cfg.model}")

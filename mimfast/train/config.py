@@ -48,6 +48,12 @@ class PretrainConfig:
     # BEiT: the visual tokenizer ("dalle:PATH" or "vq:PATH", see `mimfast tokenizer`) and mask size
     tokenizer: str | None = None
     num_mask_patches: int = 75
+    # BEiT's pixel variant (--model beit_*_pixel): BEiT's blockwise masks, or SimMIM's random
+    # mask_patch_size-px cells at simmim_mask_ratio; its loss (SimMIM: l1 on normalised pixels)
+    pixel_masks: str = "blockwise"  # blockwise | simmim
+    mask_patch_size: int = 32
+    simmim_mask_ratio: float = 0.6
+    pixel_loss: str = "l1"  # l1 | mse; --norm-pix-loss normalises its targets per patch
     # precision
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
@@ -74,7 +80,7 @@ RECIPES = {
                 mask_ratio=0.75, norm_pix_loss=True, min_crop_scale=0.2, epochs=800),
     "beit": dict(model="beit_base_patch16_224_8k_vocab", lr=1.5e-3, warmup_epochs=10, weight_decay=0.05,
                  betas=(0.9, 0.999), clip_grad=3.0, drop_path=0.1, min_crop_scale=0.08, epochs=800,
-                 min_lr=1e-5),
+                 min_lr=1e-5, norm_pix_loss=False),
 }
 
 PRESETS = {
@@ -95,7 +101,8 @@ PRESETS = {
 
 _CHOICES = {"method": ("mae", "beit"), "kernels": ("auto", "eager", "triton"),
             "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-            "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cuda", "cpu")}
+            "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cuda", "cpu"),
+            "pixel_masks": ("blockwise", "simmim"), "pixel_loss": ("l1", "mse")}
 
 
 # facebookresearch/mae main_pretrain.py's names of settings named otherwise here
