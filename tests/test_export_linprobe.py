@@ -338,6 +338,21 @@ def test_loaded_mae_computes_the_loss_it_was_trained_with(tmp_path, norm_pix_los
     torch.testing.assert_close(loaded(imgs, noise=noise)[0], mae(imgs, noise=noise)[0], rtol=0, atol=0)
 
 
+def test_loaded_beit_pixel_model_keeps_the_runs_loss(tmp_path):
+    """The pixel variant's norm_pix_loss and pixel_loss come from the run's config, as the trainer
+    passes them (model_kwargs first)."""
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3}
+    model = create_model("beit_tiny_patch16_224_pixel", **kw, kernels="eager", norm_pix_loss=True, loss="mse")
+    config = {"method": "beit", "model": "beit_tiny_patch16_224_pixel", "img_size": 32, "patch_size": 8,
+              "model_kwargs": {"embed_dim": 48, "depth": 1, "num_heads": 3}, "norm_pix_loss": True,
+              "pixel_loss": "mse"}
+    loaded = load_pretrained_model(_save_mimfast_checkpoint(model, tmp_path / "px.pth", config), kernels="eager")
+    assert (loaded.norm_pix_loss, loaded.loss_type) == (True, "mse")
+    config["model_kwargs"]["loss"] = "l1"  # model_kwargs win, as in the trainer
+    loaded = load_pretrained_model(_save_mimfast_checkpoint(model, tmp_path / "px2.pth", config), kernels="eager")
+    assert loaded.loss_type == "l1"
+
+
 def test_beit_checkpoint_export_and_load(tmp_path):
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "vocab_size": 64}
     beit = _perturbed(create_model("beit_tiny_patch16_224_8k_vocab", **kw, kernels="eager"))

@@ -258,8 +258,14 @@ def build_model_from_config(config: dict | None, model_name: str | None = None, 
     for key in ("img_size", "patch_size"):
         if config.get(key) is not None:
             kw[key] = config[key]
+    # settings the trainer passes beside model_kwargs (as it does: MAE's over them, the BEiT
+    # pixel variant's under them)
     if config.get("method", "mae") == "mae" and config.get("norm_pix_loss") is not None:
-        kw["norm_pix_loss"] = config["norm_pix_loss"]  # the trainer passes it beside model_kwargs
+        kw["norm_pix_loss"] = config["norm_pix_loss"]
+    if config.get("method") == "beit" and name.endswith("_pixel"):
+        for key, arg in (("norm_pix_loss", "norm_pix_loss"), ("pixel_loss", "loss")):
+            if config.get(key) is not None:
+                kw.setdefault(arg, config[key])
     kw.update(overrides)
     kw["kernels"] = kernels
     with torch.device(device or "cpu"):
