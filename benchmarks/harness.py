@@ -255,9 +255,14 @@ class Context:
 
 
 def try_compile(fn, **kwargs):
-    """``torch.compile(fn, **kwargs)``, or None where inductor cannot run here, in a smoke run,
-    and when less than ``COMPILE_MIN_LEFT_S`` of the run's time budget is left (compilation
-    happens at the first call, inside the caller's timing or warm-up, so inside the budget)."""
+    """``torch.compile(fn, dynamic=False, **kwargs)``, or None where inductor cannot run here, in a
+    smoke run, and when less than ``COMPILE_MIN_LEFT_S`` of the run's time budget is left
+    (compilation happens at the first call, inside the caller's warm-up, so inside the budget).
+
+    Static shapes (:func:`static_compile_settings`): the benchmarks compile the same function at
+    several shapes in one process, where dynamo's automatic dynamic shapes would compile every
+    shape after the first as a slower shape-generic kernel, and its recompile limit would fall
+    back to eager without an error."""
     if _active["smoke"]:
         return None
     left = _active["deadline"] - time.time()
@@ -265,9 +270,23 @@ def try_compile(fn, **kwargs):
         print(f"torch.compile left out: {left:.0f} s of the time budget left", flush=True)
         return None
     try:
-        return torch.compile(fn, **kwargs)
+        static_compile_settings()
+        return torch.compile(fn, **{"dynamic": False, **kwargs})
     except Exception:  # pragma: no cover - depends on the machine
         return None
+
+
+# compiled entries one function may hold: a case each (shape, grad mode, bias or not) across a run
+RECOMPILE_LIMIT = 64
+
+
+def static_compile_settings() -> None:
+    """Raise dynamo's per-function recompile limit (8) to ``RECOMPILE_LIMIT``: every case of a
+    benchmark (shape x grad mode) is an entry of its own with static shapes, and past the limit
+    dynamo runs the function eagerly, which a "compile" row would then time as compiled."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def write_results(out_dir: Path, info: dict, ctx: Context, errors: list, plot: bool = True) -> tuple[Path, Path]:
