@@ -24,6 +24,14 @@ batch, against the same step fed by each pipeline (wall clock per step, the pipe
 concurrently). Target (issue 10): GPU pipeline >= 3x torchvision's CPU pipeline with all cores,
 and the step with GPU data loading within 10% of the step without.
 
+Measurement windows: each loader runs one epoch long enough for the whole measurement (a
+sampler over the folder's images repeated, ``_sampler``: an epoch end would restart it with
+workers idle); the clock starts after a warm-up of at least one batch per worker (the workers'
+first batches all arrive at once) and times whole rounds of the workers (``_window``), so no
+batch made before the window is counted as made inside it. The step rows time at least 32
+steps (64 in full runs) after 16, so the few batches a loader holds ready at the start hide
+little of a deficit.
+
     python -m benchmarks.run --out DIR --only input_pipeline
 
 Smoke mode (``ctx.smoke``, CPU; sizes in ``_sizes``): 12 JPEGs of about 40 x 50 px, 32 px
@@ -34,7 +42,6 @@ under the interpreter. ``nvjpeg_decode`` needs CUDA and is left out.
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 import time
@@ -65,12 +72,13 @@ class _Sizes:
     shapes: list  # (H, W) of the JPEGs made
     n_images: int
     batch: int  # pipeline batches
-    measured: int  # timed batches (after 2 warm-up ones)
+    measured: int  # timed batches at least (see _window: whole rounds of the loader's workers)
     step_batch: int
-    step_steps: int
+    step_steps: int  # timed steps at least (see _window)
     step_model: tuple  # (name, overrides)
     cpu_workers: int
     gpu_workers: int
+    step_warmup: int = 2  # untimed steps at least, on each loader (see _window)
 
 
 def _sizes(ctx) -> _Sizes:
@@ -82,8 +90,8 @@ def _sizes(ctx) -> _Sizes:
                                                     kernels="eager")),
                       1, 1)
     cpu_workers = os.cpu_count() or 1
-    return _Sizes(ctx.device, IMG_SIZE, SHAPES, 1024 if ctx.quick else 2048, BATCH, 6 if ctx.quick else 12,
-                  STEP_BATCH, 6 if ctx.quick else 10, STEP_MODEL, cpu_workers, min(8, cpu_workers))
+    return _Sizes(ctx.device, IMG_SIZE, SHAPES, 1024 if ctx.quick else 2048, BATCH, 16 if ctx.quick else 32,
+                  STEP_BATCH, 32 if ctx.quick else 64, STEP_MODEL, cpu_workers, min(8, cpu_workers), 16)
 
 
 def _make_jpegs(folder: Path, n: int, seed: int = 0, shapes=SHAPES) -> list[torch.Tensor]:
@@ -135,7 +143,8 @@ def _official_mae_transform(size: int):
 
 
 def _repeat(loader, n_batches):
-    """Yield n_batches batches, restarting the loader (persistent workers) as needed."""
+    """Yield n_batches batches, restarting the loader if its epoch ends first (the samplers
+    here make it long enough: a restart would idle the workers, see _sampler)."""
     done = 0
     while done < n_batches:
         for batch in loader:
@@ -143,6 +152,28 @@ def _repeat(loader, n_batches):
             done += 1
             if done == n_batches:
                 return
+
+
+def _window(workers: int, warmup: int, measured: int) -> tuple[int, int]:
+    """(warm-up, timed) batch counts for a DataLoader with ``workers`` workers.
+
+    DataLoader gives batch k to worker k % workers, and every worker starts its first batch at
+    once: the first ``workers`` batches arrive together, then each later round together. The
+    warm-up takes at least the first round and the timed window whole rounds; a shorter window
+    (2 warm-up and 6 timed batches with 16 workers) times batches made before it began, and
+    shows a CPU pipeline many times faster than it is."""
+    w = max(1, int(workers))
+    return max(warmup, w), -(-max(measured, 1) // w) * w
+
+
+def _sampler(dataset, n_batches: int, batch: int, seed: int = 0):
+    """A shuffled sampler drawing ``n_batches`` batches in one epoch (permutations of the dataset
+    back to back): the JPEG folder is smaller than a measurement, and an epoch's end inside it
+    would restart the loader with its workers idle (1024 images are 4 batches of 256: 4 of 16
+    workers busy)."""
+    from torch.utils.data import RandomSampler
+
+    return RandomSampler(dataset, num_samples=n_batches * batch, generator=torch.Generator().manual_seed(seed))
 
 
 def _throughput(batches, batch_size: int, warmup: int, measured: int, device: str,
@@ -164,28 +195,54 @@ def _throughput(batches, batch_size: int, warmup: int, measured: int, device: st
     return 1e3 * dt / measured, measured * batch_size / dt
 
 
-def _cpu_loaders(folder: Path, files, batch: int, workers: int, size: int):
+PREFETCH_FACTOR = 4  # batches each CPU DataLoader worker works ahead
+GPU_SPARE_BATCHES = 4  # batches a GpuLoader's sampler holds past the measurement (see _gpu_loader)
+
+
+def _cpu_loaders(folder: Path, files, batch: int, workers: int, size: int, n_batches: int):
+    """The two CPU pipelines, each a loader of ``n_batches`` batches in one epoch."""
     from mimfast.data.datasets import build_dataset
     from mimfast.train.pretrain import mae_transform
 
-    common = dict(batch_size=batch, shuffle=True, num_workers=workers, pin_memory=harness.on_cuda(),
-                  drop_last=True, persistent_workers=True, prefetch_factor=4)
-    yield "torchvision_cpu_pil", DataLoader(_PilFolder(files, _official_mae_transform(size)), **common)
-    yield "mimfast_cpu", DataLoader(build_dataset(str(folder), size, mae_transform(size, SCALE[0])), **common)
+    common = dict(batch_size=batch, num_workers=workers, pin_memory=harness.on_cuda(),
+                  drop_last=True, persistent_workers=False, prefetch_factor=PREFETCH_FACTOR)
+    tv = _PilFolder(files, _official_mae_transform(size))
+    yield "torchvision_cpu_pil", DataLoader(tv, sampler=_sampler(tv, n_batches, batch), **common)
+    mf = build_dataset(str(folder), size, mae_transform(size, SCALE[0]))
+    yield "mimfast_cpu", DataLoader(mf, sampler=_sampler(mf, n_batches, batch), **common)
 
 
-def _gpu_loader(folder: Path, batch: int, workers: int, sz: _Sizes, cpu_decode_fraction: float = 0.0):
+def _gpu_loader(folder: Path, batch: int, workers: int, sz: _Sizes, n_batches: int,
+                cpu_decode_fraction: float = 0.0):
     from mimfast.data.gpu_pipeline import EncodedImages, GpuAugment, GpuLoader
 
     augment = GpuAugment(sz.img_size, scale=SCALE, seed=0, device=sz.device)
     dataset = EncodedImages(folder, cpu_decode_fraction=cpu_decode_fraction)
-    return GpuLoader.from_dataset(dataset, augment, batch_size=batch, num_workers=workers, shuffle=True, prefetch=2)
+    # 4 spare batches: the prefetch thread keeps working past the last timed batch, whose GPU work
+    # the final synchronize then waits for, as the first synchronize waited for the batches it
+    # had made ahead of the timed window (up to prefetch + 1)
+    sampler = _sampler(dataset, n_batches + GPU_SPARE_BATCHES, batch)
+    return GpuLoader.from_dataset(dataset, augment, batch_size=batch, num_workers=workers, sampler=sampler,
+                                  prefetch=2, persistent_workers=False)
 
 
-def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int, sz: _Sizes):
-    yield "gpu_pipeline", gpu_workers, _gpu_loader(folder, batch, gpu_workers, sz)
+def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int, sz: _Sizes, warmup: int,
+                 measured: int):
+    """(name, workers, warm-up batches, timed batches, loader) of the two GPU pipelines."""
+    warm, timed = _window(gpu_workers, warmup, measured)
+    yield "gpu_pipeline", gpu_workers, warm, timed, _gpu_loader(folder, batch, gpu_workers, sz, warm + timed)
     # the workers decode a share of the images with libjpeg-turbo while nvjpeg decodes the rest
-    yield "gpu_pipeline_hybrid", cpu_workers, _gpu_loader(folder, batch, cpu_workers, sz, HYBRID_CPU_FRACTION)
+    warm, timed = _window(cpu_workers, warmup, measured)
+    yield "gpu_pipeline_hybrid", cpu_workers, warm, timed, _gpu_loader(folder, batch, cpu_workers, sz, warm + timed,
+                                                                        HYBRID_CPU_FRACTION)
+
+
+def _all_loaders(folder: Path, files, batch: int, sz: _Sizes, gpu_workers: int, warmup: int, measured: int):
+    """(name, workers, warm-up batches, timed batches, loader): the GPU pipelines, then the CPU ones."""
+    yield from _gpu_loaders(folder, batch, gpu_workers, sz.cpu_workers, sz, warmup, measured)
+    warm, timed = _window(sz.cpu_workers, warmup, measured)
+    for name, loader in _cpu_loaders(folder, files, batch, sz.cpu_workers, sz.img_size, warm + timed):
+        yield name, sz.cpu_workers, warm, timed, loader
 
 
 def _stage_rows(ctx, datas, batch: int, sz: _Sizes) -> None:
@@ -244,26 +301,30 @@ def _step_rows(ctx, folder: Path, files, workers: int, batch: int, steps: int, s
     fixed = torch.randn(batch, 3, sz.img_size, sz.img_size, device=dev)
     for _ in range(1 if ctx.smoke else 3):
         step(fixed)
+    case = f"mae_vit_b16_step_b{batch}"
     # the same wall-clock loop as with a loader, on one fixed batch already on the GPU
-    ms, ips = _throughput(((fixed, None) for _ in range(2 + steps)), batch, warmup=2, measured=steps, device=dev,
-                          consume=step)
-    ctx.add(BENCH, f"mae_vit_b16_step_b{batch}", "no_data", ms, images_per_s=round(ips))
+    ms, ips = _throughput(((fixed, None) for _ in range(sz.step_warmup + steps)), batch, warmup=sz.step_warmup,
+                          measured=steps, device=dev, consume=step)
+    ctx.add(BENCH, case, "no_data", ms, images_per_s=round(ips), timed_batches=steps)
     base_ms = ms
-    cpu_workers = sz.cpu_workers
-    loaders = itertools.chain(((name, dl) for name, _, dl in _gpu_loaders(folder, batch, workers, cpu_workers, sz)),
-                              _cpu_loaders(folder, files, batch, cpu_workers, sz.img_size))
-    for name, loader in loaders:  # one at a time: a loader's workers end before the next starts
-        ms, ips = _throughput(_repeat(loader, 2 + steps), batch, warmup=2, measured=steps, device=dev, consume=step)
-        ctx.add(BENCH, f"mae_vit_b16_step_b{batch}", name, ms, images_per_s=round(ips),
-                overhead_vs_no_data_pct=round(100 * (ms / base_ms - 1), 1))
+    # one loader at a time: its workers end (the iterator freed) before the next starts
+    for name, n_workers, warm, timed, loader in _all_loaders(folder, files, batch, sz, workers, sz.step_warmup, steps):
+        try:
+            ms, ips = _throughput(_repeat(loader, warm + timed), batch, warmup=warm, measured=timed, device=dev,
+                                  consume=step)
+        except Exception as e:  # one pipeline failing must not lose the others' rows
+            ctx.fail(BENCH, case, name, e, workers=n_workers)
+        else:
+            ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=n_workers, timed_batches=timed,
+                    overhead_vs_no_data_pct=round(100 * (ms / base_ms - 1), 1))
         del loader
-    ctx.speedups(BENCH, f"mae_vit_b16_step_b{batch}", over="no_data")
+    ctx.speedups(BENCH, case, over="no_data")
 
 
 def run(ctx: harness.Context) -> None:
     sz = _sizes(ctx)
     batch, n_images, measured = sz.batch, sz.n_images, sz.measured
-    cpu_workers, gpu_workers = sz.cpu_workers, sz.gpu_workers
+    gpu_workers = sz.gpu_workers
     with tempfile.TemporaryDirectory(prefix="mimfast-jpegs-") as tmp:
         folder = Path(tmp)
         t0 = time.time()
@@ -272,16 +333,22 @@ def run(ctx: harness.Context) -> None:
         mean_kb = sum(d.numel() for d in datas) / len(datas) / 1024
         print(f"[{BENCH}] {n_images} JPEGs, mean {mean_kb:.0f} KB, made in {time.time() - t0:.1f}s", flush=True)
 
-        _stage_rows(ctx, datas, batch, sz)
+        try:
+            _stage_rows(ctx, datas, batch, sz)
+        except Exception as e:  # the pipelines' rows still follow
+            print(f"[{BENCH}] stage rows failed: {type(e).__name__}: {e}", flush=True)
+            ctx.fail(BENCH, f"b{batch}", "stages", e)
 
         case = f"pipeline_b{batch}"
-        for name, workers, loader in _gpu_loaders(folder, batch, gpu_workers, cpu_workers, sz):
-            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured, device=sz.device)
-            ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=workers, mean_jpeg_kb=round(mean_kb))
-            del loader
-        for name, loader in _cpu_loaders(folder, files, batch, cpu_workers, sz.img_size):
-            ms, ips = _throughput(_repeat(loader, 2 + measured), batch, warmup=2, measured=measured, device=sz.device)
-            ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=cpu_workers, mean_jpeg_kb=round(mean_kb))
+        for name, workers, warm, timed, loader in _all_loaders(folder, files, batch, sz, gpu_workers, 2, measured):
+            try:
+                ms, ips = _throughput(_repeat(loader, warm + timed), batch, warmup=warm, measured=timed,
+                                      device=sz.device)
+            except Exception as e:  # one pipeline failing must not lose the others' rows
+                ctx.fail(BENCH, case, name, e, workers=workers)
+            else:
+                ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=workers, timed_batches=timed,
+                        mean_jpeg_kb=round(mean_kb))
             del loader
         ctx.speedups(BENCH, case, over="torchvision_cpu_pil")
         ctx.speedups(BENCH, case, over="mimfast_cpu")
