@@ -11,8 +11,9 @@
    patches each (blockwise masks), labels given, bf16 autocast, forward + backward (no optimizer
    step), with ``kernels="eager"`` (explicit attention, full logits), ``kernels="triton"``, and
    ``triton`` with eager attention (how much comes from the attention kernel). TFLOP/s counts
-   the model's matmul FLOPs (6 x tokens x weights + attention + LM head), so its share of the
-   bf16 peak is the MFU. Target: >= 1.25x eager at <= 0.8x its peak memory.
+   the model's matmul FLOPs (``bench_step.beit_step_flops``); ``mfu_pct`` is their share of
+   the data-sheet bf16 peak, as in bench_step. Peak memory: activations and gradients, above
+   the parameters and inputs. Target: >= 1.25x eager at <= 0.8x its peak memory.
 3. ``beit_masks``: 256 blockwise masks (14 x 14, 75 masked): the reference's Python loop, the
    batched numpy generator (one CPU core, wall time, median) and the Triton generator on the GPU
    (uniforms drawn + kernel). Target: well under 1 ms.
@@ -137,26 +138,21 @@ def _peak_vs_eager(ctx: harness.Context, bench: str, case: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _model_flops(model, batch: int, masked: int) -> float:
-    """Matmul FLOPs of one forward + backward (3x the forward's)."""
-    D = model.embed_dim
-    depth = len(model.blocks)
-    H = model.num_heads
-    L = model.patch_embed.num_patches
-    S = L + 1
-    p = model.patch_size
-    tokens = batch * S
-    linear = 2 * tokens * depth * (3 * D * D + D * D + 8 * D * D)  # qkv, proj, fc1 + fc2 (mlp 4x)
-    attention = 2 * 2 * batch * depth * H * S * S * (D // H)  # q k^T and attn v
-    patch = 2 * batch * L * D * 3 * p * p
-    head = 2 * batch * masked * D * model.lm_head.out_features
-    return 3.0 * (linear + attention + patch + head)
+    """Matmul FLOPs of one forward + backward: bench_step's count for BEiT (3x the forward's,
+    the patch embedding 2x)."""
+    from benchmarks.bench_step import beit_step_flops
+
+    return float(beit_step_flops(model, batch, masked, model.lm_head.out_features))
 
 
 def _step(model, imgs, bool_masked_pos, labels):
-    model.zero_grad(set_to_none=True)
+    """Forward + backward; the gradients are freed after it, as an optimizer's
+    ``zero_grad(set_to_none=True)`` frees them, so the peak memory of a call counts them as
+    bench_step does (from a baseline without gradients) for every variant."""
     with torch.autocast(imgs.device.type, dtype=torch.bfloat16):
         loss = model(imgs, bool_masked_pos, labels=labels)
     loss.backward()
+    model.zero_grad(set_to_none=True)
     return loss
 
 
@@ -201,7 +197,7 @@ def _bench_step(ctx: harness.Context) -> None:
             continue
         want = loss if want is None else want
         ctx.add(bench, case, name, ms, flops=flops, peak_mem=peak, images_per_s=round(batch / ms * 1e3, 1),
-                loss=round(loss, 4), loss_diff_vs_eager=float(f"{abs(loss - want):.2e}"))
+                loss=round(loss, 4), loss_diff_vs_eager=float(f"{abs(loss - want):.2e}"), **ctx.mfu(flops, ms))
     _peak_vs_eager(ctx, bench, case)
     ctx.speedups(bench, case, over="eager")
     model.zero_grad(set_to_none=True)

@@ -6,7 +6,9 @@ memory and MFU against the device's data-sheet dense bf16 peak (FLOPs counted in
 Variants, side by side in one run:
   (a) eager   — the reference math everywhere, explicit attention (as the official MAE code
                 ran with timm 0.3.2): ``kernels="eager"``
-  (b) timm-sdpa — modern timm ``Attention`` (SDPA) in every block, eager masking and loss
+  (b) timm-sdpa — modern timm ``Attention`` (SDPA) in every block, eager masking and loss;
+                for BEiT, its attention on SDPA with the relative position bias as the mask,
+                as timm's ``Beit`` runs it
   (c) timm-sdpa+compile — ``torch.compile`` of (b)
   (d) mimfast — ``kernels="auto"``: every hot path on its Triton kernel
   (e) mimfast+compile — ``torch.compile`` of (d) (the ops are torch.library custom ops)
@@ -72,28 +74,33 @@ def _block_flops(n: int, s: int, d: int, mlp_ratio: float = 4.0) -> int:
 
 
 def mae_step_flops(model, n: int, mask_ratio: float = 0.75) -> int:
-    """FLOPs of one MAE training step: 3 x the forward's matmul FLOPs (backward = 2 x forward)."""
+    """Matmul FLOPs of one MAE training step: 3 x the forward's (the backward computes the
+    gradients of a layer's input and of its weight, 2 x its forward), except the patch
+    embedding, 2 x: the images need no gradient. The patch embedding counts the kept patches
+    only (what the model needs; the reference embeds all L and then drops 75%)."""
     L = model.patch_embed.num_patches
     K = int(L * (1 - mask_ratio))
     p, C = model.patch_size, model.in_chans
     D = model.cls_token.shape[-1]
     Dd = model.mask_token.shape[-1]
-    fwd = _linear_flops(n * K, p * p * C, D)  # the patch embedding of kept patches only
-    fwd += sum(_block_flops(n, 1 + K, D) for _ in model.blocks)
+    patch = _linear_flops(n * K, p * p * C, D)
+    fwd = sum(_block_flops(n, 1 + K, D) for _ in model.blocks)
     fwd += _linear_flops(n * (1 + K), D, Dd)
     fwd += sum(_block_flops(n, 1 + L, Dd) for _ in model.decoder_blocks)
     fwd += _linear_flops(n * (1 + L), Dd, p * p * C)
-    return 3 * fwd
+    return 3 * fwd + 2 * patch
 
 
 def beit_step_flops(model, n: int, num_masked: int = BEIT_MASKED, vocab: int = 8192) -> int:
+    """Matmul FLOPs of one BEiT training step: 3 x the forward's, the patch embedding 2 x (no
+    gradient for the images); the LM head on the masked tokens only, as the model runs it."""
     L = model.patch_embed.num_patches
     p = model.patch_size
     D = model.cls_token.shape[-1]
-    fwd = _linear_flops(n * L, p * p * 3, D)
-    fwd += sum(_block_flops(n, 1 + L, D) for _ in model.blocks)
+    patch = _linear_flops(n * L, p * p * 3, D)
+    fwd = sum(_block_flops(n, 1 + L, D) for _ in model.blocks)
     fwd += _linear_flops(n * num_masked, D, vocab)
-    return 3 * fwd
+    return 3 * fwd + 2 * patch
 
 
 def _to_timm_sdpa(model) -> int:
@@ -108,9 +115,47 @@ def _to_timm_sdpa(model) -> int:
             if isinstance(child, Attention):
                 new = TimmAttention(child.qkv.in_features, num_heads=child.num_heads, qkv_bias=True)
                 new.qkv, new.proj = child.qkv, child.proj
+                # SDPA whatever TIMM_FUSED_ATTN says: with it off this would be variant (a) again
+                new.fused_attn = True
                 setattr(parent, name, new.to(child.qkv.weight.device))
                 swapped += 1
     return swapped
+
+
+def _beit_sdpa_forward(self, x, rel_pos_bias=None):
+    """BEiTAttention's forward as timm's ``Beit`` attention runs it with fused attention: q, k, v
+    split from the qkv projection (permute), ``F.scaled_dot_product_attention`` with the bias as
+    ``attn_mask`` (broadcast over the batch), heads merged (transpose + reshape), ``proj``."""
+    B, S, _ = x.shape
+    qkv_bias = None
+    if self.q_bias is not None:
+        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
+    qkv = torch.nn.functional.linear(x, self.qkv.weight, qkv_bias)
+    q, k, v = qkv.reshape(B, S, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = rel_pos_bias
+    if self.relative_position_bias_table is not None:
+        s = self.window_size[0] * self.window_size[1] + 1
+        own = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(s, s, -1)
+        own = own.permute(2, 0, 1).contiguous()
+        bias = own if bias is None else own + bias
+    mask = None if bias is None else bias.to(q.dtype).unsqueeze(0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, S, -1)))
+
+
+def _beit_to_sdpa(model) -> int:
+    """Run every BEiTAttention of ``model`` through SDPA (:func:`_beit_sdpa_forward`), weights
+    unchanged; returns how many."""
+    import types
+
+    from mimfast.nn import BEiTAttention
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, BEiTAttention):
+            m.forward = types.MethodType(_beit_sdpa_forward, m)
+            n += 1
+    return n
 
 
 def _step_fn(model, loss_fn, opt, device):
@@ -128,7 +173,9 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
     """``compile_model``: False, True (``torch.compile`` default mode) or a compile mode name."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     if compile_model:
-        target = torch.compile(model, **({} if compile_model is True else {"mode": compile_model}))
+        # static shapes, as harness.try_compile: ViT-L after ViT-B would otherwise compile shape-generic
+        harness.static_compile_settings()
+        target = torch.compile(model, dynamic=False, **({} if compile_model is True else {"mode": compile_model}))
     else:
         target = model
     step = _step_fn(target, loss_fn(target), opt, ctx.device)
@@ -222,13 +269,18 @@ def _beit_cases(ctx, compile_spent):
         def loss_fn(m):
             return lambda model: model(imgs, masks, labels=labels)
 
-        variants = [("eager", "eager", False, {}), ("mimfast", "auto", False, {}), ("mimfast+compile", "auto", True, {})]
-        variants += [(v, k, c, extra) for v, k, _, c, extra in ABLATIONS]
-        for variant, kernels, comp, extra in variants:
+        # as for MAE: (b) / (c) run BEiT's attention on SDPA with the relative position bias as
+        # its mask (timm's Beit does so), everything else eager
+        variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
+                    ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
+                    ("mimfast+compile", "auto", False, True, {})] + ABLATIONS
+        for variant, kernels, sdpa, comp, extra in variants:
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
             model = create_model(name, kernels=kernels, **overrides, **extra).to(dev)
             model.load_state_dict(state)
+            if sdpa:
+                _beit_to_sdpa(model)
             t0 = time.time()
             try:
                 _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
@@ -239,6 +291,8 @@ def _beit_cases(ctx, compile_spent):
             del model
             harness.empty_cache()
         ctx.speedups(BENCH, case, "eager")
+        ctx.speedups(BENCH, case, "timm-sdpa")
+        ctx.speedups(BENCH, case, "timm-sdpa+compile")
 
 
 def run(ctx: harness.Context) -> None:
