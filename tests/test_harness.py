@@ -85,9 +85,12 @@ def test_time_ms_calls_do_bench_as_triton_defines_it(on_cuda, monkeypatch):
 def test_ceilings_formulas(monkeypatch):
     # bytes read + written / time; 2 n^3 / time
     monkeypatch.setattr(harness, "_active", dict(harness._active))
-    monkeypatch.setattr(harness, "time_ms", lambda fn, **kw: 2.0)
+    timings = []
+    monkeypatch.setattr(harness, "time_ms", lambda fn, **kw: timings.append(kw) or 2.0)
     assert harness.measure_copy_gbps(1 << 20, device="cpu") == pytest.approx(2 * 2**20 / 2e-3 / 1e9)
     assert harness.measure_matmul_tflops(64, torch.float32, device="cpu") == pytest.approx(2 * 64**3 / 2e-3 / 1e12)
+    # the GPU's clocks come up during a longer warm-up than the ops' default
+    assert all(kw["warmup_ms"] >= 200 for kw in timings) and len(timings) == 2
     ctx = harness.Context(copy_gbps=1000.0, matmul_tflops=500.0, device="cpu")
     row = ctx.add("b", "c", "v", 2.0, bytes_moved=4e9, flops=2e12, peak_mem=3 * 2**20)
     assert row["gbps"] == 2000.0 and row["pct_copy_bw"] == 200.0
