@@ -179,13 +179,22 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
     else:
         target = model
     step = _step_fn(target, loss_fn(target), opt, ctx.device)
-    t0 = time.time()
-    for _ in range(1 if ctx.smoke else WARMUP_STEPS):  # warm-up (and compilation)
-        step()
-    harness.sync()
-    warm_s = time.time() - t0
-    peak = harness.peak_memory_bytes(step)
-    ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
+    try:
+        t0 = time.time()
+        for _ in range(1 if ctx.smoke else WARMUP_STEPS):  # warm-up (and compilation)
+            step()
+        harness.sync()
+        warm_s = time.time() - t0
+        peak = harness.peak_memory_bytes(step)
+        ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
+    finally:
+        if compile_model:
+            # dynamo's caches keep the compiled step alive, and with it (mode "reduce-overhead")
+            # its CUDA graphs' memory pool: freed before the next variant runs beside it
+            import torch._dynamo as dynamo
+
+            del step, target
+            dynamo.reset()
     ctx.add(BENCH, case, variant, ms, flops=flops, peak_mem=peak, images_per_s=round(n / ms * 1e3, 1),
             **ctx.mfu(flops, ms), warmup_s=round(warm_s, 1))
     return warm_s

@@ -206,8 +206,11 @@ def test_beit_lm_head_compile_variant_runs(compile_is_identity):
 
 
 def test_step_compile_variant_passes_static_shapes(monkeypatch):
-    seen = []
+    import torch._dynamo
+
+    seen, resets = [], []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))  # frees the CUDA graphs' pool
     monkeypatch.setattr(harness, "_active", dict(harness._active))
     ctx = _smoke_ctx()
     model = create_model("mae_vit_tiny_patch16", kernels="eager", **_MAE)
@@ -220,6 +223,9 @@ def test_step_compile_variant_passes_static_shapes(monkeypatch):
     bench_step._measure(ctx, "c", "mimfast+compile", model, loss_fn, 2, 1e9, compile_model=True)
     assert seen == [{"dynamic": False, "mode": "reduce-overhead"}, {"dynamic": False}]
     assert [r["variant"] for r in ctx.rows] == ["mimfast+cudagraphs", "mimfast+compile"]
+    assert len(resets) == 2
+    bench_step._measure(ctx, "c", "mimfast", model, loss_fn, 2, 1e9)
+    assert len(resets) == 2 and len(seen) == 2
 
 
 def _fake_flash_attn(monkeypatch):
