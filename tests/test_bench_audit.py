@@ -223,6 +223,7 @@ def test_step_compile_variant_passes_static_shapes(monkeypatch):
     bench_step._measure(ctx, "c", "mimfast+compile", model, loss_fn, 2, 1e9, compile_model=True)
     assert seen == [{"dynamic": False, "mode": "reduce-overhead"}, {"dynamic": False}]
     assert [r["variant"] for r in ctx.rows] == ["mimfast+cudagraphs", "mimfast+compile"]
+    assert "peak_mem_note" in ctx.rows[0] and "peak_mem_note" not in ctx.rows[1]
     assert len(resets) == 2
     bench_step._measure(ctx, "c", "mimfast", model, loss_fn, 2, 1e9)
     assert len(resets) == 2 and len(seen) == 2
