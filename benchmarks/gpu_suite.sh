@@ -12,6 +12,7 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT_DIR                      # tests + all benchmarks (quick)
 #   bash benchmarks/gpu_suite.sh OUT_DIR step,beit full       # named benchmarks, all cases, no tests
+#   SUITE_S=200 bash benchmarks/gpu_suite.sh OUT_DIR masking,patch_loss,beit,fusions   # a second call
 set -u
 OUT=${1:-${OUT:-benchmarks/results/latest}}
 ONLY=${2:-}
