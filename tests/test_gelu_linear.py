@@ -53,9 +53,11 @@ def test_fp32_matches_eager_and_float64(lead, hidden, out, with_bias):
     oe, ge = _run(h, w, b, gout, "eager")
     o64, g64 = _run(h, w, b, gout, "eager", cast=torch.float64)
     assert torch.equal(ot, oe)  # the forward is eager's own calls
+    assert len(gt) == len(ge) == (3 if with_bias else 2)
     for name, a, e, f in zip(("h", "weight", "bias"), gt, ge, g64):
         assert a.dtype == e.dtype, name
-        assert_2x_rule(f"grad {name}", a, e, f, atol=1e-5 * max(1.0, f.abs().max().item()))
+        # fp32: a few ulps of the largest gradient (1e-5 of it passed a GELU gradient 1e-5 off)
+        assert_2x_rule(f"grad {name}", a, e, f, atol=1e-6 * max(1e-2, f.abs().max().item()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
