@@ -87,8 +87,16 @@ def test_pretrain_with_vq_tokenizer_end_to_end_and_exact_resume(tmp_path, one_th
                 "--resume", str(a / "checkpoint-000002.pth")) == 0
     wa = torch.load(a / "checkpoint-last.pth", weights_only=True)["model"]
     wb = torch.load(b / "checkpoint-last.pth", weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    # b ran steps 3 and 4 only (a run that started over would end with a's weights too), with
+    # a's losses
+    def logged(out):
+        return [(r["step"], r["loss"]) for r in map(json.loads, open(out / "log.jsonl"))]
+
+    assert [s for s, _ in logged(a)] == [1, 2, 3, 4]
+    assert logged(b) == logged(a)[2:]
 
 
 def test_pretrain_with_a_converted_dalle_encoder(tmp_path, monkeypatch, one_thread):

@@ -1,5 +1,6 @@
 """The pretraining program: configuration, schedule, data, exact resume, DDP equivalence."""
 
+import json
 import math
 
 import pytest
@@ -164,22 +165,35 @@ def test_loss_goes_down_and_files_are_written(tmp_path):
     assert set(load_model_weights(tmp_path / "checkpoint-last.pth")) == set(ckpt["model"])
 
 
+def _logged(out):
+    """(step, loss) of every record of a run folder's log.jsonl, in the order written (runs
+    resumed in the same folder append to it)."""
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(out / "log.jsonl"))]
+
+
 def test_exact_resume_mid_epoch(tmp_path):
-    """A run stopped mid-epoch and resumed ends with the uninterrupted run's weights."""
+    """A run stopped mid-epoch and resumed ends with the uninterrupted run's weights, having run
+    only the steps after its checkpoint (a run that started over would end there too)."""
     full = _cfg(tmp_path / "full", save_every=3)
     pretrain(full)
+    straight = _logged(tmp_path / "full")
+    assert [s for s, _ in straight] == list(range(1, 9))
     part = _cfg(tmp_path / "part", save_every=3, max_steps=6)  # 4 steps an epoch: stops mid-epoch 1
     assert pretrain(part)["steps"] == 6
     # resume from the step-3 checkpoint (as if killed after it), then to the end
     resumed = _cfg(tmp_path / "part", save_every=3, resume=str(tmp_path / "part" / "checkpoint-000003.pth"))
     assert pretrain(resumed)["steps"] == 8
+    # steps 4 to 8 again (from step 3's state, mid-epoch 0), each with the straight run's loss
+    assert _logged(tmp_path / "part") == straight[:6] + straight[3:]
     a = load_checkpoint(tmp_path / "full" / "checkpoint-last.pth")["model"]
     b = load_checkpoint(tmp_path / "part" / "checkpoint-last.pth")["model"]
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # and auto-resume from the output folder
+    # and auto-resume from the output folder: from step 8, the third epoch only
     again = _cfg(tmp_path / "part", save_every=3, resume="auto", epochs=3)
     assert pretrain(again)["steps"] == 12
+    assert [s for s, _ in _logged(tmp_path / "part")[11:]] == [9, 10, 11, 12]
 
 
 def test_resume_on_a_changed_dataset_says_so(tmp_path, capsys):
@@ -189,7 +203,8 @@ def test_resume_on_a_changed_dataset_says_so(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "checkpoint-last.pth")["dataset_size"] == TINY["builtin_size"]
     capsys.readouterr()
     pretrain(_cfg(tmp_path, save_every=3, max_steps=4, resume="auto"))
-    assert "dataset of" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dataset of" not in out and "resumed from" in out
     pretrain(_cfg(tmp_path, save_every=3, max_steps=5, resume="auto", builtin_size=40))
     out = capsys.readouterr().out
     assert "dataset of 32 images and this run's has 40" in out and "resumed from" in out
@@ -238,12 +253,16 @@ def test_compile_flag_compiles_the_model(tmp_path, monkeypatch):
     seen = []
 
     def fake_compile(model, **kw):
-        seen.append(model)
+        seen.append((model, kw))
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    summary = pretrain(_cfg(tmp_path, compile=True, epochs=1))
+    summary = pretrain(_cfg(tmp_path, compile=True, compile_mode="max-autotune", epochs=1))
     assert summary["status"] == "done" and len(seen) == 1
+    from mimfast.models import MaskedAutoencoderViT
+
+    model, kw = seen[0]  # the training model itself (one process: no DDP wrapper), in the mode asked for
+    assert isinstance(model, MaskedAutoencoderViT) and kw.get("mode") == "max-autotune"
 
 
 def test_mae_picture_from_the_gpu_pipeline_dataset(tmp_path):

@@ -90,16 +90,27 @@ def test_training_lowers_reconstruction_error_and_uses_many_codes(tmp_path, one_
 
 
 def test_resume_is_exact(tmp_path, one_thread):
-    # warm-up longer than the run: the lr depends on the step only, not on --steps
-    kw = dict(steps=12, warmup_steps=100, builtin_size=64, eval_images=8, batch_size=8, hidden=8, vocab_size=32)
+    # warm-up longer than the run: the lr depends on the step only, not on --steps; 8 steps an
+    # epoch, so the resume starts mid-epoch 1; every step logged
+    kw = dict(steps=12, warmup_steps=100, builtin_size=64, eval_images=8, batch_size=8, hidden=8, vocab_size=32,
+              log_every=1)
     train_tokenizer(_cfg(tmp_path, "straight", **{**kw, "steps": 24}))
     train_tokenizer(_cfg(tmp_path, "resumed", **kw))
     train_tokenizer(_cfg(tmp_path, "resumed", **{**kw, "steps": 24, "resume": "auto"}))
     a = torch.load(tmp_path / "straight" / "checkpoint-last.pth", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=True)
     assert a["step"] == b["step"] == 24 and a["epoch"] == b["epoch"]
+    assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # the resumed run ran steps 13 to 24 only (one that started over would end with the same
+    # weights), each with the straight run's loss
+    def logged(name):
+        return [(r["step"], r["rec_loss"]) for r in map(json.loads, open(tmp_path / name / "log.jsonl"))]
+
+    straight = logged("straight")
+    assert [s for s, _ in straight] == list(range(1, 25))
+    assert logged("resumed") == straight
 
 
 def test_load_tokenizer_dalle_and_bad_specs(tmp_path):
@@ -116,7 +127,7 @@ def test_load_tokenizer_dalle_and_bad_specs(tmp_path):
         load_tokenizer(str(path))  # no metadata naming the kind
     with pytest.raises(ValueError, match="dalle:PATH"):
         load_tokenizer("")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="'/nonexistent/tok.safetensors' do not exist"):
         load_tokenizer("vq:/nonexistent/tok.safetensors")
     with pytest.raises(ValueError, match="not a VQ tokenizer"):
         load_tokenizer(f"vq:{path}")
