@@ -25,15 +25,18 @@ def _one_process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CUDA autocast made on a CPU-only machine
 def test_autocast_on_cuda_is_bf16_by_default():
     cfg = PretrainConfig(**dict(TINY, device="auto"))
-    precision, ctx = _autocast(cfg, torch.device("cuda", 0))
-    assert precision == "bf16"
-    cfg.precision = "fp16"
-    precision, ctx = _autocast(cfg, torch.device("cuda", 0))
-    assert precision == "fp16"
+    for precision, dtype in (("auto", torch.bfloat16), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        cfg.precision = precision
+        name, ctx = _autocast(cfg, torch.device("cuda", 0))
+        ac = ctx()
+        assert name == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        assert isinstance(ac, torch.autocast) and (ac.device, ac.fast_dtype) == ("cuda", dtype), precision
     cfg.precision = "auto"
-    assert _autocast(cfg, torch.device("cpu"))[0] == "fp32"
+    name, ctx = _autocast(cfg, torch.device("cpu"))
+    assert name == "fp32" and not isinstance(ctx(), torch.autocast)
 
 
 def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
@@ -45,11 +48,13 @@ def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update(s=state, d=device))
     cuda = torch.device("cuda", 0)
     state = _rng_state(cuda)
+    drawn = torch.rand(3)
     save_checkpoint({"rng": [state]}, tmp_path / "c.pth")
     loaded = load_checkpoint(tmp_path / "c.pth")["rng"][0]
     torch.rand(3)
     _set_rng_state(loaded, cuda)
     assert torch.equal(restored["s"], fake) and restored["d"] == cuda
+    assert torch.equal(torch.rand(3), drawn)  # the CPU generator goes back too
     assert all(t.device.type == "cpu" and t.dtype == torch.uint8 for t in loaded.values())
     with pytest.raises((TypeError, RuntimeError)):
         torch.random.set_rng_state(loaded["torch"].to("meta"))
@@ -157,12 +162,26 @@ def test_fsdp_accumulation_fp16_clipping_and_resume_from_an_unsharded_checkpoint
     l1, l2 = step_losses(one), step_losses(two)
     assert sorted(l1) == list(range(1, 9)) and sorted(l2) == [5, 6, 7, 8]
     for step in l2:
-        assert l2[step] == pytest.approx(l1[step], rel=1e-3)
+        assert l2[step] == pytest.approx(l1[step], rel=1e-4)
     a = load_checkpoint(one / "checkpoint-last.pth")
     b = load_checkpoint(two / "checkpoint-last.pth")
+    start = load_checkpoint(one / "checkpoint-000004.pth")["model"]
     assert b["step"] == 8 and a["scaler"]["scale"] == b["scaler"]["scale"]
+    assert a["model"].keys() == b["model"].keys()
+    # Epoch 2 moves the weights by four Adam steps of about the lr (3e-4 at most, 8e-4 in all),
+    # so the weights are compared well below one step. Except the key bias: softmax ignores a
+    # shift of every key, so its gradient is rounding noise that Adam scales to lr-sized steps
+    # of either sign, which the two layouts need not share.
+    tol = 2e-5
+    moved = max((a["model"][k] - start[k]).abs().max().item() for k in a["model"])
+    assert moved > 20 * tol
     for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-3)  # Adam: lr-sized steps
+        wa, wb = a["model"][k], b["model"][k]
+        if k.endswith("attn.qkv.bias"):
+            d = wa.shape[0] // 3
+            torch.testing.assert_close(wa[d:2 * d], wb[d:2 * d], rtol=0, atol=1e-3, msg=k)
+            wa, wb = torch.cat([wa[:d], wa[2 * d:]]), torch.cat([wb[:d], wb[2 * d:]])
+        torch.testing.assert_close(wa, wb, rtol=0, atol=tol, msg=k)
 
 
 def test_fsdp_beit_with_clipping_equals_one_process(tmp_path):
