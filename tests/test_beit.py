@@ -214,12 +214,29 @@ def _loss_and_grads(model, imgs, bool_masked_pos, labels):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture
+def dispatched(monkeypatch):
+    """{op: the backends it resolved to} for every op call from here on (the ops dispatch through
+    ``mimfast.backend.resolve``): proves which side of a kernels-on/off comparison ran what."""
+    from mimfast import backend
+
+    seen, real = {}, backend.resolve
+
+    def spy(which, *tensors, op="op"):
+        got = real(which, *tensors, op=op)
+        seen.setdefault(op, set()).add(got)
+        return got
+
+    monkeypatch.setattr(backend, "resolve", spy)
+    return seen
+
+
 # Both comparisons below run with full fp32 convolutions (no_tf32): under cuDNN's default TF32 the
 # patch projection's weight gradient rounds each run's incoming gradient to a 10-bit mantissa, so
 # fp32-level differences upstream (the kernels' own rounding) can become whole TF32 steps there
 # (2**-10 of a term), within a factor of about 2 of these tolerances in a TF32 emulation.
 @pytest.mark.parametrize("attention", ["eager", "triton"])
-def test_kernels_on_and_off_same_weights(attention, device, no_tf32):
+def test_kernels_on_and_off_same_weights(attention, device, no_tf32, dispatched):
     torch.manual_seed(0)
     model = beit_tiny_patch16_224_8k_vocab(**SMALL).to(device)
     _randomize(model)
@@ -228,12 +245,18 @@ def test_kernels_on_and_off_same_weights(attention, device, no_tf32):
 
     model.set_kernels("eager")
     ref_loss, ref_grads = _loss_and_grads(model, imgs, bool_masked_pos, labels)
+    assert dispatched == {"attention": {"eager"}, "linear_cross_entropy": {"eager"}}
+    dispatched.clear()
     model.set_kernels("triton")
     if attention == "eager":
         for m in model.modules():
             if isinstance(m, BEiTAttention):
                 m.kernels = "eager"
     loss, grads = _loss_and_grads(model, imgs, bool_masked_pos, labels)
+    # the fused blocks (residual add + LayerNorm, GELU + fc2), the LM head's loss and, unless
+    # held back, the attention ran their Triton kernels
+    assert dispatched == {"attention": {attention}, "linear_cross_entropy": {"triton"},
+                          "add_layer_norm": {"triton"}, "gelu_linear": {"triton"}}
 
     assert set(grads) == set(ref_grads) and len(grads) == len(list(model.parameters()))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -242,7 +265,7 @@ def test_kernels_on_and_off_same_weights(attention, device, no_tf32):
 
 
 @pytest.mark.parametrize("attention", ["eager", "triton"])
-def test_pixel_variant(attention, device, no_tf32):
+def test_pixel_variant(attention, device, no_tf32, dispatched):
     torch.manual_seed(0)
     model = beit_tiny_patch16_224_pixel(img_size=64, embed_dim=96, depth=2, num_heads=3).to(device)
     _randomize(model)
@@ -260,6 +283,8 @@ def test_pixel_variant(attention, device, no_tf32):
     l1 = F.l1_loss(imgs, pixel_pred, reduction="none")
     simmim = (l1 * mask).sum() / (mask.sum() + 1e-5) / 3
     torch.testing.assert_close(ref_loss.detach(), simmim, rtol=1e-5, atol=1e-6)
+    assert dispatched == {"attention": {"eager"}, "masked_patch_loss": {"eager"}}
+    dispatched.clear()
 
     model.set_kernels("triton")
     if attention == "eager":
@@ -269,6 +294,8 @@ def test_pixel_variant(attention, device, no_tf32):
     model.zero_grad(set_to_none=True)
     loss, pred = model(imgs, bool_masked_pos)
     loss.backward()
+    assert dispatched == {"attention": {attention}, "masked_patch_loss": {"triton"},
+                          "add_layer_norm": {"triton"}, "gelu_linear": {"triton"}}
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pred, ref_pred, rtol=1e-5, atol=1e-5)
     for n, p_ in model.named_parameters():
@@ -276,10 +303,24 @@ def test_pixel_variant(attention, device, no_tf32):
 
 
 def test_train_mode_with_drop_path():
+    """Stochastic depth at the reference's rates (linear in depth: 0 for the first block,
+    drop_path_rate for the last), at work in training mode only."""
+    from timm.layers import DropPath
+
     torch.manual_seed(0)
     model = beit_tiny_patch16_224_8k_vocab(drop_path_rate=0.1, kernels="eager", **SMALL).train()
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)
+    assert isinstance(model.blocks[1].drop_path, DropPath) and model.blocks[1].drop_path.drop_prob == pytest.approx(0.1)
+    _randomize(model)
+    plain = beit_tiny_patch16_224_8k_vocab(kernels="eager", **SMALL).eval()
+    plain.load_state_dict(model.state_dict())
     imgs, bool_masked_pos, labels = _batch(model)
+    with torch.no_grad():
+        want = plain(imgs, bool_masked_pos, labels=labels)
+        assert torch.equal(model.eval()(imgs, bool_masked_pos, labels=labels), want)  # off in eval mode
+    model.train()
     loss = model(imgs, bool_masked_pos, labels=labels)
+    assert abs(loss.item() - want.item()) > 1e-4  # each sample's last branch dropped or scaled by 1 / 0.9
     loss.backward()
     assert torch.isfinite(loss) and model.mask_token.grad.abs().sum() > 0
     assert model.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0

@@ -269,7 +269,9 @@ def test_gpu_augment_pins_the_cuda_device(monkeypatch):
 def test_kernel_with_cuda_tiles_matches_eager(device, monkeypatch, layout, interps):
     from mimfast.kernels import augment
 
-    monkeypatch.setattr(augment, "_blocks", lambda size, size2, dev: (augment._BLOCK_H, augment._BLOCK_W))
+    asked = []  # the launch really takes the CUDA tiles (16 x 32), not the interpreter's one per view
+    monkeypatch.setattr(augment, "_blocks",
+                        lambda size, size2, dev: asked.append((size, size2)) or (augment._BLOCK_H, augment._BLOCK_W))
     imgs = [im.to(device) for im in _images([(37, 53), (61, 29), (20, 20)], seed=2)]
     given = imgs if layout == "chw" else [im.permute(1, 2, 0).contiguous() for im in imgs]
     packed = gp.pack_images(given, layout)
@@ -280,6 +282,7 @@ def test_kernel_with_cuda_tiles_matches_eager(device, monkeypatch, layout, inter
     out2 = poison_(torch.empty(3, 3, size2, size2, device=device))
     augment.augment_crops(packed.data, gp._meta(packed, boxes, flips), out, mul, add, interps[0], out2=out2,
                           mul2=mul2, add2=add2, interpolation2=interps[1], channels_last=layout == "hwc")
+    assert asked == [(size, size2)] and (augment._BLOCK_H, augment._BLOCK_W) == (16, 32)
     r1, r2 = gp.resized_crop_batch(imgs, boxes, flips, size, interpolation=interps[0], second_size=size2,
                                    second_interpolation=interps[1], backend="eager")
     torch.testing.assert_close(out.cpu(), r1.cpu(), atol=1e-4, rtol=0)

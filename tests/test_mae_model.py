@@ -49,22 +49,39 @@ def test_alias_names():
     assert mae_vit_base_patch16 is mae_vit_base_patch16_dec512d8b
 
 
+def _assert_xavier_uniform(w, fan_in, fan_out, name):
+    """U(-a, a) with a = sqrt(6 / (fan_in + fan_out)): bounded by a, reaching it, with the
+    uniform's std a / sqrt(3) (PyTorch's default Linear init, or BEiT's truncated normal, fails:
+    narrower, or another spread)."""
+    bound = (6 / (fan_in + fan_out)) ** 0.5
+    assert w.abs().max() <= bound, name
+    assert w.abs().max() > 0.99 * bound, name
+    assert abs(w.std().item() / (bound / 3**0.5) - 1) < 0.05, name
+    assert abs(w.mean().item()) < 0.05 * bound, name
+
+
 def test_init_matches_reference():
     torch.manual_seed(0)
     m = mae_vit_tiny_patch16(img_size=64, patch_size=16)
     pe = torch.from_numpy(get_2d_sincos_pos_embed(192, 4, cls_token=True)).float()
     assert torch.equal(m.pos_embed[0], pe) and not m.pos_embed.requires_grad
-    assert not m.decoder_pos_embed.requires_grad
+    dpe = torch.from_numpy(get_2d_sincos_pos_embed(128, 4, cls_token=True)).float()
+    assert torch.equal(m.decoder_pos_embed[0], dpe) and not m.decoder_pos_embed.requires_grad
+    linears = 0
     for name, mod in m.named_modules():
         if isinstance(mod, torch.nn.Linear):
             assert torch.all(mod.bias == 0), name
-            bound = (6 / (mod.in_features + mod.out_features)) ** 0.5
-            assert mod.weight.abs().max() <= bound, name
+            _assert_xavier_uniform(mod.weight, mod.in_features, mod.out_features, name)
+            linears += 1
         if isinstance(mod, torch.nn.LayerNorm):
             assert mod.eps == 1e-6 and torch.all(mod.weight == 1) and torch.all(mod.bias == 0)
-    w = m.patch_embed.proj.weight
-    assert w.abs().max() <= (6 / (w.shape[0] + w[0].numel())) ** 0.5
-    assert 0.01 < m.cls_token.std() < 0.04 and 0.01 < m.mask_token.std() < 0.04
+    assert linears == 12 * 4 + 2 * 4 + 2  # blocks (qkv, proj, fc1, fc2), decoder_embed, decoder_pred
+    w = m.patch_embed.proj.weight  # xavier on its (out, in * p * p) view, as nn.Linear
+    _assert_xavier_uniform(w, w[0].numel(), w.shape[0], "patch_embed.proj")
+    b = m.patch_embed.proj.bias  # untouched by the reference: Conv2d's default U(-1/sqrt(fan_in), +)
+    assert b.abs().max() <= w[0].numel() ** -0.5 and b.abs().max() > 0.5 * w[0].numel() ** -0.5
+    for t in (m.cls_token, m.mask_token):  # N(0, 0.02) over 192 and 128 values
+        assert 0.016 < t.std() < 0.024 and t.abs().max() > 0.04
 
 
 def _official_forward(model, imgs, mask_ratio):

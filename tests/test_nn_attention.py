@@ -59,14 +59,16 @@ def test_patched_vit_matches_timm(variant, device):
 
 
 def test_patched_gated_attention(device):
+    model = _tiny_vit(depth=1).to(device).eval()
     try:
-        model = _tiny_vit(depth=1).to(device).eval()
-        model.blocks[0].attn = TimmAttention(64, num_heads=2, qkv_bias=True, gated=True).to(device)
+        gated = TimmAttention(64, num_heads=2, qkv_bias=True, gated=True)
     except TypeError:
         pytest.skip("this timm has no gated attention")
+    model.blocks[0].attn = gated.to(device)
     x = torch.randn(2, 3, 32, 32, device=device)
     before = _logits_and_grads(model, x)
-    assert mimfast.patch_timm(model) == 1
+    assert mimfast.patch_timm(model, kernels="triton") == 1
+    assert model.blocks[0].attn.gate is gated.gate
     _assert_same_model_outputs(before, _logits_and_grads(model, x))
 
 

@@ -66,6 +66,30 @@ def test_box_and_flip_are_what_the_pixels_show():
         assert view[0, :, :4].mean() > view[0, :, -4:].mean()
 
 
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_views_are_the_references_resized_crops_of_the_box(hflip):
+    """Without jitter, each view is exactly what the reference's RandomResizedCropAndInterpolation-
+    WithTwoPic makes of the (flipped) image and the box: torchvision's resized_crop on the PIL
+    image, bicubic to img_size and Lanczos to tokenizer_size (a box read off by a pixel, the
+    filters reading around the box, or another filter would all show)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    img = _coordinate_image()
+    tf = TwoViewTransform(img_size=64, tokenizer_size=32, color_jitter=0.0, hflip=hflip)
+    pil = TF.to_pil_image(img)
+    if hflip:
+        pil = TF.hflip(pil)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        patches, tokens = tf(img)
+        box = tf.last_box
+        want_p = TF.to_tensor(TF.resized_crop(pil, *box, [64, 64], InterpolationMode.BICUBIC))
+        want_t = TF.to_tensor(TF.resized_crop(pil, *box, [32, 32], InterpolationMode.LANCZOS))
+        torch.testing.assert_close(patches, (want_p - MEAN) / STD, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tokens, want_t * 0.8 + 0.1, rtol=0, atol=1e-6)
+
+
 def test_crop_box_law_is_torchvisions():
     from torchvision.transforms import RandomResizedCrop
 
