@@ -69,8 +69,11 @@ def check_against_reference(B, S, H, Dh, dtype, device, bias=False, scale=None, 
         assert_2x_rule(f"dbias {tag}", grads[1], grads_low[1], grads64[1], atol=atol * 4 * B, factor=factor)
 
 
-# (B, S, H, Dh, dtype, bias): S = 1, 17, 50 run the fused backward; 65, 197, 257 the split one
-# (257 > 256 also takes the tiled bias-gradient path); Dh = 80 pads to 128.
+# (B, S, H, Dh, dtype, bias): the default configs run the fused backward at S = 1, 17, 48, 50 (fp16)
+# and 1 (fp32, Dh 32); the split one with the bias gradient in registers at S = 65 (fp16),
+# 17 (fp32, Dh 80: fused only to S = 16) and 80 (fp32), the tiled bias gradient at 257 (> 256),
+# the split one without a bias at 197; Dh = 80 pads to 128.
+# test_interpreted_cases_cover_every_backward_path checks this.
 INTERPRETED_CASES = [
     (2, 1, 3, 32, torch.float32, True),
     (2, 17, 3, 32, torch.float16, False),
@@ -86,9 +89,24 @@ INTERPRETED_CASES = [
 GPU_GRID = list(itertools.product((1, 17, 50, 65, 197, 257), (32, 64, 80), (1, 3, 12, 16)))
 
 
+def _backward_path(S, Dh, bias, dtype):
+    cfg = K.default_config(S, Dh, bias, dtype)
+    if cfg.bwd == "fused":
+        return "fused"
+    return "split, dbias in registers" if cfg.dq_block_n >= S else "split, dbias tiled"
+
+
 @pytest.mark.parametrize("B,S,H,Dh,dtype,bias", INTERPRETED_CASES, ids=str)
 def test_matches_reference(B, S, H, Dh, dtype, bias, device):
     check_against_reference(B, S, H, Dh, dtype, device, bias=bias)
+
+
+def test_interpreted_cases_cover_every_backward_path():
+    """The shapes above reach each backward the default configs choose, with and without a bias."""
+    seen = {(_backward_path(S, Dh, bias, dtype), bias) for _, S, _, Dh, dtype, bias in INTERPRETED_CASES}
+    assert {("fused", True), ("fused", False), ("split, dbias in registers", True),
+            ("split, dbias tiled", True)} <= seen, seen
+    assert any(path != "fused" and not bias for path, bias in seen), seen
 
 
 @pytest.mark.parametrize("S", [1, 16, 50, 197])
@@ -199,22 +217,29 @@ def test_strided_inputs(device):
     torch.testing.assert_close(grads[1].double(), grads_ref[1], atol=1e-5, rtol=1e-5)
 
 
-def test_requires_grad_combinations(device):
-    B, S, H, Dh = 2, 9, 2, 16
+@pytest.mark.parametrize("S", [9, 70])
+def test_requires_grad_combinations(S, device):
+    """A bias without grad (the kernels skip its gradient) and a qkv without grad, on the fused
+    (S = 9) and the split (S = 70) backward, with a random incoming gradient."""
+    B, H, Dh = 2, 2, 16
+    assert _backward_path(S, Dh, True, torch.float32) == ("fused" if S == 9 else "split, dbias in registers")
     qkv, bias = _inputs(B, S, H, Dh, torch.float32, device, bias=True)
-    # bias without grad: only dqkv
-    q = qkv.clone().requires_grad_()
-    out = ops.attention(q, H, bias=bias, backend="triton")
-    (dq,) = torch.autograd.grad(out.sum(), [q])
-    q64 = qkv.double().requires_grad_()
-    (dq64,) = torch.autograd.grad(attention_reference(q64, H, bias.double()).sum(), [q64])
-    torch.testing.assert_close(dq.double(), dq64, atol=1e-5, rtol=1e-5)
-    # qkv without grad: only dbias
-    b = bias.clone().requires_grad_()
-    (db,) = torch.autograd.grad(ops.attention(qkv, H, bias=b, backend="triton").sum(), [b])
-    b64 = bias.double().requires_grad_()
-    (db64,) = torch.autograd.grad(attention_reference(qkv.double(), H, b64).sum(), [b64])
-    torch.testing.assert_close(db.double(), db64, atol=1e-5, rtol=1e-5)
+    g = torch.randn(B, S, H * Dh, device=device)
+
+    def grad(backend, q, b, wrt):
+        leaf = (q if wrt == "qkv" else b).detach().clone().requires_grad_()
+        args = (leaf, b) if wrt == "qkv" else (q, leaf)
+        if backend == "triton":
+            out = ops.attention(args[0], H, bias=args[1], backend="triton")
+        else:
+            out = attention_reference(args[0], H, args[1])
+        return torch.autograd.grad(out, [leaf], g.to(out.dtype))[0]
+
+    for wrt in ("qkv", "bias"):  # bias without grad: only dqkv; qkv without grad: only dbias
+        got = grad("triton", qkv, bias, wrt)
+        assert got.dtype == torch.float32
+        assert_2x_rule(f"d{wrt} alone", got, grad("eager", qkv, bias, wrt),
+                       grad("eager", qkv.double(), bias.double(), wrt), atol=8e-6 if wrt == "qkv" else 8e-6 * B)
 
 
 def test_bias_gradient_is_deterministic(device):
