@@ -10,7 +10,7 @@ from mimfast import ops
 from mimfast.kernels import masking as km
 from mimfast.models import mae_vit_tiny_patch16
 from mimfast.nn import Attention
-from tolerance import DEVICE, FLOAT_DTYPES, assert_2x_rule, poison_
+from tolerance import DEVICE, FLOAT_DTYPES, assert_2x_rule, max_err, poison_
 
 CUDA = DEVICE == "cuda"
 
@@ -49,11 +49,19 @@ def _unique_noise(N, L, device, dtype=torch.float32):
              [torch.argsort(torch.rand(N, L, device=device), dim=1)]) / L).to(dtype)
 
 
-def _check_close(name, out, ref_lowp, ref_f64, dtype):
-    if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), ref_f64.double(), rtol=1e-5, atol=1e-5, msg=name)
-    else:
-        assert_2x_rule(name, out, ref_lowp, ref_f64, atol=1e-5)
+def _check_close(name, out, ref_lowp, ref_f64, dtype, fp32_rtol=1e-6):
+    """The 2x rule; fp32 with an atol of a few ulps of the largest value (rtol = atol = 1e-5
+    against float64 passed an output or a pos_embed gradient 1e-5 off). ``fp32_rtol``: more for
+    a sum over many rows (the mask token's gradient: every masked position of the batch)."""
+    assert out.dtype == ref_lowp.dtype and out.shape == ref_lowp.shape, name
+    atol = fp32_rtol * max(1e-2, ref_f64.abs().max().item()) if dtype == torch.float32 else 1e-5
+    assert_2x_rule(name, out, ref_lowp, ref_f64, atol=atol)
+
+
+def _close_fp32(a, b, msg=""):
+    """fp32 Triton vs eager (sums of a few gradient rows): a few ulps of the largest value apart."""
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape, msg
+    assert max_err(a, b) <= 1e-6 * max(1.0, b.abs().max().item()), msg
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -106,7 +114,7 @@ def test_random_masking_mixed_dtypes_promote_like_reference(device):
     gx_r, gp_r = torch.autograd.grad(vis_r, (x, pos), g)
     assert gx.dtype == torch.bfloat16 and gp.dtype == torch.float32
     assert torch.equal(gx, gx_r)
-    torch.testing.assert_close(gp, gp_r, rtol=1e-5, atol=1e-5)
+    _close_fp32(gp, gp_r)
 
 
 def test_random_masking_without_pos_and_strided_inputs(device):
@@ -197,7 +205,7 @@ def test_unshuffle_matches_reference(device, dtype, N, L, D, ratio, pos_grad):
     for o, gg in ((out, g), (out_r, g), (out_64, g.double())):
         o.backward(gg)
     assert torch.equal(xt.grad, xr.grad)  # gathered rows, cls row passed through: exact copies
-    _check_close("grad mask_token", mtt.grad, mtr.grad, mt64.grad, dtype)
+    _check_close("grad mask_token", mtt.grad, mtr.grad, mt64.grad, dtype, fp32_rtol=4e-6)
     if pos_grad:
         _check_close("grad pos_embed", pt.grad, pr.grad, p64.grad, dtype)
     else:
@@ -221,7 +229,7 @@ def test_unshuffle_mixed_dtypes_and_strided_inputs(device):
     gx_r, gm_r = torch.autograd.grad(out_r, (x, mt), g)
     assert gx.dtype == torch.bfloat16 and gm.dtype == torch.float32
     assert torch.equal(gx, gx_r)
-    torch.testing.assert_close(gm, gm_r, rtol=1e-5, atol=1e-5)
+    _close_fp32(gm, gm_r)
 
 
 def test_gradients_are_bit_identical_run_to_run(device):
@@ -371,7 +379,7 @@ def test_gpu_tiling_under_the_interpreter(device, monkeypatch):
     g = torch.randn(N, K, D, device=device)
     (gx, gp), (gx_r, gp_r) = (torch.autograd.grad(o[0], (x, pos), g) for o in outs)
     assert torch.equal(gx, gx_r)
-    torch.testing.assert_close(gp, gp_r, rtol=1e-5, atol=1e-5)
+    _close_fp32(gp, gp_r)
 
     dec = torch.randn(N, 1 + K, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     mt = torch.randn(1, 1, D, device=device, requires_grad=True)
@@ -382,8 +390,8 @@ def test_gpu_tiling_under_the_interpreter(device, monkeypatch):
     g = torch.randn(N, 1 + L, D, device=device)
     gt, gr = (torch.autograd.grad(o, (dec, mt, dpos), g) for o in (o_t, o_r))
     assert torch.equal(gt[0], gr[0])
-    torch.testing.assert_close(gt[1], gr[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gt[2], gr[2], rtol=1e-5, atol=1e-5)
+    _close_fp32(gt[1], gr[1], "grad mask_token")
+    _close_fp32(gt[2], gr[2], "grad pos_embed")
 
 
 # --------------------------------------------------------------------------------------------
