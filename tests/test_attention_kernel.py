@@ -21,7 +21,8 @@ CUDA = DEVICE == "cuda"
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every output and scratch buffer of the kernels starts as NaN."""
-    monkeypatch.setattr(K, "_empty", lambda *shape, device, dtype: poison_(torch.empty(*shape, device=device, dtype=dtype)))
+    monkeypatch.setattr(K, "_empty",
+                        lambda *shape, device, dtype: poison_(torch.empty(*shape, device=device, dtype=dtype)))
     monkeypatch.setattr(K, "_empty_like", lambda t: poison_(torch.empty_like(t)))
 
 
