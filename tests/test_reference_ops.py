@@ -143,29 +143,37 @@ def test_dispatch_rules(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "call,match",
+    "call,err,match",
     [
-        (lambda: ops.random_masking(torch.randn(2, 4, 3), float("nan")), "mask_ratio"),
-        (lambda: ops.random_masking(torch.randn(2, 4, 3), 1.0), "mask_ratio"),
-        (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.9), "K == 0"),
-        (lambda: ops.random_masking(torch.randn(0, 4, 3), 0.5), "empty batch"),
-        (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.5, pos_embed=torch.randn(1, 5, 3)), "pos_embed"),
-        (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.5, noise=torch.rand(2, 5)), "noise"),
-        (lambda: ops.random_masking(torch.randint(0, 3, (2, 4, 3)), 0.5), "floating"),
+        (lambda: ops.random_masking(torch.randn(2, 4, 3), float("nan")), ValueError, r"mask_ratio must be in \[0, 1\)"),
+        (lambda: ops.random_masking(torch.randn(2, 4, 3), 1.0), ValueError, r"mask_ratio must be in \[0, 1\)"),
+        (lambda: ops.random_masking(torch.randn(2, 4, 3), True), TypeError, "mask_ratio must be a float"),
+        (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.9), ValueError, "K == 0"),
+        (lambda: ops.random_masking(torch.randn(0, 4, 3), 0.5), ValueError, "empty batch"),
+        (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.5, pos_embed=torch.randn(1, 5, 3)), ValueError,
+         "pos_embed must be"),
+        (lambda: ops.random_masking(torch.randn(2, 4, 3), 0.5, noise=torch.rand(2, 5)), ValueError, "noise must be"),
+        (lambda: ops.random_masking(torch.randint(0, 3, (2, 4, 3)), 0.5), TypeError, "x must be a floating"),
         (lambda: ops.unshuffle_with_mask_token(torch.randn(2, 3, 4), torch.randn(1, 1, 4),
-                                               torch.zeros(2, 4, dtype=torch.int32)), "int64"),
+                                               torch.zeros(2, 4, dtype=torch.int32)), TypeError,
+         "ids_restore must be an int64"),
         (lambda: ops.unshuffle_with_mask_token(torch.randn(2, 3, 4), torch.randn(1, 1, 5),
-                                               torch.zeros(2, 4, dtype=torch.int64)), "mask_token"),
+                                               torch.zeros(2, 4, dtype=torch.int64)), ValueError, "mask_token must be"),
+        (lambda: ops.unshuffle_with_mask_token(torch.randn(0, 3, 4), torch.randn(1, 1, 4),
+                                               torch.zeros(0, 4, dtype=torch.int64)), ValueError, "empty batch"),
         (lambda: ops.masked_patch_loss(torch.randn(1, 4, 11), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2),
-         "pred"),
+         ValueError, "pred must be"),
         (lambda: ops.masked_patch_loss(torch.randn(1, 4, 12), torch.randn(1, 3, 5, 4), torch.ones(1, 4), 2),
-         "multiple"),
+         ValueError, "not a multiple of patch_size"),
         (lambda: ops.masked_patch_loss(torch.randn(1, 4, 12), torch.randn(1, 3, 4, 4), torch.ones(1, 3), 2),
-         "mask"),
+         ValueError, "mask must be"),
         (lambda: ops.masked_patch_loss(torch.randn(1, 4, 12), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2,
-                                       loss="l3"), "loss"),
+                                       loss="l3"), ValueError, "loss must be one of"),
+        (lambda: ops.masked_patch_loss(torch.randn(0, 4, 12), torch.randn(0, 3, 4, 4), torch.ones(0, 4), 2),
+         ValueError, "empty batch"),
     ],
 )
-def test_bad_input_raises_clear_errors(call, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_input_raises_clear_errors(call, err, match):
+    """The exact exception type and a message naming the argument (either type passed before)."""
+    with pytest.raises(err, match=match):
         call()
