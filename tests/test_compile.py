@@ -13,20 +13,44 @@ from tolerance import DEVICE, INTERPRETED
 BACKEND = "aot_eager" if INTERPRETED else "inductor"
 
 
+def _count_kernel_launches(monkeypatch) -> dict:
+    """Count calls of two kernel launchers from their custom ops' implementations (looked up at
+    call time, so a compiled graph's calls count too)."""
+    from mimfast.ops import _attention_triton, _layer_norm_triton
+
+    counts = {}
+    for module, name in ((_attention_triton, "attention_forward"), (_layer_norm_triton, "add_layer_norm_fwd")):
+        real = getattr(module, name)
+        counts[name] = 0
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+    return counts
+
+
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _compare(model, loss_fn, rtol=1e-4, atol=1e-5):
+def _compare(model, loss_fn, kernels, monkeypatch, rtol=1e-4, atol=1e-5):
     loss = loss_fn(model)
     loss.backward()
     want = _grads(model)
     model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    launches = _count_kernel_launches(monkeypatch)
     got_loss = loss_fn(compiled)
     got_loss.backward()
     got = _grads(model)
+    # the compiled step really runs the Triton ops (their custom ops reach the launchers), or none
+    if kernels == "triton":
+        assert launches["attention_forward"] > 0 and launches["add_layer_norm_fwd"] > 0, launches
+    else:
+        assert sum(launches.values()) == 0, launches
     torch.testing.assert_close(got_loss, loss, rtol=rtol, atol=atol)
     assert got.keys() == want.keys()
     for k in want:
@@ -34,18 +58,18 @@ def _compare(model, loss_fn, rtol=1e-4, atol=1e-5):
 
 
 @pytest.mark.parametrize("kernels", ["eager", "triton"])
-def test_mae_fullgraph(kernels):
+def test_mae_fullgraph(kernels, monkeypatch):
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2,
                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True,
                          kernels=kernels).to(DEVICE)
     imgs = torch.randn(2, 3, 32, 32, device=DEVICE)
     noise = torch.rand(2, 16, device=DEVICE)
-    _compare(model, lambda m: m(imgs, 0.75, noise)[0])
+    _compare(model, lambda m: m(imgs, 0.75, noise)[0], kernels, monkeypatch)
 
 
 @pytest.mark.parametrize("kernels", ["eager", "triton"])
-def test_beit_fullgraph(kernels):
+def test_beit_fullgraph(kernels, monkeypatch):
     torch.manual_seed(0)
     model = create_model("beit_tiny_patch16_224_8k_vocab", img_size=32, patch_size=8, depth=1, embed_dim=64,
                          num_heads=2, vocab_size=96, kernels=kernels).to(DEVICE)
@@ -55,4 +79,4 @@ def test_beit_fullgraph(kernels):
     labels = torch.randint(0, 96, (10,), device=DEVICE)
     # x[bool_masked_pos] has a data-dependent size: dynamo captures it with this switch
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        _compare(model, lambda m: m(imgs, mask, labels=labels))
+        _compare(model, lambda m: m(imgs, mask, labels=labels), kernels, monkeypatch)
