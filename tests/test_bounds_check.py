@@ -18,6 +18,10 @@ if INTERPRETED:
         ok = offs < n
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs + SHIFT, mask=ok), mask=ok)
 
+    @triton.jit
+    def _copy_unmasked(src_ptr, dst_ptr, SRC_SHIFT: tl.constexpr, DST_SHIFT: tl.constexpr):
+        tl.store(dst_ptr + DST_SHIFT, tl.load(src_ptr + SRC_SHIFT))  # no mask: create_load / create_store
+
 
 def test_in_bounds_and_masked_off_accesses_pass():
     src = torch.arange(10.0)
@@ -39,3 +43,15 @@ def test_write_past_the_end_fails():
     dst = torch.empty(12)[:9]
     with pytest.raises(Exception, match="store of 4 bytes .* outside every tensor"):
         _copy[(1,)](src, dst, 10, SHIFT=0, BLOCK=16)
+
+
+@pytest.mark.parametrize("src_shift,dst_shift,kind", [(-1, 0, "load"), (10, 0, "load"), (0, 9, "store")])
+def test_unmasked_accesses_are_checked_too(src_shift, dst_shift, kind):
+    """Loads and stores without a mask take the interpreter's create_load / create_store; they
+    must meet the same check (they do while those route through the masked versions)."""
+    src = torch.arange(12.0)[1:11]
+    dst = torch.empty(12)[:9]
+    _copy_unmasked[(1,)](src, dst, SRC_SHIFT=0, DST_SHIFT=0)  # in bounds: passes
+    assert dst[0] == src[0]
+    with pytest.raises(Exception, match=f"{kind} of 4 bytes .* outside every tensor"):
+        _copy_unmasked[(1,)](src, dst, SRC_SHIFT=src_shift, DST_SHIFT=dst_shift)
