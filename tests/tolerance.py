@@ -34,6 +34,11 @@ def assert_2x_rule(name: str, out, ref_lowp, ref_f64, atol: float = 1e-6, factor
     bf16 results under the interpreter get ``INTERPRETED_BF16_FACTOR`` (truncating casts)."""
     if INTERPRETED and out.dtype == torch.bfloat16:
         factor = max(factor, INTERPRETED_BF16_FACTOR)
+    # the same shape everywhere: a wrong-shaped result would otherwise broadcast against the references
+    assert tuple(out.shape) == tuple(ref_lowp.shape) == tuple(ref_f64.shape), (
+        f"{name}: shapes differ: kernel {tuple(out.shape)}, eager {tuple(ref_lowp.shape)}, "
+        f"float64 {tuple(ref_f64.shape)}"
+    )
     out_d = out.detach().double().cpu()
     assert torch.isfinite(out_d).all() or not torch.isfinite(ref_f64.double().cpu()).all(), (
         f"{name}: kernel output holds NaN/inf (an unwritten or wrong element)"
