@@ -265,21 +265,31 @@ def test_default_config_is_valid():
 
 def test_bad_inputs(device):
     qkv = torch.randn(2, 5, 3 * 2 * 16, device=device)
-    with pytest.raises(TypeError, match="qkv"):
+    with pytest.raises(TypeError, match="qkv must be float16, bfloat16 or float32"):
         ops.attention(qkv.double(), 2, backend="triton")
-    with pytest.raises(TypeError, match="qkv"):
+    with pytest.raises(TypeError, match="qkv must be a floating-point tensor"):
         ops.attention(qkv.long(), 2, backend="triton")
-    with pytest.raises(ValueError, match="bias"):
+    with pytest.raises(ValueError, match=r"bias must be \(H, S, S\)"):
         ops.attention(qkv, 2, bias=torch.zeros(2, 5, 4, device=device), backend="triton")
-    with pytest.raises(TypeError, match="bias"):
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+        ops.attention(qkv, 2, bias=torch.zeros(2, 5, 5, device=device, dtype=torch.int32), backend="triton")
+    with pytest.raises(ValueError, match="bias is on meta"):
+        ops.attention(qkv, 2, bias=torch.zeros(2, 5, 5, device="meta"), backend="triton")
+    with pytest.raises(TypeError, match="bias must be float16, bfloat16 or float32"):
         K.attention_forward(qkv, 2, bias=torch.zeros(2, 5, 5, device=device, dtype=torch.float64))
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match="num_heads=5"):
         ops.attention(qkv, 5, backend="triton")
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        ops.attention(qkv, True, backend="triton")
+    with pytest.raises(ValueError, match="scale must be positive"):
+        ops.attention(qkv, 2, scale=-0.5, backend="triton")
+    with pytest.raises(ValueError, match="non-empty batch"):
+        ops.attention(qkv[:0], 2, backend="triton")
+    with pytest.raises(ValueError, match="head_dim must be <= 128"):
         K.attention_forward(torch.randn(1, 2, 3 * 256, device=device), 1)
-    with pytest.raises(ValueError, match="qkv"):
+    with pytest.raises(ValueError, match=r"qkv must be \(B, S, 3 \* H \* Dh\)"):
         ops.attention(qkv[0], 2, backend="triton")
-    with pytest.raises(ValueError, match="fused"):
+    with pytest.raises(ValueError, match="config.bwd='fused' needs S <= fused_block=16"):
         out, lse = K.attention_forward(torch.randn(1, 20, 3 * 16, device=device), 1)
         K.attention_backward(torch.randn(1, 20, 3 * 16, device=device), out, lse, torch.ones_like(out), 1,
                              config=K.AttentionConfig(bwd="fused", fused_block=16))
