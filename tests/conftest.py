@@ -60,3 +60,14 @@ def no_tf32():
     matmul.allow_tf32 = cudnn.allow_tf32 = False
     yield
     matmul.allow_tf32, cudnn.allow_tf32 = previous
+
+
+@pytest.fixture
+def dynamo_recompile_limit():
+    """Restores ``torch._dynamo.config.recompile_limit`` after a test, by plain attribute access
+    (a config module attribute pytest's monkeypatch (9.2) would delete on undo, as above)."""
+    import torch._dynamo
+
+    previous = torch._dynamo.config.recompile_limit
+    yield
+    torch._dynamo.config.recompile_limit = previous

@@ -85,13 +85,13 @@ def test_beit_bench_step_frees_the_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_try_compile_specialises_shapes(monkeypatch):
+def test_try_compile_specialises_shapes(monkeypatch, dynamo_recompile_limit):
     import torch._dynamo
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     monkeypatch.setattr(harness, "_active", dict(harness._active, smoke=False, deadline=float("inf")))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.config.recompile_limit = 8
     assert harness.try_compile(len) is len
     assert seen == [{"dynamic": False}]
     assert torch._dynamo.config.recompile_limit >= harness.RECOMPILE_LIMIT

@@ -140,12 +140,9 @@ def test_fail_records_a_row_and_marks_out_of_memory(on_cuda):
     assert "oom" not in ctx.fail("b", "c", "w", ValueError("x"))
 
 
-def test_try_compile_respects_the_time_budget(monkeypatch):
-    import torch._dynamo
-
+def test_try_compile_respects_the_time_budget(monkeypatch, dynamo_recompile_limit):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     monkeypatch.setattr(harness, "_active", dict(harness._active))
     harness.Context(copy_gbps=1.0, matmul_tflops=1.0, device="cpu", deadline=time.time() + 10)
     assert harness.try_compile(len) is None and not compiled
