@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as F
 from mimfast.data import crop_boxes as cb
 from mimfast.data import gpu_pipeline as gp
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from tolerance import DEVICE, INTERPRETED, poison_
+from tolerance import DEVICE, INTERPRETED, poison_, poison_new_buffers
 
 MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
@@ -32,15 +32,7 @@ MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BIL
 def _poison_new_buffers(monkeypatch):
     """Every float buffer allocated with torch.empty (the pipeline's output views, both of BEiT's)
     starts as NaN, so a pixel the kernel forgets to write fails the comparison."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point() and t.device.type != "meta":
-            poison_(t)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+    poison_new_buffers(monkeypatch)
 
 
 def _images(sizes, device, seed=0):

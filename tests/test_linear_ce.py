@@ -9,21 +9,13 @@ import torch.nn.functional as F
 from mimfast import ops
 from mimfast.kernels.linear_ce import cross_entropy_fwd_grad_
 from mimfast.ops._linear_ce_triton import linear_cross_entropy_triton
-from tolerance import DEVICE, FLOAT_DTYPES, assert_2x_rule, max_err, poison_
+from tolerance import DEVICE, FLOAT_DTYPES, assert_2x_rule, max_err, poison_, poison_new_buffers
 
 @pytest.fixture(autouse=True)
 def _poison_new_buffers(monkeypatch):
     """Every buffer the op allocates (per-row losses, grad_hidden, the logits chunk) starts as
     NaN, so a row the kernel or the chunk loop forgets to write fails the comparison."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point() and t.device.type != "meta":
-            poison_(t)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+    poison_new_buffers(monkeypatch)
 
 
 # (M, D, V, chunk_rows): odd everything with 3 chunks and a tail; the BEiT vocabulary in one chunk

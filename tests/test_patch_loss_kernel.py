@@ -10,22 +10,14 @@ from mimfast.backend import use_backend
 from mimfast.kernels.patch_loss import _config, patch_loss_bwd_scale_, patch_loss_fwd
 from mimfast.models import mae_vit_tiny_patch16
 from mimfast.ops.patch_loss import masked_patch_loss_reference as reference
-from tolerance import DEVICE, assert_2x_rule, max_err, poison_
+from tolerance import DEVICE, assert_2x_rule, max_err, poison_, poison_new_buffers
 
 
 @pytest.fixture(autouse=True)
 def _poison_new_buffers(monkeypatch):
     """Every buffer the launcher allocates (the gradient, the per-program partial sums, the loss)
     starts as NaN, so an element or partial the kernels forget to write fails the comparison."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point() and t.device.type != "meta":
-            poison_(t)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+    poison_new_buffers(monkeypatch)
 
 # fp32 triton vs eager: a few ulps (5e-6 and 1e-5 passed a loss 1e-6 off and a gradient 1e-5 off)
 LOSS_TOL = dict(rtol=5e-7, atol=1e-7)

@@ -53,3 +53,17 @@ def assert_2x_rule(name: str, out, ref_lowp, ref_f64, atol: float = 1e-6, factor
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a buffer with NaN so an element the kernel forgets to write fails the test."""
     return t.fill_(float("nan"))
+
+
+def poison_new_buffers(monkeypatch) -> None:
+    """Every float tensor made by ``torch.empty`` from now on in the test starts as NaN, so an
+    element a kernel or launcher forgets to write fails the comparison."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point() and t.device.type != "meta":
+            poison_(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
