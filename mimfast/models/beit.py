@@ -274,7 +274,7 @@ class VisionTransformerForMaskedPixelModeling(_BEiTEncoder):
     p*p*3 channels + ``PixelShuffle(p)``, with the output channels in another order: head row
     ``(i * p + j) * C + c`` (``ops.patchify``'s (p, q, c)) is conv channel ``c * p * p + i * p + j``
     (PixelShuffle's (c, p, q)), so ``ops.unpatchify(pred)`` is SimMIM's reconstruction, and a SimMIM
-    ``decoder.0`` loads as ``pixel_head`` after that permutation. The L1 loss, without
+    ``decoder.0`` loads as ``pixel_head`` after that permutation (:mod:`mimfast.models.simmim`). The L1 loss, without
     ``norm_pix_loss``, is SimMIM's ``(l1 * mask).sum() / (mask.sum() + 1e-5) / in_chans`` (the mask
     upsampled to pixels) but for the 1e-5 (a relative 1e-5 / (masked patches * p * p)). The head
     is initialised as BEiT's LM head (truncated normal, std 0.02, zero bias); SimMIM's conv keeps

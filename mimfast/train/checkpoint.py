@@ -3,10 +3,12 @@
 :func:`load_model_weights` also reads ``.safetensors`` files and Hugging Face model folders
 (``config.json`` + ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
 ``pytorch_model.bin``), and converts HF ViTMAE / BEiT layouts to the official keys
-(:mod:`mimfast.models.hf`), so ``--init-from`` takes an HF checkpoint as it is."""
+(:mod:`mimfast.models.hf`), and microsoft/SimMIM ViT checkpoints to the pixel model's
+(:mod:`mimfast.models.simmim`), so ``--init-from`` takes those as they are."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import warnings
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_last_checkpoint", "resolve_resume", "load_model_weights",
-           "dataset_change_notice"]
+           "read_foreign_checkpoint", "dataset_change_notice"]
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -63,14 +65,26 @@ def dataset_change_notice(ckpt: dict, dataset_size: int) -> str | None:
             f"twice and others not at all; later epochs are whole")
 
 
-def _torch_load_weights(path) -> object:
+class _YacsNode:
+    """Stands in for ``yacs.config.CfgNode``, the dict subclass microsoft/SimMIM pickles its config
+    as: the safe unpickler builds each node as an ``OrderedDict`` of its settings (the node's
+    attributes, its frozen flag and such, land in the dict's ``__dict__``). Nothing of yacs runs."""
+
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()
+
+
+def read_foreign_checkpoint(path, mmap: bool = False) -> object:
+    """``torch.load(path, weights_only=True)``; for an official checkpoint that also pickles its
+    command line (MAE / BEiT: an argparse ``Namespace``) or config (SimMIM: yacs ``CfgNode``s),
+    retried with only those classes allowed, the config read as nested dicts."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:
         import argparse
 
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace, (_YacsNode, "yacs.config.CfgNode")]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _load_safetensors(path) -> dict:
@@ -117,16 +131,19 @@ def _check_hf_config(config: dict, where) -> None:
 def load_model_weights(path: str | os.PathLike) -> dict:
     """A model state_dict, under the official MAE / BEiT keys, from:
 
-    * a mimfast or official MAE / BEiT checkpoint (``{'model': ...}``) or a bare state_dict
-      (``.pth``); official checkpoints also pickle an argparse Namespace, which the safe
-      unpickler refuses: for those only the ``model`` entry is read, through an allow-list;
+    * a mimfast or official MAE / BEiT / SimMIM checkpoint (``{'model': ...}``) or a bare
+      state_dict (``.pth``); official checkpoints also pickle an argparse Namespace (MAE, BEiT) or
+      yacs config (SimMIM), which the safe unpickler refuses: for those it runs with an allow-list
+      of just those classes (:func:`read_foreign_checkpoint`);
     * a ``.safetensors`` file;
     * a Hugging Face model folder (``config.json`` + ``model.safetensors`` / sharded /
       ``pytorch_model.bin``, read with ``weights_only=True``).
 
     HF ``ViTMAEForPreTraining`` / ``ViTMAEModel`` / ``BeitForMaskedImageModeling`` layouts are
-    converted (:func:`mimfast.models.hf.from_hf`), wherever they come from."""
+    converted (:func:`mimfast.models.hf.from_hf`), wherever they come from, and so are SimMIM ViT
+    ones (:func:`mimfast.models.simmim.from_simmim`: mimfast's ``beit_*_pixel`` keys)."""
     from mimfast.models.hf import from_hf, is_hf_state_dict
+    from mimfast.models.simmim import from_simmim, is_simmim_state_dict
 
     path = Path(path)
     config = None
@@ -135,11 +152,14 @@ def load_model_weights(path: str | os.PathLike) -> dict:
     elif path.suffix == ".safetensors":
         obj = _load_safetensors(path)
     else:
-        obj = _torch_load_weights(path)
+        obj = read_foreign_checkpoint(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     elif not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
         raise ValueError(f"{path}: neither a state_dict nor a checkpoint with a 'model' entry")
+    unwrapped = {k.removeprefix("module."): v for k, v in obj.items()}  # SimMIM's DDP-wrapped saves
+    if is_simmim_state_dict(unwrapped):
+        return from_simmim(unwrapped)
     try:
         hf = is_hf_state_dict(obj)
     except ValueError:

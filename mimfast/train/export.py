@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimfast.train.checkpoint import load_model_weights
+from mimfast.train.checkpoint import load_model_weights, read_foreign_checkpoint
 
 __all__ = [
     "encoder_state_dict",
@@ -69,6 +69,7 @@ __all__ = [
     "load_pretrained_model",
     "export_checkpoint",
     "export_hf",
+    "export_simmim",
 ]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -229,13 +230,21 @@ def save_encoder(encoder: dict, out: str | os.PathLike, fmt: str = "both",
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
-    """The ``'config'`` dict a mimfast checkpoint holds (None for official or bare ones).
-    Memory-mapped, so the tensors are not read a second time."""
+    """The ``'config'`` dict a mimfast checkpoint holds; for a microsoft/SimMIM ViT checkpoint one
+    made from its weights and yacs config (:func:`mimfast.models.simmim.simmim_model_config`);
+    None for other official or bare ones. Memory-mapped, so the tensors are not read a second time."""
+    from mimfast.models.simmim import from_simmim, is_simmim_state_dict, simmim_model_config
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = read_foreign_checkpoint(path, mmap=True)
     except Exception:
         return None
-    cfg = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    cfg = obj.get("config")
+    weights = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    if is_simmim_state_dict(_strip_prefixes(weights)):
+        return simmim_model_config(from_simmim(_strip_prefixes(weights)), cfg if isinstance(cfg, dict) else None)
     return cfg if isinstance(cfg, dict) else None
 
 
@@ -297,6 +306,17 @@ def _misfit_error(path, name, missing, unexpected, wrong, hint: str = "") -> Val
                       f"shape mismatch {wrong[:5]}{hint}")
 
 
+def _fitting_shapes(path, sd: dict, config: dict | None, model_name: str | None) -> dict:
+    """The parameter shapes of the model ``config`` / ``model_name`` builds; an error naming the
+    keys when ``sd``'s encoder does not fit it (pretraining heads may differ)."""
+    shapes = {k: v.shape for k, v in
+              build_model_from_config(config, model_name, device="meta", **_head_overrides(sd)).state_dict().items()}
+    missing, unexpected, wrong = _misfit(sd, shapes, _encoder_keys(shapes), lambda k: k.startswith(_HEADS))
+    if missing or unexpected or wrong:
+        raise _misfit_error(path, model_name or (config or {}).get("model"), missing, unexpected, wrong)
+    return shapes
+
+
 def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None, kernels: str = "auto",
                           device: torch.device | str = "cpu") -> nn.Module:
     """The pretraining model (MAE or BEiT) with the checkpoint's weights; encoder-only
@@ -307,11 +327,7 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
     overrides = _head_overrides(sd)
-    shapes = {k: v.shape for k, v in
-              build_model_from_config(config, model_name, device="meta", **overrides).state_dict().items()}
-    missing, unexpected, wrong = _misfit(sd, shapes, _encoder_keys(shapes), lambda k: k.startswith(_HEADS))
-    if missing or unexpected or wrong:
-        raise _misfit_error(path, model_name or (config or {}).get("model"), missing, unexpected, wrong)
+    shapes = _fitting_shapes(path, sd, config, model_name)
     # pretraining heads are loaded where they fit (e.g. another vocabulary size is skipped)
     sd = {k: v for k, v in sd.items() if k in shapes and v.shape == shapes[k]}
     model = build_model_from_config(config, model_name, kernels=kernels, device=device, **overrides)
@@ -326,10 +342,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_nam
     are checked against it and it gives the head count. ``img_size``: position embeddings for
     another image size (see :func:`encoder_state_dict`). Returns a summary (paths, timm class
     and arguments, tensor count)."""
-    if fmt == "hf":
+    if fmt in ("hf", "simmim"):
         if global_pool or img_size is not None:
-            raise ValueError("global_pool and img_size lay out a timm encoder; they do not apply to fmt='hf'")
-        return export_hf(path, out, model_name)
+            raise ValueError(f"global_pool and img_size lay out a timm encoder; they do not apply to fmt={fmt!r}")
+        return export_hf(path, out, model_name) if fmt == "hf" else export_simmim(path, out, model_name)
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
     num_heads = None
@@ -390,6 +406,32 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, model_name: str |
     return {"paths": [str(weights), str(cfg_path)], "hf_class": hf_config["architectures"][0], "tensors": len(hf_sd)}
 
 
+def export_simmim(path: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None) -> dict:
+    """Write a BEiT-encoder checkpoint (the pixel model ``beit_*_pixel``, or BEiT's) under
+    microsoft/SimMIM's ViT keys as ``out.pth`` = ``{'model': ...}``, which SimMIM's
+    ``main_finetune.py --pretrained`` and ``main_simmim.py --resume`` read
+    (:func:`mimfast.models.simmim.to_simmim`). The pixel head becomes SimMIM's decoder; a BEiT
+    LM head has no SimMIM counterpart, so such a file holds the encoder only. Returns a summary."""
+    from mimfast.models.simmim import to_simmim
+
+    sd = _strip_prefixes(load_model_weights(path))
+    if not _is_beit(sd):
+        raise ValueError(f"{path} is not a BEiT-encoder checkpoint: SimMIM's ViT is BEiT's encoder (an MAE encoder "
+                         "has no SimMIM layout; export it for timm instead)")
+    config = read_checkpoint_config(path)
+    if config is not None or model_name is not None:
+        _fitting_shapes(path, sd, config, model_name)
+    head = sd.get("pixel_head.weight")
+    if head is not None and head.shape[0] != 3 * sd["patch_embed.proj.weight"].shape[2] ** 2:
+        raise ValueError(f"{path}: SimMIM's decoder predicts 3 channels; this pixel head has {head.shape[0]} outputs")
+    simmim = {k: v.detach().clone().contiguous() for k, v in to_simmim(sd).items()}
+    out = Path(out)
+    target = out if out.suffix == ".pth" else out.with_name(out.name + ".pth")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": simmim}, target)
+    return {"paths": [str(target)], "tensors": len(simmim), "decoder": "decoder.0.weight" in simmim}
+
+
 def add_export_command(sub) -> None:
     """``mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool] [--format ...]``."""
     p = sub.add_parser("export", help="write a pretrained MAE/BEiT encoder as a timm state_dict "
@@ -407,9 +449,11 @@ def add_export_command(sub) -> None:
     p.add_argument("--img-size", type=int, default=None,
                    help="write pos_embed for this image size (e.g. 384), interpolated as facebookresearch/mae's "
                         "fine-tuning does (bicubic); default: the pretraining size. MAE only")
-    p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors", "hf"), default="both",
-                   help="timm encoder as .pth and/or .safetensors, or hf: the whole pretraining model as a "
-                        "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling")
+    p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors", "hf", "simmim"), default="both",
+                   help="timm encoder as .pth and/or .safetensors; hf: the whole pretraining model as a "
+                        "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling; "
+                        "simmim: a BEiT-encoder model (beit_*_pixel) as microsoft/SimMIM's {'model': ...} .pth, for "
+                        "its main_finetune.py --pretrained")
     p.set_defaults(func=_cmd_export)
 
 
@@ -417,10 +461,19 @@ def _cmd_export(args) -> int:
     if not Path(args.checkpoint).exists():
         raise SystemExit(f"mimfast export: checkpoint {args.checkpoint!r} does not exist")
     img_size = getattr(args, "img_size", None)
+    if args.fmt in ("hf", "simmim") and (args.global_pool or img_size is not None):
+        raise SystemExit("mimfast export: --global-pool and --img-size lay out a timm encoder; they do not "
+                         f"apply to --format {args.fmt}")
+    if args.fmt == "simmim":
+        try:
+            summary = export_simmim(args.checkpoint, args.out, args.model)
+        except ValueError as e:
+            raise SystemExit(f"mimfast export: {e}")
+        what = "encoder and decoder" if summary["decoder"] else "encoder only (no pixel head to write as decoder)"
+        print(f"wrote {summary['paths'][0]} ({summary['tensors']} tensors, {what}) under microsoft/SimMIM's keys")
+        print(f"fine-tune with SimMIM: main_finetune.py --cfg <vit config> --pretrained {summary['paths'][0]}")
+        return 0
     if args.fmt == "hf":
-        if args.global_pool or img_size is not None:
-            raise SystemExit("mimfast export: --global-pool and --img-size lay out a timm encoder; they do not "
-                             "apply to --format hf")
         try:
             summary = export_hf(args.checkpoint, args.out, args.model)
         except ValueError as e:
