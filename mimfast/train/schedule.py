@@ -1,4 +1,4 @@
-"""Learning-rate schedule and optimizer parameter groups of the MAE/BEiT recipes."""
+"""Learning-rate schedules and optimizer parameter groups of the MAE, BEiT and SimMIM recipes."""
 
 from __future__ import annotations
 
@@ -7,14 +7,37 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["lr_at", "param_groups_weight_decay", "set_lr"]
+__all__ = ["LR_SCHEDULES", "lr_at", "param_groups_weight_decay", "set_lr"]
+
+LR_SCHEDULES = ("cosine", "multistep")
 
 
-def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
-    """facebookresearch/mae ``util/lr_sched.py``: linear warm-up, then half-cycle cosine,
-    evaluated per iteration at the fractional ``epoch`` (``step / steps_per_epoch``)."""
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float, *,
+          schedule: str = "cosine", milestones=(), gamma: float = 0.1, warmup_lr: float = 0.0) -> float:
+    """The learning rate at the fractional ``epoch`` (``step / steps_per_epoch``), evaluated per
+    iteration: a linear warm-up from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then
+
+    - ``schedule="cosine"``: facebookresearch/mae ``util/lr_sched.py``'s half-cycle cosine from
+      ``lr`` to ``min_lr`` over the epochs after the warm-up (MAE, BEiT);
+    - ``schedule="multistep"``: microsoft/SimMIM ``lr_scheduler.py``'s ``MultiStepLRScheduler``,
+      ``lr * gamma ** (number of milestones <= epoch)``, the ``milestones`` in epochs (SimMIM's
+      800-epoch ViT run: [700], gamma 0.1); ``min_lr`` and ``epochs`` play no part.
+
+    ``warmup_lr`` 0 is MAE's and BEiT's warm-up from zero; SimMIM's (timm's ``warmup_lr_init``)
+    starts from its WARMUP_LR. SimMIM counts in iterations (``int(WARMUP_EPOCHS * iters)``,
+    milestones ``m * iters``), which at ``epoch = t / iters`` is this rule; its loop sets the lr
+    after each optimizer step (``step_update(t)``), so its step t runs at the lr of t - 1, one
+    iteration behind MAE's loop and ours. SimMIM's default ``cosine`` (timm's CosineLRScheduler)
+    is not ``schedule="cosine"``: its cosine spans the whole run, warm-up included (``t / T``).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
+        if warmup_lr == 0.0:
+            return lr * epoch / warmup_epochs
+        return warmup_lr + (lr - warmup_lr) * epoch / warmup_epochs
+    if schedule == "multistep":
+        return lr * gamma ** sum(1 for m in milestones if m <= epoch)
     if epochs <= warmup_epochs:
         return lr
     progress = min(1.0, (epoch - warmup_epochs) / (epochs - warmup_epochs))
