@@ -5,17 +5,18 @@ run_beit_pretraining.py``, ``engine_for_pretraining.py``): what the shared loop 
 Per sample (in the data workers, from the (seed, epoch, index)-seeded RNG, so masks and crops
 do not depend on the rank, the batch or the number of workers, and resume is exact):
 
-    image -> TwoViewTransform -> patch view (img_size, normalised), tokenizer view
-             (grid x tokenizer downsampling, map_pixels)
+    image -> TwoViewTransform -> patch view (img_size, ``--crop-interpolation``: BEiT's bicubic,
+             normalised), tokenizer view (grid x tokenizer downsampling, Lanczos, map_pixels)
           -> BlockwiseMaskingGenerator -> bool_masked_pos (grid, exactly num_mask_patches)
 
 Per batch: the frozen tokenizer turns the tokenizer views into (N, h, w) token ids under
 no_grad (``--tokenizer dalle:PATH`` or ``vq:PATH``), and the model's loss is the cross-entropy
 of its predictions at the masked positions, ``model(imgs, bool_masked_pos, labels=tokens)``.
 The pixel variant (``--model beit_*_pixel``) needs no tokenizer: its patch view is MAE's crop
-(bicubic, scale (min_crop_scale, 1), no ColorJitter; SimMIM's is bilinear at scale (0.67, 1)) and
-its loss the model's masked patch loss against the normalised pixels (``--pixel-loss l1``, SimMIM's,
-or ``mse``; ``--norm-pix-loss`` normalises each target patch, off in the BEiT recipe). Its masks
+(scale (min_crop_scale, 1), ``--crop-interpolation`` bicubic, no ColorJitter; ``--recipe
+simmim`` makes it SimMIM's, bilinear at scale (0.67, 1)) and its loss the model's masked patch
+loss against the normalised pixels (``--pixel-loss l1``, SimMIM's, or ``mse``;
+``--norm-pix-loss`` normalises each target patch, off in the BEiT and SimMIM recipes). Its masks
 are, by ``--pixel-masks`` (with ``--mask-patch-size`` and ``--simmim-mask-ratio``):
 
 - ``"blockwise"`` (default): BEiT's blockwise masks of ``num_mask_patches``, as in BEiT's
@@ -29,7 +30,7 @@ With ``--gpu-pipeline`` (:mod:`mimfast.data.gpu_pipeline`) the workers only read
 batch, on the GPU:
 
     bytes -> nvjpeg -> one Triton kernel: the crop box and flip of (seed, epoch, index), resized
-             to img_size (bicubic, normalised) and, from the same box and flip, to grid x
+             to img_size (crop_interpolation, normalised) and, from the same box and flip, to grid x
              tokenizer downsampling (bicubic, map_pixels)
     (seed, epoch, index) -> keyed uniforms (splitmix64 in torch int64 ops, the mask stream)
              -> the blockwise-mask kernel (mimfast.kernels.blockwise_mask) -> bool_masked_pos
@@ -225,24 +226,26 @@ class BEiTTask:
         if self.pixel:
             from mimfast.train.pretrain import mae_transform
 
-            return BEiTSampleTransform(mae_transform(img_size, self.cfg.min_crop_scale), masks, two_view=False)
+            return BEiTSampleTransform(mae_transform(img_size, self.cfg.min_crop_scale, self.cfg.crop_interpolation),
+                                       masks, two_view=False)
         # the token grid must be the patch grid: view side = grid x the tokenizer's downsampling
-        views = TwoViewTransform(img_size, grid[0] * self.tokenizer.downsample,
-                                 scale=(self.cfg.min_crop_scale, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        views = TwoViewTransform(img_size, grid[0] * self.tokenizer.downsample, scale=(self.cfg.min_crop_scale, 1.0),
+                                 interpolation=self.cfg.crop_interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return BEiTSampleTransform(views, masks)
 
     def gpu_augment(self, img_size: int):
         """The ``--gpu-pipeline`` augmentation: :meth:`transform`'s crop (scale (min_crop_scale,
-        1), bicubic) and flip, decoded and augmented on the GPU. Two views of the same box and
-        flip in one kernel pass: the patch view (img_size, normalised) and the tokenizer view
-        (grid x tokenizer downsampling, map_pixels); the pixel variant has the patch view only.
+        1), crop_interpolation) and flip, decoded and augmented on the GPU. Two views of the same
+        box and flip in one kernel pass: the patch view (img_size, normalised) and the tokenizer
+        view (grid x tokenizer downsampling, bicubic, map_pixels); the pixel variant has the
+        patch view only.
 
         Differences from the CPU path: no ColorJitter, a bicubic (not Lanczos) tokenizer view,
         no antialiasing when shrinking (see :mod:`mimfast.data.gpu_pipeline`).
         """
         from mimfast.data.gpu_pipeline import GpuAugment
 
-        kw = dict(scale=(self.cfg.min_crop_scale, 1.0), interpolation="bicubic", mean=IMAGENET_MEAN,
+        kw = dict(scale=(self.cfg.min_crop_scale, 1.0), interpolation=self.cfg.crop_interpolation, mean=IMAGENET_MEAN,
                   std=IMAGENET_STD, seed=self.cfg.seed, device=self.device)
         if not self.pixel:
             kw.update(second_size=self._grid(img_size)[0] * self.tokenizer.downsample,

@@ -35,17 +35,24 @@ from mimfast.train.sharding import full_state_dicts, grad_scaler, load_full_stat
 from mimfast.train.schedule import lr_at, param_groups_weight_decay, set_lr
 from mimfast.train.visualize import mae_reconstruction_grid, save_png
 
-__all__ = ["pretrain", "mae_transform"]
+__all__ = ["pretrain", "mae_transform", "CROP_INTERPOLATIONS"]
 
 
-def mae_transform(img_size: int, min_scale: float = 0.2):
-    """MAE's augmentation: RandomResizedCrop(scale (min_scale, 1), bicubic) + flip, then
-    ImageNet normalisation. Input (3, H, W) uint8, output (3, img_size, img_size) float32."""
+CROP_INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+def mae_transform(img_size: int, min_scale: float = 0.2, interpolation: str = "bicubic"):
+    """MAE's augmentation: RandomResizedCrop(scale (min_scale, 1), bicubic, antialiased) + flip,
+    then ImageNet normalisation. Input (3, H, W) uint8, output (3, img_size, img_size) float32.
+    With ``interpolation="bilinear"`` and ``min_scale=0.67`` it is microsoft/SimMIM's
+    (``data/data_simmim.py``: torchvision's default interpolation, no colour jitter)."""
     from torchvision.transforms import v2
 
+    if interpolation not in CROP_INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {CROP_INTERPOLATIONS}, got {interpolation!r}")
+    mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
     return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                             antialias=True),
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=mode, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -159,13 +166,14 @@ class MAETask:
         return model
 
     def transform(self, img_size: int):
-        return _WithMaskNoise(mae_transform(img_size, self.cfg.min_crop_scale), (img_size // self.patch_size) ** 2)
+        return _WithMaskNoise(mae_transform(img_size, self.cfg.min_crop_scale, self.cfg.crop_interpolation),
+                              (img_size // self.patch_size) ** 2)
 
     def gpu_augment(self, img_size: int):
         """The ``--gpu-pipeline`` augmentation: the same recipe, decoded and augmented on the GPU."""
         from mimfast.data.gpu_pipeline import GpuAugment
 
-        return GpuAugment(img_size, scale=(self.cfg.min_crop_scale, 1.0), interpolation="bicubic",
+        return GpuAugment(img_size, scale=(self.cfg.min_crop_scale, 1.0), interpolation=self.cfg.crop_interpolation,
                           seed=self.cfg.seed, device=self.device)
 
     def loss(self, model, batch) -> torch.Tensor:
@@ -329,6 +337,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if sharded:
         shard_model(model)
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    schedule = dict(schedule=cfg.lr_schedule, milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma,
+                    warmup_lr=cfg.warmup_lr)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr,
                                   betas=tuple(cfg.betas), **({"fused": True} if device.type == "cuda" else {}))
     precision, autocast = _autocast(cfg, device)
@@ -362,7 +372,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"mimfast pretrain: {cfg.model} ({n_params / 1e6:.1f}M trainable), {img_size}px, data "
               f"{cfg.data} ({len(dataset)} images), device {device}, {precision}, kernels {cfg.kernels}, "
-              f"{d.world_size} process(es), effective batch {eff_batch}, lr {lr:.3g}, {total_steps} steps")
+              f"{d.world_size} process(es), effective batch {eff_batch}, lr {lr:.3g} ({cfg.lr_schedule}), "
+              f"{total_steps} steps")
     log_file = open(out / "log.jsonl", "a") if d.main else None
     tb = _tensorboard(out) if (d.main and cfg.tensorboard) else None
     progress = Progress(total_steps, start_step=step, every=cfg.log_every, enabled=d.main)
@@ -411,8 +422,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             data_time += time.time() - t_data
             t_step = time.time()
             if data_iter % cfg.accum_iter == 0:
-                set_lr(optimizer, lr_at(epoch + data_iter / iters_per_epoch, lr, cfg.min_lr,
-                                        cfg.warmup_epochs, cfg.epochs))
+                set_lr(optimizer, lr_at(epoch + data_iter / iters_per_epoch, lr, cfg.min_lr, cfg.warmup_epochs,
+                                        cfg.epochs, **schedule))
             sync = (data_iter + 1) % cfg.accum_iter == 0
             if sharded:  # FSDP2's no_sync: no reduce-scatter while the micro-batches accumulate
                 model.set_requires_gradient_sync(sync)
