@@ -25,10 +25,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     # a dataset gets the method's recipe (MAE ViT-B/16 at 224), as main_pretrain.py would
     given = vars(args)
     if not ({"preset", "model", "data", "data_path"} & set(given)) and not given.get("config"):
-        if getattr(args, "method", None) == "beit":
-            args.preset = "beit-tiny"
-        else:
-            args.preset = "tiny" if not torch.cuda.is_available() else "small"
+        small = {"beit": "beit-tiny", "simmim": "simmim-tiny"}.get(given.get("recipe") or given.get("method"))
+        args.preset = small or ("tiny" if not torch.cuda.is_available() else "small")
     cfg = config_from_args(args)
     summary = pretrain(cfg)
     return 0 if summary["status"] == "done" else 1

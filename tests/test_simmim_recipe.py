@@ -326,3 +326,18 @@ def test_tiny_preset_trains_and_its_checkpoint_rebuilds(tmp_path):
     assert (model.loss_type, model.norm_pix_loss) == ("l1", False)
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in ckpt["model"].items())
+
+
+def test_quickstart_with_a_recipe_gets_its_cpu_preset(monkeypatch):
+    """`mimfast pretrain --recipe simmim` (or --method beit) with nothing else named is that
+    recipe's small preset on the built-in data, as `mimfast pretrain` alone is MAE's."""
+    import mimfast.cli as cli
+    import mimfast.train.pretrain as tp
+
+    seen = []
+    monkeypatch.setattr(tp, "pretrain", lambda cfg: seen.append(cfg) or {"status": "done"})
+    assert cli.main(["pretrain", "--recipe", "simmim"]) == 0
+    assert (seen[-1].preset, seen[-1].recipe, seen[-1].data) == ("simmim-tiny", "simmim", "builtin")
+    assert seen[-1].pixel_masks == "simmim" and seen[-1].lr_schedule == "multistep"
+    assert cli.main(["pretrain", "--method", "beit"]) == 0
+    assert seen[-1].preset == "beit-tiny"

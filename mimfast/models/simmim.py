@@ -163,7 +163,7 @@ def simmim_model_config(sd: dict, simmim_cfg: dict | None = None) -> dict:
         kwargs["init_values"] = float(vit["INIT_VALUES"])
     config = dict(method="beit", model=PIXEL_MODELS.get((width, depth), "beit_base_patch16_224_pixel"),
                   img_size=grid * patch, patch_size=patch, model_kwargs=kwargs,
-                  pixel_masks="simmim", pixel_loss="l1", norm_pix_loss=False, source="simmim",
+                  recipe="simmim", pixel_masks="simmim", pixel_loss="l1", norm_pix_loss=False, source="simmim",
                   mask_patch_size=int(_get(simmim_cfg, "DATA", "MASK_PATCH_SIZE", default=32)),
                   simmim_mask_ratio=float(_get(simmim_cfg, "DATA", "MASK_RATIO", default=0.6)))
     drop_path = _get(simmim_cfg, "MODEL", "DROP_PATH_RATE")
