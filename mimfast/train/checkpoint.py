@@ -3,8 +3,10 @@
 :func:`load_model_weights` also reads ``.safetensors`` files and Hugging Face model folders
 (``config.json`` + ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
 ``pytorch_model.bin``), and converts HF ViTMAE / BEiT layouts to the official keys
-(:mod:`mimfast.models.hf`), and microsoft/SimMIM ViT checkpoints to the pixel model's
-(:mod:`mimfast.models.simmim`), so ``--init-from`` takes those as they are."""
+(:mod:`mimfast.models.hf`), microsoft/SimMIM ViT checkpoints to the pixel model's
+(:mod:`mimfast.models.simmim`) and open-mmlab/mmpretrain MAE checkpoints (mmengine's
+``{'meta', 'state_dict', 'message_hub', ...}``) to the official MAE keys
+(:mod:`mimfast.models.mmpretrain`), so ``--init-from`` takes those as they are."""
 
 from __future__ import annotations
 
@@ -74,16 +76,47 @@ class _YacsNode:
         return collections.OrderedDict()
 
 
+class _HistoryBuffer:
+    """Stands in for ``mmengine.logging.history_buffer.HistoryBuffer``, the logged-scalar history
+    mmengine pickles in a checkpoint's ``message_hub``: built as an empty ``OrderedDict`` (its
+    attributes land in the dict's ``__dict__``); nothing of mmengine runs."""
+
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()
+
+
+class _Unread:
+    """Stands in for the numpy arrays, dtypes and scalars in mmengine's ``message_hub`` (the
+    history buffers' arrays, runtime values): an empty object that takes whatever it is built
+    from and reads nothing of it, so no numpy code runs while unpickling."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+_NUMPY_NAMES = ("numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
+                "numpy.core.multiarray.scalar", "numpy._core.multiarray._reconstruct",
+                "numpy._core.multiarray.scalar")
+_FOREIGN_GLOBALS = [(_YacsNode, "yacs.config.CfgNode"),
+                    (_HistoryBuffer, "mmengine.logging.history_buffer.HistoryBuffer"),
+                    (_Unread, "mimfast.train.checkpoint._Unread")] + [(_Unread, name) for name in _NUMPY_NAMES]
+
+
 def read_foreign_checkpoint(path, mmap: bool = False) -> object:
     """``torch.load(path, weights_only=True)``; for an official checkpoint that also pickles its
-    command line (MAE / BEiT: an argparse ``Namespace``) or config (SimMIM: yacs ``CfgNode``s),
-    retried with only those classes allowed, the config read as nested dicts."""
+    command line (MAE / BEiT: an argparse ``Namespace``), config (SimMIM: yacs ``CfgNode``s) or
+    logging state (mmengine's ``message_hub``: ``HistoryBuffer``s holding numpy arrays), retried
+    with only those names allowed: the config is read as nested dicts, the logging state as empty
+    stand-ins (:class:`_HistoryBuffer`, :class:`_Unread`)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:
         import argparse
 
-        with torch.serialization.safe_globals([argparse.Namespace, (_YacsNode, "yacs.config.CfgNode")]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_FOREIGN_GLOBALS]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
@@ -131,18 +164,22 @@ def _check_hf_config(config: dict, where) -> None:
 def load_model_weights(path: str | os.PathLike) -> dict:
     """A model state_dict, under the official MAE / BEiT keys, from:
 
-    * a mimfast or official MAE / BEiT / SimMIM checkpoint (``{'model': ...}``) or a bare
-      state_dict (``.pth``); official checkpoints also pickle an argparse Namespace (MAE, BEiT) or
-      yacs config (SimMIM), which the safe unpickler refuses: for those it runs with an allow-list
-      of just those classes (:func:`read_foreign_checkpoint`);
+    * a mimfast or official MAE / BEiT / SimMIM checkpoint (``{'model': ...}``), an mmengine one
+      (MMPretrain: ``{'state_dict': ...}``) or a bare state_dict (``.pth``); official checkpoints
+      also pickle an argparse Namespace (MAE, BEiT), yacs config (SimMIM) or mmengine logging
+      state, which the safe unpickler refuses: for those it runs with an allow-list of just those
+      names (:func:`read_foreign_checkpoint`);
     * a ``.safetensors`` file;
     * a Hugging Face model folder (``config.json`` + ``model.safetensors`` / sharded /
       ``pytorch_model.bin``, read with ``weights_only=True``).
 
     HF ``ViTMAEForPreTraining`` / ``ViTMAEModel`` / ``BeitForMaskedImageModeling`` layouts are
     converted (:func:`mimfast.models.hf.from_hf`), wherever they come from, and so are SimMIM ViT
-    ones (:func:`mimfast.models.simmim.from_simmim`: mimfast's ``beit_*_pixel`` keys)."""
+    ones (:func:`mimfast.models.simmim.from_simmim`: mimfast's ``beit_*_pixel`` keys) and
+    MMPretrain MAE ones (:func:`mimfast.models.mmpretrain.from_mmpretrain`); other OpenMMLab
+    models' weights (``backbone.`` keys) are an error naming what was found."""
     from mimfast.models.hf import from_hf, is_hf_state_dict
+    from mimfast.models.mmpretrain import from_mmpretrain, is_mmpretrain_state_dict
     from mimfast.models.simmim import from_simmim, is_simmim_state_dict
 
     path = Path(path)
@@ -155,11 +192,18 @@ def load_model_weights(path: str | os.PathLike) -> dict:
         obj = read_foreign_checkpoint(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
+    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # mmengine (MMPretrain) checkpoints
     elif not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise ValueError(f"{path}: neither a state_dict nor a checkpoint with a 'model' entry")
+        raise ValueError(f"{path}: neither a state_dict nor a checkpoint with a 'model' or 'state_dict' entry")
     unwrapped = {k.removeprefix("module."): v for k, v in obj.items()}  # SimMIM's DDP-wrapped saves
     if is_simmim_state_dict(unwrapped):
         return from_simmim(unwrapped)
+    try:
+        if is_mmpretrain_state_dict(unwrapped):
+            return from_mmpretrain(unwrapped)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     try:
         hf = is_hf_state_dict(obj)
     except ValueError:

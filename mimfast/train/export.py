@@ -1,5 +1,7 @@
 """``mimfast export``: a pretrained encoder as a timm state_dict, ``.pth`` and ``.safetensors``;
-or (``--format hf``) the whole pretraining model as a Hugging Face folder.
+or (``--format hf``) the whole pretraining model as a Hugging Face folder; or (``--format simmim`` /
+``--format mmpretrain``) the pretraining model under microsoft/SimMIM's or open-mmlab/mmpretrain's
+keys (:func:`export_simmim`, :func:`export_mmpretrain`).
 
 HF (-> ``transformers.ViTMAEForPreTraining`` / ``BeitForMaskedImageModeling``). ``--out`` is a
 folder; ``model.safetensors`` (keys mapped by :mod:`mimfast.models.hf`, under the names HF files
@@ -70,6 +72,7 @@ __all__ = [
     "export_checkpoint",
     "export_hf",
     "export_simmim",
+    "export_mmpretrain",
 ]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -231,8 +234,12 @@ def save_encoder(encoder: dict, out: str | os.PathLike, fmt: str = "both",
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
     """The ``'config'`` dict a mimfast checkpoint holds; for a microsoft/SimMIM ViT checkpoint one
-    made from its weights and yacs config (:func:`mimfast.models.simmim.simmim_model_config`);
-    None for other official or bare ones. Memory-mapped, so the tensors are not read a second time."""
+    made from its weights and yacs config (:func:`mimfast.models.simmim.simmim_model_config`), for
+    an open-mmlab/mmpretrain MAE checkpoint one made from its weights and the config text mmengine
+    saves in ``meta['cfg']`` (:func:`mimfast.models.mmpretrain.mmpretrain_model_config`); None for
+    other official or bare ones. Memory-mapped, so the tensors are not read a second time."""
+    from mimfast.models.mmpretrain import (from_mmpretrain, is_mmpretrain_state_dict, mmpretrain_model_config,
+                                           parse_config_text)
     from mimfast.models.simmim import from_simmim, is_simmim_state_dict, simmim_model_config
 
     try:
@@ -242,9 +249,24 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
     if not isinstance(obj, dict):
         return None
     cfg = obj.get("config")
-    weights = obj["model"] if isinstance(obj.get("model"), dict) else obj
-    if is_simmim_state_dict(_strip_prefixes(weights)):
-        return simmim_model_config(from_simmim(_strip_prefixes(weights)), cfg if isinstance(cfg, dict) else None)
+    if isinstance(obj.get("model"), dict):
+        weights = obj["model"]
+    elif isinstance(obj.get("state_dict"), dict):
+        weights = obj["state_dict"]
+    else:
+        weights = obj
+    weights = _strip_prefixes(weights)
+    if is_simmim_state_dict(weights):
+        return simmim_model_config(from_simmim(weights), cfg if isinstance(cfg, dict) else None)
+    try:
+        mmpretrain = is_mmpretrain_state_dict(weights)
+    except ValueError:
+        return None  # another OpenMMLab model: load_model_weights says what it is
+    if mmpretrain:
+        meta = obj.get("meta")
+        text = meta.get("cfg") if isinstance(meta, dict) else None
+        return mmpretrain_model_config(from_mmpretrain(weights), parse_config_text(text) if isinstance(text, str)
+                                       else None)
     return cfg if isinstance(cfg, dict) else None
 
 
@@ -342,10 +364,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_nam
     are checked against it and it gives the head count. ``img_size``: position embeddings for
     another image size (see :func:`encoder_state_dict`). Returns a summary (paths, timm class
     and arguments, tensor count)."""
-    if fmt in ("hf", "simmim"):
+    if fmt in ("hf", "simmim", "mmpretrain"):
         if global_pool or img_size is not None:
             raise ValueError(f"global_pool and img_size lay out a timm encoder; they do not apply to fmt={fmt!r}")
-        return export_hf(path, out, model_name) if fmt == "hf" else export_simmim(path, out, model_name)
+        return {"hf": export_hf, "simmim": export_simmim, "mmpretrain": export_mmpretrain}[fmt](path, out, model_name)
     sd = _strip_prefixes(load_model_weights(path))
     config = read_checkpoint_config(path)
     num_heads = None
@@ -432,6 +454,31 @@ def export_simmim(path: str | os.PathLike, out: str | os.PathLike, model_name: s
     return {"paths": [str(target)], "tensors": len(simmim), "decoder": "decoder.0.weight" in simmim}
 
 
+def export_mmpretrain(path: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None) -> dict:
+    """Write an MAE checkpoint (mimfast, facebookresearch/mae, HF, MMPretrain) under open-mmlab/
+    mmpretrain's ``MAE`` keys as ``out.pth`` = ``{'state_dict': ...}``
+    (:func:`mimfast.models.mmpretrain.to_mmpretrain`): ``backbone.*`` (the encoder) and, when the
+    checkpoint has the decoder, ``neck.*``. MMPretrain's fine-tuning and linear-probe configs read
+    the encoder with ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix='backbone.')`` on
+    their ``VisionTransformer`` backbone; ``load_from=PATH`` loads the whole ``MAE``. Position
+    embeddings are written as stored (see the module's notes on their layout). Returns a summary."""
+    from mimfast.models.mmpretrain import to_mmpretrain
+
+    sd = _strip_prefixes(load_model_weights(path))
+    if _is_beit(sd):
+        raise ValueError(f"{path} is a BEiT-encoder checkpoint: only MAE models have an MMPretrain MAE layout")
+    config = read_checkpoint_config(path)
+    if config is not None or model_name is not None:
+        _fitting_shapes(path, sd, config, model_name)
+    sd = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
+    mm = {k: v.detach().clone().contiguous() for k, v in to_mmpretrain(sd).items()}
+    out = Path(out)
+    target = out if out.suffix == ".pth" else out.with_name(out.name + ".pth")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": mm}, target)
+    return {"paths": [str(target)], "tensors": len(mm), "decoder": any(k.startswith("neck.") for k in mm)}
+
+
 def add_export_command(sub) -> None:
     """``mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool] [--format ...]``."""
     p = sub.add_parser("export", help="write a pretrained MAE/BEiT encoder as a timm state_dict "
@@ -449,11 +496,14 @@ def add_export_command(sub) -> None:
     p.add_argument("--img-size", type=int, default=None,
                    help="write pos_embed for this image size (e.g. 384), interpolated as facebookresearch/mae's "
                         "fine-tuning does (bicubic); default: the pretraining size. MAE only")
-    p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors", "hf", "simmim"), default="both",
+    p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors", "hf", "simmim", "mmpretrain"),
+                   default="both",
                    help="timm encoder as .pth and/or .safetensors; hf: the whole pretraining model as a "
                         "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling; "
                         "simmim: a BEiT-encoder model (beit_*_pixel) as microsoft/SimMIM's {'model': ...} .pth, for "
-                        "its main_finetune.py --pretrained")
+                        "its main_finetune.py --pretrained; mmpretrain: an MAE as open-mmlab/mmpretrain's "
+                        "{'state_dict': ...} .pth (backbone.* and neck.*), for its init_cfg=dict(type='Pretrained', "
+                        "checkpoint=..., prefix='backbone.')")
     p.set_defaults(func=_cmd_export)
 
 
@@ -461,9 +511,19 @@ def _cmd_export(args) -> int:
     if not Path(args.checkpoint).exists():
         raise SystemExit(f"mimfast export: checkpoint {args.checkpoint!r} does not exist")
     img_size = getattr(args, "img_size", None)
-    if args.fmt in ("hf", "simmim") and (args.global_pool or img_size is not None):
+    if args.fmt in ("hf", "simmim", "mmpretrain") and (args.global_pool or img_size is not None):
         raise SystemExit("mimfast export: --global-pool and --img-size lay out a timm encoder; they do not "
                          f"apply to --format {args.fmt}")
+    if args.fmt == "mmpretrain":
+        try:
+            summary = export_mmpretrain(args.checkpoint, args.out, args.model)
+        except ValueError as e:
+            raise SystemExit(f"mimfast export: {e}")
+        what = "encoder and decoder" if summary["decoder"] else "encoder only (the checkpoint has no decoder)"
+        print(f"wrote {summary['paths'][0]} ({summary['tensors']} tensors, {what}) under open-mmlab/mmpretrain's keys")
+        print("fine-tune with MMPretrain: model.backbone.init_cfg=dict(type='Pretrained', "
+              f"checkpoint={summary['paths'][0]!r}, prefix='backbone.')")
+        return 0
     if args.fmt == "simmim":
         try:
             summary = export_simmim(args.checkpoint, args.out, args.model)
