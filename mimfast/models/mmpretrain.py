@@ -343,7 +343,7 @@ def mmpretrain_model_config(sd: dict, mm_cfg: dict | None = None) -> dict:
     (:func:`from_mmpretrain`), ``mm_cfg`` the checkpoint's config (:func:`parse_config_text` of
     ``meta['cfg']``), if any. Width, depth, patch, grid, channels, MLP ratio and the decoder's width
     and depth come from the weights; the head counts from the config, else MMPretrain's arch table
-    for the encoder and its default of 16 for the decoder; ``norm_pix`` defaults to True (every MAE
+    for the encoder and its default of 16 for the decoder; ``norm_pix`` defaults to True (every MAE ViT
     config of MMPretrain sets it) and ``mask_ratio`` to 0.75."""
     model = _get(mm_cfg, "model", default={}) or {}
     kind = _type_name(model.get("type"))
