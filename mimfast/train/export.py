@@ -479,6 +479,17 @@ def export_mmpretrain(path: str | os.PathLike, out: str | os.PathLike, model_nam
     return {"paths": [str(target)], "tensors": len(mm), "decoder": any(k.startswith("neck.") for k in mm)}
 
 
+# --format NAME for another codebase's training code: the writer, whose keys, why a file may lack
+# the decoder, how that codebase reads the file
+_OTHER_CODEBASES = {
+    "simmim": (export_simmim, "microsoft/SimMIM's keys", "no pixel head to write as decoder",
+               "fine-tune with SimMIM: main_finetune.py --cfg <vit config> --pretrained {path}"),
+    "mmpretrain": (export_mmpretrain, "open-mmlab/mmpretrain's keys", "the checkpoint has no decoder",
+                   "fine-tune with MMPretrain: model.backbone.init_cfg=dict(type='Pretrained', checkpoint='{path}', "
+                   "prefix='backbone.')"),
+}
+
+
 def add_export_command(sub) -> None:
     """``mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool] [--format ...]``."""
     p = sub.add_parser("export", help="write a pretrained MAE/BEiT encoder as a timm state_dict "
@@ -514,24 +525,15 @@ def _cmd_export(args) -> int:
     if args.fmt in ("hf", "simmim", "mmpretrain") and (args.global_pool or img_size is not None):
         raise SystemExit("mimfast export: --global-pool and --img-size lay out a timm encoder; they do not "
                          f"apply to --format {args.fmt}")
-    if args.fmt == "mmpretrain":
+    if args.fmt in _OTHER_CODEBASES:
+        export, keys, no_decoder, how = _OTHER_CODEBASES[args.fmt]
         try:
-            summary = export_mmpretrain(args.checkpoint, args.out, args.model)
+            summary = export(args.checkpoint, args.out, args.model)
         except ValueError as e:
             raise SystemExit(f"mimfast export: {e}")
-        what = "encoder and decoder" if summary["decoder"] else "encoder only (the checkpoint has no decoder)"
-        print(f"wrote {summary['paths'][0]} ({summary['tensors']} tensors, {what}) under open-mmlab/mmpretrain's keys")
-        print("fine-tune with MMPretrain: model.backbone.init_cfg=dict(type='Pretrained', "
-              f"checkpoint={summary['paths'][0]!r}, prefix='backbone.')")
-        return 0
-    if args.fmt == "simmim":
-        try:
-            summary = export_simmim(args.checkpoint, args.out, args.model)
-        except ValueError as e:
-            raise SystemExit(f"mimfast export: {e}")
-        what = "encoder and decoder" if summary["decoder"] else "encoder only (no pixel head to write as decoder)"
-        print(f"wrote {summary['paths'][0]} ({summary['tensors']} tensors, {what}) under microsoft/SimMIM's keys")
-        print(f"fine-tune with SimMIM: main_finetune.py --cfg <vit config> --pretrained {summary['paths'][0]}")
+        what = "encoder and decoder" if summary["decoder"] else f"encoder only ({no_decoder})"
+        print(f"wrote {summary['paths'][0]} ({summary['tensors']} tensors, {what}) under {keys}")
+        print(how.format(path=summary["paths"][0]))
         return 0
     if args.fmt == "hf":
         try:
