@@ -2,7 +2,8 @@
 
 :func:`load_model_weights` also reads ``.safetensors`` files and Hugging Face model folders
 (``config.json`` + ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
-``pytorch_model.bin``), and converts HF ViTMAE / BEiT layouts to the official keys
+``pytorch_model.bin``), and converts HF ViTMAE / BEiT layouts to the official keys and HF
+``ViTForMaskedImageModeling`` (transformers' SimMIM example) to the pixel model's
 (:mod:`mimfast.models.hf`), microsoft/SimMIM ViT checkpoints to the pixel model's
 (:mod:`mimfast.models.simmim`) and open-mmlab/mmpretrain MAE checkpoints (mmengine's
 ``{'meta', 'state_dict', 'message_hub', ...}``) to the official MAE keys
@@ -145,8 +146,8 @@ def _hf_folder_weights(folder: Path) -> tuple[dict, dict]:
     else:
         raise ValueError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     model_type = config.get("model_type")
-    if model_type not in ("vit_mae", "beit"):
-        raise ValueError(f"{folder}: config.json model_type is {model_type!r}, expected 'vit_mae' or 'beit'")
+    if model_type not in ("vit_mae", "beit", "vit"):
+        raise ValueError(f"{folder}: config.json model_type is {model_type!r}, expected 'vit_mae', 'beit' or 'vit'")
     return sd, config
 
 
@@ -173,12 +174,14 @@ def load_model_weights(path: str | os.PathLike) -> dict:
     * a Hugging Face model folder (``config.json`` + ``model.safetensors`` / sharded /
       ``pytorch_model.bin``, read with ``weights_only=True``).
 
-    HF ``ViTMAEForPreTraining`` / ``ViTMAEModel`` / ``BeitForMaskedImageModeling`` layouts are
-    converted (:func:`mimfast.models.hf.from_hf`), wherever they come from, and so are SimMIM ViT
+    HF ``ViTMAEForPreTraining`` / ``ViTMAEModel`` / ``BeitForMaskedImageModeling`` /
+    ``ViTForMaskedImageModeling`` layouts are converted (:func:`mimfast.models.hf.from_hf`; a
+    folder of ``model_type`` ``"vit"`` always as a ViT, whose ``encoder_stride`` and
+    ``num_channels`` must fit the weights), wherever they come from, and so are SimMIM ViT
     ones (:func:`mimfast.models.simmim.from_simmim`: mimfast's ``beit_*_pixel`` keys) and
     MMPretrain MAE ones (:func:`mimfast.models.mmpretrain.from_mmpretrain`); other OpenMMLab
     models' weights (``backbone.`` keys) are an error naming what was found."""
-    from mimfast.models.hf import from_hf, is_hf_state_dict
+    from mimfast.models.hf import from_hf, is_hf_state_dict, state_dict_layout, vit_mim_from_hf
     from mimfast.models.mmpretrain import from_mmpretrain, is_mmpretrain_state_dict
     from mimfast.models.simmim import from_simmim, is_simmim_state_dict
 
@@ -204,6 +207,13 @@ def load_model_weights(path: str | os.PathLike) -> dict:
             return from_mmpretrain(unwrapped)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if config is not None and config.get("model_type") == "vit":
+        # by the config, not the keys: a bare ViTModel's keys are a bare ViTMAEModel's
+        _check_hf_config(config, path)
+        try:
+            return vit_mim_from_hf(obj, config)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     try:
         hf = is_hf_state_dict(obj)
     except ValueError:
@@ -213,6 +223,8 @@ def load_model_weights(path: str | os.PathLike) -> dict:
     if config is not None:
         _check_hf_config(config, path)
     sd = from_hf(obj)
+    if state_dict_layout(obj) == "hf_vit":
+        return sd  # an HF ViT's position embeddings are trained: the note below is ViTMAE's
     for key in ("pos_embed", "decoder_pos_embed"):
         if key in sd and not bool(torch.any(sd[key] != 0)):
             warnings.warn(f"{path}: the HF checkpoint's fixed {key} is all zeros (a ViTMAEForPreTraining built "

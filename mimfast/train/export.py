@@ -3,8 +3,9 @@ or (``--format hf``) the whole pretraining model as a Hugging Face folder; or (`
 ``--format mmpretrain``) the pretraining model under microsoft/SimMIM's or open-mmlab/mmpretrain's
 keys (:func:`export_simmim`, :func:`export_mmpretrain`).
 
-HF (-> ``transformers.ViTMAEForPreTraining`` / ``BeitForMaskedImageModeling``). ``--out`` is a
-folder; ``model.safetensors`` (keys mapped by :mod:`mimfast.models.hf`, under the names HF files
+HF (-> ``transformers.ViTMAEForPreTraining`` / ``BeitForMaskedImageModeling``, and for the pixel
+model built as a plain ViT, ``ViTForMaskedImageModeling``). ``--out`` is a folder;
+``model.safetensors`` (keys mapped by :mod:`mimfast.models.hf`, under the names HF files
 use, which transformers 4 and 5 both read) and ``config.json``
 (:func:`mimfast.models.hf.hf_config_for`, with the run's ``mask_ratio`` and ``norm_pix_loss``)
 are written, and ``from_pretrained(folder)`` gives the same losses and predictions. The
@@ -193,16 +194,25 @@ def timm_model_spec(encoder: dict, num_heads: int | None = None) -> tuple[str, d
         grid = int(round(num_patches ** 0.5))
         if grid * grid != num_patches:
             raise ValueError(f"pos_embed has {num_patches} patch rows, not a square grid")
-        return "VisionTransformer", dict(img_size=grid * patch_size, **kw, qkv_bias=True, fc_norm=global_pool)
+        return "VisionTransformer", dict(img_size=grid * patch_size, **kw, qkv_bias="blocks.0.attn.qkv.bias" in encoder,
+                                         fc_norm=global_pool)
+    layer_scale = "blocks.0.gamma_1" in encoder  # any value: the loaded gamma replaces it
+    kw.update(qkv_bias="blocks.0.attn.q_bias" in encoder, init_values=0.1 if layer_scale else None,
+              use_abs_pos_emb="pos_embed" in encoder, use_shared_rel_pos_bias=False, use_fc_norm=global_pool)
+    if "blocks.0.attn.relative_position_bias_table" not in encoder:
+        # no relative position term (the pixel model as a plain ViT, e.g. from HF's ViTForMaskedImageModeling)
+        if "pos_embed" not in encoder:
+            raise ValueError("a BEiT encoder with neither relative position tables nor pos_embed")
+        num_patches = encoder["pos_embed"].shape[1] - 1
+        grid = int(round(num_patches ** 0.5))
+        if grid * grid != num_patches:
+            raise ValueError(f"pos_embed has {num_patches} patch rows, not a square grid")
+        return "Beit", dict(img_size=grid * patch_size, **kw, use_rel_pos_bias=False)
     table = encoder["blocks.0.attn.relative_position_bias_table"].shape[0]  # (2h-1)(2w-1) + 3
     side = int(round((table - 3) ** 0.5))
     if side * side != table - 3 or side % 2 == 0:
         raise ValueError(f"relative_position_bias_table has {table} rows, not a square window's")
-    layer_scale = "blocks.0.gamma_1" in encoder  # any value: the loaded gamma replaces it
-    return "Beit", dict(img_size=(side + 1) // 2 * patch_size, **kw, qkv_bias="blocks.0.attn.q_bias" in encoder,
-                        init_values=0.1 if layer_scale else None,
-                        use_abs_pos_emb="pos_embed" in encoder, use_rel_pos_bias=True,
-                        use_shared_rel_pos_bias=False, use_fc_norm=global_pool)
+    return "Beit", dict(img_size=(side + 1) // 2 * patch_size, **kw, use_rel_pos_bias=True)
 
 
 def save_encoder(encoder: dict, out: str | os.PathLike, fmt: str = "both",
@@ -232,16 +242,60 @@ def save_encoder(encoder: dict, out: str | os.PathLike, fmt: str = "both",
     return written
 
 
+def _safetensors_shapes(path) -> dict:
+    """A ``.safetensors`` file's tensors as meta tensors of their shapes: its layout and model
+    sizes without reading the data."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+
+def _hf_checkpoint_config(path: Path) -> dict | None:
+    """The mimfast config of an HF ViT masked-image-modeling checkpoint: a folder's
+    ``config.json`` (:func:`mimfast.models.hf.vit_mim_model_config`), or for a bare
+    ``.safetensors`` of HF ViT keys one read from the weight shapes as for SimMIM's ViT
+    (:func:`mimfast.models.simmim.simmim_model_config`: heads by width, the grid from the
+    position embeddings, run_mim.py's masking defaults). None for other HF models."""
+    from mimfast.models.hf import state_dict_layout, vit_mim_from_hf, vit_mim_model_config
+    from mimfast.models.simmim import simmim_model_config
+
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            return None
+        hf_config = json.loads(config_path.read_text())
+        if hf_config.get("model_type") != "vit":
+            return None
+        return vit_mim_model_config(hf_config, where=f"{path}/config.json")
+    try:
+        if state_dict_layout(shapes := _safetensors_shapes(path)) != "hf_vit":
+            return None
+    except Exception:  # unreadable, or no layout mimfast knows: load_model_weights says what it is
+        return None
+    try:
+        config = simmim_model_config(vit_mim_from_hf(shapes))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (a bare HF ViT .safetensors does not record its head count; give the HF "
+                         "folder with its config.json)") from None
+    config["source"] = "hf_vit"
+    return config
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
     """The ``'config'`` dict a mimfast checkpoint holds; for a microsoft/SimMIM ViT checkpoint one
     made from its weights and yacs config (:func:`mimfast.models.simmim.simmim_model_config`), for
     an open-mmlab/mmpretrain MAE checkpoint one made from its weights and the config text mmengine
-    saves in ``meta['cfg']`` (:func:`mimfast.models.mmpretrain.mmpretrain_model_config`); None for
-    other official or bare ones. Memory-mapped, so the tensors are not read a second time."""
+    saves in ``meta['cfg']`` (:func:`mimfast.models.mmpretrain.mmpretrain_model_config`), for an HF
+    ``ViTForMaskedImageModeling`` folder or ``.safetensors`` one for the pixel model
+    (:func:`_hf_checkpoint_config`); None for other official, HF or bare ones. Memory-mapped, so
+    the tensors are not read a second time."""
     from mimfast.models.mmpretrain import (from_mmpretrain, is_mmpretrain_state_dict, mmpretrain_model_config,
                                            parse_config_text)
     from mimfast.models.simmim import from_simmim, is_simmim_state_dict, simmim_model_config
 
+    if Path(path).is_dir() or Path(path).suffix == ".safetensors":
+        return _hf_checkpoint_config(Path(path))
     try:
         obj = read_foreign_checkpoint(path, mmap=True)
     except Exception:
@@ -390,14 +444,16 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, model_nam
 
 def export_hf(path: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None,
               legacy: bool = True) -> dict:
-    """Write a mimfast / official MAE or BEiT pretraining checkpoint as a Hugging Face model folder
-    ``out`` (``model.safetensors`` + ``config.json``). ``legacy``: the key names of HF files
-    (``encoder.layer.<i>.attention.attention.query``...), which transformers 4 and 5 both read and
-    transformers 5's own ``save_pretrained`` writes; False: transformers 5's module names, which
-    only transformers 5 reads. Returns a summary (paths, HF class, tensor count)."""
+    """Write a mimfast / official MAE or BEiT pretraining checkpoint, or a pixel model with the
+    plain-ViT settings (-> ``ViTForMaskedImageModeling``, see :mod:`mimfast.models.hf`), as a
+    Hugging Face model folder ``out`` (``model.safetensors`` + ``config.json``). ``legacy``: the
+    key names of HF files (``encoder.layer.<i>.attention.attention.query``...), which
+    transformers 4 and 5 both read and transformers 5's own ``save_pretrained`` writes; False:
+    transformers 5's module names, which only transformers 5 reads. Returns a summary (paths, HF
+    class, tensor count)."""
     from safetensors.torch import save_file
 
-    from mimfast.models.hf import beit_to_hf, hf_config_for, mae_to_hf, state_dict_layout
+    from mimfast.models.hf import beit_to_hf, hf_config_for, mae_to_hf, state_dict_layout, vit_mim_to_hf
 
     sd = _strip_prefixes(load_model_weights(path))
     config = dict(read_checkpoint_config(path) or {})
@@ -416,7 +472,10 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, model_name: str |
         raise _misfit_error(path, model_name or config.get("model"), missing, unexpected, wrong, hint)
     hf_config = hf_config_for(model, mask_ratio=config.get("mask_ratio", 0.75))
     sd = {k: v for k, v in sd.items() if k in expected}
-    hf_sd = mae_to_hf(sd, legacy) if layout == "mae" else beit_to_hf(sd, legacy)
+    if layout == "mae":
+        hf_sd = mae_to_hf(sd, legacy)
+    else:
+        hf_sd = (vit_mim_to_hf if "pixel_head.weight" in sd else beit_to_hf)(sd, legacy)
     hf_sd = {k: v.detach().clone().contiguous() for k, v in hf_sd.items()}
     dtypes = {v.dtype for v in hf_sd.values() if v.is_floating_point()}
     hf_config["dtype"] = str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32"
@@ -510,7 +569,8 @@ def add_export_command(sub) -> None:
     p.add_argument("--format", dest="fmt", choices=("both", "pth", "safetensors", "hf", "simmim", "mmpretrain"),
                    default="both",
                    help="timm encoder as .pth and/or .safetensors; hf: the whole pretraining model as a "
-                        "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling; "
+                        "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling "
+                        "(a plain-ViT pixel model: ViTForMaskedImageModeling); "
                         "simmim: a BEiT-encoder model (beit_*_pixel) as microsoft/SimMIM's {'model': ...} .pth, for "
                         "its main_finetune.py --pretrained; mmpretrain: an MAE as open-mmlab/mmpretrain's "
                         "{'state_dict': ...} .pth (backbone.* and neck.*), for its init_cfg=dict(type='Pretrained', "
