@@ -292,11 +292,11 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="non-zero key bias"):
         beit_from_hf(sd)
     # an HF folder of another model type, or without weights
-    (tmp_path / "vit").mkdir()
-    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
-    torch.save({"x": torch.zeros(1)}, tmp_path / "vit" / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="model_type is 'vit'"):
-        load_model_weights(tmp_path / "vit")
+    (tmp_path / "swin").mkdir()
+    (tmp_path / "swin" / "config.json").write_text(json.dumps({"model_type": "swin"}))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "swin" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="model_type is 'swin'"):
+        load_model_weights(tmp_path / "swin")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
         load_model_weights(tmp_path / "empty")
