@@ -16,13 +16,8 @@ transformers = pytest.importorskip("transformers")
 from mimfast import ops  # noqa: E402
 from mimfast.cli import main  # noqa: E402
 from mimfast.models.beit import beit_tiny_patch16_224_pixel  # noqa: E402
-from mimfast.models.hf import (  # noqa: E402
-    hf_config_for,
-    state_dict_layout,
-    vit_mim_from_hf,
-    vit_mim_to_hf,
-    vit_mim_model_config,
-)
+from mimfast.models.hf import hf_config_for, state_dict_layout  # noqa: E402
+from mimfast.models.hf_vit import vit_mim_from_hf, vit_mim_model_config, vit_mim_to_hf  # noqa: E402
 from mimfast.train.checkpoint import load_model_weights  # noqa: E402
 from mimfast.train.export import (  # noqa: E402
     build_model_from_config,

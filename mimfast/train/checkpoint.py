@@ -181,7 +181,8 @@ def load_model_weights(path: str | os.PathLike) -> dict:
     ones (:func:`mimfast.models.simmim.from_simmim`: mimfast's ``beit_*_pixel`` keys) and
     MMPretrain MAE ones (:func:`mimfast.models.mmpretrain.from_mmpretrain`); other OpenMMLab
     models' weights (``backbone.`` keys) are an error naming what was found."""
-    from mimfast.models.hf import from_hf, is_hf_state_dict, state_dict_layout, vit_mim_from_hf
+    from mimfast.models.hf import from_hf, is_hf_state_dict, state_dict_layout
+    from mimfast.models.hf_vit import vit_mim_from_hf
     from mimfast.models.mmpretrain import from_mmpretrain, is_mmpretrain_state_dict
     from mimfast.models.simmim import from_simmim, is_simmim_state_dict
 

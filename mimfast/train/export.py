@@ -253,11 +253,12 @@ def _safetensors_shapes(path) -> dict:
 
 def _hf_checkpoint_config(path: Path) -> dict | None:
     """The mimfast config of an HF ViT masked-image-modeling checkpoint: a folder's
-    ``config.json`` (:func:`mimfast.models.hf.vit_mim_model_config`), or for a bare
+    ``config.json`` (:func:`mimfast.models.hf_vit.vit_mim_model_config`), or for a bare
     ``.safetensors`` of HF ViT keys one read from the weight shapes as for SimMIM's ViT
     (:func:`mimfast.models.simmim.simmim_model_config`: heads by width, the grid from the
     position embeddings, run_mim.py's masking defaults). None for other HF models."""
-    from mimfast.models.hf import state_dict_layout, vit_mim_from_hf, vit_mim_model_config
+    from mimfast.models.hf import state_dict_layout
+    from mimfast.models.hf_vit import vit_mim_from_hf, vit_mim_model_config
     from mimfast.models.simmim import simmim_model_config
 
     if path.is_dir():
@@ -453,7 +454,8 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, model_name: str |
     class, tensor count)."""
     from safetensors.torch import save_file
 
-    from mimfast.models.hf import beit_to_hf, hf_config_for, mae_to_hf, state_dict_layout, vit_mim_to_hf
+    from mimfast.models.hf import beit_to_hf, hf_config_for, mae_to_hf, state_dict_layout
+    from mimfast.models.hf_vit import vit_mim_to_hf
 
     sd = _strip_prefixes(load_model_weights(path))
     config = dict(read_checkpoint_config(path) or {})
