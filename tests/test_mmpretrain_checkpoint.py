@@ -15,8 +15,8 @@
   module name while saving and removed before loading: read with ``weights_only=True``, the
   model rebuilt from the weights and the config text, through ``--init-from``, export (timm and
   back to MMPretrain) and the CLI.
-- Other MMPretrain models (MixMIM, CAE, BEiT, MoCo v3, EVA, classifiers, layer scale) are refused
-  with what was found.
+- Other MMPretrain models (MixMIM, CAE, BEiT v2, MoCo v3, EVA, classifiers, layer scale) are
+  refused with what was found (BEiT v1 maps: tests/test_mmpretrain_beit.py).
 """
 
 from __future__ import annotations
@@ -484,7 +484,9 @@ def _vit_keys(prefix="backbone."):
 @pytest.mark.parametrize("extra, match", [
     ({"backbone.layers.0.blocks.0.norm1.weight": 0, "neck.decoder_blocks.0.ln1.weight": 0}, "MixMIM"),
     ({"teacher.layers.0.ln1.weight": 0}, "CAE"),
-    ({"backbone.layers.0.attn.q_bias": 0, "head.cls_head.weight": 0}, "BEiT-style backbone"),
+    ({"backbone.layers.0.attn.q_bias": 0, "neck.patch_aggregation.0.ln1.weight": 0,
+      "target_generator.quantize.embedding.weight": 0}, "BEiT v2"),  # BEiT v1: tests/test_mmpretrain_beit.py
+    ({"backbone.layers.0.gamma_1": 0, "head.fc.weight": 0}, "not BEiTV1Head"),
     ({"backbone.blocks.0.norm1.weight": 0}, "HiViT"),
     ({"backbone.proj_weights": 0}, "MFF"),
     ({"target_generator.tokenizer.weight": 0, "neck.decoder_blocks.0.ln1.weight": 0}, "target generator"),
@@ -525,9 +527,9 @@ def test_refusals_through_the_loaders(tmp_path, monkeypatch):
     # an out_type='avg_featmap' backbone's unused ln2 is dropped
     avg = dict(_vit_keys(), **{"backbone.ln2.weight": torch.ones(48), "backbone.ln2.bias": torch.zeros(48)})
     assert "norm.weight" in from_mmpretrain(avg) and not any("ln2" in k for k in from_mmpretrain(avg))
-    # keys mimfast's MAE has and MMPretrain's MAE has not
+    # keys neither mimfast's MAE nor its BEiT has (BEiT's gamma_1 maps: tests/test_mmpretrain_beit.py)
     with pytest.raises(ValueError, match="no MMPretrain MAE counterpart"):
-        to_mmpretrain({"blocks.0.gamma_1": torch.zeros(3)})
+        to_mmpretrain({"blocks.0.ls1.gamma": torch.zeros(3)})
     # not an OpenMMLab layout: mimfast's, and a timm classifier's (head.* but no backbone.*)
     assert not is_mmpretrain_state_dict(_mae().state_dict())
     from timm.models.vision_transformer import VisionTransformer

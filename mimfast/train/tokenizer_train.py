@@ -1,7 +1,8 @@
 """``mimfast tokenizer train``: train a VQ tokenizer (:class:`mimfast.models.tokenizer.VQTokenizer`)
 for BEiT on the built-in dataset or an image folder, with progress, resumable checkpoints,
-a codebook-usage report and a reconstruction picture; ``mimfast tokenizer convert``: the
-official DALL-E ``encoder.pkl`` to safetensors.
+a codebook-usage report and a reconstruction picture; ``mimfast tokenizer convert``: DALL-E's
+encoder weights (the official ``encoder.pkl``, MMPretrain's ``dalle_encoder.pth``, or the target
+generator inside an MMPretrain BEiT v1 checkpoint) to safetensors (:func:`convert_dalle_weights`).
 
 Train at the resolution of BEiT's tokenizer view: the model's patch grid times the
 tokenizer's downsampling (112 for 224-px BEiT with patch 16 and downsample 8; 64 for the
@@ -31,12 +32,13 @@ from mimfast.data.datasets import build_dataset
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models.dalle import map_pixels, unmap_pixels
 from mimfast.models.tokenizer import VQTokenizer, save_vq_tokenizer
-from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, resolve_resume, save_checkpoint
+from mimfast.train.checkpoint import (dataset_change_notice, load_checkpoint, read_foreign_checkpoint, resolve_resume,
+                                      save_checkpoint)
 from mimfast.train.progress import Progress
 from mimfast.train.visualize import save_png
 
 __all__ = ["TokenizerTrainConfig", "train_tokenizer", "codebook_usage", "token_colors", "build_train_parser",
-           "config_from_args", "add_tokenizer_command"]
+           "config_from_args", "add_tokenizer_command", "convert_dalle_weights"]
 
 
 @dataclass
@@ -346,14 +348,62 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from mimfast.models.dalle import convert_dalle_pickle
+def convert_dalle_weights(src: str | os.PathLike, out: str | os.PathLike) -> tuple[dict, str]:
+    """Write a DALL-E encoder's weights as the safetensors ``--tokenizer dalle:PATH`` reads;
+    returns (DalleEncoder config, what ``src`` was). ``src``:
 
+    * openai/DALL-E's ``encoder.pkl`` (a pickled module, which ``weights_only`` refuses: read
+      through :func:`mimfast.models.dalle.convert_dalle_pickle`'s restricted unpickler);
+    * MMPretrain's ``dalle_encoder.pth`` (its ``DALLEEncoder``'s state_dict, bare or in
+      ``{'state_dict': ...}``) or an MMPretrain BEiT v1 checkpoint (mmengine's file: the
+      ``target_generator.*`` weights), both read with ``weights_only=True``
+      (:func:`mimfast.train.checkpoint.read_foreign_checkpoint`) and mapped by
+      :func:`mimfast.models.mmpretrain.dalle_from_mmpretrain` (the names are DALL-E's)."""
+    from safetensors.torch import save_file
+
+    from mimfast.models.dalle import DalleEncoder, convert_dalle_pickle, dalle_config_from_state_dict
+    from mimfast.models.mmpretrain import dalle_from_mmpretrain
+
+    src = Path(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"DALL-E encoder weights {str(src)!r} do not exist")
     try:
-        config = convert_dalle_pickle(args.pickle, args.out)
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+        obj = read_foreign_checkpoint(src)
+    except Exception as e:  # a pickled module (the official encoder.pkl): only the restricted unpickler reads it
+        try:
+            return convert_dalle_pickle(src, out), "openai/DALL-E encoder.pkl"
+        except (ValueError, pickle.UnpicklingError) as e_pickle:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{src}: neither a weights file torch.load(weights_only=True) reads ({first}) nor a "
+                             f"pickled DALL-E encoder ({e_pickle})") from None
+    what = "a DALL-E encoder state_dict"
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{src}: neither a pickled DALL-E encoder nor a state_dict (or a checkpoint with one)")
+    if any(k.startswith("target_generator.") for k in obj):
+        what = "the DALL-E target generator of an MMPretrain checkpoint"
+    try:
+        state_dict = dalle_from_mmpretrain(obj)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
+    config = dalle_config_from_state_dict(state_dict)
+    DalleEncoder(**config).load_state_dict(state_dict, strict=True)  # proves the keys and shapes
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().clone() for k, v in state_dict.items()}, str(out),
+              metadata={"format": "pt", "mimfast_tokenizer": "dalle"})
+    return config, what
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        config, what = convert_dalle_weights(args.pickle, args.out)
+    except (ValueError, FileNotFoundError, RuntimeError, pickle.UnpicklingError) as e:
         raise SystemExit(f"mimfast tokenizer convert: {e}") from None
-    print(f"wrote {args.out}: DALL-E encoder, {config['vocab_size']} tokens, width {config['n_hid']}, "
+    print(f"wrote {args.out}: DALL-E encoder ({what}), {config['vocab_size']} tokens, width {config['n_hid']}, "
           f"{config['group_count']} groups x {config['n_blk_per_group']} blocks; use it with "
           f"`mimfast pretrain --method beit --tokenizer dalle:{args.out}`")
     return 0
@@ -367,7 +417,9 @@ def add_tokenizer_command(sub) -> None:
                         argument_default=argparse.SUPPRESS)
     build_train_parser(t)
     t.set_defaults(func=_cmd_train)
-    c = tsub.add_parser("convert", help="official DALL-E encoder.pkl -> safetensors (read once, restricted)")
-    c.add_argument("pickle", help="the official encoder.pkl")
+    c = tsub.add_parser("convert", help="DALL-E encoder weights -> safetensors: the official encoder.pkl (read "
+                                        "once, restricted), MMPretrain's dalle_encoder.pth or BEiT v1 checkpoint")
+    c.add_argument("pickle", metavar="weights", help="the official encoder.pkl, MMPretrain's dalle_encoder.pth, or an "
+                   "MMPretrain BEiT v1 checkpoint (its DALL-E target generator)")
     c.add_argument("out", help="output .safetensors path")
     c.set_defaults(func=_cmd_convert)
