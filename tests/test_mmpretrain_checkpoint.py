@@ -440,7 +440,7 @@ def test_mmengine_file_through_init_from_and_exports(tmp_path, monkeypatch, caps
     # the CLI
     assert main(["export", str(path), "--out", str(tmp_path / "cli"), "--format", "mmpretrain"]) == 0
     printed = capsys.readouterr().out
-    assert "prefix='backbone.'" in printed and "encoder and decoder" in printed
+    assert "prefix='backbone.'" in printed and "encoder and pretraining head" in printed
     _assert_same(torch.load(tmp_path / "cli.pth", weights_only=True)["state_dict"], again["state_dict"])
     with pytest.raises(SystemExit, match="do not apply"):
         main(["export", str(path), "--out", str(tmp_path / "x"), "--format", "mmpretrain", "--global-pool"])

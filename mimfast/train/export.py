@@ -516,28 +516,27 @@ def export_simmim(path: str | os.PathLike, out: str | os.PathLike, model_name: s
 
 
 def export_mmpretrain(path: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None) -> dict:
-    """Write an MAE checkpoint (mimfast, facebookresearch/mae, HF, MMPretrain) under open-mmlab/
-    mmpretrain's ``MAE`` keys as ``out.pth`` = ``{'state_dict': ...}``
-    (:func:`mimfast.models.mmpretrain.to_mmpretrain`): ``backbone.*`` (the encoder) and, when the
-    checkpoint has the decoder, ``neck.*``. MMPretrain's fine-tuning and linear-probe configs read
-    the encoder with ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix='backbone.')`` on
-    their ``VisionTransformer`` backbone; ``load_from=PATH`` loads the whole ``MAE``. Position
-    embeddings are written as stored (see the module's notes on their layout). Returns a summary."""
+    """Write an MAE or BEiT token-model checkpoint (mimfast, official, HF, MMPretrain) under
+    open-mmlab/mmpretrain's ``MAE`` / ``BEiT`` keys as ``out.pth`` = ``{'state_dict': ...}``
+    (:func:`mimfast.models.mmpretrain.to_mmpretrain`): ``backbone.*`` (the encoder; BEiT's with
+    its relative position index) and, when the checkpoint has it, the decoder (``neck.*``) or LM
+    head (``head.cls_head.*``). MMPretrain's fine-tuning and linear-probe configs read the encoder
+    with ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix='backbone.')``; ``load_from=PATH``
+    loads the whole model. MAE position embeddings are written as stored (see that module's notes
+    on their layout). The BEiT pixel model has no MMPretrain counterpart. Returns a summary."""
     from mimfast.models.mmpretrain import to_mmpretrain
 
     sd = _strip_prefixes(load_model_weights(path))
-    if _is_beit(sd):
-        raise ValueError(f"{path} is a BEiT-encoder checkpoint: only MAE models have an MMPretrain MAE layout")
     config = read_checkpoint_config(path)
     if config is not None or model_name is not None:
         _fitting_shapes(path, sd, config, model_name)
-    sd = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
+    sd = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}  # BEiT: to_mmpretrain rebuilds them
     mm = {k: v.detach().clone().contiguous() for k, v in to_mmpretrain(sd).items()}
     out = Path(out)
     target = out if out.suffix == ".pth" else out.with_name(out.name + ".pth")
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": mm}, target)
-    return {"paths": [str(target)], "tensors": len(mm), "decoder": any(k.startswith("neck.") for k in mm)}
+    return {"paths": [str(target)], "tensors": len(mm), "decoder": any(k.startswith(("neck.", "head.")) for k in mm)}
 
 
 # --format NAME for another codebase's training code: the writer, whose keys, why a file may lack
@@ -545,7 +544,7 @@ def export_mmpretrain(path: str | os.PathLike, out: str | os.PathLike, model_nam
 _OTHER_CODEBASES = {
     "simmim": (export_simmim, "microsoft/SimMIM's keys", "no pixel head to write as decoder",
                "fine-tune with SimMIM: main_finetune.py --cfg <vit config> --pretrained {path}"),
-    "mmpretrain": (export_mmpretrain, "open-mmlab/mmpretrain's keys", "the checkpoint has no decoder",
+    "mmpretrain": (export_mmpretrain, "open-mmlab/mmpretrain's keys", "the checkpoint has no decoder or LM head",
                    "fine-tune with MMPretrain: model.backbone.init_cfg=dict(type='Pretrained', checkpoint='{path}', "
                    "prefix='backbone.')"),
 }
@@ -574,9 +573,9 @@ def add_export_command(sub) -> None:
                         "Hugging Face folder for transformers ViTMAEForPreTraining / BeitForMaskedImageModeling "
                         "(a plain-ViT pixel model: ViTForMaskedImageModeling); "
                         "simmim: a BEiT-encoder model (beit_*_pixel) as microsoft/SimMIM's {'model': ...} .pth, for "
-                        "its main_finetune.py --pretrained; mmpretrain: an MAE as open-mmlab/mmpretrain's "
-                        "{'state_dict': ...} .pth (backbone.* and neck.*), for its init_cfg=dict(type='Pretrained', "
-                        "checkpoint=..., prefix='backbone.')")
+                        "its main_finetune.py --pretrained; mmpretrain: an MAE or BEiT as open-mmlab/mmpretrain's "
+                        "{'state_dict': ...} .pth (backbone.*, neck.* / head.*), for its "
+                        "init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.')")
     p.set_defaults(func=_cmd_export)
 
 
@@ -593,7 +592,7 @@ def _cmd_export(args) -> int:
             summary = export(args.checkpoint, args.out, args.model)
         except ValueError as e:
             raise SystemExit(f"mimfast export: {e}")
-        what = "encoder and decoder" if summary["decoder"] else f"encoder only ({no_decoder})"
+        what = "encoder and pretraining head" if summary["decoder"] else f"encoder only ({no_decoder})"
         print(f"wrote {summary['paths'][0]} ({summary['tensors']} tensors, {what}) under {keys}")
         print(how.format(path=summary["paths"][0]))
         return 0
