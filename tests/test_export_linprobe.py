@@ -12,12 +12,8 @@ import torch
 
 from mimfast.cli import build_parser, main
 from mimfast.models import create_model
-from mimfast.train.export import (
-    encoder_state_dict,
-    export_checkpoint,
-    load_pretrained_model,
-    timm_model_spec,
-)
+from mimfast.train.export import encoder_state_dict, export_checkpoint, timm_model_spec
+from mimfast.train.pretrained import load_pretrained_model
 from mimfast.train.linprobe import (
     LARS,
     LinprobeConfig,

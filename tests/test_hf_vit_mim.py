@@ -19,9 +19,9 @@ from mimfast.models.beit import beit_tiny_patch16_224_pixel  # noqa: E402
 from mimfast.models.hf import hf_config_for, state_dict_layout  # noqa: E402
 from mimfast.models.hf_vit import vit_mim_from_hf, vit_mim_model_config, vit_mim_to_hf  # noqa: E402
 from mimfast.train.checkpoint import load_model_weights  # noqa: E402
-from mimfast.train.export import (  # noqa: E402
+from mimfast.train.export import export_hf  # noqa: E402
+from mimfast.train.pretrained import (  # noqa: E402
     build_model_from_config,
-    export_hf,
     load_pretrained_model,
     read_checkpoint_config,
 )

@@ -38,8 +38,8 @@ from mimfast.models.mmpretrain import (dalle_from_mmpretrain, from_mmpretrain, i
 from mimfast.models.tokenizer import load_tokenizer
 from mimfast.nn.beit_attention import relative_position_index
 from mimfast.train.checkpoint import load_model_weights
-from mimfast.train.export import (build_model_from_config, export_checkpoint, export_mmpretrain,
-                                  load_pretrained_model, read_checkpoint_config)
+from mimfast.train.export import export_checkpoint, export_mmpretrain
+from mimfast.train.pretrained import build_model_from_config, load_pretrained_model, read_checkpoint_config
 
 dall_e_modules = test_dalle.dall_e_modules  # the fixture: stand-in dall_e modules for a pickled Encoder
 

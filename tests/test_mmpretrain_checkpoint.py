@@ -37,8 +37,8 @@ from mimfast.models.mmpretrain import (from_mmpretrain, is_mmpretrain_state_dict
                                        to_mmpretrain)
 from mimfast.models.pos_embed import get_2d_sincos_pos_embed
 from mimfast.train.checkpoint import load_model_weights
-from mimfast.train.export import (build_model_from_config, export_checkpoint, export_mmpretrain,
-                                  load_pretrained_model, read_checkpoint_config)
+from mimfast.train.export import export_checkpoint, export_mmpretrain
+from mimfast.train.pretrained import build_model_from_config, load_pretrained_model, read_checkpoint_config
 
 # 48 wide, 3 heads of 16, 2 blocks; a 32-wide decoder of 1 block, 4 heads; 4 x 4 patches of 8 px
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32, decoder_depth=1,

@@ -25,8 +25,8 @@ from test_simmim_audit import SMALL, _model_and_batch, _simmim_decoder
 from mimfast.models.beit import beit_tiny_patch16_224_pixel
 from mimfast.models.simmim import from_simmim, is_simmim_state_dict, simmim_model_config, to_simmim
 from mimfast.train.checkpoint import load_model_weights
-from mimfast.train.export import (export_checkpoint, export_simmim, load_pretrained_model,
-                                  read_checkpoint_config)
+from mimfast.train.export import export_checkpoint, export_simmim
+from mimfast.train.pretrained import load_pretrained_model, read_checkpoint_config
 
 
 class _FakeCfgNode(dict):

@@ -295,7 +295,7 @@ def test_tiny_preset_trains_and_its_checkpoint_rebuilds(tmp_path):
     steps an epoch) for 3 epochs with the milestone at 2: finite losses, the lr of each logged
     step is lr_at's, and load_pretrained_model rebuilds the pixel model with the weights."""
     from mimfast.train.checkpoint import load_checkpoint
-    from mimfast.train.export import load_pretrained_model
+    from mimfast.train.pretrained import load_pretrained_model
 
     yml = tmp_path / "small.yaml"
     yml.write_text("model_kwargs: {depth: 1, embed_dim: 32, num_heads: 2}\n")

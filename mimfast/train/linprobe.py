@@ -304,7 +304,7 @@ def linprobe(source: nn.Module | str | os.PathLike, cfg: LinprobeConfig | None =
     """Linear-probe an MAE: ``source`` is a model or a checkpoint path (mimfast or official;
     the model comes from the checkpoint's config, else ``model_name``). Returns the result
     (top-1 on the held-out split and the settings), written to ``cfg.output_json`` if set."""
-    from mimfast.train.export import load_pretrained_model
+    from mimfast.train.pretrained import load_pretrained_model
 
     cfg = cfg or LinprobeConfig()
     cfg.check()
