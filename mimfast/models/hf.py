@@ -197,6 +197,21 @@ def _layer_from_hf(rest: str, v: torch.Tensor, out: dict, prefix: str, qkv: dict
     raise ValueError(f"unknown HF key {where!r}")
 
 
+def _hf_key_to_official(k: str, v: torch.Tensor, out: dict, qkv: dict, fixed: dict, prefixes, stacks: dict) -> bool:
+    """Write HF key ``k`` into ``out`` under its official name: a renamed embedding / norm / head
+    key, or a layer's parameter of an HF stack in ``stacks`` (HF stack prefix -> official block
+    list), q/k/v parts collected in ``qkv`` for :func:`_fuse_qkv`; False when ``k`` is neither."""
+    hit = _renamed(k, fixed, prefixes)
+    if hit is not None:
+        out[hit] = v
+        return True
+    m = _LAYER_RE.match(k)
+    if m and m.group("stack") in stacks:
+        _layer_from_hf(m.group("rest"), v, out, f"{stacks[m.group('stack')]}.{m.group('i')}.", qkv, where=k)
+        return True
+    return False
+
+
 def _fuse_qkv(qkv: dict, out: dict, beit: bool, drop_key_bias: bool = False) -> None:
     """Stack each layer's q/k/v weights into ``attn.qkv.weight``. MAE: one fused bias (zeros where
     HF has none). BEiT: ``q_bias`` / ``v_bias``, and HF's key bias must be zero, or with
@@ -250,18 +265,11 @@ def mae_from_hf(sd: dict) -> dict:
         ("decoder.decoder_norm.", "decoder_norm."),
         ("decoder.decoder_pred.", "decoder_pred."),
     )
+    stacks = {enc: "blocks", f"{enc}encoder.": "blocks", "decoder.": "decoder_blocks"}
     out, qkv = {}, {}
     for k, v in sd.items():
-        hit = _renamed(k, fixed, prefixes)
-        if hit is not None:
-            out[hit] = v
-            continue
-        m = _LAYER_RE.match(k)
-        if m and m.group("stack") in (enc, f"{enc}encoder.", "decoder."):
-            stack = "decoder_blocks" if m.group("stack") == "decoder." else "blocks"
-            _layer_from_hf(m.group("rest"), v, out, f"{stack}.{m.group('i')}.", qkv, where=k)
-            continue
-        raise ValueError(f"unknown HF ViTMAE key {k!r}")
+        if not _hf_key_to_official(k, v, out, qkv, fixed, prefixes, stacks):
+            raise ValueError(f"unknown HF ViTMAE key {k!r}")
     _fuse_qkv(qkv, out, beit=False)
     return out
 
@@ -365,20 +373,27 @@ def beit_from_hf(sd: dict) -> dict:
     for k, v in sd.items():
         if k.endswith("relative_position_index"):
             continue  # buffers of older files: recomputed below
-        hit = _renamed(k, fixed, prefixes)
-        if hit is not None:
-            out[hit] = v
-            continue
-        m = _LAYER_RE.match(k)
-        if m and m.group("stack") in (enc, f"{enc}encoder."):
-            _layer_from_hf(m.group("rest"), v, out, f"blocks.{m.group('i')}.", qkv, where=k)
-            continue
-        raise ValueError(f"unknown HF BEiT key {k!r}")
+        if not _hf_key_to_official(k, v, out, qkv, fixed, prefixes, {enc: "blocks", f"{enc}encoder.": "blocks"}):
+            raise ValueError(f"unknown HF BEiT key {k!r}")
     _fuse_qkv(qkv, out, beit=True)
     for k in [k for k in out if k.endswith("relative_position_bias_table")]:
         index_key = k.replace("relative_position_bias_table", "relative_position_index")
         out[index_key] = _relative_position_index(out[k], k)
     return out
+
+
+def _official_key_to_hf(k: str, v: torch.Tensor, out: dict, fixed: dict, prefixes, layers: str) -> bool:
+    """Write official (mimfast) key ``k`` into ``out`` under its HF name: a renamed embedding / norm /
+    head key, or a block's parameter under ``{layers}<i>.``; False when ``k`` is neither."""
+    hit = _renamed(k, fixed, prefixes)
+    if hit is not None:
+        out[hit] = v
+        return True
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
+    if m:
+        _layer_to_hf(m.group(2), v, out, f"{layers}{m.group(1)}.", where=k)
+        return True
+    return False
 
 
 def beit_to_hf(sd: dict, legacy: bool = False) -> dict:
@@ -399,15 +414,8 @@ def beit_to_hf(sd: dict, legacy: bool = False) -> dict:
     for k, v in sd.items():
         if k == "rel_pos_bias.relative_position_index":
             continue
-        hit = _renamed(k, fixed, prefixes)
-        if hit is not None:
-            out[hit] = v
-            continue
-        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
-        if m:
-            _layer_to_hf(m.group(2), v, out, f"beit.layers.{m.group(1)}.", where=k)
-            continue
-        raise ValueError(f"unknown official BEiT key {k!r}")
+        if not _official_key_to_hf(k, v, out, fixed, prefixes, "beit.layers."):
+            raise ValueError(f"unknown official BEiT key {k!r}")
     for k in [k for k in out if k.endswith("attention.q_proj.weight")]:
         for n in "qv":
             bias = k.replace("q_proj.weight", f"{n}_proj.bias")

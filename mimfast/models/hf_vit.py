@@ -35,12 +35,10 @@ equal). HF's ViT has no stochastic depth (``drop_path`` is not exported) and def
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
-from mimfast.models.hf import (_LAYER_RE, _fuse_qkv, _layer_from_hf, _layer_to_hf, _renamed, _to_legacy,
-                               state_dict_layout)
+from mimfast.models.hf import _fuse_qkv, _hf_key_to_official, _official_key_to_hf, _to_legacy, state_dict_layout
 
 __all__ = ["vit_mim_from_hf", "vit_mim_to_hf", "vit_mim_model_config", "vit_mim_hf_config"]
 
@@ -100,15 +98,8 @@ def vit_mim_from_hf(sd: dict, config: dict | None = None) -> dict:
     for k, v in sd.items():
         if k.startswith(f"{enc}pooler.") or k in (_DEC_W, _DEC_B):
             continue  # ViTModel's pooler is not part of the MIM model; the decoder below
-        hit = _renamed(k, fixed, prefixes)
-        if hit is not None:
-            out[hit] = v
-            continue
-        m = _LAYER_RE.match(k)
-        if m and m.group("stack") in (enc, f"{enc}encoder."):
-            _layer_from_hf(m.group("rest"), v, out, f"blocks.{m.group('i')}.", qkv, where=k)
-            continue
-        raise ValueError(f"unknown HF ViT key {k!r}")
+        if not _hf_key_to_official(k, v, out, qkv, fixed, prefixes, {enc: "blocks", f"{enc}encoder.": "blocks"}):
+            raise ValueError(f"unknown HF ViT key {k!r}")
     _fuse_qkv(qkv, out, beit=True, drop_key_bias=True)
     proj = out["patch_embed.proj.weight"]  # (D, C, p, p)
     patch, in_chans = proj.shape[-1], proj.shape[1]
@@ -164,15 +155,8 @@ def vit_mim_to_hf(sd: dict, legacy: bool = False) -> dict:
             else:
                 out[_DEC_B] = v[inverse]
             continue
-        hit = _renamed(k, fixed, prefixes)
-        if hit is not None:
-            out[hit] = v
-            continue
-        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
-        if m:
-            _layer_to_hf(m.group(2), v, out, f"vit.layers.{m.group(1)}.", where=k)
-            continue
-        raise ValueError(f"unknown mimfast pixel-model key {k!r}")
+        if not _official_key_to_hf(k, v, out, fixed, prefixes, "vit.layers."):
+            raise ValueError(f"unknown mimfast pixel-model key {k!r}")
     for k in [k for k in out if k.endswith("attention.q_proj.bias")]:
         out[k.replace("q_proj.bias", "k_proj.bias")] = torch.zeros_like(out[k])
     return _to_legacy(out) if legacy else out
