@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset, sample_seed
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models import create_model
-from mimfast.train.checkpoint import (dataset_change_notice, load_checkpoint, load_model_weights, resolve_resume,
-                                      save_checkpoint)
+from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, resolve_resume, save_checkpoint
 from mimfast.train.config import PretrainConfig
+from mimfast.train.pretrained import init_from_checkpoint
 from mimfast.train.progress import Progress
 from mimfast.train.sharding import full_state_dicts, grad_scaler, load_full_state_dicts, shard_model
 from mimfast.train.schedule import lr_at, param_groups_weight_decay, set_lr
@@ -287,9 +287,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = task.build_model().to(device)
     if cfg.init_from:
-        missing, unexpected = model.load_state_dict(load_model_weights(cfg.init_from), strict=False)
+        try:
+            fresh, unused = init_from_checkpoint(model, cfg.init_from, cfg.model)
+        except ValueError as e:
+            raise SystemExit(f"--init-from: {e}")
         if d.main:
-            print(f"initialised from {cfg.init_from} (missing {len(missing)}, unexpected {len(unexpected)})")
+            detail = (f": kept as initialised {fresh[:4]}{' ...' if len(fresh) > 4 else ''}, not used "
+                      f"{unused[:4]}{' ...' if len(unused) > 4 else ''}" if fresh or unused else "")
+            print(f"initialised from {cfg.init_from} (missing {len(fresh)}, unexpected {len(unused)}){detail}")
     img_size = model.img_size
 
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))

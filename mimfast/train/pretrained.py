@@ -16,7 +16,7 @@ from torch import nn
 
 from mimfast.train.checkpoint import load_model_weights, read_foreign_checkpoint
 
-__all__ = ["read_checkpoint_config", "build_model_from_config", "load_pretrained_model"]
+__all__ = ["read_checkpoint_config", "build_model_from_config", "load_pretrained_model", "init_from_checkpoint"]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _HEADS = ("mask_token", "decoder_", "lm_head.", "pixel_head.")  # pretraining-only parts
@@ -200,3 +200,32 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
     model = build_model_from_config(config, model_name, kernels=kernels, device=device, **overrides)
     model.load_state_dict(sd, strict=False)
     return model
+
+
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> tuple[list, list]:
+    """``--init-from``: load a checkpoint of any layout :func:`load_model_weights` reads into the
+    run's ``model`` (named ``name`` in errors). Every encoder weight must be in the file with the
+    model's shape (DDP / compile prefixes taken off), else an error naming the keys, and the model
+    the file describes when it says; a silently random encoder is never the result. Pretraining
+    heads (decoder, LM / pixel head, mask token) load where they fit and are otherwise kept as
+    initialised: an encoder-only release, another vocabulary. Returns (head keys kept as
+    initialised, file keys not used)."""
+    sd = _strip_prefixes(load_model_weights(path))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    computed = lambda k: k.endswith("relative_position_index")  # noqa: E731 (buffers rebuilt from the table)
+    missing, unexpected, wrong = _misfit(sd, shapes, _encoder_keys(shapes),
+                                         lambda k: k.startswith(_HEADS) or computed(k))
+    if missing or unexpected or wrong:
+        described = read_checkpoint_config(path) or {}
+        hint = ""
+        if described.get("model"):
+            sizes = {k: described.get(k) for k in ("img_size", "patch_size") if described.get(k)}
+            hint = (f"; the file holds {described['model']} {sizes or ''} with model_kwargs "
+                    f"{described.get('model_kwargs') or {}}: name that model (--model, --img-size, --patch-size, "
+                    "model_kwargs in the run's YAML)")
+        raise _misfit_error(path, name or type(model).__name__, missing, unexpected, wrong, hint)
+    fits = {k: v for k, v in sd.items() if k in shapes and v.shape == shapes[k]}
+    model.load_state_dict(fits, strict=False)
+    fresh = [k for k in shapes if k not in fits and not computed(k)]
+    unused = [k for k in sd if k not in fits and not computed(k)]
+    return fresh, unused

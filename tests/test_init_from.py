@@ -1,0 +1,107 @@
+"""``--init-from`` (:func:`mimfast.train.pretrained.init_from_checkpoint`): the encoder must fit,
+heads load where they fit.
+
+- DDP / torch.compile prefixes are taken off; an encoder-only file (an official MAE release)
+  loads with the decoder kept as initialised, and says which keys were kept.
+- A file of another architecture is an error that names the keys and, when the file says which
+  model it is (a mimfast config, or one read from a SimMIM / MMPretrain / HF file), that model;
+  before, ``load_state_dict(strict=False)`` took what matched and left the rest random.
+- A BEiT file with another vocabulary loads the encoder and keeps the run's LM head.
+- Through ``pretrain``: the error is a SystemExit naming ``--init-from``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimfast.models import create_model
+from mimfast.train.pretrained import init_from_checkpoint
+
+MAE = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
+           decoder_num_heads=4, kernels="eager")
+BEIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, vocab_size=64, kernels="eager")
+
+
+def _mae(seed, **kw):
+    torch.manual_seed(seed)
+    return create_model("mae_vit_tiny_patch16", **{**MAE, **kw})
+
+
+def _same(a: dict, b: dict, keys):
+    for k in keys:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_prefixed_and_encoder_only_files(tmp_path):
+    source, run = _mae(1), _mae(2)
+    src = source.state_dict()
+    torch.save({"model": {"module._orig_mod." + k: v for k, v in src.items()}}, tmp_path / "ddp.pth")
+    fresh, unused = init_from_checkpoint(run, tmp_path / "ddp.pth", "mae_vit_tiny_patch16")
+    assert fresh == [] and unused == []
+    _same(run.state_dict(), src, src)
+
+    encoder = {k: v for k, v in src.items() if not k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": encoder}, tmp_path / "release.pth")  # as facebookresearch/mae's released weights
+    run = _mae(2)
+    before = {k: v.clone() for k, v in run.state_dict().items()}
+    fresh, unused = init_from_checkpoint(run, tmp_path / "release.pth")
+    assert unused == [] and set(fresh) == set(src) - set(encoder) and "decoder_pred.weight" in fresh
+    after = run.state_dict()
+    _same(after, src, encoder)
+    _same(after, before, fresh)
+
+
+def test_another_architecture_is_an_error_naming_keys_and_the_files_model(tmp_path):
+    deeper = _mae(1, depth=3)
+    torch.save({"model": deeper.state_dict()}, tmp_path / "bare.pth")
+    run = _mae(2)
+    before = {k: v.clone() for k, v in run.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unexpected \['blocks\.2\."):
+        init_from_checkpoint(run, tmp_path / "bare.pth", "mae_vit_tiny_patch16")
+    _same(run.state_dict(), before, before)  # nothing was loaded
+    wider = _mae(1, embed_dim=96, num_heads=6)
+    config = {"method": "mae", "model": "mae_vit_tiny_patch16", "img_size": 32, "patch_size": 8,
+              "model_kwargs": {k: v for k, v in MAE.items() if k not in ("img_size", "patch_size", "kernels")}
+              | {"embed_dim": 96, "num_heads": 6}}
+    torch.save({"model": wider.state_dict(), "config": config}, tmp_path / "mimfast.pth")
+    with pytest.raises(ValueError, match=r"shape mismatch \['cls_token: \(1, 1, 96\) vs model \(1, 1, 48\)'.*"
+                                         r"'embed_dim': 96"):
+        init_from_checkpoint(run, tmp_path / "mimfast.pth")
+    # a MAE file for a BEiT run: BEiT's encoder keys are missing
+    beit = create_model("beit_tiny_patch16_224_8k_vocab", **BEIT)
+    with pytest.raises(ValueError, match=r"missing \[.*rel_pos_bias"):
+        init_from_checkpoint(beit, tmp_path / "bare.pth")
+
+
+def test_beit_with_another_vocabulary_keeps_the_runs_head(tmp_path):
+    torch.manual_seed(1)
+    source = create_model("beit_tiny_patch16_224_8k_vocab", **{**BEIT, "vocab_size": 32})
+    torch.manual_seed(2)
+    run = create_model("beit_tiny_patch16_224_8k_vocab", **BEIT)
+    head = run.lm_head.weight.detach().clone()
+    torch.save({"model": source.state_dict()}, tmp_path / "beit.pth")
+    fresh, unused = init_from_checkpoint(run, tmp_path / "beit.pth")
+    assert set(fresh) == {"lm_head.weight", "lm_head.bias"} == set(unused)
+    torch.testing.assert_close(run.lm_head.weight, head, rtol=0, atol=0)
+    src = source.state_dict()
+    _same(run.state_dict(), src, [k for k in src if not k.startswith("lm_head.")])
+
+
+def test_pretrain_refuses_a_file_that_does_not_fit(tmp_path, capsys):
+    from mimfast.train.config import PretrainConfig
+    from mimfast.train.pretrain import pretrain
+
+    torch.save({"model": _mae(1, depth=3).state_dict()}, tmp_path / "deeper.pth")
+    cfg = PretrainConfig(model="mae_vit_tiny_patch16", img_size=32, patch_size=8,
+                         model_kwargs={k: v for k, v in MAE.items() if k not in ("img_size", "patch_size", "kernels")},
+                         kernels="eager", data="builtin", builtin_size=8, batch_size=4, epochs=1, max_steps=1,
+                         warmup_epochs=0, num_workers=0, vis_every=0, tensorboard=False,
+                         output_dir=str(tmp_path / "run"), init_from=str(tmp_path / "deeper.pth"), device="cpu")
+    with pytest.raises(SystemExit, match=r"--init-from: .*deeper\.pth does not fit model 'mae_vit_tiny_patch16'"):
+        pretrain(cfg)
+    torch.save({"model": {k: v for k, v in _mae(1).state_dict().items() if not k.startswith("decoder_")}},
+               tmp_path / "encoder.pth")
+    pretrain(PretrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "encoder.pth")}))
+    out = capsys.readouterr().out
+    assert "unexpected 0): kept as initialised ['decoder_" in out
