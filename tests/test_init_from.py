@@ -50,6 +50,10 @@ def test_prefixed_and_encoder_only_files(tmp_path):
     after = run.state_dict()
     _same(after, src, encoder)
     _same(after, before, fresh)
+    # a timm VisionTransformer's weights (its classifier head is not used)
+    torch.save({**encoder, "head.weight": torch.zeros(10, 48), "head.bias": torch.zeros(10)}, tmp_path / "timm.pth")
+    fresh, unused = init_from_checkpoint(_mae(3), tmp_path / "timm.pth")
+    assert unused == ["head.weight", "head.bias"] and "decoder_pred.weight" in fresh
 
 
 def test_another_architecture_is_an_error_naming_keys_and_the_files_model(tmp_path):

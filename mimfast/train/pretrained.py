@@ -208,13 +208,14 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, name: str | 
     model's shape (DDP / compile prefixes taken off), else an error naming the keys, and the model
     the file describes when it says; a silently random encoder is never the result. Pretraining
     heads (decoder, LM / pixel head, mask token) load where they fit and are otherwise kept as
-    initialised: an encoder-only release, another vocabulary. Returns (head keys kept as
-    initialised, file keys not used)."""
+    initialised: an encoder-only release, another vocabulary; a timm classifier's ``head.*`` is not
+    used. Returns (head keys kept as initialised, file keys not used)."""
     sd = _strip_prefixes(load_model_weights(path))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     computed = lambda k: k.endswith("relative_position_index")  # noqa: E731 (buffers rebuilt from the table)
+    # a timm ViT's classifier (``head.*``) is not part of a pretraining model: unused, reported
     missing, unexpected, wrong = _misfit(sd, shapes, _encoder_keys(shapes),
-                                         lambda k: k.startswith(_HEADS) or computed(k))
+                                         lambda k: k.startswith((*_HEADS, "head.")) or computed(k))
     if missing or unexpected or wrong:
         described = read_checkpoint_config(path) or {}
         hint = ""
