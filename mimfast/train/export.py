@@ -371,8 +371,8 @@ def add_export_command(sub) -> None:
     """``mimfast export CHECKPOINT --out PATH [--model NAME] [--global-pool] [--format ...]``."""
     p = sub.add_parser("export", help="write a pretrained MAE/BEiT encoder as a timm state_dict "
                                       "(.pth and .safetensors)")
-    p.add_argument("checkpoint", help="mimfast, facebookresearch/mae or microsoft/unilm BEiT checkpoint, "
-                                      "or a bare state_dict")
+    p.add_argument("checkpoint", help="mimfast, facebookresearch/mae, microsoft/unilm BEiT, SimMIM or MMPretrain "
+                                      "checkpoint, a Hugging Face folder, or a bare state_dict")
     p.add_argument("--out", required=True,
                    help="output path without suffix (PATH.pth and PATH.safetensors are written); with "
                         "--format hf a folder (model.safetensors + config.json)")

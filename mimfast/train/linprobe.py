@@ -352,8 +352,8 @@ def add_linprobe_command(sub) -> None:
     p = sub.add_parser("linprobe", help="linear probe (BatchNorm + Linear on frozen features) of a pretrained "
                                         "MAE encoder; reports top-1",
                        argument_default=argparse.SUPPRESS)
-    p.add_argument("checkpoint", help="mimfast or facebookresearch/mae checkpoint, .safetensors, or a Hugging Face "
-                                      "model folder (with --model)")
+    p.add_argument("checkpoint", help="mimfast, official MAE / BEiT, SimMIM or MMPretrain checkpoint, .safetensors, "
+                                      "or a Hugging Face model folder (ViTMAE / BEiT with --model; ViT-MIM as it is)")
     p.add_argument("--model", default=None, help="model name (default: the checkpoint's config)")
     choices = {"pool": ("cls", "mean"), "optimizer": ("lars", "sgd"), "device": ("auto", "cuda", "cpu"),
                "kernels": ("auto", "eager", "triton")}
