@@ -8,6 +8,8 @@ heads load where they fit.
   before, ``load_state_dict(strict=False)`` took what matched and left the rest random.
 - A BEiT file with another vocabulary loads the encoder and keeps the run's LM head.
 - Through ``pretrain``: the error is a SystemExit naming ``--init-from``.
+- Official training checkpoints name their model in their pickled ``args``
+  (:func:`mimfast.train.pretrained.read_checkpoint_config`), so export and linprobe need no --model.
 """
 
 from __future__ import annotations
@@ -109,3 +111,42 @@ def test_pretrain_refuses_a_file_that_does_not_fit(tmp_path, capsys):
     pretrain(PretrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "encoder.pth")}))
     out = capsys.readouterr().out
     assert "unexpected 0): kept as initialised ['decoder_" in out
+
+
+# --- official training checkpoints name their model in the pickled args
+
+
+def test_official_args_name_the_model(tmp_path):
+    """facebookresearch/mae's and microsoft/unilm BEiT's training checkpoints pickle their argparse
+    args beside the weights: their ``model`` (mimfast uses the same names), ``input_size`` and, for
+    BEiT, the arguments ``get_model`` passes rebuild the model without --model."""
+    import argparse
+
+    from mimfast.train.pretrained import load_pretrained_model, read_checkpoint_config
+
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny_patch16", kernels="eager")  # the named model's own sizes
+    args = argparse.Namespace(model="mae_vit_tiny_patch16", input_size=224, mask_ratio=0.6, norm_pix_loss=False,
+                              blr=1.5e-4, output_dir="./output_dir")
+    torch.save({"model": mae.state_dict(), "epoch": 3, "args": args}, tmp_path / "checkpoint-3.pth")
+    cfg = read_checkpoint_config(tmp_path / "checkpoint-3.pth")
+    assert cfg == {"method": "mae", "model": "mae_vit_tiny_patch16", "source": "official args", "img_size": 224,
+                   "norm_pix_loss": False, "mask_ratio": 0.6}
+    loaded = load_pretrained_model(tmp_path / "checkpoint-3.pth", kernels="eager")  # no --model
+    assert loaded.norm_pix_loss is False
+    _same(loaded.state_dict(), mae.state_dict(), mae.state_dict())
+
+    beit_args = argparse.Namespace(model="beit_tiny_patch16_224_8k_vocab", rel_pos_bias=False, abs_pos_emb=True,
+                                   layer_scale_init_value=0.0, num_mask_patches=60, input_size=224, drop_path=0.1,
+                                   window_size=(14, 14), patch_size=(16, 16))
+    cfg = read_checkpoint_config(_saved(tmp_path / "beit.pth", beit_args))
+    assert cfg["model_kwargs"] == {"use_shared_rel_pos_bias": False, "use_abs_pos_emb": True, "init_values": 0.0}
+    assert (cfg["method"], cfg["num_mask_patches"], cfg["drop_path"]) == ("beit", 60, 0.1)
+    # a model name mimfast does not have, or no args: nothing is claimed
+    assert read_checkpoint_config(_saved(tmp_path / "deit.pth", argparse.Namespace(model="deit_base"))) is None
+    assert read_checkpoint_config(_saved(tmp_path / "bare.pth", None)) is None
+
+
+def _saved(path, args):
+    torch.save({"model": {"w": torch.zeros(1)}, **({"args": args} if args is not None else {})}, path)
+    return path

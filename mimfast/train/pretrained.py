@@ -7,6 +7,7 @@ and loaded with a check that every encoder weight fits (:func:`load_pretrained_m
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -79,8 +80,9 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
     an open-mmlab/mmpretrain MAE checkpoint one made from its weights and the config text mmengine
     saves in ``meta['cfg']`` (:func:`mimfast.models.mmpretrain.mmpretrain_model_config`), for an HF
     ``ViTForMaskedImageModeling`` folder or ``.safetensors`` one for the pixel model
-    (:func:`_hf_checkpoint_config`); None for other official, HF or bare ones. Memory-mapped, so
-    the tensors are not read a second time."""
+    (:func:`_hf_checkpoint_config`), for an official MAE / BEiT training checkpoint the model its
+    pickled ``args`` name (:func:`_official_args_config`); None for other (weights-only) official,
+    HF or bare ones. Memory-mapped, so the tensors are not read a second time."""
     from mimfast.models.mmpretrain import (from_mmpretrain, is_mmpretrain_state_dict, mmpretrain_model_config,
                                            parse_config_text)
     from mimfast.models.simmim import from_simmim, is_simmim_state_dict, simmim_model_config
@@ -112,7 +114,47 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
         text = meta.get("cfg") if isinstance(meta, dict) else None
         return mmpretrain_model_config(from_mmpretrain(weights), parse_config_text(text) if isinstance(text, str)
                                        else None)
-    return cfg if isinstance(cfg, dict) else None
+    if isinstance(cfg, dict):
+        return cfg
+    return _official_args_config(obj.get("args"))
+
+
+def _official_args_config(args) -> dict | None:
+    """The model an official training checkpoint's pickled command line names (facebookresearch/mae
+    ``main_pretrain.py`` and microsoft/unilm ``run_beit_pretraining.py`` save ``args``, an argparse
+    Namespace, beside the weights), as a mimfast config: ``args.model`` (the same names here),
+    ``input_size``; MAE's ``mask_ratio`` and ``norm_pix_loss``; BEiT's ``rel_pos_bias``,
+    ``abs_pos_emb`` and ``layer_scale_init_value`` (the arguments its ``get_model`` passes),
+    ``num_mask_patches`` and ``drop_path``. None when there are no such args or the model is not
+    one of mimfast's."""
+    from mimfast.models import MODELS
+
+    ns = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(ns, dict) or ns.get("model") not in MODELS:
+        return None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    beit = ns["model"].startswith("beit_")
+    config = dict(method="beit" if beit else "mae", model=ns["model"], source="official args")
+    if isinstance(ns.get("input_size"), int) and not isinstance(ns["input_size"], bool):
+        config["img_size"] = ns["input_size"]
+    if not beit:
+        if isinstance(ns.get("norm_pix_loss"), bool):
+            config["norm_pix_loss"] = ns["norm_pix_loss"]
+        if number(ns.get("mask_ratio")):
+            config["mask_ratio"] = float(ns["mask_ratio"])
+        return config
+    kwargs = {}
+    for arg, kwarg in (("rel_pos_bias", "use_shared_rel_pos_bias"), ("abs_pos_emb", "use_abs_pos_emb")):
+        if isinstance(ns.get(arg), bool):
+            kwargs[kwarg] = ns[arg]
+    if number(ns.get("layer_scale_init_value")):
+        kwargs["init_values"] = float(ns["layer_scale_init_value"])
+    config["model_kwargs"] = kwargs
+    if isinstance(ns.get("num_mask_patches"), int) and not isinstance(ns["num_mask_patches"], bool):
+        config["num_mask_patches"] = ns["num_mask_patches"]
+    if number(ns.get("drop_path")):
+        config["drop_path"] = float(ns["drop_path"])
+    return config
 
 
 def build_model_from_config(config: dict | None, model_name: str | None = None, kernels: str = "auto",
