@@ -21,10 +21,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimfast.train.config import config_from_args
     from mimfast.train.pretrain import pretrain
 
-    # the quickstart: no model, data or config named -> a small preset on the built-in data; naming
-    # a dataset gets the method's recipe (MAE ViT-B/16 at 224), as main_pretrain.py would
+    # the quickstart: no model, data, config or --init-from named -> a small preset on the built-in
+    # data; naming a dataset gets the method's recipe (MAE ViT-B/16 at 224), as main_pretrain.py
+    # would, and --init-from FILE the model the file holds
     given = vars(args)
-    if not ({"preset", "model", "data", "data_path"} & set(given)) and not given.get("config"):
+    if not ({"preset", "model", "data", "data_path", "init_from"} & set(given)) and not given.get("config"):
         small = {"beit": "beit-tiny", "simmim": "simmim-tiny"}.get(given.get("recipe") or given.get("method"))
         args.preset = small or ("tiny" if not torch.cuda.is_available() else "small")
     cfg = config_from_args(args)

@@ -150,3 +150,61 @@ def test_official_args_name_the_model(tmp_path):
 def _saved(path, args):
     torch.save({"model": {"w": torch.zeros(1)}, **({"args": args} if args is not None else {})}, path)
     return path
+
+
+# --- a run that names no model takes the one the --init-from file holds
+
+
+def _parse(*argv):
+    from mimfast.train.config import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
+RUN = ("--data", "builtin", "--builtin-size", "8", "--batch-size", "4", "--epochs", "1", "--max-steps", "1",
+       "--warmup-epochs", "0", "--num-workers", "0", "--kernels", "eager", "--vis-every", "0", "--no-tensorboard",
+       "--device", "cpu", "--lr", "0")
+
+
+def test_a_run_without_a_model_takes_the_files(tmp_path, monkeypatch):
+    import argparse
+
+    from test_simmim_audit import _model_and_batch
+    from test_simmim_checkpoint import _simmim_file
+
+    from mimfast.train.checkpoint import load_checkpoint
+    from mimfast.train.pretrain import pretrain
+
+    # official MAE args: the model, its input size and the loss settings it was trained with
+    mae = create_model("mae_vit_tiny_patch16", kernels="eager")
+    args = argparse.Namespace(model="mae_vit_tiny_patch16", input_size=224, mask_ratio=0.6, norm_pix_loss=False)
+    torch.save({"model": mae.state_dict(), "args": args}, tmp_path / "official.pth")
+    cfg = _parse("--init-from", str(tmp_path / "official.pth"), "--data", "builtin")
+    assert (cfg.recipe, cfg.model, cfg.img_size, cfg.norm_pix_loss, cfg.mask_ratio) == (
+        "mae", "mae_vit_tiny_patch16", 224, False, 0.6)
+    assert cfg.blr == 1.5e-4 and cfg.warmup_epochs == 40  # the rest is the recipe's
+    # naming a model (or a preset, recipe, method, model_kwargs or size) keeps the run's own
+    assert _parse("--init-from", str(tmp_path / "official.pth"), "--model", "mae_vit_base_patch16").mask_ratio == 0.75
+    yml = tmp_path / "run.yaml"
+    yml.write_text("model_kwargs: {depth: 2}\n")
+    assert _parse("--config", str(yml), "--init-from", str(tmp_path / "official.pth")).model == "mae_vit_base_patch16"
+
+    # a SimMIM checkpoint: SimMIM's recipe on the pixel model of the file's sizes, trained from its weights
+    model, _, _ = _model_and_batch(torch.float32)
+    path = _simmim_file(tmp_path, monkeypatch, model)
+    cfg = _parse("--init-from", str(path), *RUN, "--lr-milestones", "1", "--output-dir", str(tmp_path / "run"))
+    assert (cfg.recipe, cfg.method, cfg.img_size, cfg.patch_size, cfg.pixel_masks, cfg.mask_patch_size) == (
+        "simmim", "beit", 64, 8, "simmim", 16)
+    assert cfg.model_kwargs["embed_dim"] == 48 and cfg.lr_schedule == "multistep"
+    pretrain(cfg)
+    trained = load_checkpoint(tmp_path / "run" / "checkpoint-last.pth")["model"]
+    for k, v in model.state_dict().items():  # lr 0: the weights as loaded
+        torch.testing.assert_close(trained[k], v, rtol=0, atol=0, msg=k)
+    # `mimfast pretrain --init-from FILE` alone is not the quickstart's tiny preset: it is the file's model
+    import mimfast.cli as cli
+    import mimfast.train.pretrain as tp
+
+    seen = []
+    monkeypatch.setattr(tp, "pretrain", lambda cfg: seen.append(cfg) or {"status": "done"})
+    assert cli.main(["pretrain", "--init-from", str(tmp_path / "official.pth")]) == 0
+    assert (seen[-1].preset, seen[-1].model, seen[-1].data) == (None, "mae_vit_tiny_patch16", "builtin")

@@ -220,6 +220,36 @@ def _resolve_recipe(given: dict, file_cfg: dict) -> str | None:
     return recipe
 
 
+# what --init-from adopts from the file when the run names no model: the model and the settings
+# its loss and masks were trained with
+_ADOPTED = ("recipe", "method", "model", "img_size", "patch_size", "model_kwargs", "norm_pix_loss", "mask_ratio",
+            "pixel_masks", "mask_patch_size", "simmim_mask_ratio", "pixel_loss", "num_mask_patches", "drop_path")
+# naming any of these (flag or YAML) means the run says its own model
+_NAMES_A_MODEL = ("model", "preset", "recipe", "method", "model_kwargs", "img_size", "patch_size")
+
+
+def _described_by_init_from(given: dict, file_cfg: dict) -> dict:
+    """``--init-from FILE`` with no model named: the model the file describes (its mimfast config,
+    or one read from official args or a SimMIM / MMPretrain / HF layout:
+    :func:`mimfast.train.pretrained.read_checkpoint_config`) and the loss and mask settings it was
+    trained with, as a layer between the recipe / preset and the YAML file. {} when the run names a
+    model or the file does not say which it holds (the run's default model then has to fit)."""
+    named = {**file_cfg, **given}
+    path = named.get("init_from")
+    if not path or set(_NAMES_A_MODEL) & set(named):
+        return {}
+    from mimfast.train.pretrained import read_checkpoint_config
+
+    try:
+        described = read_checkpoint_config(path) or {}
+    except ValueError as e:
+        raise SystemExit(f"--init-from: {e}")
+    adopted = {k: described[k] for k in _ADOPTED if described.get(k) is not None}
+    if adopted.get("recipe") not in (None, *RECIPES):
+        adopted.pop("recipe")
+    return adopted
+
+
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- recipe <- preset <- YAML file <- flags."""
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "local_rank")}
@@ -241,12 +271,15 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     unknown = sorted(set(file_cfg) - known)
     if unknown:
         raise SystemExit(f"unknown settings in {args.config}: {', '.join(unknown)}")
-    recipe = _resolve_recipe(given, file_cfg)
+    adopted = _described_by_init_from(given, file_cfg)
+    steer = {k: adopted[k] for k in ("recipe", "method") if k in adopted}
+    recipe = _resolve_recipe({**steer, **given}, file_cfg)
     preset = given.get("preset", file_cfg.get("preset"))
     values = {}
     values.update(RECIPES.get(recipe, {}))
     if preset is not None:
         values.update(PRESETS[preset])
+    values.update(adopted)
     values.update(file_cfg)
     values.update(given)
     values["recipe"] = recipe
