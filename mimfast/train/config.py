@@ -1,12 +1,13 @@
-"""Pretraining configuration: the papers' recipes as defaults, a small-data preset, a YAML
-file, and command-line flags, applied in that order (later wins).
+"""Pretraining configuration: the papers' recipes as defaults, a small-data preset, the model an
+``--init-from`` file holds (when the run names none), a YAML file, and command-line flags,
+applied in that order (later wins).
 
 A recipe is one paper's official run: ``mae`` (facebookresearch/mae ``main_pretrain.py``),
 ``beit`` (microsoft/unilm BEiT) and ``simmim`` (microsoft/SimMIM's ViT-B/16 800-epoch config,
 trained as the BEiT pixel variant: ``--recipe simmim`` sets ``method="beit"``, the
 ``beit_base_patch16_224_pixel`` model, SimMIM's masks and loss, its warm-up + multistep
 schedule and its bilinear crop). The recipe is ``--recipe``, else the preset's, else the
-method's (``--method beit`` is ``--recipe beit``)."""
+method's (``--method beit`` is ``--recipe beit``), else the --init-from file's."""
 
 from __future__ import annotations
 
@@ -251,7 +252,7 @@ def _described_by_init_from(given: dict, file_cfg: dict) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    """Defaults <- recipe <- preset <- YAML file <- flags."""
+    """Defaults <- recipe <- preset <- the --init-from file's model <- YAML file <- flags."""
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "local_rank")}
     if "data_path" in given:  # main_pretrain.py reads DATA_PATH/train
         data_path = given.pop("data_path")
