@@ -447,12 +447,7 @@ def test_export_mmpretrain_writes_beit(tmp_path, monkeypatch):
     cfg = {"method": "beit", "model": "beit_tiny_patch16_224_8k_vocab", "img_size": 32, "patch_size": 8,
            "model_kwargs": {k: v for k, v in KW.items() if k not in ("img_size", "patch_size")}}
     torch.save({"model": model.state_dict(), "config": cfg}, path)
-    try:
-        out = export_mmpretrain(path, tmp_path / "mm")
-    except ValueError as e:
-        if "BEiT-encoder checkpoint" in str(e):
-            pytest.skip("mimfast/train/export.py still refuses BEiT for --format mmpretrain")
-        raise
+    out = export_mmpretrain(path, tmp_path / "mm")
     got = torch.load(out["paths"][0], weights_only=True)["state_dict"]
     assert set(got) == _mm_keys(KW["depth"])
     _assert_same(from_mmpretrain(got), model.state_dict())
