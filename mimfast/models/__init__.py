@@ -38,6 +38,9 @@ MODELS = {
     "beit_large_patch16_224_pixel": beit_large_patch16_224_pixel,
 }
 
+# heads of the standard ViT widths (Tiny, Small, Base, Large, Huge), for weights that do not say it
+VIT_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
 
 def create_model(name: str, **kwargs):
     """Build a registered model by name."""
@@ -47,6 +50,7 @@ def create_model(name: str, **kwargs):
 
 
 __all__ = [
+    "VIT_HEADS_BY_WIDTH",
     "DalleEncoder",
     "MODELS",
     "create_model",

@@ -19,6 +19,7 @@ positions (M = number of True in ``bool_masked_pos``), as the reference;
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 
 import torch
@@ -29,11 +30,12 @@ from torch import nn
 from mimfast import ops
 from mimfast.backend import check_backend_name
 from mimfast.ops.linear_ce import same_row_count
-from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias
+from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias, table_grid
 from mimfast.nn.blocks import FusedBlocksMixin
 
 __all__ = [
     "BEiTBlock",
+    "encoder_config_from_state_dict",
     "VisionTransformerForMaskedImageModeling",
     "VisionTransformerForMaskedPixelModeling",
     "beit_base_patch16_224_8k_vocab",
@@ -302,6 +304,34 @@ class VisionTransformerForMaskedPixelModeling(_BEiTEncoder):
         loss = ops.masked_patch_loss(pred, imgs, bool_masked_pos, self.patch_size, norm_pix=self.norm_pix_loss,
                                      loss=self.loss_type, backend=self.kernels)
         return loss, pred
+
+
+def encoder_config_from_state_dict(sd: dict) -> dict:
+    """The BEiT encoder a state_dict under mimfast's / unilm's keys holds: ``img_size``,
+    ``patch_size`` and ``model_kwargs`` (width, depth, heads, channels, MLP ratio, q/v biases,
+    absolute / shared / per-block position terms, and layer scale as ``init_values`` 0.1 where the
+    weights have it, None where not; the weights replace the value). Heads and grid come from a
+    relative position table (its columns; (2g - 1)^2 + 3 rows), the grid else from the absolute
+    position embedding; what the weights cannot say (a model with neither) is None, for the caller
+    to fill from the checkpoint's config."""
+    proj = sd["patch_embed.proj.weight"]
+    width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    shared = sd.get("rel_pos_bias.relative_position_bias_table")
+    table = shared if shared is not None else sd.get("blocks.0.attn.relative_position_bias_table")
+    heads = grid = None
+    if table is not None:
+        grid, heads = table_grid(table.shape[0]), int(table.shape[1])
+    elif "pos_embed" in sd:
+        grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    kwargs = dict(embed_dim=width, depth=depth, num_heads=heads, in_chans=in_chans,
+                  mlp_ratio=int(mlp_ratio) if mlp_ratio.is_integer() else mlp_ratio,
+                  qkv_bias="blocks.0.attn.q_bias" in sd, init_values=0.1 if "blocks.0.gamma_1" in sd else None,
+                  use_abs_pos_emb="pos_embed" in sd,
+                  use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd,
+                  use_shared_rel_pos_bias=shared is not None)
+    return dict(img_size=grid * patch if grid is not None else None, patch_size=patch, model_kwargs=kwargs)
 
 
 _BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True, init_values=0.1)

@@ -82,7 +82,6 @@ ViT masked image modeling (HF ``ViTForMaskedImageModeling``, transformers' SimMI
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -341,12 +340,13 @@ def mae_to_hf(sd: dict, legacy: bool = False) -> dict:
 
 
 def _relative_position_index(table: torch.Tensor, where: str) -> torch.Tensor:
-    from mimfast.nn.beit_attention import relative_position_index
+    from mimfast.nn.beit_attention import relative_position_index, table_grid
 
-    side = math.isqrt(table.shape[0] - 3)  # (2 W - 1)^2 + 3 rows for a square W x W grid
-    if side * side != table.shape[0] - 3 or side % 2 == 0:
-        raise ValueError(f"{where} has {table.shape[0]} rows, not a square window's (2W-1)^2 + 3")
-    return relative_position_index(((side + 1) // 2,) * 2)
+    try:
+        grid = table_grid(table.shape[0])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return relative_position_index((grid, grid))
 
 
 def beit_from_hf(sd: dict) -> dict:

@@ -59,10 +59,11 @@ import re
 
 import torch
 
+from mimfast.models import VIT_HEADS_BY_WIDTH
 from mimfast.models.mmpretrain_beit import (BEIT_PRESETS, _beit_from_mmpretrain, _beit_model_config,
                                             _beit_to_mmpretrain, _beit_what_else, _is_beit_layout, _is_mimfast_beit,
                                             dalle_from_mmpretrain)
-from mimfast.models.mmpretrain_cfg import (_DROPPED, _HEADS_BY_WIDTH, _depth, _encoder_heads, _get, _has,
+from mimfast.models.mmpretrain_cfg import (_DROPPED, _depth, _encoder_heads, _get, _has,
                                            _type_name, parse_config_text)
 
 __all__ = ["is_mmpretrain_state_dict", "from_mmpretrain", "to_mmpretrain", "mmpretrain_model_config",
@@ -254,7 +255,7 @@ def _decoder_heads(width: int, neck: dict | None) -> int:
     heads = _get(neck, "decoder_num_heads")
     if isinstance(heads, int) and heads > 0 and width % heads == 0:
         return heads
-    for heads in (16, _HEADS_BY_WIDTH.get(width), max(1, width // 64)):  # 16: MAEPretrainDecoder's default
+    for heads in (16, VIT_HEADS_BY_WIDTH.get(width), max(1, width // 64)):  # 16: MAEPretrainDecoder's default
         if heads and width % heads == 0:
             return heads
     return 1

@@ -42,7 +42,9 @@ import re
 
 import torch
 
-from mimfast.models.mmpretrain_cfg import _DROPPED, _depth, _encoder_heads, _find_type, _get, _has, _type_name
+from mimfast.models.beit import encoder_config_from_state_dict
+from mimfast.models.mmpretrain_cfg import _DROPPED, _encoder_heads, _find_type, _get, _has, _type_name
+from mimfast.nn.beit_attention import relative_position_index, table_grid
 
 __all__ = ["dalle_from_mmpretrain", "BEIT_PRESETS"]
 
@@ -122,23 +124,13 @@ def _is_mimfast_beit(sd: dict) -> bool:
             or ("mask_token" in sd and not _has(sd, "decoder_")))
 
 
-def _grid_from_table(rows: int) -> int:
-    """g for a square g x g patch grid's relative position table of (2g - 1)^2 + 3 rows."""
-    side = int(round(max(rows - 3, 0) ** 0.5))
-    if side * side != rows - 3 or side % 2 == 0:
-        raise ValueError(f"a relative position table of {rows} rows is not (2g - 1)^2 + 3 for a square g x g grid")
-    return (side + 1) // 2
-
-
 def _check_relative_position_index(sd: dict) -> None:
     """Each stored index (mimfast keys) must be the one the table's square grid gives: MMPretrain
     builds it with unilm's code, so a table maps as it is only with that index."""
-    from mimfast.nn.beit_attention import relative_position_index
-
     for key, table in sd.items():
         if not key.endswith("relative_position_bias_table") or table.is_meta:
             continue
-        grid = _grid_from_table(table.shape[0])
+        grid = table_grid(table.shape[0])
         index = sd.get(key.replace("_bias_table", "_index"))
         if index is None or index.is_meta:
             continue
@@ -174,8 +166,6 @@ def _beit_from_mmpretrain(sd: dict) -> dict:
 
 
 def _beit_to_mmpretrain(sd: dict) -> dict:
-    from mimfast.nn.beit_attention import relative_position_index
-
     out = {}
     for k, v in sd.items():
         if k in _BEIT_FIXED_BACK:
@@ -196,7 +186,7 @@ def _beit_to_mmpretrain(sd: dict) -> dict:
     for key in [k for k in out if k.endswith("relative_position_bias_table")]:
         index = key.replace("_bias_table", "_index")
         if index not in out:
-            grid = _grid_from_table(out[key].shape[0])
+            grid = table_grid(out[key].shape[0])
             out[index] = relative_position_index((grid, grid))
     return out
 
@@ -243,37 +233,27 @@ def _beit_model_config(sd: dict, mm_cfg: dict | None = None) -> dict:
         raise ValueError(f"the checkpoint's config has backbone type {_get(parts['backbone'], 'type')!r}: only "
                          "BEiTPretrainViT maps")
     backbone = parts["backbone"]
-    proj = sd["patch_embed.proj.weight"]
-    width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    depth = _depth(sd, "blocks")
-    shared = sd.get("rel_pos_bias.relative_position_bias_table")
-    table = shared if shared is not None else sd.get("blocks.0.attn.relative_position_bias_table")
-    heads = table.shape[1] if table is not None else _encoder_heads(width, depth, backbone)
-    if table is not None:
-        grid = _grid_from_table(table.shape[0])
-    elif "pos_embed" in sd:
-        grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
-    else:
-        size = _get(backbone, "img_size")
-        grid = (size if isinstance(size, int) else 224) // patch
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    arch = encoder_config_from_state_dict(sd)
+    kwargs, patch = arch["model_kwargs"], arch["patch_size"]
+    width, depth = kwargs["embed_dim"], kwargs["depth"]
+    if kwargs["num_heads"] is None:  # no relative position table says it
+        kwargs["num_heads"] = _encoder_heads(width, depth, backbone)
+    heads = kwargs["num_heads"]
+    size = _get(backbone, "img_size")
+    img_size = arch["img_size"] or (size if isinstance(size, int) else 224) // patch * patch
+    grid = img_size // patch
     init = _get(backbone, "layer_scale_init_value")
     if "blocks.0.gamma_1" not in sd:
         init = 0.0
     elif not (isinstance(init, (int, float)) and not isinstance(init, bool) and init > 0):
         init = 0.1  # BEiTPretrainViT's default
+    kwargs["init_values"] = float(init)
     vocab = _get(parts["head"], "num_embed")
     if "lm_head.weight" in sd:
         vocab = sd["lm_head.weight"].shape[0]
-    kwargs = dict(embed_dim=width, depth=depth, num_heads=heads, in_chans=in_chans,
-                  mlp_ratio=int(mlp_ratio) if mlp_ratio.is_integer() else mlp_ratio,
-                  qkv_bias="blocks.0.attn.q_bias" in sd, init_values=float(init),
-                  use_abs_pos_emb="pos_embed" in sd,
-                  use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd,
-                  use_shared_rel_pos_bias=shared is not None,
-                  vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else 8192)
+    kwargs["vocab_size"] = vocab if isinstance(vocab, int) and vocab > 0 else 8192
     out = dict(method="beit", model=BEIT_PRESETS.get((width, depth, heads, patch), "beit_tiny_patch16_224_8k_vocab"),
-               img_size=grid * patch, patch_size=patch, model_kwargs=kwargs, norm_pix_loss=False, source="mmpretrain")
+               img_size=img_size, patch_size=patch, model_kwargs=kwargs, norm_pix_loss=False, source="mmpretrain")
     drop_path = _get(backbone, "drop_path_rate")
     if isinstance(drop_path, (int, float)) and not isinstance(drop_path, bool):
         out["drop_path"] = float(drop_path)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import re
 
+from mimfast.models import VIT_HEADS_BY_WIDTH
+
 __all__ = ["parse_config_text"]
 
 # MMPretrain VisionTransformer.arch_zoo: name -> (embed_dims, num_layers, num_heads)
@@ -18,7 +20,6 @@ _ARCH_ZOO = {"s": (768, 8, 8), "small": (768, 8, 8), "b": (768, 12, 12), "base":
              "dinov2-small": (384, 12, 6), "deit-b": (768, 12, 12), "deit-base": (768, 12, 12),
              "dinov2-g": (1536, 40, 24), "dinov2-giant": (1536, 40, 24)}
 _HEADS_BY_SIZE = {(w, d): h for w, d, h in _ARCH_ZOO.values()}
-_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 _DROPPED = ("backbone.ln2.weight", "backbone.ln2.bias")  # out_type='avg_featmap': unused when pretraining
 
 
@@ -120,4 +121,4 @@ def _encoder_heads(width: int, depth: int, backbone: dict | None) -> int:
         zoo_width, _, heads = _ARCH_ZOO[arch.lower()]
         if zoo_width == width:
             return heads
-    return _HEADS_BY_SIZE.get((width, depth), _HEADS_BY_WIDTH.get(width, max(1, width // 64)))
+    return _HEADS_BY_SIZE.get((width, depth), VIT_HEADS_BY_WIDTH.get(width, max(1, width // 64)))

@@ -27,9 +27,10 @@ gives the masking settings (and the heads where no table says them). Swin checkp
 
 from __future__ import annotations
 
-import re
-
 import torch
+
+from mimfast.models import VIT_HEADS_BY_WIDTH
+from mimfast.models.beit import encoder_config_from_state_dict
 
 __all__ = ["is_simmim_state_dict", "from_simmim", "to_simmim", "simmim_model_config", "PIXEL_MODELS"]
 
@@ -39,7 +40,6 @@ _HEAD_W, _HEAD_B = "pixel_head.weight", "pixel_head.bias"
 # (width, depth) -> mimfast's pixel model of that size
 PIXEL_MODELS = {(192, 12): "beit_tiny_patch16_224_pixel", (768, 12): "beit_base_patch16_224_pixel",
                 (1024, 24): "beit_large_patch16_224_pixel"}
-_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
 def is_simmim_state_dict(sd: dict) -> bool:
@@ -109,14 +109,6 @@ def to_simmim(sd: dict) -> dict:
     return out
 
 
-def _grid_of_table(rows: int) -> int:
-    """The square grid g of a relative position table of (2g - 1)**2 + 3 rows."""
-    side = int(round((rows - 3) ** 0.5))
-    if side * side != rows - 3 or side % 2 == 0:
-        raise ValueError(f"a relative position table of {rows} rows is not (2g - 1)**2 + 3")
-    return (side + 1) // 2
-
-
 def _get(cfg: dict | None, *path, default=None):
     for key in path:
         if not isinstance(cfg, dict) or key not in cfg:
@@ -135,34 +127,20 @@ def simmim_model_config(sd: dict, simmim_cfg: dict | None = None) -> dict:
     if "norm.weight" not in sd:
         raise ValueError("a SimMIM encoder without a final norm (USE_MEAN_POOLING): mimfast's pixel model keeps "
                          "BEiT's final LayerNorm")
-    proj = sd["patch_embed.proj.weight"]
-    width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    shared = "rel_pos_bias.relative_position_bias_table" in sd
-    per_block = "blocks.0.attn.relative_position_bias_table" in sd
-    table = sd.get("rel_pos_bias.relative_position_bias_table", sd.get("blocks.0.attn.relative_position_bias_table"))
-    if table is not None:
-        grid, heads = _grid_of_table(table.shape[0]), table.shape[1]
-    else:
-        heads = _get(simmim_cfg, "MODEL", "VIT", "NUM_HEADS", default=_HEADS_BY_WIDTH.get(width))
-        if heads is None:
+    arch = encoder_config_from_state_dict(sd)
+    kwargs, patch = arch["model_kwargs"], arch["patch_size"]
+    width, depth = kwargs["embed_dim"], kwargs["depth"]
+    if kwargs["num_heads"] is None:  # no relative position table says it
+        kwargs["num_heads"] = _get(simmim_cfg, "MODEL", "VIT", "NUM_HEADS", default=VIT_HEADS_BY_WIDTH.get(width))
+        if kwargs["num_heads"] is None:
             raise ValueError(f"the head count of a {width}-wide SimMIM encoder without position tables is unknown; "
                              "give the model with its config")
-        if "pos_embed" in sd:
-            grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
-        else:
-            grid = _get(simmim_cfg, "DATA", "IMG_SIZE", default=224) // patch
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
-    kwargs = dict(embed_dim=width, depth=depth, num_heads=int(heads), in_chans=in_chans,
-                  mlp_ratio=int(mlp_ratio) if mlp_ratio.is_integer() else mlp_ratio,
-                  qkv_bias="blocks.0.attn.q_bias" in sd,
-                  init_values=0.1 if "blocks.0.gamma_1" in sd else None,
-                  use_abs_pos_emb="pos_embed" in sd, use_rel_pos_bias=per_block, use_shared_rel_pos_bias=shared)
+    img_size = arch["img_size"] or _get(simmim_cfg, "DATA", "IMG_SIZE", default=224) // patch * patch
     vit = _get(simmim_cfg, "MODEL", "VIT", default={}) or {}
     if vit.get("INIT_VALUES") and "blocks.0.gamma_1" in sd:
         kwargs["init_values"] = float(vit["INIT_VALUES"])
     config = dict(method="beit", model=PIXEL_MODELS.get((width, depth), "beit_base_patch16_224_pixel"),
-                  img_size=grid * patch, patch_size=patch, model_kwargs=kwargs,
+                  img_size=img_size, patch_size=patch, model_kwargs=kwargs,
                   recipe="simmim", pixel_masks="simmim", pixel_loss="l1", norm_pix_loss=False, source="simmim",
                   mask_patch_size=int(_get(simmim_cfg, "DATA", "MASK_PATCH_SIZE", default=32)),
                   simmim_mask_ratio=float(_get(simmim_cfg, "DATA", "MASK_RATIO", default=0.6)))

@@ -11,6 +11,7 @@ and returns its gradient, so no (B, H, S, S) tensor is built outside the op.
 
 from __future__ import annotations
 
+import math
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +39,15 @@ def relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
     index[0:, 0] = num_relative_distance - 2  # token to cls
     index[0, 0] = num_relative_distance - 1  # cls to cls
     return index
+
+
+def table_grid(rows: int) -> int:
+    """The side g of the square g x g patch grid whose relative position table has ``rows`` =
+    (2g - 1)**2 + 3 rows (the last three for the cls token); ValueError for any other count."""
+    side = math.isqrt(max(rows - 3, 0))
+    if side * side != rows - 3 or side % 2 == 0:
+        raise ValueError(f"a relative position table of {rows} rows is not (2g - 1)^2 + 3 for a square g x g grid")
+    return (side + 1) // 2
 
 
 class RelativePositionBias(nn.Module):

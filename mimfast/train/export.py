@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mimfast.models import VIT_HEADS_BY_WIDTH
 from mimfast.train.checkpoint import load_model_weights
 from mimfast.train.pretrained import (_HEADS, _fitting_shapes, _head_overrides, _misfit, _misfit_error, _strip_prefixes,
                                       build_model_from_config, read_checkpoint_config)
@@ -76,7 +77,6 @@ __all__ = [
 ]
 
 _ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-_MAE_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # the MAE / BEiT / DeiT model sizes
 _SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
 
@@ -172,7 +172,7 @@ def timm_model_spec(encoder: dict, num_heads: int | None = None) -> tuple[str, d
     depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("blocks."))
     mlp_hidden = encoder["blocks.0.mlp.fc1.weight"].shape[0]
     if num_heads is None:
-        num_heads = _MAE_HEADS.get(embed_dim, max(1, embed_dim // 64))
+        num_heads = VIT_HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64))
     global_pool = "fc_norm.weight" in encoder
     kw = dict(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
               mlp_ratio=mlp_hidden / embed_dim, global_pool="avg" if global_pool else "token")
