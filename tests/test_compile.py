@@ -62,7 +62,7 @@ def test_mae_fullgraph(kernels, monkeypatch):
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2,
                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True,
-                         kernels=kernels).to(DEVICE)
+                         kernels=kernels, fused_norm=True).to(DEVICE)  # every op traced, the fused blocks too
     imgs = torch.randn(2, 3, 32, 32, device=DEVICE)
     noise = torch.rand(2, 16, device=DEVICE)
     _compare(model, lambda m: m(imgs, 0.75, noise)[0], kernels, monkeypatch)

@@ -181,7 +181,8 @@ class BEiTTask:
         if self.cfg.patch_size is not None:
             kw["patch_size"] = self.cfg.patch_size
         kw["kernels"] = self.cfg.kernels
-        kw["fused_norm"] = self.cfg.fused_norm
+        if self.cfg.fused_norm is not None:  # None: the model's default
+            kw["fused_norm"] = self.cfg.fused_norm
         kw["fused_mlp"] = self.cfg.fused_mlp
         kw.setdefault("drop_path_rate", self.cfg.drop_path)
         if self.tokenizer is not None:

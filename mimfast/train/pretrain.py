@@ -99,7 +99,8 @@ def _model_kwargs(cfg: PretrainConfig) -> dict:
     if cfg.patch_size is not None:
         kw["patch_size"] = cfg.patch_size
     kw["kernels"] = cfg.kernels
-    kw["fused_norm"] = cfg.fused_norm
+    if cfg.fused_norm is not None:  # None: the model's default
+        kw["fused_norm"] = cfg.fused_norm
     kw["fused_mlp"] = cfg.fused_mlp
     if cfg.method == "mae":
         kw["norm_pix_loss"] = cfg.norm_pix_loss
