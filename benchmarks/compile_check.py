@@ -116,7 +116,8 @@ class Capture:
 
 
 def _label(params, signature, constexprs, opts):
-    """Pointer dtypes, constexprs (user ones and ints specialised to 1), warps / stages."""
+    """Pointer dtypes, constexprs (user ones and ints specialised to 1), warps / stages, ``nofma``
+    for a launch without floating-point contraction."""
     ptrs = [f"{n}:{t[1:]}" for n, t in signature.items() if t.startswith("*")]
     consts = []
     for path, v in constexprs.items():
@@ -125,7 +126,8 @@ def _label(params, signature, constexprs, opts):
             consts.append(f"{p.name}={int(v) if isinstance(v, bool) else v}")
         else:
             consts.append(f"{p.name}=={v}")  # a runtime int equal to 1, specialised by the launcher
-    return (" ".join(consts) + f" w{opts['num_warps']} s{opts['num_stages']} | "
+    fusion = "" if opts.get("enable_fp_fusion", True) else " nofma"  # launched with enable_fp_fusion=False
+    return (" ".join(consts) + f" w{opts['num_warps']} s{opts['num_stages']}{fusion} | "
             + " ".join(p for p in ptrs))
 
 

@@ -461,3 +461,23 @@ def test_fsdp_units_run_their_own_forward():
         assert not can_fuse_blocks(model.blocks, model.norm)
     finally:
         dist.destroy_process_group()
+
+
+def test_kernels_launch_without_fp_contraction(monkeypatch):
+    """Both kernels are launched with ``enable_fp_fusion=False``: compiled for a GPU, a multiply
+    and an add contracted into one FMA keep the product's rounding error where eager's separate
+    rounding cancels exactly (``r - mean``, ``w * dy - mean(w * dy)`` of a one-element row, times
+    1/sqrt(eps) = 1000: the H200 run's D = 1 failures). The interpreter ignores the option, so
+    this checks what the launcher passes; ``benchmarks.compile_check`` shows it as ``nofma``."""
+    seen = {}
+    for name in ("_add_ln_fwd_kernel", "_add_ln_bwd_kernel"):
+        kernel = getattr(K, name)
+        real = kernel.run
+
+        def run(*args, _name=name, _real=real, **kwargs):
+            seen[_name] = kwargs.get("enable_fp_fusion")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setitem(vars(kernel), "run", run)  # the instance's run, found before the class's
+    _run(*_inputs((7,), 1, torch.float32, torch.float32, True, True), "triton")
+    assert seen == {"_add_ln_fwd_kernel": False, "_add_ln_bwd_kernel": False}
