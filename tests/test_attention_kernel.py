@@ -167,12 +167,24 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+# TF32 against cuBLAS's TF32: Triton's tf32 dot hands the fp32 registers to the tensor cores,
+# which drop the low 13 mantissa bits (truncation: no cvt.rna.tf32 in the sm_90 PTX), where cuBLAS
+# rounds each operand to nearest. Truncation errors all lean towards zero, so they add up over the
+# 64 / 197-term sums instead of cancelling: a float64 model of the eager (autograd) and the
+# FlashAttention-2 (delta = rowsum(o * do)) computations with the two roundings, at this shape over
+# 16 seeds, puts the max-error ratio kernel / eager at 1.7-6.3 for out, 2.3-5.1 for dqkv and
+# 2.4-5.1 for the bias gradient (0.96-1.9 with the kernel rounding like cuBLAS: the algorithm
+# itself costs nothing); the H200 run measured 4.35 for dqkv. Hence 8x here, for fp32 with TF32
+# only; a wrong term or a lost block gives errors orders of magnitude above TF32's 2^-11.
+TF32_FACTOR = 8.0
+
+
 @pytest.mark.skipif(not CUDA, reason="TF32 only exists on a GPU")
 def test_fp32_honours_allow_tf32(device):
     previous = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        check_against_reference(2, 197, 3, 64, torch.float32, device, bias=True, factor=4.0)
+        check_against_reference(2, 197, 3, 64, torch.float32, device, bias=True, factor=TF32_FACTOR)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
