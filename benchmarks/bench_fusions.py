@@ -12,6 +12,9 @@ autocast as training runs them.
   ``saved_mib`` is the memory autograd holds between forward and backward (the activation
   cost per MLP), ``peak_mem`` that of one forward + backward.
 
+Every row has ``host_ms`` and, but for ``compile``, ``graph_ms`` and its rates
+(``harness.measure``: the kernels' time without launch overhead).
+
     python -m benchmarks.run --out DIR --only fusions
 
 Smoke mode (``ctx.smoke``, CPU): ``SMOKE_CASES`` (M = 2 x 5 rows, D = 24), the same rows.
@@ -33,8 +36,9 @@ SMOKE_CASES = {"mae_enc_b": (2, 5, 24), "mae_enc_l": (2, 5, 40), "mae_dec": (2, 
 BF16 = 2
 
 
-def _time(fn) -> float:
-    return harness.time_ms(fn, warmup_ms=10, rep_ms=50)
+def _time(fn, name: str) -> harness.Timing:
+    graph = harness.NO_GRAPH_COMPILED if name == "compile" else True
+    return harness.measure(fn, warmup_ms=10, rep_ms=50, graph=graph)
 
 
 def _saved_bytes(fn):
@@ -55,7 +59,7 @@ def _rows(ctx, bench, case, variants, fwd_bytes, bwd_bytes, fwd_flops=None, save
         for name, (fwd, fwd_bwd) in variants.items():
             fn = fwd if mode == "fwd" else fwd_bwd
             try:
-                ms = _time(fn)
+                ms = _time(fn, name)
                 extra = {}
                 if mode == "fwd+bwd":
                     extra["peak_mem"] = harness.peak_memory_bytes(fn)

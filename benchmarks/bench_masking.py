@@ -12,7 +12,10 @@ Ops, at MAE ViT-B/16, ViT-L/16 and ViT-H/14 shapes with N = 256, mask ratio 0.75
 Rows ``fwd`` time the forward with gradient tracking on (the training setting); rows
 ``fwd+bwd`` add ``torch.autograd.grad`` of the output (no gradient accumulation). GB/s count
 the bytes the op must move (kept rows only where only kept rows are needed); peak memory is
-that of one fwd+bwd call above what was allocated before it. Variant ``triton_argsort`` is the
+that of one fwd+bwd call above what was allocated before it. Each row also has ``host_ms`` and,
+but for ``compile``, ``graph_ms`` with its rates (``harness.measure``): at these shapes the
+eager ``ms`` is mostly launch overhead, ``graph_pct_copy_bw`` is the kernels' share of the copy
+bandwidth. Variant ``triton_argsort`` is the
 alternative masking design: ranks from two ``torch.argsort`` calls, then the gather kernel;
 ``triton_sort`` the one-kernel design that sorts packed (noise bits, index) keys per sample
 (``method="sort"``; the default kernel counts ranks).
@@ -53,8 +56,9 @@ def _try_compile(fn):
     return harness.try_compile(fn)
 
 
-def _time(fn) -> float:
-    return harness.time_ms(fn, warmup_ms=10, rep_ms=40)
+def _time(fn, name: str) -> harness.Timing:
+    graph = harness.NO_GRAPH_COMPILED if name == "compile" else True
+    return harness.measure(fn, warmup_ms=10, rep_ms=40, graph=graph)
 
 
 def _grad_fn(f, inputs, g):
@@ -78,7 +82,7 @@ def _measure(ctx, bench, case, variants, fwd_bytes, bwd_bytes, fwd_flops=None, b
             if fn is None:
                 continue
             try:
-                ms = _time(fn)
+                ms = _time(fn, name)
                 peak = harness.peak_memory_bytes(fn) if mode == "fwd+bwd" else None
             except Exception as e:  # e.g. inductor failing on this machine: keep the other rows
                 ctx.fail(bench, f"{case} {mode}", name, e)

@@ -6,7 +6,10 @@ Variants: eager reference, ``torch.compile`` of the eager reference, the Triton 
 public op with ``backend="triton"``). GB/s counts the bytes that must move: for masked rows
 only, pred read + pixels read + gradient written, plus the mask; ``gbps_incl_zero_grad`` adds
 the zero gradient of the visible rows, which the kernel also writes (autograd wants a dense
-gradient). Peak memory is what one forward + backward allocates above the inputs.
+gradient). Peak memory is what one forward + backward allocates above the inputs. Every row
+also has ``host_ms`` and, but for ``torch.compile``, ``graph_ms`` (one CUDA graph replay: the
+kernels without launch overhead) with ``graph_gbps`` / ``graph_pct_copy_bw`` /
+``graph_gbps_incl_zero_grad`` (``harness.measure``).
 
     python -m benchmarks.run --out DIR --only patch_loss
 
@@ -54,6 +57,14 @@ def _inputs(N, img_size, p, C, device, pred_dtype=torch.bfloat16):
     return dec, imgs, mask
 
 
+def _incl_zero(nbytes: float, t: harness.Timing) -> dict:
+    """``gbps_incl_zero_grad`` of the eager time, and ``graph_gbps_incl_zero_grad`` of the graph's."""
+    cols = {"gbps_incl_zero_grad": round(nbytes / t.ms / 1e6, 1)}
+    if t.graph_ms:
+        cols["graph_gbps_incl_zero_grad"] = round(nbytes / t.graph_ms / 1e6, 1)
+    return cols
+
+
 def _fwd_bwd(loss_fn, dec, imgs, mask):
     """One forward + backward to the decoder-output view; returns (loss, d(loss)/d(pred))."""
     pred = dec[:, 1:, :]
@@ -89,14 +100,14 @@ def run(ctx: harness.Context) -> None:
                 loss_err = abs(loss.float().item() - want_loss.float().item())
                 grad_err = (grad.float() - want_grad.float()).abs().max().item()
                 del loss, grad
-                ms = harness.time_ms(fn)
+                t = harness.measure(fn, graph=harness.NO_GRAPH_COMPILED if name == "torch.compile" else True)
                 peak = harness.peak_memory_bytes(fn)
             except Exception as e:  # e.g. inductor failing on this machine: keep the other rows
                 print(f"[{BENCH}] {case}: {name} failed: {type(e).__name__}: {e}")
                 ctx.fail(BENCH, case, name, e)
                 continue
-            ctx.add(BENCH, case, name, ms, bytes_moved=bytes_moved, peak_mem=peak,
-                    gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1),
+            ctx.add(BENCH, case, name, t, bytes_moved=bytes_moved, peak_mem=peak,
+                    **_incl_zero(bytes_incl_zero, t),
                     grad_buffer_mib=round(n * L * P * grad_b / 2**20, 1),
                     loss_err_vs_eager=float(f"{loss_err:.2e}"), grad_err_vs_eager=float(f"{grad_err:.2e}"))
         if case == "vit_b16" and not ctx.quick:
@@ -106,12 +117,11 @@ def run(ctx: harness.Context) -> None:
                 fn = functools.partial(patch_loss_fwd, pred, imgs, mask, p, True, "mse", 1e-6, config=cfg)
                 try:
                     fn()
-                    ms = harness.time_ms(fn)
+                    t = harness.measure(fn)
                 except Exception as e:  # a tiling the kernel cannot build here
                     ctx.fail(BENCH, case, name, e)
                     continue
-                ctx.add(BENCH, case, name, ms, bytes_moved=bytes_moved,
-                        gbps_incl_zero_grad=round(bytes_incl_zero / ms / 1e6, 1))
+                ctx.add(BENCH, case, name, t, bytes_moved=bytes_moved, **_incl_zero(bytes_incl_zero, t))
         ctx.speedups(BENCH, case, over="eager")
         ctx.speedups(BENCH, case, over="torch.compile")
         del dec, imgs, mask, want_loss, want_grad

@@ -12,14 +12,22 @@ Variants, side by side in one run:
   (c) timm-sdpa+compile — ``torch.compile`` of (b)
   (d) mimfast — ``kernels="auto"``: every hot path on its Triton kernel
   (e) mimfast+compile — ``torch.compile`` of (d) (the ops are torch.library custom ops)
-and, in full runs (not --quick), (f) mimfast+cudagraphs — ``torch.compile(mode="reduce-overhead")``
-of (d), the step's kernels replayed from CUDA graphs (``mimfast pretrain --compile --compile-mode
-reduce-overhead``); and two ablations of (d), so a run shows what each block fusion is worth:
+and (f) mimfast+cudagraphs — ``torch.compile(mode="reduce-overhead")`` of (d), the step's kernels
+replayed from CUDA graphs (``mimfast pretrain --compile --compile-mode reduce-overhead``): for both
+MAE cases in full runs, for MAE ViT-B/16 in --quick runs too (the launch-bound shape where it shows
+the kernels' speed), after the other compile variants and only while the compile budget lasts;
+and two ablations of (d), so a run shows what each block fusion is worth:
   mimfast-no-fused-mlp — (d) with ``fused_mlp=False`` (the MLP keeps gelu(h) as eager does)
   mimfast-no-fused-blocks — (d) with ``fused_norm=False`` (plain blocks: residual add, LayerNorm
                 and MLP as timm runs them; attention, masking and loss still on kernels)
 
     python -m benchmarks.run --out DIR --only step
+
+Every row has ``host_ms``: the CPU's time to enqueue one step (forward, backward, optimizer)
+from an idle GPU without synchronising, median of ``HOST_STEPS`` steps after the timed ones
+(``harness.host_time_ms``). ``host_ms`` close to ``ms``: the step is CPU-bound (or it waits for
+the GPU inside: a step with more launches than the CUDA launch queue holds, or a synchronising
+call); well below: the GPU is the limit.
 
 Smoke mode (``ctx.smoke``, CPU): the same cases and variants (compile ones left out) on tiny
 models of the same families (``SMOKE_*``: 32 px images, one or two blocks), B = 2, one warm-up
@@ -40,12 +48,15 @@ BENCH = "step"
 MAE_CASES = {"mae_vit_b16": ("mae_vit_base_patch16", 256, {}), "mae_vit_l16": ("mae_vit_large_patch16", 128, {})}
 BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 256, {})}
 MASK_RATIO = 0.75
+# the case that runs mimfast+cudagraphs in --quick runs too (its launch-bound shape)
+QUICK_CUDAGRAPHS_CASE = "mae_vit_b16"
 BEIT_MASKED = 75  # of 196 patches, as BEiT pretrains
 COMPILE_BUDGET_S = 120  # compile variants are skipped once this much time went to compiling
 # nor is one started with less of the run's time budget left (ctx.time_left): a cold compile of a
 # whole model's forward and backward takes about a minute
 COMPILE_MIN_LEFT_S = 120
 WARMUP_STEPS = 3
+HOST_STEPS = 5  # steps whose enqueue time is measured (host_ms), each from an idle GPU
 # smoke run (CPU, interpreter): tiny models of the same families
 _SMOKE_MAE = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=24,
                   decoder_depth=1, decoder_num_heads=2)
@@ -190,6 +201,8 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
         graphs = compile_model == "reduce-overhead"
         peak = None if graphs else harness.peak_memory_bytes(step)
         ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
+        # off CUDA (smoke) a step is synchronous: its host time is its time
+        host = harness.host_time_ms(step, calls=1, rounds=HOST_STEPS, warmup=False)
     finally:
         if compile_model:
             # dynamo's caches keep the compiled step alive, and with it (mode "reduce-overhead")
@@ -199,7 +212,8 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
             del step, target
             dynamo.reset()
     extra = {"peak_mem_note": "not measured: CUDA graph memory is outside the allocator's counts"} if graphs else {}
-    ctx.add(BENCH, case, variant, ms, flops=flops, peak_mem=peak, images_per_s=round(n / ms * 1e3, 1),
+    timing = harness.Timing(ms, host_ms=ms if host is None else host)
+    ctx.add(BENCH, case, variant, timing, flops=flops, peak_mem=peak, images_per_s=round(n / ms * 1e3, 1),
             **ctx.mfu(flops, ms), warmup_s=round(warm_s, 1), **extra)
     return warm_s
 
@@ -239,7 +253,7 @@ def _mae_cases(ctx, compile_spent):
         variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
                     ("mimfast+compile", "auto", False, True, {})] + ABLATIONS
-        if not ctx.quick:
+        if not ctx.quick or case == QUICK_CUDAGRAPHS_CASE:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
         for variant, kernels, sdpa, comp, extra in variants:
             if comp and _skip_compile(ctx, case, variant, compile_spent):

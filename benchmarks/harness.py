@@ -23,6 +23,31 @@ variants and rows; batch 2-4, tiny widths); ``time_ms`` / ``peak_memory_bytes`` 
 ``empty_cache`` / ``try_compile`` from here instead of ``torch.cuda.*`` and ``torch.compile``;
 CUDA-only variants left out when ``ctx.device != "cuda"``, and a variant that refuses a case
 passed to ``ctx.skip``, not only printed.
+
+Three times per op variant (:func:`measure`, a :class:`Timing` that :meth:`Context.add` takes
+in place of ``ms``), because at MAE shapes an op's kernels take 10-60 us and a loop of eager
+calls is often timed by the CPU that launches them, not by the GPU:
+
+- ``ms``: the eager call, :func:`time_ms` (``triton.testing.do_bench``: CUDA events around each
+  call of a loop, L2 flushed before each, median). Launch and dispatch overhead included
+  wherever the CPU cannot enqueue a call as fast as the GPU runs it.
+- ``host_ms``: :func:`host_time_ms`, the CPU's time to enqueue one call (``perf_counter``
+  around ``HOST_CALLS`` back-to-back calls without synchronising, per call, median of
+  ``HOST_ROUNDS`` rounds that each start from an idle GPU). ``host_ms >= ms``: launch-bound.
+- ``graph_ms``: :func:`graph_time_ms`, the GPU time of one replay of the call captured in a
+  CUDA graph (warm-up on a side stream, capture with the inputs and gradient buffers fixed,
+  events around each replay, L2 flushed before each, replays queued behind a GPU sleep so the
+  GPU never waits for the CPU): the kernels without launch overhead. The rate columns
+  (``graph_gbps``, ``graph_pct_copy_bw``, ``graph_tflops``, ``graph_pct_matmul_peak``) and
+  the ``graph_speedup_vs_*`` columns come from it, and targets (``meets_target``) are judged
+  on it where every row compared has one. A call that cannot be captured (torch.compile
+  variants, which a module passes with ``graph=NO_GRAPH_COMPILED``; a call that synchronises,
+  e.g. ``.item()``, or allocates outside the caching allocator) gets no graph columns and an
+  entry with ``column: graph_ms`` and the reason in the skipped list; off CUDA (smoke runs)
+  one such entry says graphs were not timed at all, and ``host_ms`` equals ``ms`` (a CPU call
+  is synchronous).
+
+:data:`COLUMN_LEGEND` explains the columns in ``results.md``.
 """
 
 from __future__ import annotations
@@ -82,6 +107,199 @@ def time_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+# host_time_ms: calls per round (few enough that the CUDA launch queue does not fill up and
+# block the CPU on the GPU) and rounds (median)
+HOST_CALLS, HOST_ROUNDS = 10, 7
+# graph_time_ms: side-stream warm-up calls before the capture (as PyTorch's CUDA graph docs
+# ask), the replays timed (between these, about rep_ms of GPU time), the bytes zeroed before each
+# replay to flush L2 (as do_bench does: 256 MiB, more than any current GPU's L2), and the GPU
+# sleep queued before the replays (cycles per replay: 50 us at 2 GHz, more than the CPU takes to
+# enqueue one), so that no replay waits for the CPU
+GRAPH_WARMUP_CALLS = 3
+GRAPH_MIN_REPLAYS, GRAPH_MAX_REPLAYS = 10, 200
+L2_FLUSH_BYTES = 256 << 20
+GRAPH_PRIME_CYCLES_PER_REPLAY = 100_000
+NO_GRAPH_COMPILED = "torch.compile variant: not captured into a CUDA graph here (see the step's mimfast+cudagraphs)"
+NO_GRAPH_OFF_CUDA = "not on CUDA (smoke run): no CUDA graph timing, host_ms = ms"
+# set when a failed capture left CUDA in an error state: no further capture is tried
+_graphs_broken: list = []
+
+
+@dataclass
+class Timing:
+    """The times of one op variant (:func:`measure`): ``ms`` the eager call, ``host_ms`` the CPU
+    time to enqueue it, ``graph_ms`` one CUDA graph replay (None, with ``graph_note`` saying why,
+    where it was not captured). :meth:`Context.add` takes it in place of ``ms``."""
+
+    ms: float
+    host_ms: float | None = None
+    graph_ms: float | None = None
+    graph_note: str | None = None
+
+
+def host_time_ms(fn, calls: int = HOST_CALLS, rounds: int = HOST_ROUNDS, warmup: bool = True) -> float | None:
+    """Host wall time per call of ``fn()``: ``perf_counter`` around ``calls`` back-to-back calls
+    without synchronising, divided by ``calls``, median of ``rounds`` rounds, each started on an
+    idle GPU (one warm-up call first unless ``warmup`` is False).
+
+    Compared with :func:`time_ms`: ``host_ms >= ms`` means the eager figure is the CPU's
+    (launch-bound). A call that synchronises inside (``.item()``) counts its GPU time here too.
+    Off CUDA: None (a CPU call is synchronous; :func:`measure` then reports ``ms``)."""
+    if not on_cuda():
+        return None
+    if warmup:
+        fn()
+    per_call = []
+    for _ in range(max(1, rounds)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(max(1, calls)):
+            fn()
+        per_call.append((time.perf_counter() - t0) / max(1, calls))
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(per_call)
+
+
+def replay_count(estimate_ms: float, rep_ms: float) -> int:
+    """Replays to time: about ``rep_ms`` of them at ``estimate_ms`` each, within
+    [GRAPH_MIN_REPLAYS, GRAPH_MAX_REPLAYS] (an estimate that is 0 or not finite: the most)."""
+    if not (estimate_ms > 0 and math.isfinite(estimate_ms)):
+        return GRAPH_MAX_REPLAYS
+    return int(min(GRAPH_MAX_REPLAYS, max(GRAPH_MIN_REPLAYS, rep_ms / estimate_ms)))
+
+
+def _reason(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:160]
+
+
+def graph_time_ms(fn, rep_ms: float = 100.0) -> tuple[float | None, str | None]:
+    """Median GPU milliseconds of one replay of ``fn()`` captured in a CUDA graph, and None; or
+    None and why it was not measured (never raises for a call that cannot be captured).
+
+    ``fn`` must take its inputs from tensors that stay put (the benchmarks' closures do): the
+    graph replays the captured kernels on the same addresses; its outputs and gradients live in
+    the graph's private memory pool, freed (``reset``) before returning. Warm-up: a few calls on
+    a side stream (Triton compiles, cuBLAS / autograd set up their per-stream state), then the
+    capture on that stream (``torch.cuda.graph``). Timing: CUDA events around each replay on the
+    current stream, L2 flushed before each (outside the events, as ``do_bench`` does), all
+    replays enqueued behind a GPU sleep (``torch.cuda._sleep``) so none waits for the CPU.
+    """
+    if not on_cuda():
+        return None, NO_GRAPH_OFF_CUDA
+    if _graphs_broken:
+        return None, f"not tried: an earlier failed capture left CUDA in an error state ({_graphs_broken[0]})"
+    prev = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    try:
+        side.wait_stream(prev)
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_CALLS):
+                fn()
+        prev.wait_stream(side)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=side):
+            out = fn()  # kept until the graph is reset: the replays write to its memory
+    except Exception as e:  # a synchronising call, an allocation outside the pool, an unsupported op
+        # capture_end raising inside torch.cuda.graph's __exit__ skips its stream context's exit
+        torch.cuda.set_stream(prev)
+        out = None
+        _release(graph)
+        _check_cuda_after_failure(e)
+        return None, f"not capturable: {_reason(e)}"
+    flush = None
+    try:
+        flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+        graph.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        n = replay_count(1e3 * (time.perf_counter() - t0) / 3, rep_ms)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        sleep = getattr(torch.cuda, "_sleep", None)
+        if sleep is not None:
+            sleep(int(GRAPH_PRIME_CYCLES_PER_REPLAY * n))
+        for i in range(n):
+            flush.zero_()
+            starts[i].record()
+            graph.replay()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return float(statistics.median(times)), None
+    except Exception as e:  # a replay that fails (out of memory for the flush buffer, say)
+        _check_cuda_after_failure(e)
+        return None, f"replay failed: {_reason(e)}"
+    finally:
+        del out, flush
+        _release(graph)
+
+
+def _release(graph) -> None:
+    """Free a graph's private memory pool (``reset``); a graph whose capture failed may refuse."""
+    try:
+        graph.reset()
+    except Exception:
+        pass
+
+
+def _check_cuda_after_failure(exc: BaseException) -> None:
+    """After a failed capture or replay: if CUDA no longer synchronises, try no more captures."""
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:  # pragma: no cover - only a broken context gets here
+        _graphs_broken.append(f"{_reason(exc)}; then {_reason(e)}")
+
+
+def measure(fn, *, warmup_ms: int = 25, rep_ms: int = 100, graph: bool | str = True) -> Timing:
+    """Time ``fn()`` three ways (:class:`Timing`): eager calls (:func:`time_ms`), the CPU's
+    time to enqueue one (:func:`host_time_ms`), one CUDA graph replay (:func:`graph_time_ms`).
+
+    ``graph``: True to capture; False or a reason (e.g. :data:`NO_GRAPH_COMPILED`) to leave the
+    graph timing out, recorded as such. Off CUDA: ``host_ms`` is ``ms`` and no graph is timed."""
+    ms = time_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    if not on_cuda():
+        return Timing(ms, host_ms=ms, graph_note=NO_GRAPH_OFF_CUDA)
+    host = host_time_ms(fn)
+    if graph is True:
+        graph_ms, note = graph_time_ms(fn, rep_ms=rep_ms)
+    else:
+        graph_ms, note = None, (graph if isinstance(graph, str) and graph else "graph timing not asked for")
+    return Timing(ms, host_ms=host, graph_ms=graph_ms, graph_note=note)
+
+
+def rate_columns(ms: float, bytes_moved: float | None, flops: float | None, copy_gbps: float,
+                 matmul_tflops: float, prefix: str = "") -> dict:
+    """GB/s and its share of the copy bandwidth, TFLOP/s and its share of the matmul ceiling, of
+    a time ``ms`` (the eager ``ms`` with no prefix, ``graph_ms`` with ``prefix="graph_"``); {}
+    for a time of 0 (a NaN time, a failed row's, gives NaN figures)."""
+    row: dict = {}
+    if ms == 0:
+        return row
+    if bytes_moved is not None:
+        gbps = bytes_moved / ms / 1e6
+        row[f"{prefix}gbps"] = round(gbps, 1)
+        row[f"{prefix}pct_copy_bw"] = round(100 * gbps / copy_gbps, 1) if copy_gbps else float("nan")
+    if flops is not None:
+        tflops = flops / ms / 1e9
+        row[f"{prefix}tflops"] = round(tflops, 2)
+        row[f"{prefix}pct_matmul_peak"] = round(100 * tflops / matmul_tflops, 1) if matmul_tflops else float("nan")
+    return row
+
+
+def time_key(rows: list) -> str:
+    """``"graph_ms"`` where every row of ``rows`` has a finite graph time, else ``"ms"``: the
+    time to judge a comparison between them on (kernels alone where all were captured)."""
+    ok = rows and all(isinstance(r.get("graph_ms"), (int, float)) and math.isfinite(r["graph_ms"]) and r["graph_ms"] > 0
+                      for r in rows)
+    return "graph_ms" if ok else "ms"
 
 
 def peak_memory_bytes(fn) -> int | None:
@@ -218,23 +436,41 @@ class Context:
         variants (torch.compile above all) when it runs short."""
         return self.deadline - time.time()
 
-    def add(self, bench: str, case: str, variant: str, ms: float, *, bytes_moved: float | None = None,
+    def add(self, bench: str, case: str, variant: str, ms, *, bytes_moved: float | None = None,
             flops: float | None = None, peak_mem: int | None = None, **extra) -> dict:
-        """Record one measurement; derives GB/s or TFLOP/s and the share of the device's peak."""
-        row = {"bench": bench, "case": case, "variant": variant, "ms": round(ms, 4)}
-        if bytes_moved is not None:
-            gbps = bytes_moved / ms / 1e6
-            row.update(gbps=round(gbps, 1), pct_copy_bw=round(100 * gbps / self.copy_gbps, 1))
-        if flops is not None:
-            tflops = flops / ms / 1e9
-            row.update(tflops=round(tflops, 2), pct_matmul_peak=round(100 * tflops / self.matmul_tflops, 1))
+        """Record one measurement; derives GB/s or TFLOP/s and the share of the device's peak.
+
+        ``ms``: milliseconds, or a :class:`Timing` (:func:`measure`), which adds ``host_ms``,
+        ``graph_ms`` and the ``graph_*`` rates, or records why there is no graph time."""
+        timing = ms if isinstance(ms, Timing) else Timing(float(ms))
+        row = {"bench": bench, "case": case, "variant": variant, "ms": round(timing.ms, 4)}
+        if timing.host_ms is not None:
+            row["host_ms"] = round(timing.host_ms, 4)
+        if timing.graph_ms is not None:
+            row["graph_ms"] = round(timing.graph_ms, 4)
+        row.update(rate_columns(timing.ms, bytes_moved, flops, self.copy_gbps, self.matmul_tflops))
+        if timing.graph_ms is not None:
+            row.update(rate_columns(timing.graph_ms, bytes_moved, flops, self.copy_gbps, self.matmul_tflops,
+                                    prefix="graph_"))
         if peak_mem is not None:
             row["peak_mem_mib"] = round(peak_mem / 2**20, 1)
         row.update(extra)
         self.rows.append(row)
+        if timing.graph_ms is None and timing.graph_note:
+            self.skip_graph(bench, case, variant, timing.graph_note)
         if self.on_add is not None:
             self.on_add()
         return row
+
+    def skip_graph(self, bench: str, case: str, variant: str, reason: str) -> None:
+        """Record a row without graph columns and why (``column: graph_ms`` in the skipped list);
+        off CUDA one entry for the whole run instead of one per row."""
+        if reason == NO_GRAPH_OFF_CUDA:
+            if any(s.get("column") == "graph_ms" and s["reason"] == reason for s in self.skipped):
+                return
+            bench = case = variant = "*"
+        self.skipped.append({"bench": bench, "case": case, "variant": variant, "column": "graph_ms",
+                             "reason": reason[:200]})
 
     def fail(self, bench: str, case: str, variant: str, exc: BaseException, **extra) -> dict:
         """Record a variant that raised: a row with a NaN time and the error, so the other
@@ -250,13 +486,18 @@ class Context:
         self.skipped.append({"bench": bench, "case": case, "variant": variant, "reason": reason[:200]})
 
     def speedups(self, bench: str, case: str, over: str, key: str = "ms") -> None:
-        """Add ``speedup_vs_<over>`` to each row of (bench, case)."""
+        """Add ``speedup_vs_<over>`` to each row of (bench, case), and (``key`` "ms")
+        ``graph_speedup_vs_<over>`` to each row that has a graph time where ``over``'s has one."""
         rows = [r for r in self.rows if r["bench"] == bench and r["case"] == case]
         base = next((r for r in rows if r["variant"] == over), None)
         if base is None:
             return
         for r in rows:
             r[f"speedup_vs_{over}"] = round(base[key] / r[key], 2)
+        if key == "ms" and base.get("graph_ms"):
+            for r in rows:
+                if r.get("graph_ms"):
+                    r[f"graph_speedup_vs_{over}"] = round(base["graph_ms"] / r["graph_ms"], 2)
 
 
 def try_compile(fn, **kwargs):
@@ -337,6 +578,67 @@ def _finite(obj):
     return obj
 
 
+# the table's first columns, in this order where a row has them; the rest follow sorted
+LEAD_COLUMNS = ("bench", "case", "variant", "ms", "host_ms", "graph_ms", "gbps", "pct_copy_bw", "graph_gbps",
+                "graph_pct_copy_bw", "tflops", "pct_matmul_peak", "graph_tflops", "graph_pct_matmul_peak",
+                "peak_mem_mib")
+# always in the table (what earlier results had), even where no row has them
+FIXED_COLUMNS = ("bench", "case", "variant", "ms", "gbps", "pct_copy_bw", "tflops", "pct_matmul_peak",
+                 "peak_mem_mib")
+
+# what results.md says of its columns (those of the table only; speedup_vs_* / graph_speedup_vs_*
+# by their prefix)
+COLUMN_LEGEND = {
+    "ms": "median milliseconds of one eager call: CUDA events around each call of a loop "
+          "(triton.testing.do_bench, L2 flushed before each call). Where the CPU cannot enqueue a call "
+          "as fast as the GPU runs it, this is the CPU's launch and dispatch time, not the kernels'.",
+    "host_ms": "CPU milliseconds to enqueue one call: perf_counter around 10 back-to-back calls without "
+               "synchronising, per call, median of 7 rounds each started on an idle GPU, after warm-up. "
+               "host_ms >= ms: the op is launch-bound (ms is the CPU's time). A call that synchronises "
+               "inside counts its GPU time here. Step rows: the time to enqueue one training step from an "
+               "idle GPU, median of the timed steps (a step with more launches than the CUDA launch queue "
+               "holds waits for the GPU, so there it is an upper bound). Smoke runs: equal to ms.",
+    "graph_ms": "median GPU milliseconds of one replay of the same call captured in a CUDA graph (warm-up "
+                "on a side stream, inputs and gradient buffers fixed, events around each replay, L2 flushed "
+                "before each, the replays queued behind a GPU sleep so none waits for the CPU): the kernels' "
+                "time without launch overhead. Empty where the call was not captured (torch.compile "
+                "variants, calls that synchronise or allocate outside the caching allocator; the reasons are "
+                "under 'Rows without graph_ms').",
+    "gbps": "bytes the op must move / ms (GB/s); pct_copy_bw: its share of the measured copy bandwidth.",
+    "graph_gbps": "the same bytes / graph_ms; graph_pct_copy_bw: its share of the copy bandwidth. The "
+                  "project's %-of-copy-bandwidth targets are read from graph_pct_copy_bw.",
+    "tflops": "FLOPs / ms (TFLOP/s); pct_matmul_peak: its share of the measured bf16 matmul ceiling.",
+    "graph_tflops": "the same FLOPs / graph_ms; graph_pct_matmul_peak: its share of the matmul ceiling.",
+    "peak_mem_mib": "peak CUDA memory one call allocates above what was allocated before it (MiB).",
+    "speedup_vs_": "speedup_vs_X: X's ms / this row's ms, within the case.",
+    "graph_speedup_vs_": "graph_speedup_vs_X: X's graph_ms / this row's graph_ms, within the case (rows "
+                         "where both were captured).",
+    "meets_target": "whether the row meets the op's target; judged on graph_ms where the row and every row "
+                    "it is compared with have one, else on ms (target_basis says which).",
+}
+
+
+def table_columns(rows: list) -> list:
+    """The markdown table's columns: :data:`FIXED_COLUMNS`, the other :data:`LEAD_COLUMNS` a row
+    has, in that order, then every other key of the rows, sorted."""
+    present = {k for r in rows for k in r}
+    cols = [c for c in LEAD_COLUMNS if c in FIXED_COLUMNS or c in present]
+    return cols + sorted(present - set(cols))
+
+
+def legend_lines(cols: list) -> list:
+    """``- `col`: meaning`` lines of :data:`COLUMN_LEGEND` for the columns in ``cols``."""
+    lines = []
+    for key, text in COLUMN_LEGEND.items():
+        if key.endswith("_"):
+            shown = any(c.startswith(key) and not (key == "speedup_vs_" and c.startswith("graph_")) for c in cols)
+        else:
+            shown = key in cols
+        if shown:
+            lines.append(f"- `{key}{'X' if key.endswith('_') else ''}`: {text}")
+    return lines
+
+
 def markdown_table(payload: dict) -> str:
     info = payload["info"]
     ceilings = payload.get("ceilings", "measured")
@@ -360,17 +662,23 @@ def markdown_table(payload: dict) -> str:
         peaks,
         "",
     ]
-    cols = ["bench", "case", "variant", "ms", "gbps", "pct_copy_bw", "tflops", "pct_matmul_peak",
-            "peak_mem_mib"]
-    extra = sorted({k for r in payload["rows"] for k in r} - set(cols))
-    cols += extra
+    cols = table_columns(payload["rows"])
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in payload["rows"]:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    if payload.get("skipped"):
+    legend = legend_lines(cols)
+    if legend:
+        lines += ["", "## Columns", ""] + legend
+    skipped = payload.get("skipped") or []
+    variants = [s for s in skipped if "column" not in s]
+    columns = [s for s in skipped if "column" in s]
+    if variants:
         lines += ["", "## Skipped variants", ""]
-        lines += [f"- {s['bench']} / {s['case']} / {s['variant']}: {s['reason']}" for s in payload["skipped"]]
+        lines += [f"- {s['bench']} / {s['case']} / {s['variant']}: {s['reason']}" for s in variants]
+    if columns:
+        lines += ["", "## Rows without graph_ms", ""]
+        lines += [f"- {s['bench']} / {s['case']} / {s['variant']}: {s['reason']}" for s in columns]
     if payload.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in payload["errors"]]
     return "\n".join(lines) + "\n"

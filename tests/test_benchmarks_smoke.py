@@ -86,6 +86,7 @@ def _read_results(out_dir: Path, n_rows: int) -> dict:
     assert len(payload["rows"]) == n_rows
     md = (out_dir / "results.md").read_text()
     assert md.startswith("# mimfast benchmarks on cpu") and "Smoke run" in md
+    assert "## Columns" in md and "- `ms`:" in md
     assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + n_rows  # header + rows
     return payload
 
@@ -110,8 +111,15 @@ def test_benchmark_module_smoke(name, tmp_path):
         if _is_main(r["variant"]):
             assert r["ms"] > 0, f"{where}: ms = {r['ms']}"
         assert "peak_mem_mib" not in r, f"{where}: a peak memory on the CPU"
-    bad = [s for s in ctx.skipped if _is_main(s["variant"])]
+    # entries with a "column" are rows without one column (graph_ms: none off CUDA), not variants
+    bad = [s for s in ctx.skipped if _is_main(s["variant"]) and "column" not in s]
     assert not bad, f"{name}: mimfast / eager variants skipped: {bad}"
+    timed = [r for r in ctx.rows if "host_ms" in r]
+    for r in timed:  # harness.measure off CUDA: the host time is the call's time, no graph
+        assert r["host_ms"] == r["ms"] and "graph_ms" not in r, r
+    if timed and name != "bench_step":  # the step rows have host_ms only (no graph of a whole step)
+        assert {"bench": "*", "case": "*", "variant": "*", "column": "graph_ms",
+                "reason": harness.NO_GRAPH_OFF_CUDA} in ctx.skipped
     harness.write_results(tmp_path, harness.device_info("cpu"), ctx, [])
     _read_results(tmp_path, len(ctx.rows))
     png = tmp_path / "step.png"
