@@ -185,6 +185,52 @@ def test_export_tiny_beit_loads_into_timm_beit_with_same_features():
         torch.testing.assert_close(timm_beit.forward_features(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def _older_timm_beit():
+    """timm's Beit behind the constructor it had before ``use_fc_norm`` (timm 0.9 to early 1.0,
+    e.g. the GPU image's): those arguments only, no ``**kwargs``; the norm goes after the pooling
+    exactly when ``global_pool == 'avg'``, as the newer Beit does with ``use_fc_norm=None``."""
+    from timm.layers import LayerNorm
+    from timm.models.beit import Beit
+
+    class OlderBeit(Beit):
+        def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="avg",
+                     embed_dim=768, depth=12, num_heads=12, qkv_bias=True, mlp_ratio=4.0, swiglu_mlp=False,
+                     scale_mlp=False, drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
+                     drop_path_rate=0.0, norm_layer=LayerNorm, init_values=None, use_abs_pos_emb=True,
+                     use_rel_pos_bias=False, use_shared_rel_pos_bias=False, head_init_scale=0.001):
+            args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+            super().__init__(**args)
+
+    return OlderBeit
+
+
+@pytest.mark.parametrize("global_pool", [False, True])
+@pytest.mark.parametrize("rel_pos", [True, False])
+def test_beit_spec_fits_an_older_timm_beit(global_pool, rel_pos):
+    """The Beit arguments bind to the older constructor (the H200 run's timm refused
+    ``use_fc_norm``) and give the encoder's layout: fc_norm after the pooling with global_pool,
+    the final norm without; every tensor loads strictly; the same features as the newer Beit."""
+    from timm.models.beit import Beit
+
+    beit = _perturbed(create_model("beit_tiny_patch16_224_8k_vocab", img_size=32, patch_size=8, embed_dim=48,
+                                   depth=2, num_heads=3, vocab_size=64, kernels="eager"))
+    enc = encoder_state_dict(beit, global_pool=global_pool)
+    if not rel_pos:  # the layout of a pixel model exported from HF: absolute position embeddings only
+        enc = {k: v for k, v in enc.items() if "relative_position" not in k}
+        enc["pos_embed"] = 0.02 * torch.randn(1, 17, 48)
+    name, kw = timm_model_spec(enc, num_heads=3)
+    assert name == "Beit" and kw["global_pool"] == ("avg" if global_pool else "token")
+    older = _older_timm_beit()(**kw, num_classes=0).eval()
+    assert isinstance(older.fc_norm, torch.nn.LayerNorm) == global_pool
+    assert isinstance(older.norm, torch.nn.LayerNorm) == (not global_pool)
+    older.load_state_dict(enc, strict=True)
+    newer = Beit(**kw, num_classes=0).eval()
+    newer.load_state_dict(enc, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(older(x), newer(x), rtol=0, atol=0)
+
+
 def test_export_base_beit_key_set_loads_into_timm_beit_base():
     import timm
 

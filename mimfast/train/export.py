@@ -184,8 +184,11 @@ def timm_model_spec(encoder: dict, num_heads: int | None = None) -> tuple[str, d
         return "VisionTransformer", dict(img_size=grid * patch_size, **kw, qkv_bias="blocks.0.attn.qkv.bias" in encoder,
                                          fc_norm=global_pool)
     layer_scale = "blocks.0.gamma_1" in encoder  # any value: the loaded gamma replaces it
+    # no use_fc_norm: timm's Beit puts the norm after the pooling exactly when global_pool == 'avg'
+    # (older timm has no such argument and derives it; newer timm takes None to mean the same),
+    # which is this encoder's layout; naming it breaks older timm (a TypeError)
     kw.update(qkv_bias="blocks.0.attn.q_bias" in encoder, init_values=0.1 if layer_scale else None,
-              use_abs_pos_emb="pos_embed" in encoder, use_shared_rel_pos_bias=False, use_fc_norm=global_pool)
+              use_abs_pos_emb="pos_embed" in encoder, use_shared_rel_pos_bias=False)
     if "blocks.0.attn.relative_position_bias_table" not in encoder:
         # no relative position term (the pixel model as a plain ViT, e.g. from HF's ViTForMaskedImageModeling)
         if "pos_embed" not in encoder:
