@@ -220,8 +220,10 @@ def test_training_loop_is_engine_pretrains(tmp_path, monkeypatch):
         return real_loss(self, model, batch)
 
     monkeypatch.setattr(MAETask, "loss", record)
+    # on the CPU in fp32, like the replay below: the audit is about the loop, and on a GPU machine
+    # the device would default to cuda with bf16 autocast (the H200 run compared that with fp32)
     cfg = _cfg(tmp_path, builtin_size=40, accum_iter=2, epochs=3, warmup_epochs=1.5, min_lr=1e-3, blr=2e-2,
-               weight_decay=0.05, norm_pix_loss=True)
+               weight_decay=0.05, norm_pix_loss=True, device="cpu", precision="fp32")
     summary = pretrain(cfg)
     assert summary["steps"] == 6 and len(batches) == 12
     got = load_checkpoint(tmp_path / "checkpoint-last.pth")["model"]
