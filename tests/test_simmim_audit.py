@@ -31,6 +31,7 @@ from mimfast.models.beit import beit_tiny_patch16_224_pixel
 from mimfast.train.beit_task import BEiTTask, keyed_simmim_masks
 from mimfast.train.config import build_parser, config_from_args
 from mimfast.train.pretrain import pretrain
+from tolerance import DEVICE
 
 # --------------------------------------------------------------------------------------------
 # SimMIM, transcribed (data/data_simmim.py MaskGenerator; models/simmim.py SimMIM decoder + loss)
@@ -200,11 +201,13 @@ def test_l1_loss_and_gradients_are_simmims_up_to_its_eps():
 
 
 def test_triton_loss_kernel_is_simmims_loss():
-    """The fused loss (Triton, interpreted on the CPU) on the pixel variant's inputs."""
+    """The fused loss on the pixel variant's inputs, on the test device (compiled on a GPU,
+    interpreted on the CPU; Triton runs on no other tensors)."""
     model, imgs, masks = _model_and_batch(torch.float32)
     p, (h, w) = model.patch_size, model.patch_embed.grid_size
     with torch.no_grad():
         _, pred = model(imgs, masks)
+    pred, imgs, masks = pred.to(DEVICE), imgs.to(DEVICE), masks.to(DEVICE)
     pred.requires_grad_(True)
     loss = ops.masked_patch_loss(pred, imgs, masks.flatten(1), p, norm_pix=False, loss="l1", backend="triton")
     ref = _simmim_loss(imgs, ops.unpatchify(pred, p, 3, (h, w)), masks.float(), p, 3)
