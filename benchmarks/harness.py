@@ -195,6 +195,7 @@ def graph_time_ms(fn, rep_ms: float = 100.0) -> tuple[float | None, str | None]:
     side = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
     out = None
+    in_capture: list = []  # what the call raised while captured (capture_end then raises its own error)
     try:
         side.wait_stream(prev)
         with torch.cuda.stream(side):
@@ -203,17 +204,22 @@ def graph_time_ms(fn, rep_ms: float = 100.0) -> tuple[float | None, str | None]:
         prev.wait_stream(side)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph, stream=side):
-            out = fn()  # kept until the graph is reset: the replays write to its memory
+            try:
+                out = fn()  # kept until the graph is reset: the replays write to its memory
+            except Exception as e:
+                in_capture.append(e)
+                raise
     except Exception as e:  # a synchronising call, an allocation outside the pool, an unsupported op
         # capture_end raising inside torch.cuda.graph's __exit__ skips its stream context's exit
         torch.cuda.set_stream(prev)
         out = None
         _release(graph)
         _check_cuda_after_failure(e)
-        return None, f"not capturable: {_reason(e)}"
+        where = "not capturable" if in_capture or "captur" in str(e) else "warm-up failed"
+        return None, f"{where}: {_reason(in_capture[0] if in_capture else e)}"
     flush = None
     try:
-        flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+        flush = _l2_flush_buffer()
         graph.replay()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -240,6 +246,11 @@ def graph_time_ms(fn, rep_ms: float = 100.0) -> tuple[float | None, str | None]:
     finally:
         del out, flush
         _release(graph)
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    """What :func:`graph_time_ms` zeroes before each replay: ``L2_FLUSH_BYTES`` on the GPU."""
+    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
 
 
 def _release(graph) -> None:
