@@ -621,9 +621,9 @@ COLUMN_LEGEND = {
     "tflops": "FLOPs / ms (TFLOP/s); pct_matmul_peak: its share of the measured bf16 matmul ceiling.",
     "graph_tflops": "the same FLOPs / graph_ms; graph_pct_matmul_peak: its share of the matmul ceiling.",
     "peak_mem_mib": "peak CUDA memory one call allocates above what was allocated before it (MiB).",
-    "speedup_vs_": "speedup_vs_X: X's ms / this row's ms, within the case.",
-    "graph_speedup_vs_": "graph_speedup_vs_X: X's graph_ms / this row's graph_ms, within the case (rows "
-                         "where both were captured).",
+    "speedup_vs_": "variant X's ms / this row's ms, within the case.",
+    "graph_speedup_vs_": "variant X's graph_ms / this row's graph_ms, within the case (rows where both were "
+                         "captured).",
     "meets_target": "whether the row meets the op's target; judged on graph_ms where the row and every row "
                     "it is compared with have one, else on ms (target_basis says which).",
 }
@@ -641,8 +641,8 @@ def legend_lines(cols: list) -> list:
     """``- `col`: meaning`` lines of :data:`COLUMN_LEGEND` for the columns in ``cols``."""
     lines = []
     for key, text in COLUMN_LEGEND.items():
-        if key.endswith("_"):
-            shown = any(c.startswith(key) and not (key == "speedup_vs_" and c.startswith("graph_")) for c in cols)
+        if key.endswith("_"):  # a prefix ("graph_speedup_vs_eager" does not start with "speedup_vs_")
+            shown = any(c.startswith(key) for c in cols)
         else:
             shown = key in cols
         if shown:
