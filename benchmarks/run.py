@@ -6,6 +6,8 @@
 Writes ``DIR/results.json`` and ``DIR/results.md`` (again after every row, so a run cut by a
 timeout keeps what it measured; the module then running is named under Errors) and prints a
 short table last. ``results.md`` ends with a legend of its columns (``harness.COLUMN_LEGEND``).
+``--budget-s``: no module starts once the budget is spent, and the modules leave out optional
+variants (torch.compile first) when little of it is left (``Context.time_left``).
 
 Each op row has three times (``harness.measure``): ``ms``, the eager call (CUDA events around
 each call of a loop: launch overhead included where the CPU is slower than the GPU, as at MAE
@@ -15,16 +17,14 @@ shapes); ``host_ms``, the CPU's time to enqueue one call (``host_ms >= ms``: lau
 targets (``meets_target``) are judged where every row compared was captured. Rows whose call
 cannot be captured (torch.compile variants, synchronising calls) have no graph columns; the
 skipped list says why (entries with ``column: graph_ms``). Step rows have ``host_ms`` (the time
-to enqueue one training step) but no graph time. ``--budget-s``: no module starts once the budget is spent, and the modules
-leave out optional variants (torch.compile first) when little of it is left
-(``Context.time_left``).
+to enqueue one training step) but no graph time.
 
 ``--smoke`` runs every module on the CPU at tiny shapes (batch 2-4, small widths, depths and
 token counts), the Triton kernels under Triton's interpreter, through the same variant
 functions, op calls and row bookkeeping as on the GPU: it proves the benchmarks run (imports,
-API calls, shapes), not how fast anything is. Timing is one ``perf_counter``-timed
-call (``host_ms`` the same figure, no CUDA graph: one skipped entry says so), peak memory is None, the copy / matmul ceilings are crude CPU figures (the markdown says
-so), ``torch.compile`` variants and CUDA-only ones (SDPA efficient / cuDNN, nvjpeg decode) are
+API calls, shapes), not how fast anything is. Timing is one ``perf_counter``-timed call
+(``host_ms`` the same figure, no CUDA graph: one skipped entry says so), peak memory is None,
+the copy / matmul ceilings are crude CPU figures (the markdown says so), ``torch.compile`` variants and CUDA-only ones (SDPA efficient / cuDNN, nvjpeg decode) are
 left out, and the GpuLoader takes its synchronous (no side stream) path. ``TRITON_INTERPRET=1``
 must be set before mimfast's kernels are imported; ``--smoke`` sets it when nothing imported
 them yet. ``--quick`` still narrows the cases. ``tests/test_benchmarks_smoke.py`` runs every

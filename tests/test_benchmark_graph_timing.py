@@ -348,4 +348,5 @@ def test_measure_on_cuda_and_off(fake_cuda, monkeypatch):
     assert t == harness.Timing(1.5, host_ms=2.5, graph_note=harness.NO_GRAPH_COMPILED)
     assert harness.measure(lambda: None, graph=False).graph_note
     harness._active["device"] = "cpu"  # a smoke run: the host time is the call's, no graph
-    assert harness.measure(lambda: None) == harness.Timing(1.5, host_ms=1.5, graph_note=harness.NO_GRAPH_OFF_CUDA)
+    want = harness.Timing(1.5, host_ms=1.5, graph_note=harness.NO_GRAPH_OFF_CUDA)
+    assert harness.measure(lambda: None) == want
