@@ -24,10 +24,10 @@ token counts), the Triton kernels under Triton's interpreter, through the same v
 functions, op calls and row bookkeeping as on the GPU: it proves the benchmarks run (imports,
 API calls, shapes), not how fast anything is. Timing is one ``perf_counter``-timed call
 (``host_ms`` the same figure, no CUDA graph: one skipped entry says so), peak memory is None,
-the copy / matmul ceilings are crude CPU figures (the markdown says so), ``torch.compile`` variants and CUDA-only ones (SDPA efficient / cuDNN, nvjpeg decode) are
-left out, and the GpuLoader takes its synchronous (no side stream) path. ``TRITON_INTERPRET=1``
-must be set before mimfast's kernels are imported; ``--smoke`` sets it when nothing imported
-them yet. ``--quick`` still narrows the cases. ``tests/test_benchmarks_smoke.py`` runs every
+the copy / matmul ceilings are crude CPU figures (the markdown says so), ``torch.compile``
+variants and CUDA-only ones (SDPA efficient / cuDNN, nvjpeg decode) are left out, and the
+GpuLoader takes its synchronous (no side stream) path. ``TRITON_INTERPRET=1`` must be set
+before mimfast's kernels are imported; ``--smoke`` sets it when nothing imported them yet. ``--quick`` still narrows the cases. ``tests/test_benchmarks_smoke.py`` runs every
 module this way (about 40 s on 2 cores).
 """
 
