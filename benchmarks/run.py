@@ -27,8 +27,9 @@ API calls, shapes), not how fast anything is. Timing is one ``perf_counter``-tim
 the copy / matmul ceilings are crude CPU figures (the markdown says so), ``torch.compile``
 variants and CUDA-only ones (SDPA efficient / cuDNN, nvjpeg decode) are left out, and the
 GpuLoader takes its synchronous (no side stream) path. ``TRITON_INTERPRET=1`` must be set
-before mimfast's kernels are imported; ``--smoke`` sets it when nothing imported them yet. ``--quick`` still narrows the cases. ``tests/test_benchmarks_smoke.py`` runs every
-module this way (about 40 s on 2 cores).
+before mimfast's kernels are imported; ``--smoke`` sets it when nothing imported them yet.
+``--quick`` still narrows the cases. ``tests/test_benchmarks_smoke.py`` runs every module this
+way (about 40 s on 2 cores).
 """
 
 from __future__ import annotations
