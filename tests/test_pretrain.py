@@ -220,7 +220,8 @@ def test_nonfinite_losses_stop_the_run(tmp_path):
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_process_gloo_ddp_equals_one_process(tmp_path, fsdp):
-    one = _cfg(tmp_path / "one", batch_size=8, epochs=1)
+    # both on the CPU (fp32): on a GPU machine the one-process run would default to cuda and bf16
+    one = _cfg(tmp_path / "one", batch_size=8, epochs=1, device="cpu")
     pretrain(one)
     values = dict(TINY, batch_size=4, epochs=1, device="cpu", fsdp=fsdp, vis_every=1)
     pretrain_processes(2, tmp_path / "two", values)
