@@ -445,19 +445,17 @@ def test_fsdp_units_run_their_own_forward():
     """FSDP2 turns each block into an FSDP unit whose forward gathers its parameters: the fused
     stack must not bypass it (it falls back to the plain loop)."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     from mimfast.models import mae_vit_tiny_patch16
     from mimfast.nn import can_fuse_blocks
+    from mimfast.train.sharding import shard_model
     from runs import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model = mae_vit_tiny_patch16(img_size=32, depth=2, decoder_depth=1)
         assert can_fuse_blocks(model.blocks, model.norm)
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        shard_model(model)  # the training program's sharding: every block, then the root (a CPU mesh: gloo)
         assert not can_fuse_blocks(model.blocks, model.norm)
     finally:
         dist.destroy_process_group()

@@ -139,6 +139,31 @@ def test_fsdp_shards_beit_blocks():
         dist.destroy_process_group()
 
 
+def test_fsdp_mesh_is_on_the_models_device_not_the_machines_accelerator(monkeypatch):
+    """A CPU (gloo) run shards over a CPU mesh even where the machine has an accelerator:
+    ``fully_shard``'s default mesh is on ``torch._C._get_accelerator()``, which put rank 1 of the
+    H200 run's two gloo processes on cuda:1 ('invalid device ordinal') and would move the shards
+    to the GPU. The accelerator is faked as CUDA here, so a CPU-only machine checks it too."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from mimfast.models import create_model
+    from mimfast.train.sharding import shard_model
+
+    model = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                         decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, kernels="eager")
+    _one_process_group()
+    try:
+        monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+        shard_model(model)
+        params = list(model.parameters())
+        assert params and all(isinstance(p, DTensor) for p in params)
+        assert {p.device_mesh.device_type for p in params} == {"cpu"}
+        assert {p.to_local().device.type for p in params} == {"cpu"}
+    finally:
+        dist.destroy_process_group()
+
+
 def test_grad_scaler_agrees_across_ranks_when_sharded():
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 

@@ -12,16 +12,28 @@ from torch import nn
 __all__ = ["shard_model", "full_state_dicts", "load_full_state_dicts", "grad_scaler"]
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, device_type: str | None = None) -> nn.Module:
+    """Make every transformer block and then the root an FSDP2 unit, over one mesh of all the
+    processes on ``device_type`` (the run's device type: ``"cuda"`` with NCCL, ``"cpu"`` with
+    gloo); by default the type of the model's parameters, which must already be on the run's
+    device. The mesh is built here rather than left to ``fully_shard``: its default is a mesh on
+    the machine's accelerator whatever the run's device, so a CPU (gloo) run on a machine with one
+    GPU put rank r on ``cuda:r`` ('invalid device ordinal' from rank 1) and would have moved the
+    model's shards to the GPU."""
+    import torch.distributed as dist
     from timm.models.vision_transformer import Block
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from mimfast.models.beit import BEiTBlock
 
+    if device_type is None:
+        device_type = next(model.parameters(), torch.empty(0)).device.type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     blocks = [m for m in model.modules() if isinstance(m, (Block, BEiTBlock)) or type(m).__name__ == "Block"]
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
