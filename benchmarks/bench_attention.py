@@ -93,6 +93,7 @@ def _alt_configs(S: int, Dh: int, bias: bool) -> dict:
     if bias and S > 64:
         alts["mimfast_bias_grad_tiled"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4)
         alts["mimfast_bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
+        alts["mimfast_bias_grad_regs_m16"] = replace(base, dq_block_m=16, dq_block_n=s_pad, dq_warps=8)
         alts["mimfast_bias_one_batch"] = replace(base, bias_batches=1)
     return {k: v for k, v in alts.items() if v != base}
 

@@ -16,10 +16,15 @@ and (f) mimfast+cudagraphs — ``torch.compile(mode="reduce-overhead")`` of (d),
 replayed from CUDA graphs (``mimfast pretrain --compile --compile-mode reduce-overhead``): for both
 MAE cases in full runs, for MAE ViT-B/16 in --quick runs too (the launch-bound shape where it shows
 the kernels' speed), after the other compile variants and only while the compile budget lasts;
-and two ablations of (d), so a run shows what each block fusion is worth:
+and two ablations of (d), so a run shows what each block fusion is worth. BEiT runs its blocks
+fused by default, so its ablations switch fusions off:
   mimfast-no-fused-mlp — (d) with ``fused_mlp=False`` (the MLP keeps gelu(h) as eager does)
   mimfast-no-fused-blocks — (d) with ``fused_norm=False`` (plain blocks: residual add, LayerNorm
                 and MLP as timm runs them; attention, masking and loss still on kernels)
+MAE runs them unfused by default (the H200 run measured it faster so), so its ablations switch
+them on:
+  mimfast+fused-blocks — (d) with ``fused_norm=True`` (residual add + LayerNorm and the MLP fused)
+  mimfast+fused-norm-only — (d) with ``fused_norm=True, fused_mlp=False``
 
     python -m benchmarks.run --out DIR --only step
 
@@ -66,8 +71,10 @@ SMOKE_BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 2,
                                  dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=64))}
 SMOKE_BEIT_MASKED = 6  # of 16 patches
 # (variant, kernels, timm SDPA, compile, model kwargs): (d) with one block fusion off
-ABLATIONS = [("mimfast-no-fused-mlp", "auto", False, False, {"fused_mlp": False}),
-             ("mimfast-no-fused-blocks", "auto", False, False, {"fused_norm": False})]
+BEIT_ABLATIONS = [("mimfast-no-fused-mlp", "auto", False, False, {"fused_mlp": False}),
+                  ("mimfast-no-fused-blocks", "auto", False, False, {"fused_norm": False})]
+MAE_ABLATIONS = [("mimfast+fused-blocks", "auto", False, False, {"fused_norm": True}),
+                 ("mimfast+fused-norm-only", "auto", False, False, {"fused_norm": True, "fused_mlp": False})]
 
 
 def _linear_flops(tokens: int, d_in: int, d_out: int) -> int:
@@ -252,7 +259,7 @@ def _mae_cases(ctx, compile_spent):
 
         variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
-                    ("mimfast+compile", "auto", False, True, {})] + ABLATIONS
+                    ("mimfast+compile", "auto", False, True, {})] + MAE_ABLATIONS
         if not ctx.quick or case == QUICK_CUDAGRAPHS_CASE:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
         for variant, kernels, sdpa, comp, extra in variants:
@@ -300,7 +307,7 @@ def _beit_cases(ctx, compile_spent):
         # its mask (timm's Beit does so), everything else eager
         variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
-                    ("mimfast+compile", "auto", False, True, {})] + ABLATIONS
+                    ("mimfast+compile", "auto", False, True, {})] + BEIT_ABLATIONS
         for variant, kernels, sdpa, comp, extra in variants:
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
