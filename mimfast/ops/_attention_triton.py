@@ -7,6 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.attention import AttentionConfig, attention_backward, attention_forward
+from mimfast.ops._custom_op import kernel_op
 
 __all__ = ["attention_triton", "allow_tf32"]
 
@@ -22,9 +23,10 @@ def allow_tf32() -> bool:
 
 
 # The kernel launches as torch.library custom ops (fakes give shapes only), so
-# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher. A
-# ``config`` override (benchmarks comparing tilings) calls the launchers directly.
-@torch.library.custom_op("mimfast::attention_fwd", mutates_args=())
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher
+# (eager calls skip the dispatcher: mimfast.ops._custom_op). A ``config`` override
+# (benchmarks comparing tilings) calls the launchers directly.
+@kernel_op("mimfast::attention_fwd")
 def _attention_fwd(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, scale: float | None,
                    tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_forward(qkv, num_heads, bias, scale, allow_tf32=tf32)
@@ -36,7 +38,7 @@ def _(qkv, bias, num_heads, scale, tf32):
     return (qkv.new_empty((B, S, three_hd // 3)), qkv.new_empty((B, num_heads, S), dtype=torch.float32))
 
 
-@torch.library.custom_op("mimfast::attention_bwd", mutates_args=())
+@kernel_op("mimfast::attention_bwd")
 def _attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
                    bias: torch.Tensor | None, num_heads: int, scale: float | None, need_bias_grad: bool,
                    tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,13 +8,15 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.gelu import gelu_bwd_recompute
+from mimfast.ops._custom_op import kernel_op
 
 __all__ = ["gelu_linear_triton"]
 
 
 # The kernel launch as a torch.library custom op (the fake gives shapes only), so
-# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher.
-@torch.library.custom_op("mimfast::gelu_bwd_recompute", mutates_args=())
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher
+# (eager calls skip the dispatcher: mimfast.ops._custom_op).
+@kernel_op("mimfast::gelu_bwd_recompute")
 def _gelu_bwd(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gelu_bwd_recompute(h, da)
 

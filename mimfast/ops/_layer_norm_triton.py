@@ -7,6 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.layer_norm import add_layer_norm_bwd, add_layer_norm_fwd, result_dtypes
+from mimfast.ops._custom_op import kernel_op
 
 __all__ = ["add_layer_norm_triton"]
 
@@ -17,8 +18,9 @@ def _dtypes(x, residual, scale):
 
 
 # The kernel launches as torch.library custom ops (fakes give shapes only), so
-# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher.
-@torch.library.custom_op("mimfast::add_layer_norm_fwd", mutates_args=())
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher
+# (eager calls skip the dispatcher: mimfast.ops._custom_op).
+@kernel_op("mimfast::add_layer_norm_fwd")
 def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
          scale: torch.Tensor | None, eps: float, out_dtype: torch.dtype
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,7 +36,7 @@ def _(x, residual, weight, bias, scale, eps, out_dtype):
             x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
 
 
-@torch.library.custom_op("mimfast::add_layer_norm_bwd", mutates_args=())
+@kernel_op("mimfast::add_layer_norm_bwd")
 def _bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor | None,
          weight: torch.Tensor | None, scale: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
          x_dtype: torch.dtype, res_dtype: torch.dtype, need_dx: bool, need_dres: bool, need_dw: bool,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from mimfast.kernels.linear_ce import cross_entropy_fwd_grad_
+from mimfast.ops._custom_op import kernel_op
 
 __all__ = ["LinearCrossEntropy", "linear_cross_entropy_triton", "CHUNK_BYTES"]
 
@@ -109,8 +110,9 @@ def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, n
 
 # The whole chunked forward as one torch.library custom op (the fake gives shapes only), so
 # torch.compile(fullgraph=True) traces the Function without entering the chunk loop or
-# Triton's launcher. Gradients that are not needed come back as empty tensors.
-@torch.library.custom_op("mimfast::linear_ce_fwd", mutates_args=())
+# Triton's launcher (registered through mimfast.ops._custom_op). Gradients that are not
+# needed come back as empty tensors.
+@kernel_op("mimfast::linear_ce_fwd")
 def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                       ignore_index: int, chunk_rows: int, need_h: bool, need_w: bool, need_b: bool,
                       cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

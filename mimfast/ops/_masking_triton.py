@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mimfast.kernels import masking as _k
+from mimfast.ops._custom_op import kernel_op
 from mimfast.ops.masking import num_kept
 
 __all__ = ["MASKING_METHOD", "random_masking_triton", "unshuffle_with_mask_token_triton"]
@@ -23,12 +24,12 @@ MASKING_METHOD = "count"
 
 # The kernel launches are registered as torch.library custom ops with fake (shape-only)
 # implementations, so torch.compile(fullgraph=True) traces the autograd Functions below
-# without entering Triton's launcher. A gradient that is not needed comes back as an empty
-# tensor (custom ops cannot return None).
+# without entering Triton's launcher (eager calls skip the dispatcher: mimfast.ops._custom_op).
+# A gradient that is not needed comes back as an empty tensor (custom ops cannot return None).
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("mimfast::masking_fwd", mutates_args=())
+@kernel_op("mimfast::masking_fwd")
 def _masking_fwd(x: torch.Tensor, pos: torch.Tensor | None, noise: torch.Tensor, K: int,
                  out_dtype: torch.dtype, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, mask, ids_restore, _ = _k.masking_forward(x, pos, noise, K, out_dtype=out_dtype, method=method)
@@ -42,7 +43,7 @@ def _(x, pos, noise, K, out_dtype, method):
             noise.new_empty((N, L), dtype=torch.int64))
 
 
-@torch.library.custom_op("mimfast::masking_bwd", mutates_args=())
+@kernel_op("mimfast::masking_bwd")
 def _masking_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, L: int, x_dtype: torch.dtype | None,
                  pos_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     gx, gpos = _k.masking_backward(grad_out.contiguous(), ids_restore, L, x_dtype, pos_dtype)
@@ -58,7 +59,7 @@ def _(grad_out, ids_restore, L, x_dtype, pos_dtype):
     return gx, gpos
 
 
-@torch.library.custom_op("mimfast::unshuffle_fwd", mutates_args=())
+@kernel_op("mimfast::unshuffle_fwd")
 def _unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor | None,
                    out_dtype: torch.dtype) -> torch.Tensor:
     return _k.unshuffle_forward(x, mask_token, ids_restore, pos, out_dtype=out_dtype)
@@ -69,7 +70,7 @@ def _(x, mask_token, ids_restore, pos, out_dtype):
     return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=out_dtype)
 
 
-@torch.library.custom_op("mimfast::unshuffle_bwd", mutates_args=())
+@kernel_op("mimfast::unshuffle_bwd")
 def _unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
                    mt_dtype: torch.dtype, pos_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gmt, gpos = _k.unshuffle_backward(grad_out.contiguous(), ids_restore, K, x_dtype, mt_dtype, pos_dtype)

@@ -17,16 +17,18 @@ import torch
 
 from mimfast.kernels import masking as _km
 from mimfast.kernels import patch_embed as _kp
+from mimfast.ops._custom_op import kernel_op
 from mimfast.ops._masking_triton import _masking_bwd
 from mimfast.ops.masking import num_kept
 
 __all__ = ["masked_patch_embed_triton"]
 
 # Kernel launches as torch.library custom ops (fake implementations give shapes only), so
-# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher.
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher
+# (eager calls skip the dispatcher: mimfast.ops._custom_op).
 
 
-@torch.library.custom_op("mimfast::mask_ids", mutates_args=())
+@kernel_op("mimfast::mask_ids")
 def _mask_ids(noise: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, mask, ids_restore, ids_keep = _km.masking_forward(None, None, noise, K, write_ids_keep=True)
     return mask, ids_restore, ids_keep
@@ -39,7 +41,7 @@ def _(noise, K):
             noise.new_empty((N, K), dtype=torch.int32))
 
 
-@torch.library.custom_op("mimfast::gather_patches", mutates_args=())
+@kernel_op("mimfast::gather_patches")
 def _gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
     return _kp.gather_patches(imgs, ids_keep, p, dtype)
 
@@ -50,7 +52,7 @@ def _(imgs, ids_keep, p, dtype):
     return imgs.new_empty((N * K, imgs.shape[1] * p * p), dtype=dtype)
 
 
-@torch.library.custom_op("mimfast::scatter_patches", mutates_args=())
+@kernel_op("mimfast::scatter_patches")
 def _scatter_patches(patches: torch.Tensor, ids_keep: torch.Tensor, p: int, imgs_shape: list[int],
                      dtype: torch.dtype) -> torch.Tensor:
     imgs = torch.zeros(imgs_shape, dtype=dtype, device=patches.device)
@@ -62,7 +64,7 @@ def _(patches, ids_keep, p, imgs_shape, dtype):
     return patches.new_empty(imgs_shape, dtype=dtype)
 
 
-@torch.library.custom_op("mimfast::embed_epilogue", mutates_args=())
+@kernel_op("mimfast::embed_epilogue")
 def _embed_epilogue(y: torch.Tensor, bias: torch.Tensor | None, pos: torch.Tensor | None, ids_keep: torch.Tensor,
                     out_dtype: torch.dtype) -> torch.Tensor:
     return _kp.embed_epilogue(y, bias, pos, ids_keep, out_dtype)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch
 
 from mimfast.kernels.patch_loss import patch_loss_bwd_scale_, patch_loss_fwd
+from mimfast.ops._custom_op import kernel_op
 
 __all__ = ["MaskedPatchLoss", "masked_patch_loss_triton"]
 
 
 # The kernel launch as a torch.library custom op (the fake gives shapes only), so
-# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher.
-@torch.library.custom_op("mimfast::patch_loss_fwd", mutates_args=())
+# torch.compile(fullgraph=True) traces the Function without entering Triton's launcher
+# (eager calls skip the dispatcher: mimfast.ops._custom_op).
+@kernel_op("mimfast::patch_loss_fwd")
 def _patch_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
                     loss: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, loss, eps)
