@@ -8,8 +8,8 @@ launches it can cost more than the kernels (a CPU-bound training step). This mea
   to ``wall_us`` means the op is CPU-bound at this shape). Default shapes are MAE ViT-B's
   (B = 256, 50 encoder tokens, decoder 197 tokens of 512).
 - CPU: the Triton kernels' launches are replaced by no-ops (:func:`stubbed_kernels`; the
-  interpreter is switched on so the ops take their Triton path), so ``host_us`` is everything but
-  the kernels. Tiny shapes keep eager's arithmetic negligible.
+  interpreter is switched on so the ops take their Triton path), so ``host_us`` (the thread's
+  CPU time) is everything but the kernels. Tiny shapes keep eager's arithmetic negligible.
 
 Rows: op, backend (triton / eager), ``fwd`` (forward with gradient tracking on, graph dropped)
 and ``fwd+bwd`` (forward, then ``torch.autograd.backward`` with fixed incoming gradients).
@@ -113,22 +113,25 @@ def _cases(device: str, smoke: bool):
 
 def _time(fn, n: int, warmup: int, cuda: bool, repeat: int) -> tuple[float, float]:
     """(host us per call, wall us per call including the final synchronize): the fastest of
-    ``repeat`` loops of ``n`` calls (other processes only ever add time)."""
+    ``repeat`` loops of ``n`` calls (other processes only ever add time). On the CPU (kernels
+    stubbed) host time is this thread's CPU time, which a shared machine's other processes
+    disturb far less than wall time; on CUDA it is wall time (a full launch queue blocks)."""
+    clock = time.perf_counter if cuda else time.thread_time
     for _ in range(warmup):
         fn()
     best = None
     for _ in range(repeat):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), clock()
         for _ in range(n):
             fn()
-        t1 = time.perf_counter()
+        c1 = clock()
         if cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        if best is None or t1 - t0 < best[0]:
-            best = (t1 - t0, t2 - t0)
+        if best is None or c1 - c0 < best[0]:
+            best = (c1 - c0, max(t2 - t0, c1 - c0))
     return best[0] / n * 1e6, best[1] / n * 1e6
 
 
