@@ -11,8 +11,10 @@ launches it can cost more than the kernels (a CPU-bound training step). This mea
   interpreter is switched on so the ops take their Triton path), so ``host_us`` (the thread's
   CPU time) is everything but the kernels. Tiny shapes keep eager's arithmetic negligible.
 
-Rows: op, backend (triton / eager), ``fwd`` (forward with gradient tracking on, graph dropped)
-and ``fwd+bwd`` (forward, then ``torch.autograd.backward`` with fixed incoming gradients).
+Rows: op; variant: ``triton``, ``triton_dispatch`` (the Triton path with every kernel launch
+through the dispatcher, as before :mod:`mimfast.ops._custom_op` skipped it in eager mode) or
+``eager``; ``fwd`` (forward with gradient tracking on, graph dropped) or ``fwd+bwd`` (forward,
+then ``torch.autograd.backward`` with fixed incoming gradients).
 
     python -m benchmarks.host_overhead [--smoke] [--n 100] [--repeat 5] [--device cpu|cuda] [--json out.json]
 """
@@ -54,9 +56,11 @@ def stubbed_kernels():
 
     from triton.runtime.jit import KernelInterface
 
+    # import them all first: a module imported while another is stubbed would keep the stub of a
+    # helper it imports from it
+    modules = [importlib.import_module(f"mimfast.kernels.{name}") for name in KERNEL_MODULES]
     saved = []
-    for name in KERNEL_MODULES:
-        mod = importlib.import_module(f"mimfast.kernels.{name}")
+    for mod in modules:
         for attr, value in list(vars(mod).items()):
             if isinstance(value, KernelInterface):
                 saved.append((mod, attr, value))
@@ -111,33 +115,47 @@ def _cases(device: str, smoke: bool):
     }
 
 
-def _time(fn, n: int, warmup: int, cuda: bool, repeat: int) -> tuple[float, float]:
-    """(host us per call, wall us per call including the final synchronize): the fastest of
-    ``repeat`` loops of ``n`` calls (other processes only ever add time). On the CPU (kernels
-    stubbed) host time is this thread's CPU time, which a shared machine's other processes
-    disturb far less than wall time; on CUDA it is wall time (a full launch queue blocks)."""
-    clock = time.perf_counter if cuda else time.thread_time
-    for _ in range(warmup):
+def _clock(cuda: bool):
+    # CPU (kernels stubbed): this thread's CPU time, which a shared machine's other processes
+    # disturb far less than wall time; CUDA: wall time (a full launch queue blocks the host)
+    return time.perf_counter if cuda else time.thread_time
+
+
+def _loop(fn, n: int, cuda: bool) -> tuple[float, float]:
+    """(host seconds, wall seconds including the final synchronize) of n calls."""
+    clock = _clock(cuda)
+    if cuda:
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), clock()
+    for _ in range(n):
         fn()
-    best = None
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), clock()
-        for _ in range(n):
-            fn()
-        c1 = clock()
-        if cuda:
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        if best is None or c1 - c0 < best[0]:
-            best = (c1 - c0, max(t2 - t0, c1 - c0))
-    return best[0] / n * 1e6, best[1] / n * 1e6
+    c1 = clock()
+    if cuda:
+        torch.cuda.synchronize()
+    return c1 - c0, max(time.perf_counter() - t0, c1 - c0)
+
+
+@contextlib.contextmanager
+def _variant(name: str):
+    """``triton_dispatch``: the Triton path with every kernel launch through the registered
+    custom op (mimfast.ops._custom_op.ALWAYS_DISPATCH), the cost before eager calls skipped it."""
+    from mimfast.ops import _custom_op
+
+    _custom_op.ALWAYS_DISPATCH = name == "triton_dispatch"
+    try:
+        yield "eager" if name == "eager" else "triton"
+    finally:
+        _custom_op.ALWAYS_DISPATCH = False
+
+
+VARIANTS = ("triton", "triton_dispatch", "eager")
 
 
 def measure(device: str = "cpu", n: int = 100, warmup: int = 20, smoke: bool = False,
             ops_only: tuple[str, ...] | None = None, repeat: int = 5) -> list[dict]:
-    """One row per (op, backend, mode) with host_us and wall_us per call."""
+    """One row per (op, variant, mode) with host_us and wall_us per call: the fastest of
+    ``repeat`` loops of ``n`` calls (other processes only ever add time), the variants' loops
+    interleaved so that a slow spell of the machine hits them alike."""
     cuda = device == "cuda"
     stub = stubbed_kernels() if not cuda else contextlib.nullcontext()
     rows = []
@@ -145,20 +163,29 @@ def measure(device: str = "cpu", n: int = 100, warmup: int = 20, smoke: bool = F
         for name, call in _cases(device, smoke).items():
             if ops_only and name not in ops_only:
                 continue
-            for backend in ("triton", "eager"):
-                outs = call(backend)
-                grads = [torch.randn_like(o) for o in outs]
+            outs = call("eager")
+            grads = [torch.randn_like(o) for o in outs]
+            for mode in ("fwd", "fwd+bwd"):
+                def fn(backend, call=call, mode=mode):
+                    out = call(backend)
+                    if mode == "fwd+bwd":
+                        torch.autograd.backward(out, grads)
 
-                def fwd(call=call, backend=backend):
-                    call(backend)
-
-                def fwd_bwd(call=call, backend=backend, grads=grads):
-                    torch.autograd.backward(call(backend), grads)
-
-                for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                    host, wall = _time(fn, n, warmup, cuda, repeat)
-                    rows.append(dict(op=name, backend=backend, mode=mode, host_us=round(host, 1),
-                                     wall_us=round(wall, 1), device=device, stubbed=not cuda))
+                best = {}
+                for variant in VARIANTS:
+                    with _variant(variant) as backend:
+                        for _ in range(warmup):
+                            fn(backend)
+                for _ in range(repeat):
+                    for variant in VARIANTS:
+                        with _variant(variant) as backend:
+                            host, wall = _loop(lambda: fn(backend), n, cuda)
+                        if variant not in best or host < best[variant][0]:
+                            best[variant] = (host, wall)
+                for variant in VARIANTS:
+                    host, wall = best[variant]
+                    rows.append(dict(op=name, backend=variant, mode=mode, host_us=round(host / n * 1e6, 1),
+                                     wall_us=round(wall / n * 1e6, 1), device=device, stubbed=not cuda))
     return rows
 
 
@@ -180,12 +207,14 @@ def main(argv=None) -> list[dict]:
     rows = measure(args.device, n, warmup, args.smoke, tuple(args.ops) if args.ops else None, repeat)
     stubbed = ", kernels stubbed" if args.device == "cpu" else ""
     print(f"host overhead per call, us ({args.device}{stubbed}; fastest of {repeat} loops of {n} calls)")
-    print(f"{'op':28s} {'mode':8s} {'triton host_us':>15s} {'eager host_us':>14s} {'triton wall_us':>15s} "
-          f"{'eager wall_us':>14s}")
+    heads = " ".join(f"{v[:10]:>10s}" for v in ("triton", "dispatch", "eager"))
+    print(f"{'':26s} {'':8s} {'host_us':>32s}   {'wall_us':>32s}")
+    print(f"{'op':26s} {'mode':8s} {heads}   {heads}")
     by = {(r["op"], r["mode"], r["backend"]): r for r in rows}
     for op, mode in dict.fromkeys((r["op"], r["mode"]) for r in rows):
-        t, e = by[(op, mode, "triton")], by[(op, mode, "eager")]
-        print(f"{op:28s} {mode:8s} {t['host_us']:15.1f} {e['host_us']:14.1f} {t['wall_us']:15.1f} {e['wall_us']:14.1f}")
+        host = " ".join(f"{by[(op, mode, v)]['host_us']:10.1f}" for v in VARIANTS)
+        wall = " ".join(f"{by[(op, mode, v)]['wall_us']:10.1f}" for v in VARIANTS)
+        print(f"{op:26s} {mode:8s} {host}   {wall}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

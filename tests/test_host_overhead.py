@@ -3,6 +3,8 @@ kernel stubs it installs are taken away again: later tests run the real kernels)
 mimfast.ops._custom_op.kernel_op, the mechanism that cut that overhead: eager calls run the
 implementation directly, a dispatch mode or torch.compile sees the registered op."""
 
+import importlib
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -17,10 +19,16 @@ def test_host_overhead_smoke():
     kernel = layer_norm._add_ln_fwd_kernel
     rows = host_overhead.measure(DEVICE, n=2, warmup=1, smoke=True, repeat=1)
     assert layer_norm._add_ln_fwd_kernel is kernel
+    for name in host_overhead.KERNEL_MODULES:  # nor a helper one module imports from another
+        module = importlib.import_module(f"mimfast.kernels.{name}")
+        assert not any(isinstance(v, host_overhead._NoLaunch) for v in vars(module).values()), name
+    from mimfast.ops import _custom_op
+
+    assert _custom_op.ALWAYS_DISPATCH is False
     ops = {r["op"] for r in rows}
     assert {"add_layer_norm", "attention", "gelu_linear", "random_masking", "unshuffle_with_mask_token",
             "masked_patch_loss", "masked_patch_embed"} <= ops
-    assert len(rows) == 4 * len(ops)  # (triton, eager) x (fwd, fwd+bwd)
+    assert len(rows) == 6 * len(ops)  # (triton, triton_dispatch, eager) x (fwd, fwd+bwd)
     assert all(r["host_us"] > 0 and r["wall_us"] >= r["host_us"] for r in rows)
 
 

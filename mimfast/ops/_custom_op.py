@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kernel_op"]
+__all__ = ["kernel_op", "ALWAYS_DISPATCH"]
+
+# True: every call goes through the registered op, as before this module existed
+# (benchmarks.host_overhead's "triton_dispatch" rows measure what skipping it saves).
+ALWAYS_DISPATCH = False
 
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -42,7 +46,7 @@ def kernel_op(name: str, *, mutates_args=()):
         op = torch.library.custom_op(name, impl, mutates_args=mutates_args)
 
         def call(*args, **kwargs):
-            if _is_compiling() or _dispatch_modes() or _functorch_active():
+            if ALWAYS_DISPATCH or _is_compiling() or _dispatch_modes() or _functorch_active():
                 return op(*args, **kwargs)
             if _grad_enabled():  # e.g. a backward with create_graph=True
                 with _no_grad():
