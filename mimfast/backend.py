@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -31,6 +32,7 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache  # every op call asks: the import statement alone cost microseconds each time
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
