@@ -63,7 +63,7 @@ from mimfast.models import VIT_HEADS_BY_WIDTH
 from mimfast.models.mmpretrain_beit import (BEIT_PRESETS, _beit_from_mmpretrain, _beit_model_config,
                                             _beit_to_mmpretrain, _beit_what_else, _is_beit_layout, _is_mimfast_beit,
                                             dalle_from_mmpretrain)
-from mimfast.models.mmpretrain_cfg import (_DROPPED, _depth, _encoder_heads, _get, _has,
+from mimfast.models.mmpretrain_cfg import (_DROPPED, _depth, _encoder_heads, _get, _has, _map_keys,
                                            _type_name, parse_config_text)
 
 __all__ = ["is_mmpretrain_state_dict", "from_mmpretrain", "to_mmpretrain", "mmpretrain_model_config",
@@ -87,13 +87,14 @@ _FIXED = {
     "neck.decoder_pred.bias": "decoder_pred.bias",
 }
 _FIXED_BACK = {v: k for k, v in _FIXED.items()}
-_LAYER = {"ln1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "ln2": "norm2",
-          "ffn.layers.0.0": "mlp.fc1", "ffn.layers.1": "mlp.fc2"}
+_LAYER_NAMES = (("ln1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("ln2", "norm2"),
+                ("ffn.layers.0.0", "mlp.fc1"), ("ffn.layers.1", "mlp.fc2"))
+_LAYER = {f"{mm}.{p}": f"{mf}.{p}" for mm, mf in _LAYER_NAMES for p in ("weight", "bias")}
 _LAYER_BACK = {v: k for k, v in _LAYER.items()}
 _STACKS = {"backbone.layers": "blocks", "neck.decoder_blocks": "decoder_blocks"}
 _STACKS_BACK = {v: k for k, v in _STACKS.items()}
-_MM_LAYER_RE = re.compile(r"(backbone\.layers|neck\.decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
-_MF_LAYER_RE = re.compile(r"(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
+_MM_LAYER_RE = re.compile(r"(backbone\.layers|neck\.decoder_blocks)\.(\d+)\.(.+)$")
+_MF_LAYER_RE = re.compile(r"(blocks|decoder_blocks)\.(\d+)\.(.+)$")
 
 # mimfast's named MAE models: (width, depth, heads, patch) with a 512-wide, 8-block, 16-head decoder
 MAE_PRESETS = {(768, 12, 12, 16): "mae_vit_base_patch16", (1024, 24, 16, 16): "mae_vit_large_patch16",
@@ -166,18 +167,13 @@ def from_mmpretrain(sd: dict) -> dict:
         raise ValueError("not an MMPretrain MAE state_dict (no backbone.patch_embed.projection.weight)")
     if _is_beit_layout(sd):
         return _beit_from_mmpretrain(sd)
-    out = {}
-    for k, v in sd.items():
-        if k in _FIXED:
-            out[_FIXED[k]] = v
-            continue
-        m = _MM_LAYER_RE.match(k)
-        if m and m.group(3) in _LAYER:
-            out[f"{_STACKS[m.group(1)]}.{m.group(2)}.{_LAYER[m.group(3)]}.{m.group(4)}"] = v
-        elif k in _DROPPED or k.startswith("data_preprocessor."):
-            continue
-        else:
-            raise ValueError(f"unexpected key {k!r} in an MMPretrain MAE state_dict")
+
+    def unmapped(k, v, m) -> dict:
+        if k in _DROPPED or k.startswith("data_preprocessor."):
+            return {}
+        raise ValueError(f"unexpected key {k!r} in an MMPretrain MAE state_dict")
+
+    out = _map_keys(sd, _FIXED, _MM_LAYER_RE, _STACKS, _LAYER, unmapped)
     if "norm.weight" not in out:
         raise ValueError("an MMPretrain ViT without its final norm (backbone.ln1, final_norm=False): mimfast's MAE "
                          "ends the encoder with it")
@@ -199,18 +195,12 @@ def to_mmpretrain(sd: dict) -> dict:
     ``head.cls_head.``; no target generator: MMPretrain's config loads DALL-E's weights itself)."""
     if _is_mimfast_beit(sd):
         return _beit_to_mmpretrain(sd)
-    out = {}
-    for k, v in sd.items():
-        if k in _FIXED_BACK:
-            out[_FIXED_BACK[k]] = v
-            continue
-        m = _MF_LAYER_RE.match(k)
-        if m and m.group(3) in _LAYER_BACK:
-            out[f"{_STACKS_BACK[m.group(1)]}.{m.group(2)}.{_LAYER_BACK[m.group(3)]}.{m.group(4)}"] = v
-        else:
-            raise ValueError(f"key {k!r} has no MMPretrain MAE counterpart (an MAE state_dict has no such key; "
-                             "mimfast's MAE and BEiT token models map)")
-    return out
+
+    def unmapped(k, v, m) -> dict:
+        raise ValueError(f"key {k!r} has no MMPretrain MAE counterpart (an MAE state_dict has no such key; "
+                         "mimfast's MAE and BEiT token models map)")
+
+    return _map_keys(sd, _FIXED_BACK, _MF_LAYER_RE, _STACKS_BACK, _LAYER_BACK, unmapped)
 
 
 # --- position embeddings

@@ -43,7 +43,7 @@ import re
 import torch
 
 from mimfast.models.beit import encoder_config_from_state_dict
-from mimfast.models.mmpretrain_cfg import _DROPPED, _encoder_heads, _find_type, _get, _has, _type_name
+from mimfast.models.mmpretrain_cfg import _DROPPED, _encoder_heads, _find_type, _get, _has, _map_keys, _type_name
 from mimfast.nn.beit_attention import relative_position_index, table_grid
 
 __all__ = ["dalle_from_mmpretrain", "BEIT_PRESETS"]
@@ -73,8 +73,10 @@ _BEIT_RENAMED = (("ln1", "norm1"), ("ln2", "norm2"), ("ffn.layers.0.0", "mlp.fc1
 _BEIT_LAYER = {**{name: name for name in _BEIT_SAME},
                **{f"{mm}.{p}": f"{mf}.{p}" for mm, mf in _BEIT_RENAMED for p in ("weight", "bias")}}
 _BEIT_LAYER_BACK = {v: k for k, v in _BEIT_LAYER.items()}
-_BEIT_MM_LAYER_RE = re.compile(r"backbone\.layers\.(\d+)\.(.+)$")
-_BEIT_MF_LAYER_RE = re.compile(r"blocks\.(\d+)\.(.+)$")
+_BEIT_STACKS = {"backbone.layers": "blocks"}
+_BEIT_STACKS_BACK = {v: k for k, v in _BEIT_STACKS.items()}
+_BEIT_MM_LAYER_RE = re.compile(r"(backbone\.layers)\.(\d+)\.(.+)$")
+_BEIT_MF_LAYER_RE = re.compile(r"(blocks)\.(\d+)\.(.+)$")
 _BEIT_MARKS = (".attn.q_bias", ".attn.v_bias", ".attn.relative_position_bias_table", ".gamma_1", ".gamma_2")
 _VQKD = ("target_generator.encoder.", "target_generator.decoder.", "target_generator.quantize.",
          "target_generator.encode_task_layer.")
@@ -110,7 +112,7 @@ def _beit_what_else(sd: dict) -> str | None:
         if k in _BEIT_FIXED or k in _DROPPED or k.startswith(("head.", "target_generator.", "data_preprocessor.")):
             continue
         m = _BEIT_MM_LAYER_RE.match(k)
-        if not (m and (m.group(2) in _BEIT_LAYER or m.group(2) == "attn.qkv.bias")):
+        if not (m and (m.group(3) in _BEIT_LAYER or m.group(3) == "attn.qkv.bias")):
             return f"a BEiT-style model with {k!r}, which MMPretrain's BEiTPretrainViT has not"
     both = [k for k in sd if k.endswith(".attn.qkv.bias") and k.replace(".qkv.bias", ".q_bias") in sd]
     if both:
@@ -142,22 +144,15 @@ def _check_relative_position_index(sd: dict) -> None:
 
 
 def _beit_from_mmpretrain(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k in _BEIT_FIXED:
-            out[_BEIT_FIXED[k]] = v
-            continue
-        m = _BEIT_MM_LAYER_RE.match(k)
-        if m and m.group(2) in _BEIT_LAYER:
-            out[f"blocks.{m.group(1)}.{_BEIT_LAYER[m.group(2)]}"] = v
-        elif m and m.group(2) == "attn.qkv.bias":  # bias=True: q and v thirds; the k third is softmax-invariant
-            d = v.shape[0] // 3
-            out[f"blocks.{m.group(1)}.attn.q_bias"] = v[:d].clone()
-            out[f"blocks.{m.group(1)}.attn.v_bias"] = v[2 * d:].clone()
-        elif k in _DROPPED or k.startswith(("data_preprocessor.", "target_generator.")):
-            continue  # avg_featmap's unused ln2; DALL-E's weights: dalle_from_mmpretrain
-        else:
-            raise ValueError(f"unexpected key {k!r} in an MMPretrain BEiT state_dict")
+    def unmapped(k, v, m) -> dict:
+        if m and m.group(3) == "attn.qkv.bias":  # bias=True: q and v thirds; the k third is softmax-invariant
+            d, block = v.shape[0] // 3, f"blocks.{m.group(2)}.attn"
+            return {f"{block}.q_bias": v[:d].clone(), f"{block}.v_bias": v[2 * d:].clone()}
+        if k in _DROPPED or k.startswith(("data_preprocessor.", "target_generator.")):
+            return {}  # avg_featmap's unused ln2; DALL-E's weights: dalle_from_mmpretrain
+        raise ValueError(f"unexpected key {k!r} in an MMPretrain BEiT state_dict")
+
+    out = _map_keys(sd, _BEIT_FIXED, _BEIT_MM_LAYER_RE, _BEIT_STACKS, _BEIT_LAYER, unmapped)
     if "norm.weight" not in out:
         raise ValueError("an MMPretrain BEiT backbone without its final norm (backbone.ln1, final_norm=False): "
                          "mimfast's BEiT ends the encoder with it")
@@ -166,21 +161,15 @@ def _beit_from_mmpretrain(sd: dict) -> dict:
 
 
 def _beit_to_mmpretrain(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k in _BEIT_FIXED_BACK:
-            out[_BEIT_FIXED_BACK[k]] = v
-            continue
-        m = _BEIT_MF_LAYER_RE.match(k)
-        if m and m.group(2) in _BEIT_LAYER_BACK:
-            out[f"backbone.layers.{m.group(1)}.{_BEIT_LAYER_BACK[m.group(2)]}"] = v
-        elif k.startswith("pixel_head."):
+    def unmapped(k, v, m) -> dict:
+        if k.startswith("pixel_head."):
             raise ValueError(f"{k!r}: a BEiT-encoder model with a pixel head (beit_*_pixel, the SimMIM-style variant) "
                              "has no MMPretrain BEiT counterpart, whose head predicts visual tokens (BEiTV1Head); "
                              "write it with --format simmim")
-        else:
-            raise ValueError(f"key {k!r} has no MMPretrain BEiT counterpart (MMPretrain's BEiTPretrainViT + "
-                             "BEiTV1Head)")
+        raise ValueError(f"key {k!r} has no MMPretrain BEiT counterpart (MMPretrain's BEiTPretrainViT + "
+                         "BEiTV1Head)")
+
+    out = _map_keys(sd, _BEIT_FIXED_BACK, _BEIT_MF_LAYER_RE, _BEIT_STACKS_BACK, _BEIT_LAYER_BACK, unmapped)
     # the index buffers are in MMPretrain's state_dict, and BEiTViT's fine-tuning pre-hook pops the shared
     # one when it copies the shared table into each block: write them where they were left out
     for key in [k for k in out if k.endswith("relative_position_bias_table")]:

@@ -1,12 +1,14 @@
 """The parts of open-mmlab/mmpretrain checkpoints that are not weights, for
 :mod:`mimfast.models.mmpretrain` and :mod:`mimfast.models.mmpretrain_beit`: the config text mmengine
 saves in ``meta['cfg']``, read with :mod:`ast` (never executed), MMPretrain's ViT arch table
-(head counts), and small lookups on state_dicts."""
+(head counts), small lookups on state_dicts, and the key-mapping loop (:func:`_map_keys`) both
+models' conversions run."""
 
 from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Callable
 
 from mimfast.models import VIT_HEADS_BY_WIDTH
 
@@ -30,6 +32,25 @@ def _has(sd: dict, *prefixes: str) -> bool:
 def _depth(sd: dict, stack: str) -> int:
     found = [int(m.group(1)) for k in sd if (m := re.match(rf"{stack}\.(\d+)\.", k))]
     return 1 + max(found) if found else 0
+
+
+def _map_keys(sd: dict, fixed: dict, layer_re: re.Pattern, stacks: dict, layer: dict,
+              other: Callable[[str, object, re.Match | None], dict]) -> dict:
+    """``sd`` under the other side's keys, tensors as they are, in ``sd``'s order: a key of ``fixed`` is
+    renamed to its value; a block key that ``layer_re`` splits into (stack, index, name) with ``name``
+    in ``layer`` becomes ``{stacks[stack]}.{index}.{layer[name]}``; any other key gives the entries
+    ``other(key, value, match)`` returns ({} drops it), or its error."""
+    out = {}
+    for k, v in sd.items():
+        if k in fixed:
+            out[fixed[k]] = v
+            continue
+        m = layer_re.match(k)
+        if m and m.group(3) in layer:
+            out[f"{stacks[m.group(1)]}.{m.group(2)}.{layer[m.group(3)]}"] = v
+        else:
+            out.update(other(k, v, m))
+    return out
 
 
 def _find_type(obj, name: str) -> dict | None:
