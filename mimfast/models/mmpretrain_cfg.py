@@ -123,6 +123,8 @@ def parse_config_text(text: str) -> dict:
 
 
 def _get(cfg, *path, default=None):
+    """``cfg[path[0]][path[1]]...`` of a parsed config (mmengine's, or SimMIM's yacs one read as nested
+    dicts), or ``default`` where a step is not a dict or lacks the key."""
     for key in path:
         if not isinstance(cfg, dict) or key not in cfg:
             return default

@@ -31,6 +31,7 @@ import torch
 
 from mimfast.models import VIT_HEADS_BY_WIDTH
 from mimfast.models.beit import encoder_config_from_state_dict
+from mimfast.models.mmpretrain_cfg import _get
 
 __all__ = ["is_simmim_state_dict", "from_simmim", "to_simmim", "simmim_model_config", "PIXEL_MODELS"]
 
@@ -107,14 +108,6 @@ def to_simmim(sd: dict) -> dict:
         if _HEAD_B in sd:
             out[_DEC_B] = sd[_HEAD_B][inverse].contiguous()
     return out
-
-
-def _get(cfg: dict | None, *path, default=None):
-    for key in path:
-        if not isinstance(cfg, dict) or key not in cfg:
-            return default
-        cfg = cfg[key]
-    return cfg
 
 
 def simmim_model_config(sd: dict, simmim_cfg: dict | None = None) -> dict:
