@@ -143,23 +143,31 @@ def _add_ln_bwd_kernel(
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_SCALE:
         s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_ds = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # the weight / bias / scale sums are kept per tile row and reduced over the rows once, at the
+    # end: a reduction across the tile's rows inside the loop would cost a shared-memory round
+    # trip (and barriers) per tile when the rows sit in different warps
+    acc_dw = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_db = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_ds = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for t in range(TILES):
         tile = pid.to(tl.int64) * TILES + t
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < M
         ok = row_ok[:, None] & col_ok[None, :]
+        # every load of the tile is issued before the row reductions, so they are in flight together
         r = tl.load(r_ptr + rows[:, None] * s_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_DR:
+            dr_in = tl.load(dr_in_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_SCALE and NEED_DSCALE:
+            x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         xhat = tl.where(ok, (r - mean[:, None]) * rstd[:, None], 0.0)
         if NEED_DW:
-            acc_dw += tl.sum(dy * xhat, axis=0)
+            acc_dw += dy * xhat
         if NEED_DB:
-            acc_db += tl.sum(dy, axis=0)
+            acc_db += dy
         if HAS_W:
             g = dy * w[None, :]
         else:
@@ -168,13 +176,12 @@ def _add_ln_bwd_kernel(
         c2 = tl.sum(g, axis=1) / D
         dr = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DR:
-            dr += tl.load(dr_in_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            dr += dr_in
         if NEED_DRES:
             tl.store(dres_ptr + rows[:, None] * D + cols[None, :], dr.to(dres_ptr.dtype.element_ty), mask=ok)
         if HAS_SCALE:
             if NEED_DSCALE:
-                x = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                acc_ds += tl.sum(tl.where(ok, dr * x, 0.0), axis=0)
+                acc_ds += tl.where(ok, dr * x, 0.0)
             dx = dr * s[None, :]
         else:
             dx = dr
@@ -182,11 +189,11 @@ def _add_ln_bwd_kernel(
             tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
     base = part_ptr + pid.to(tl.int64) * 3 * D + cols
     if NEED_DW:
-        tl.store(base, acc_dw, mask=col_ok)
+        tl.store(base, tl.sum(acc_dw, axis=0), mask=col_ok)
     if NEED_DB:
-        tl.store(base + D, acc_db, mask=col_ok)
+        tl.store(base + D, tl.sum(acc_db, axis=0), mask=col_ok)
     if NEED_DSCALE:
-        tl.store(base + 2 * D, acc_ds, mask=col_ok)
+        tl.store(base + 2 * D, tl.sum(acc_ds, axis=0), mask=col_ok)
 
 
 def result_dtypes(x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
@@ -202,15 +209,20 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): a row tile of about 4096 (fwd) / 2048 (bwd) values."""
+    """(BLOCK_M, BLOCK_D, num_warps) of a row tile.
+
+    Forward: a tile of about 4096 values, one per program. Backward: a tile of at least 512
+    values (one row from D = 512 on) spread 4 per thread, one tile per loop step of a program
+    that owns a run of tiles: every tensor of the step then has the same register layout (4
+    values a thread: one 16-byte fp32 vector; a layout made for 8-value bf16 vectors instead
+    sent each fp32 tile through shared memory to store it), few registers (several programs
+    resident per SM keep loads in flight across the loop's row reductions)."""
     block_d = triton.next_power_of_2(D)
-    budget = 2048 if backward else 4096
-    block_m = max(1, min(16, budget // block_d))
-    # the backward holds about six tiles live: 8 warps halve its registers per thread (45-127 at
-    # D = 768 in the sm_90 compile check, against 72-255 with 4), so more warps stay resident and
-    # keep loads in flight
-    num_warps = 4 if block_m * block_d < 2048 or (block_m * block_d == 2048 and not backward) else 8
-    return block_m, block_d, num_warps
+    if backward:
+        block_m = max(1, min(16, 512 // block_d))
+        return block_m, block_d, max(1, min(16, block_m * block_d // 128))
+    block_m = max(1, min(16, 4096 // block_d))
+    return block_m, block_d, 4 if block_m * block_d <= 2048 else 8
 
 
 def _check_rows(name: str, t: torch.Tensor, D: int) -> None:
@@ -283,10 +295,12 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     return r, y, mean, rstd
 
 
-def _programs(n_tiles: int, device: torch.device) -> int:
+def _programs(n_tiles: int, num_warps: int, device: torch.device) -> int:
     """Programs of the backward: a fixed number per device, each owning a run of row tiles."""
-    if device.type == "cuda":  # several per SM: a memory-bound pass needs many loads in flight
-        target = 8 * sm_count(device)
+    if device.type == "cuda":
+        # 32 warps per SM: every backward variant fits that many at once (48-60 registers a thread
+        # in the sm_90 compile check), so the programs run in one wave, no tail of a second one
+        target = sm_count(device) * max(1, 32 // num_warps)
     else:  # the interpreter runs programs one after another: few, long ones
         target = 4
     return max(1, min(n_tiles, target))
@@ -313,7 +327,7 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
     dres = _empty((M, D) if need_dres else (0,), res_dtype, r.device)
     block_m, block_d, num_warps = _blocks(D, backward=True)
     n_tiles = triton.cdiv(M, block_m)
-    programs = _programs(n_tiles, r.device)
+    programs = _programs(n_tiles, num_warps, r.device)
     tiles = triton.cdiv(n_tiles, programs)
     programs = triton.cdiv(n_tiles, tiles)
     need_part = need_dw or need_db or need_dscale
