@@ -62,24 +62,35 @@ def use_backend(backend: str):
 def triton_can_run(device: torch.device) -> bool:
     if not _triton_importable():
         return False
-    if device.type == "cuda":
+    kind = device.type
+    if kind == "cuda":
         return True
-    return device.type == "cpu" and triton_interpreter_on()
+    return kind == "cpu" and triton_interpreter_on()
 
 
 def resolve(backend: str, *tensors: torch.Tensor, op: str = "op") -> str:
     """Return ``"eager"`` or ``"triton"`` for an op called on ``tensors``."""
-    check_backend_name(backend)
+    # every op call asks: the common cases first, with no helper calls (microseconds per op)
     if backend == "auto":
-        backend = getattr(_state, "forced", "auto")
-    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        backend = getattr(_state, "forced", "auto")  # checked by use_backend
+    elif backend not in BACKENDS:
+        check_backend_name(backend)
     if backend == "eager":
         return "eager"
+    device = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            device = t.device
+            break
+    if device is None:
+        device = torch.device("cpu")
+    kind = device.type  # as triton_can_run(device), reading the device's type once
+    can_run = _triton_importable() and (kind == "cuda" or (kind == "cpu" and triton_interpreter_on()))
     if backend == "triton":
-        if not triton_can_run(device):
+        if not can_run:
             raise BackendUnavailableError(
-                f"{op}: backend='triton' cannot run on {device.type} tensors; Triton needs CUDA "
+                f"{op}: backend='triton' cannot run on {kind} tensors; Triton needs CUDA "
                 "tensors, or CPU tensors with TRITON_INTERPRET=1 set before mimfast is imported"
             )
         return "triton"
-    return "triton" if triton_can_run(device) else "eager"
+    return "triton" if can_run else "eager"
