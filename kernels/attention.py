@@ -47,6 +47,7 @@ head dims above 128.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -436,10 +437,21 @@ class AttentionConfig:
     bias_batches: int = 0
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` in plain int math (triton's is a constexpr function costing microseconds a call)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for n >= 0, in plain int math."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, _next_pow2(n))
 
 
+@functools.lru_cache(maxsize=256)  # asked on every launch; the config is frozen, so sharing it is safe
 def default_config(seq_len: int, head_dim: int, has_bias: bool = False,
                    dtype: torch.dtype = torch.bfloat16) -> AttentionConfig:
     """Block sizes for S = ``seq_len``, Dh = ``head_dim`` and qkv's ``dtype`` (powers of two >= 16).
@@ -491,7 +503,7 @@ def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device:
     if device.type != "cuda":
         return min(B, 2)  # the interpreter: still loop over more than one batch per program
     target = 4 * sm_count(device)
-    return triton.cdiv(B, max(1, min(B, triton.cdiv(target, programs_per_group))))
+    return _cdiv(B, max(1, min(B, _cdiv(target, programs_per_group))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,14 +520,16 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
-def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int]:
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
-        raise ValueError(f"qkv must be (B, S, 3 * H * Dh), got {getattr(qkv, 'shape', type(qkv).__name__)}")
-    if qkv.dtype not in _DTYPES:
-        raise TypeError(f"qkv must be float16, bfloat16 or float32 for the Triton kernel, got {qkv.dtype}")
-    B, S, width = qkv.shape
+def _qkv_dims(shape, dtype, num_heads, what=None) -> tuple[int, int, int]:
+    """(B, S, head_dim) of a qkv of ``shape`` and ``dtype``, or the error for it (``shape`` None:
+    not a tensor, ``what`` says what it was)."""
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"qkv must be (B, S, 3 * H * Dh), got {what if shape is None else shape}")
+    if dtype not in _DTYPES:
+        raise TypeError(f"qkv must be float16, bfloat16 or float32 for the Triton kernel, got {dtype}")
+    B, S, width = shape
     if B == 0 or S == 0:
-        raise ValueError(f"qkv must have a non-empty batch and sequence, got {tuple(qkv.shape)}")
+        raise ValueError(f"qkv must have a non-empty batch and sequence, got {tuple(shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if width % (3 * num_heads):
@@ -526,10 +540,23 @@ def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int]:
     return B, S, head_dim
 
 
+# every launch asks with one of a few (shape, dtype, heads): answered from here (a failing check
+# raises on every call, exceptions are not cached)
+_qkv_dims_cached = functools.lru_cache(maxsize=256)(_qkv_dims)
+
+
+def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int]:
+    if not isinstance(qkv, torch.Tensor):
+        return _qkv_dims(None, None, num_heads, getattr(qkv, "shape", type(qkv).__name__))
+    if type(num_heads) is int:  # hashable, and not a bool (True == 1 would share 1's entry)
+        return _qkv_dims_cached(qkv.shape, qkv.dtype, num_heads)
+    return _qkv_dims(qkv.shape, qkv.dtype, num_heads)
+
+
 def _check_bias(bias, num_heads: int, S: int, qkv: torch.Tensor) -> None:
     if bias is None:
         return
-    if tuple(bias.shape) != (num_heads, S, S):
+    if bias.shape != (num_heads, S, S):
         raise ValueError(f"bias must be (H, S, S) = ({num_heads}, {S}, {S}), got {tuple(bias.shape)}")
     if bias.dtype not in _DTYPES:
         raise TypeError(f"bias must be float16, bfloat16 or float32, got {bias.dtype}")
@@ -550,6 +577,10 @@ def _int32_indexable(qkv: torch.Tensor, bias: torch.Tensor | None):
     of qkv; all of bias) in int32, which keeps their address arithmetic and registers small at
     ViT shapes. A layout whose span within a sample passes 2^31 elements (strides no Linear
     output has) is read from a dense copy; one that does not fit even dense is refused."""
+    # contiguous with at most 2^31 elements (every call at ViT shapes): each span is below numel
+    if (qkv.is_contiguous() and qkv.numel() <= _INT32_MAX
+            and (bias is None or (bias.is_contiguous() and bias.numel() <= _INT32_MAX))):
+        return qkv, bias
     if _span(qkv, 1) > _INT32_MAX:
         qkv = qkv.contiguous()
     if bias is not None and _span(bias) > _INT32_MAX:
@@ -568,7 +599,7 @@ def _padded_bias(bias: torch.Tensor | None, S: int) -> tuple[torch.Tensor | None
     4-byte) access; the padded copy of BEiT-B's bias (12 x 197 x 208) costs about 1 MB once per
     call, against about 240 MB of bias reads per forward at B = 256 (once per batch and query block).
     """
-    S_B = triton.cdiv(S, 16) * 16
+    S_B = -(-S // 16) * 16
     if bias is None or S_B == S:
         return bias, S
     return torch.nn.functional.pad(bias, (0, S_B - S)), S_B
@@ -576,6 +607,34 @@ def _padded_bias(bias: torch.Tensor | None, S: int) -> tuple[torch.Tensor | None
 
 def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+# The launches' compile-time arguments per (config, shape, dtype): built once, passed as **kwargs
+# (read only). Keyed by everything they depend on.
+@functools.lru_cache(maxsize=256)
+def _fwd_meta(cfg: AttentionConfig, head_dim: int, has_bias: bool, precision: str) -> dict:
+    return dict(HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=has_bias, BLOCK_M=cfg.fwd_block_m,
+                BLOCK_N=cfg.fwd_block_n, DOT_PRECISION=precision, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_meta(cfg: AttentionConfig, head_dim: int, has_bias: bool, need_dbias: bool, precision: str,
+              batch_loop: bool, one_n_block: bool) -> tuple[dict, dict]:
+    """(the fused kernel's or the dq kernel's, the dk/dv kernel's) compile-time arguments."""
+    dh_pad = _pow2(head_dim)
+    if cfg.bwd == "fused":
+        return dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block, HAS_BIAS=has_bias,
+                    NEED_DBIAS=need_dbias, BATCH_LOOP=batch_loop, DOT_PRECISION=precision,
+                    num_warps=cfg.fused_warps, num_stages=cfg.bwd_stages), {}
+    dq = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+              HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=one_n_block, BATCH_LOOP=batch_loop,
+              DOT_PRECISION=precision, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+    dkdv = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+                HAS_BIAS=has_bias, DOT_PRECISION=precision, num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
+    return dq, dkdv
+
+
+_NO_BIAS_STRIDES = (0, 0, 0)
 
 
 def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | None = None,
@@ -587,24 +646,22 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     logsumexp of each row, which :func:`attention_backward` needs.
     """
     B, S, head_dim = _check_qkv(qkv, num_heads)
-    _check_bias(bias, num_heads, S, qkv)
-    bias, S_B = _padded_bias(bias, S)
+    S_B = S
+    if bias is not None:
+        _check_bias(bias, num_heads, S, qkv)
+        bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     H = num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    cfg = config or default_config(S, head_dim, bias is not None, qkv.dtype)
-    out = _empty(B, S, H * head_dim, device=qkv.device, dtype=qkv.dtype)
-    lse = _empty(B, H, S, device=qkv.device, dtype=torch.float32)
-    bias_arg = bias if bias is not None else out
-    bstr = bias.stride() if bias is not None else (0, 0, 0)
-    grid = (B * H * triton.cdiv(S, cfg.fwd_block_m),)
-    _attn_fwd[grid](
-        qkv, bias_arg, out, lse,
-        *qkv.stride(), *bstr,
-        S, S_B, H, scale * LOG2E,
-        HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, DOT_PRECISION=_dot_precision(qkv.dtype, allow_tf32),
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    dtype, device, has_bias = qkv.dtype, qkv.device, bias is not None
+    cfg = config or default_config(S, head_dim, has_bias, dtype)
+    out = _empty(B, S, H * head_dim, device=device, dtype=dtype)
+    lse = _empty(B, H, S, device=device, dtype=torch.float32)
+    meta = _fwd_meta(cfg, head_dim, has_bias, _dot_precision(dtype, allow_tf32))
+    _attn_fwd[(B * H * -(-S // cfg.fwd_block_m),)](
+        qkv, bias if has_bias else out, out, lse,
+        *qkv.stride(), *(bias.stride() if has_bias else _NO_BIAS_STRIDES),
+        S, S_B, H, scale * LOG2E, **meta,
     )
     return out, lse
 
@@ -616,17 +673,23 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     """Gradients of :func:`attention_forward`: ``dqkv`` (B, S, 3*H*Dh) in qkv's packed layout and
     dtype, and ``dbias`` (H, S, S) in bias's dtype (None without a bias or ``need_bias_grad``)."""
     B, S, head_dim = _check_qkv(qkv, num_heads)
-    _check_bias(bias, num_heads, S, qkv)
+    if bias is not None:
+        _check_bias(bias, num_heads, S, qkv)
     H = num_heads
-    if tuple(out.shape) != (B, S, H * head_dim) or not out.is_contiguous() or out.dtype != qkv.dtype:
-        raise ValueError(f"out must be the contiguous ({B}, {S}, {H * head_dim}) {qkv.dtype} forward output, "
+    HD = H * head_dim
+    if out.shape != (B, S, HD) or not out.is_contiguous() or out.dtype != qkv.dtype:
+        raise ValueError(f"out must be the contiguous ({B}, {S}, {HD}) {qkv.dtype} forward output, "
                          f"got {tuple(out.shape)} {out.dtype}")
-    if tuple(grad_out.shape) != (B, S, H * head_dim):
-        raise ValueError(f"grad_out must be ({B}, {S}, {H * head_dim}), got {tuple(grad_out.shape)}")
-    if tuple(lse.shape) != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"lse must be the contiguous ({B}, {H}, {S}) float32 forward logsumexp, got {tuple(lse.shape)}")
+    if grad_out.shape != (B, S, HD):
+        raise ValueError(f"grad_out must be ({B}, {S}, {HD}), got {tuple(grad_out.shape)}")
+    if lse.shape != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be the contiguous ({B}, {H}, {S}) float32 forward logsumexp, "
+                         f"got {tuple(lse.shape)}")
     # the kernels index out and grad_out alike, and write dqkv with the strides of qkv
-    grad_out = grad_out.to(qkv.dtype).contiguous()
+    if grad_out.dtype != qkv.dtype:
+        grad_out = grad_out.to(qkv.dtype)
+    if not grad_out.is_contiguous():
+        grad_out = grad_out.contiguous()
     bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)
@@ -634,53 +697,44 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         qkv = qkv.contiguous()
         dqkv = _empty_like(qkv)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    cfg = config or default_config(S, head_dim, bias is not None, qkv.dtype)
+    dtype, device = qkv.dtype, qkv.device
     has_bias = bias is not None
+    cfg = config or default_config(S, head_dim, has_bias, dtype)
     need_dbias = has_bias and need_bias_grad
-    dh_pad = _pow2(head_dim)
-    precision = _dot_precision(qkv.dtype, allow_tf32)
+    precision = _dot_precision(dtype, allow_tf32)
     bias_arg = bias if has_bias else out
-    bstr = bias.stride() if has_bias else (0, 0, 0)
-    common = (*qkv.stride(), *bstr)
+    common = (*qkv.stride(), *(bias.stride() if has_bias else _NO_BIAS_STRIDES))
 
     if cfg.bwd == "fused":
         if S > cfg.fused_block:
             raise ValueError(f"config.bwd='fused' needs S <= fused_block={cfg.fused_block}, got S={S}")
-        per = _bias_batches(cfg, B, H, qkv.device) if need_dbias else 1
-        groups = triton.cdiv(B, per)
-        dbias_part = _empty(groups, H, S, S_B, device=qkv.device, dtype=torch.float32) if need_dbias else out
+        per = _bias_batches(cfg, B, H, device) if need_dbias else 1
+        groups = -(-B // per)
+        dbias_part = _empty(groups, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
+        meta, _ = _bwd_meta(cfg, head_dim, has_bias, need_dbias, precision, per > 1, False)
         _attn_bwd_fused[(groups * H,)](
             qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
-            B, S, S_B, H, per, scale, scale * LOG2E,
-            HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block,
-            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, BATCH_LOOP=per > 1, DOT_PRECISION=precision,
-            num_warps=cfg.fused_warps, num_stages=cfg.bwd_stages,
+            B, S, S_B, H, per, scale, scale * LOG2E, **meta,
         )
     elif cfg.bwd == "split":
-        num_m = triton.cdiv(S, cfg.dq_block_m)
+        num_m = -(-S // cfg.dq_block_m)
         one_n_block = cfg.dq_block_n >= S
-        per = _bias_batches(cfg, B, H * num_m, qkv.device) if need_dbias else 1
-        groups = triton.cdiv(B, per)
+        per = _bias_batches(cfg, B, H * num_m, device) if need_dbias else 1
+        groups = -(-B // per)
         if need_dbias:
             alloc = _empty if one_n_block else torch.zeros  # tiles update their strip in place
-            dbias_part = alloc(groups, H, S, S_B, device=qkv.device, dtype=torch.float32)
+            dbias_part = alloc(groups, H, S, S_B, device=device, dtype=torch.float32)
         else:
             dbias_part = out
-        delta = _empty(B, H, S, device=qkv.device, dtype=torch.float32)
+        delta = _empty(B, H, S, device=device, dtype=torch.float32)
+        dq_meta, dkdv_meta = _bwd_meta(cfg, head_dim, has_bias, need_dbias, precision, per > 1, one_n_block)
         _attn_bwd_dq[(groups * H * num_m,)](
             qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
-            B, S, S_B, H, per, scale, scale * LOG2E,
-            HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=one_n_block, BATCH_LOOP=per > 1,
-            DOT_PRECISION=precision,
-            num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages,
+            B, S, S_B, H, per, scale, scale * LOG2E, **dq_meta,
         )
-        _attn_bwd_dkdv[(B * H * triton.cdiv(S, cfg.dkdv_block_n),)](
+        _attn_bwd_dkdv[(B * H * -(-S // cfg.dkdv_block_n),)](
             qkv, bias_arg, grad_out, lse, delta, dqkv, *common,
-            S, S_B, H, scale, scale * LOG2E,
-            HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-            HAS_BIAS=has_bias, DOT_PRECISION=precision,
-            num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages,
+            S, S_B, H, scale, scale * LOG2E, **dkdv_meta,
         )
     else:
         raise ValueError(f"config.bwd must be 'fused' or 'split', got {cfg.bwd!r}")

@@ -56,7 +56,7 @@ def _(qkv, out, lse, grad_out, bias, num_heads, scale, need_bias_grad, tf32):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, bias, num_heads, scale, config):
-        tf32 = allow_tf32()
+        tf32 = qkv.dtype == torch.float32 and allow_tf32()  # only fp32 dots have a TF32 mode
         if config is None:
             out, lse = _attention_fwd(qkv, bias, num_heads, scale, tf32)
         else:

@@ -71,6 +71,15 @@ def attention(qkv, num_heads, bias=None, scale=None, backend="auto"):
     which = _backend.resolve(backend, qkv, op="attention")
     if which == "eager":
         return attention_reference(qkv, num_heads, bias, scale)
+    return (_triton_impl or _load_triton_impl())(qkv, num_heads, bias, scale)
+
+
+_triton_impl = None  # ops._attention_triton.attention_triton, imported on the first Triton call
+
+
+def _load_triton_impl():
+    global _triton_impl
     from mimfast.ops._attention_triton import attention_triton
 
-    return attention_triton(qkv, num_heads, bias, scale)
+    _triton_impl = attention_triton
+    return attention_triton
