@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_last_checkpoint", "resolve_resume", "load_model_weights",
-           "read_foreign_checkpoint", "dataset_change_notice"]
+           "read_model_file", "read_foreign_checkpoint", "dataset_change_notice"]
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -162,7 +162,19 @@ def _check_hf_config(config: dict, where) -> None:
                       "GELU", stacklevel=3)
 
 
-def load_model_weights(path: str | os.PathLike) -> dict:
+def read_model_file(path: str | os.PathLike) -> tuple[object, dict | None]:
+    """What :func:`load_model_weights` reads before converting: (the object the file holds, a
+    Hugging Face folder's ``config.json`` or None), for a caller that also reads other parts of
+    the file (its saved config) to read it once."""
+    path = Path(path)
+    if path.is_dir():
+        return _hf_folder_weights(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path), None
+    return read_foreign_checkpoint(path), None
+
+
+def load_model_weights(path: str | os.PathLike, loaded: tuple[object, dict | None] | None = None) -> dict:
     """A model state_dict, under the official MAE / BEiT keys, from:
 
     * a mimfast or official MAE / BEiT / SimMIM checkpoint (``{'model': ...}``), an mmengine one
@@ -180,20 +192,15 @@ def load_model_weights(path: str | os.PathLike) -> dict:
     ``num_channels`` must fit the weights), wherever they come from, and so are SimMIM ViT
     ones (:func:`mimfast.models.simmim.from_simmim`: mimfast's ``beit_*_pixel`` keys) and
     MMPretrain MAE ones (:func:`mimfast.models.mmpretrain.from_mmpretrain`); other OpenMMLab
-    models' weights (``backbone.`` keys) are an error naming what was found."""
+    models' weights (``backbone.`` keys) are an error naming what was found. ``loaded``: what
+    :func:`read_model_file` gave for ``path``, which is then not read again."""
     from mimfast.models.hf import from_hf, is_hf_state_dict, state_dict_layout
     from mimfast.models.hf_vit import vit_mim_from_hf
     from mimfast.models.mmpretrain import from_mmpretrain, is_mmpretrain_state_dict
     from mimfast.models.simmim import from_simmim, is_simmim_state_dict
 
     path = Path(path)
-    config = None
-    if path.is_dir():
-        obj, config = _hf_folder_weights(path)
-    elif path.suffix == ".safetensors":
-        obj = _load_safetensors(path)
-    else:
-        obj = read_foreign_checkpoint(path)
+    obj, config = loaded if loaded is not None else read_model_file(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimfast.train.checkpoint import load_model_weights, read_foreign_checkpoint
+from mimfast.train.checkpoint import load_model_weights, read_foreign_checkpoint, read_model_file
 
 __all__ = ["read_checkpoint_config", "build_model_from_config", "load_pretrained_model", "init_from_checkpoint"]
 
@@ -42,26 +42,32 @@ def _safetensors_shapes(path) -> dict:
         return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
 
 
-def _hf_checkpoint_config(path: Path) -> dict | None:
+def _hf_checkpoint_config(path: Path, loaded: tuple[object, dict | None] | None = None) -> dict | None:
     """The mimfast config of an HF ViT masked-image-modeling checkpoint: a folder's
     ``config.json`` (:func:`mimfast.models.hf_vit.vit_mim_model_config`), or for a bare
     ``.safetensors`` of HF ViT keys one read from the weight shapes as for SimMIM's ViT
     (:func:`mimfast.models.simmim.simmim_model_config`: heads by width, the grid from the
-    position embeddings, run_mim.py's masking defaults). None for other HF models."""
+    position embeddings, run_mim.py's masking defaults). None for other HF models. ``loaded``:
+    :func:`read_model_file`'s (tensors, config.json) of ``path``, used instead of reading it."""
     from mimfast.models.hf import state_dict_layout
     from mimfast.models.hf_vit import vit_mim_from_hf, vit_mim_model_config
     from mimfast.models.simmim import simmim_model_config
 
     if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            return None
-        hf_config = json.loads(config_path.read_text())
+        if loaded is not None:
+            hf_config = loaded[1]
+        else:
+            config_path = path / "config.json"
+            if not config_path.is_file():
+                return None
+            hf_config = json.loads(config_path.read_text())
         if hf_config.get("model_type") != "vit":
             return None
         return vit_mim_model_config(hf_config, where=f"{path}/config.json")
     try:
-        if state_dict_layout(shapes := _safetensors_shapes(path)) != "hf_vit":
+        shapes = (_safetensors_shapes(path) if loaded is None
+                  else {k: torch.empty(v.shape, device="meta") for k, v in loaded[0].items()})
+        if state_dict_layout(shapes) != "hf_vit":
             return None
     except Exception:  # unreadable, or no layout mimfast knows: load_model_weights says what it is
         return None
@@ -83,16 +89,21 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict | None:
     (:func:`_hf_checkpoint_config`), for an official MAE / BEiT training checkpoint the model its
     pickled ``args`` name (:func:`_official_args_config`); None for other (weights-only) official,
     HF or bare ones. Memory-mapped, so the tensors are not read a second time."""
-    from mimfast.models.mmpretrain import (from_mmpretrain, is_mmpretrain_state_dict, mmpretrain_model_config,
-                                           parse_config_text)
-    from mimfast.models.simmim import from_simmim, is_simmim_state_dict, simmim_model_config
-
     if Path(path).is_dir() or Path(path).suffix == ".safetensors":
         return _hf_checkpoint_config(Path(path))
     try:
         obj = read_foreign_checkpoint(path, mmap=True)
     except Exception:
         return None
+    return _checkpoint_object_config(obj)
+
+
+def _checkpoint_object_config(obj) -> dict | None:
+    """:func:`read_checkpoint_config` of what a ``.pth`` file holds, already read."""
+    from mimfast.models.mmpretrain import (from_mmpretrain, is_mmpretrain_state_dict, mmpretrain_model_config,
+                                           parse_config_text)
+    from mimfast.models.simmim import from_simmim, is_simmim_state_dict, simmim_model_config
+
     if not isinstance(obj, dict):
         return None
     cfg = obj.get("config")
@@ -232,9 +243,14 @@ def load_pretrained_model(path: str | os.PathLike, model_name: str | None = None
     checkpoints (official MAE releases) are fine, the pretraining head stays as initialised.
 
     Every encoder weight must be in the checkpoint with the model's shape: a checkpoint that
-    does not fit ``model_name`` / its config is an error, not a silently random encoder."""
-    sd = _strip_prefixes(load_model_weights(path))
-    config = read_checkpoint_config(path)
+    does not fit ``model_name`` / its config is an error, not a silently random encoder. The file is
+    read once, for the weights and the config both."""
+    loaded = read_model_file(path)
+    sd = _strip_prefixes(load_model_weights(path, loaded))
+    if Path(path).is_dir() or Path(path).suffix == ".safetensors":
+        config = _hf_checkpoint_config(Path(path), loaded)
+    else:
+        config = _checkpoint_object_config(loaded[0])
     overrides = _head_overrides(sd)
     shapes = _fitting_shapes(path, sd, config, model_name)
     # pretraining heads are loaded where they fit (e.g. another vocabulary size is skipped)
