@@ -37,6 +37,8 @@ stride; no residual (plain LayerNorm of x, optionally scaled); weight / bias / s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -187,12 +189,11 @@ def _add_ln_bwd_kernel(
             dx = dr
         if NEED_DX:
             tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-    base = part_ptr + pid.to(tl.int64) * 3 * D + cols
-    if NEED_DW:
+    if NEED_DW or NEED_DB or NEED_DSCALE:
+        # all three rows are written (zeros for a sum not asked for): the buffer needs no zero fill
+        base = part_ptr + pid.to(tl.int64) * 3 * D + cols
         tl.store(base, tl.sum(acc_dw, axis=0), mask=col_ok)
-    if NEED_DB:
         tl.store(base + D, tl.sum(acc_db, axis=0), mask=col_ok)
-    if NEED_DSCALE:
         tl.store(base + 2 * D, tl.sum(acc_ds, axis=0), mask=col_ok)
 
 
@@ -208,6 +209,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=None)
 def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) of a row tile.
 
@@ -217,7 +219,7 @@ def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
     values a thread: one 16-byte fp32 vector; a layout made for 8-value bf16 vectors instead
     sent each fp32 tile through shared memory to store it), few registers (several programs
     resident per SM keep loads in flight across the loop's row reductions)."""
-    block_d = triton.next_power_of_2(D)
+    block_d = 1 << (D - 1).bit_length()  # next power of two (triton's helper costs microseconds a call)
     if backward:
         block_m = max(1, min(16, 512 // block_d))
         return block_m, block_d, max(1, min(16, block_m * block_d // 128))
@@ -282,7 +284,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         return r, y, mean, rstd
     block_m, block_d, num_warps = _blocks(D, backward=False)
     dummy = x
-    _add_ln_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _add_ln_fwd_kernel[(-(-M // block_m),)](
         x, residual if residual is not None else dummy, scale if scale is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         r if write_r else dummy, y, mean, rstd,
@@ -326,12 +328,12 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
     dx = _empty((M, D) if need_dx else (0,), x_dtype, r.device)
     dres = _empty((M, D) if need_dres else (0,), res_dtype, r.device)
     block_m, block_d, num_warps = _blocks(D, backward=True)
-    n_tiles = triton.cdiv(M, block_m)
+    n_tiles = -(-M // block_m)  # ceil divisions in plain ints (triton.cdiv costs microseconds a call)
     programs = _programs(n_tiles, num_warps, r.device)
-    tiles = triton.cdiv(n_tiles, programs)
-    programs = triton.cdiv(n_tiles, tiles)
+    tiles = -(-n_tiles // programs)
+    programs = -(-n_tiles // tiles)
     need_part = need_dw or need_db or need_dscale
-    part = r.new_zeros((programs, 3, D) if need_part else (0,), dtype=torch.float32)
+    part = _empty((programs, 3, D) if need_part else (0,), torch.float32, r.device)
     if M > 0:
         dummy = r
         _add_ln_bwd_kernel[(programs,)](

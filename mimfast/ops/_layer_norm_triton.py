@@ -55,58 +55,69 @@ def _(dy, dr_in, r, x, weight, scale, mean, rstd, x_dtype, res_dtype, need_dx, n
             r.new_empty((3, D) if need_part else (0,), dtype=torch.float32))
 
 
+def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
+    """t as (M, D) rows with unit stride along D (a copy only where the rows are strided)."""
+    t2 = t.reshape(-1, D)
+    return t2.contiguous() if D > 1 and t2.stride(1) != 1 else t2
+
+
 class _AddLayerNorm(torch.autograd.Function):
-    """(x2d, residual2d | None, weight, bias, scale, eps, out_dtype) -> (r2d, y2d); r2d is an
-    empty placeholder when there is no residual and no scale (r is x itself)."""
+    """(x, residual | None, weight, bias, scale, eps, out_dtype) -> (r, y), x and residual of
+    shape (..., D) (flattened to rows inside, so no reshape or view of the caller's tensors is
+    recorded by autograd); r is an empty placeholder when there is no residual and no scale (r
+    is x itself)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, scale, eps, out_dtype):
-        r, y, mean, rstd = _fwd(x, residual, weight, bias, scale, eps, out_dtype)
+        shape = x.shape
+        D = shape[-1]
+        x2 = _rows(x, D)
+        r, y, mean, rstd = _fwd(x2, _rows(residual, D) if residual is not None else None, weight, bias, scale,
+                                eps, out_dtype)
         write_r = residual is not None or scale is not None
         need_x = scale is not None and ctx.needs_input_grad[4]
-        ctx.save_for_backward(r if write_r else x, x if need_x else None, weight, scale, mean, rstd)
+        ctx.save_for_backward(r if write_r else x2, x2 if need_x else None, weight, scale, mean, rstd)
         ctx.write_r = write_r
+        ctx.shape = shape
         ctx.x_dtype = x.dtype
         ctx.res_dtype = residual.dtype if residual is not None else x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.set_materialize_grads(False)
         if not write_r:
             ctx.mark_non_differentiable(r)
-        return r, y
+            return r, y.view(shape)
+        return r.view(shape), y.view(shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dr, dy):
         r, x, weight, scale, mean, rstd = ctx.saved_tensors
         need_dx, need_dres, need_dw, need_db, need_dscale = ctx.needs_input_grad[:5]
+        D = r.shape[-1]
         if dy is None:  # y unused: r = residual + x * scale is all that has a gradient
             dy = torch.zeros(r.shape, dtype=torch.float32, device=r.device)
-        dx, dres, sums = _bwd(dy, dr if ctx.write_r else None, r, x, weight, scale, mean, rstd, ctx.x_dtype,
+        else:
+            dy = dy.reshape(-1, D)
+        dr = dr.reshape(-1, D) if ctx.write_r and dr is not None else None
+        dx, dres, sums = _bwd(dy, dr, r, x, weight, scale, mean, rstd, ctx.x_dtype,
                               ctx.res_dtype, need_dx, need_dres, need_dw and weight is not None,
                               need_db and ctx.bias_dtype is not None, need_dscale and scale is not None)
-        return (dx if need_dx else None, dres if need_dres else None,
+        return (dx.view(ctx.shape) if need_dx else None, dres.view(ctx.shape) if need_dres else None,
                 sums[0].to(weight.dtype) if need_dw else None,
                 sums[1].to(ctx.bias_dtype) if need_db else None,
                 sums[2].to(scale.dtype) if need_dscale else None, None, None)
 
 
+def _vec(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype):
     """The Triton backend of ``add_layer_norm``: (r, y) with the shapes of x."""
-    shape = x.shape
-    D = shape[-1]
-    _, r_dtype = _dtypes(x, residual, scale)
     if out_dtype is None:  # what eager's layer_norm gives: fp32 under CUDA autocast, else r's dtype
-        autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
-        out_dtype = torch.float32 if autocast else r_dtype
-    x2 = x.reshape(-1, D)
-    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    res2 = None
-    if residual is not None:
-        res2 = residual.reshape(-1, D)
-        if res2.shape[-1] > 1 and res2.stride(-1) != 1:
-            res2 = res2.contiguous()
-    vecs = [t.contiguous() if t is not None else None for t in (weight, bias, scale)]
-    r, y = _AddLayerNorm.apply(x2, res2, *vecs, float(eps), out_dtype)
-    r = r.view(shape) if (residual is not None or scale is not None) else x
-    return r, y.view(shape)
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            out_dtype = torch.float32
+        else:
+            out_dtype = _dtypes(x, residual, scale)[1]
+    r, y = _AddLayerNorm.apply(x, residual, _vec(weight), _vec(bias), _vec(scale), float(eps), out_dtype)
+    return (r if (residual is not None or scale is not None) else x), y
