@@ -56,19 +56,21 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 def gelu_bwd_recompute(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gelu(h), da * gelu'(h)) in h's dtype; h and da of one shape, contiguous."""
-    for name, t in (("h", h), ("da", da)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    if not (isinstance(h, torch.Tensor) and isinstance(da, torch.Tensor) and h.dtype in _FLOAT_DTYPES
+            and da.dtype in _FLOAT_DTYPES and h.is_contiguous() and da.is_contiguous()):
+        for name, t in (("h", h), ("da", da)):  # which check failed, with its message
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
     if da.shape != h.shape:
         raise ValueError(f"da must have h's shape {tuple(h.shape)}, got {tuple(da.shape)}")
     if da.device != h.device:
         raise ValueError(f"da is on {da.device}, h on {h.device}")
     a, dh = _empty_like(h), _empty_like(h)
     n = h.numel()
-    if n:
-        _gelu_bwd_recompute_kernel[(triton.cdiv(n, _BLOCK),)](h, da, a, dh, n, BLOCK=_BLOCK, num_warps=8)
+    if n:  # -(-n // _BLOCK): triton.cdiv in plain int math (triton's costs microseconds a call)
+        _gelu_bwd_recompute_kernel[(-(-n // _BLOCK),)](h, da, a, dh, n, BLOCK=_BLOCK, num_warps=8)
     return a, dh

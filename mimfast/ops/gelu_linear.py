@@ -33,10 +33,13 @@ def _check(h, weight, bias):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
         raise ValueError(f"weight must be (out, {h.shape[-1]}), got {getattr(weight, 'shape', type(weight).__name__)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"bias must be ({weight.shape[0]},) or None, got {getattr(bias, 'shape', type(bias).__name__)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != h.device:
-            raise ValueError(f"{name} is on {t.device}, h on {h.device}")
+        raise ValueError(f"bias must be ({weight.shape[0]},) or None, "
+                         f"got {getattr(bias, 'shape', type(bias).__name__)}")
+    device = h.device
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device}, h on {device}")
+    if bias is not None and bias.device != device:
+        raise ValueError(f"bias is on {bias.device}, h on {device}")
 
 
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -54,6 +57,15 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     which = "eager" if h.dtype == torch.float64 else _backend.resolve(backend, h, op="gelu_linear")
     if which == "eager":
         return gelu_linear_reference(h, weight, bias)
+    return (_triton_impl or _load_triton_impl())(h, weight, bias)
+
+
+_triton_impl = None  # ops._gelu_linear_triton.gelu_linear_triton, imported on the first Triton call
+
+
+def _load_triton_impl():
+    global _triton_impl
     from mimfast.ops._gelu_linear_triton import gelu_linear_triton
 
-    return gelu_linear_triton(h, weight, bias)
+    _triton_impl = gelu_linear_triton
+    return gelu_linear_triton
