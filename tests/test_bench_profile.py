@@ -1,0 +1,25 @@
+"""benchmarks.bench_profile: its cases, and the op names its rows carry (launches through the
+custom ops while profiling, so the profiler can name the op of each Triton kernel)."""
+
+from __future__ import annotations
+
+from benchmarks import bench_profile, harness
+from mimfast.ops import _custom_op
+
+
+def test_profile_smoke_names_the_ops_and_restores_direct_launches():
+    ctx = harness.Context(copy_gbps=100.0, matmul_tflops=1.0, device="cpu", smoke=True, ceilings="placeholder",
+                          quick=True)
+    bench_profile.run(ctx)
+    cases = {r["case"] for r in ctx.rows}
+    assert {"mae_vit_b16_mimfast", "beit_lm_head_triton", "beit_lm_head_eager"} <= cases, cases
+    triton_ops = {r["variant"] for r in ctx.rows if r["case"] == "beit_lm_head_triton"}
+    eager_ops = {r["variant"] for r in ctx.rows if r["case"] == "beit_lm_head_eager"}
+    # the Triton path's matmuls and its cross-entropy kernel run inside its autograd Function
+    # (whose event claims the kernel's time); eager's are aten ops
+    assert "LinearCrossEntropy" in triton_ops, triton_ops
+    assert "LinearCrossEntropy" not in eager_ops and any("cross_entropy" in k or "log_softmax" in k
+                                                         for k in eager_ops), eager_ops
+    assert any(k.startswith("mimfast::") for r in ctx.rows if r["case"] == "mae_vit_b16_mimfast"
+               for k in [r["variant"]])
+    assert _custom_op.ALWAYS_DISPATCH is False
