@@ -71,15 +71,17 @@ def attention(qkv, num_heads, bias=None, scale=None, backend="auto"):
     which = _backend.resolve(backend, qkv, op="attention")
     if which == "eager":
         return attention_reference(qkv, num_heads, bias, scale)
-    return (_triton_impl or _load_triton_impl())(qkv, num_heads, bias, scale)
+    return (_triton or _load_triton()).attention_triton(qkv, num_heads, bias, scale)
 
 
-_triton_impl = None  # ops._attention_triton.attention_triton, imported on the first Triton call
+# mimfast.ops._attention_triton, imported on the first Triton call (a module, not its function, is
+# kept, so that the function is looked up at each call as before)
+_triton = None
 
 
-def _load_triton_impl():
-    global _triton_impl
-    from mimfast.ops._attention_triton import attention_triton
+def _load_triton():
+    global _triton
+    from mimfast.ops import _attention_triton
 
-    _triton_impl = attention_triton
-    return attention_triton
+    _triton = _attention_triton
+    return _attention_triton

@@ -57,15 +57,17 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     which = "eager" if h.dtype == torch.float64 else _backend.resolve(backend, h, op="gelu_linear")
     if which == "eager":
         return gelu_linear_reference(h, weight, bias)
-    return (_triton_impl or _load_triton_impl())(h, weight, bias)
+    return (_triton or _load_triton()).gelu_linear_triton(h, weight, bias)
 
 
-_triton_impl = None  # ops._gelu_linear_triton.gelu_linear_triton, imported on the first Triton call
+# mimfast.ops._gelu_linear_triton, imported on the first Triton call (a module, not its function,
+# is kept, so that the function is looked up at each call as before)
+_triton = None
 
 
-def _load_triton_impl():
-    global _triton_impl
-    from mimfast.ops._gelu_linear_triton import gelu_linear_triton
+def _load_triton():
+    global _triton
+    from mimfast.ops import _gelu_linear_triton
 
-    _triton_impl = gelu_linear_triton
-    return gelu_linear_triton
+    _triton = _gelu_linear_triton
+    return _gelu_linear_triton
