@@ -54,6 +54,7 @@ mask tokens, so memory stays safe, but gradient rows of x may be left unwritten)
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -431,17 +432,32 @@ def _sum_partials_kernel(
 # --------------------------------------------------------------------------------------------
 # launch functions
 # --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` in plain int math (triton's is a constexpr function costing microseconds a call)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for n >= 0, in plain int math."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def gpu_tiles(device: torch.device) -> bool:
     return device.type == "cuda" or GPU_TILES_ON_CPU
 
 
 def _row_tiles(device: torch.device, rows: int, D: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D) for kernels that move (rows, D) tiles of tokens."""
-    if gpu_tiles(device):
-        block_d = min(triton.next_power_of_2(D), 256)
+    return _row_tiles_of(gpu_tiles(device), rows, D)
+
+
+@functools.lru_cache(maxsize=256)  # every launch asks, with one of a few shapes
+def _row_tiles_of(gpu: bool, rows: int, D: int) -> tuple[int, int]:
+    if gpu:
+        block_d = min(_next_pow2(D), 256)
         return max(1, min(32, 4096 // block_d)), block_d
-    block_d = triton.next_power_of_2(D)
-    return max(1, min(triton.next_power_of_2(rows), 65536 // block_d)), block_d
+    block_d = _next_pow2(D)
+    return max(1, min(_next_pow2(rows), 65536 // block_d)), block_d
 
 
 def _target_programs(device: torch.device) -> int:
@@ -459,6 +475,8 @@ def _chunking(N: int, base_programs: int, device: torch.device) -> tuple[int, in
 
 
 def _check_tokens(name: str, t: torch.Tensor, dims: int) -> None:
+    if isinstance(t, torch.Tensor) and t.dtype in TOKEN_DTYPES and t.dim() == dims:
+        return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dim() != dims:
@@ -470,7 +488,7 @@ def _check_tokens(name: str, t: torch.Tensor, dims: int) -> None:
 def _check_ids(ids_restore: torch.Tensor, N: int, L: int, device: torch.device) -> None:
     if not isinstance(ids_restore, torch.Tensor) or ids_restore.dtype != torch.int64:
         raise TypeError(f"ids_restore must be an int64 tensor, got {getattr(ids_restore, 'dtype', ids_restore)}")
-    if tuple(ids_restore.shape) != (N, L):
+    if ids_restore.shape != (N, L):
         raise ValueError(f"ids_restore must be (N, L) = ({N}, {L}), got {tuple(ids_restore.shape)}")
     if ids_restore.device != device:
         raise ValueError(f"ids_restore is on {ids_restore.device}, expected {device}")
@@ -483,13 +501,20 @@ def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise ValueError("partials must be a contiguous float32 (R, M) tensor")
     if out.numel() != M or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous tensor of {M} elements, got shape {tuple(out.shape)}")
-    if gpu_tiles(partials.device):
-        BLOCK_M, BLOCK_R = min(triton.next_power_of_2(M), 256), min(triton.next_power_of_2(R), 16)
-    else:
-        BLOCK_M = min(triton.next_power_of_2(M), 65536)
-        BLOCK_R = max(1, min(triton.next_power_of_2(R), 262144 // BLOCK_M))
-    _sum_partials_kernel[(triton.cdiv(M, BLOCK_M),)](partials, out, R, M, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M)
+    grid, meta = _sum_partials_launch(gpu_tiles(partials.device), R, M)
+    _sum_partials_kernel[grid](partials, out, R, M, **meta)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _sum_partials_launch(gpu: bool, R: int, M: int) -> tuple[tuple[int], dict]:
+    """(grid, compile-time kwargs) of sum_partials (read only: shared by every call of this key)."""
+    if gpu:
+        BLOCK_M, BLOCK_R = min(_next_pow2(M), 256), min(_next_pow2(R), 16)
+    else:
+        BLOCK_M = min(_next_pow2(M), 65536)
+        BLOCK_R = max(1, min(_next_pow2(R), 262144 // BLOCK_M))
+    return (_cdiv(M, BLOCK_M),), dict(BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M)
 
 
 def masking_forward(
@@ -532,7 +557,7 @@ def masking_forward(
     D = 1
     if x is not None:
         _check_tokens("x", x, 3)
-        if tuple(x.shape[:2]) != (N, L):
+        if x.shape[0] != N or x.shape[1] != L:
             raise ValueError(f"x must be (N, L, D) with (N, L) = ({N}, {L}) from noise, got {tuple(x.shape)}")
         if x.device != device:
             raise ValueError(f"x is on {x.device}, noise on {device}")
@@ -541,7 +566,7 @@ def masking_forward(
         if x is None:
             raise ValueError("pos needs x")
         _check_tokens("pos", pos, 2)
-        if tuple(pos.shape) != (L, D):
+        if pos.shape != (L, D):
             raise ValueError(f"pos must be (L, D) = ({L}, {D}), got {tuple(pos.shape)}")
         if pos.device != device:
             raise ValueError(f"pos is on {pos.device}, noise on {device}")
@@ -571,42 +596,45 @@ def masking_forward(
     if method == "sort":
         _masking_sort_forward(x, pos, noise, K, out, mask, ids_out, ids_keep)
         return out, mask, ids_out, ids_keep
-    if gpu_tiles(device):
-        BLOCK_R, BLOCK_L, BLOCK_D = 16, min(triton.next_power_of_2(L), 256), min(triton.next_power_of_2(D), 256)
-    else:
-        BLOCK_R, BLOCK_L = min(triton.next_power_of_2(L), 64), triton.next_power_of_2(L)
-        BLOCK_D = triton.next_power_of_2(D)
-    xs = x if x is not None else noise
-    ps = pos if pos is not None else noise
+    block_r, meta = _masking_fwd_meta(gpu_tiles(device), L, D, pos is not None, x is not None, bool(write_ids_keep),
+                                      ranks_given)
     rs = ids_restore if ranks_given else ids_out
-    grid = (N, triton.cdiv(L, BLOCK_R))
-    _masking_fwd_kernel[grid](
-        xs, ps, noise, rs, out if out is not None else mask, mask, ids_out,
-        ids_keep if ids_keep is not None else ids_out,
+    _masking_fwd_kernel[(N, -(-L // block_r))](
+        x if x is not None else noise, pos if pos is not None else noise, noise, rs,
+        out if out is not None else mask, mask, ids_out, ids_keep if ids_keep is not None else ids_out,
         L, D, K,
         *(x.stride() if x is not None else (0, 0, 0)),
         *(pos.stride() if pos is not None else (0, 0)),
-        noise.stride(0), noise.stride(1),
-        rs.stride(0), rs.stride(1),
-        HAS_POS=pos is not None, GATHER=x is not None, WRITE_IDS_KEEP=write_ids_keep,
-        RANKS_GIVEN=ranks_given, BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D,
-        num_warps=4,
+        *noise.stride(), *rs.stride(), **meta,
     )
     return out, mask, ids_out, ids_keep
+
+
+@functools.lru_cache(maxsize=256)
+def _masking_fwd_meta(gpu: bool, L: int, D: int, has_pos: bool, gather: bool, write_ids_keep: bool,
+                      ranks_given: bool) -> tuple[int, dict]:
+    """(BLOCK_R, compile-time kwargs) of the count forward (read only: shared by every call of this key)."""
+    if gpu:
+        BLOCK_R, BLOCK_L, BLOCK_D = 16, min(_next_pow2(L), 256), min(_next_pow2(D), 256)
+    else:
+        BLOCK_R, BLOCK_L = min(_next_pow2(L), 64), _next_pow2(L)
+        BLOCK_D = _next_pow2(D)
+    return BLOCK_R, dict(HAS_POS=has_pos, GATHER=gather, WRITE_IDS_KEEP=write_ids_keep, RANKS_GIVEN=ranks_given,
+                         BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
 
 
 def _masking_sort_forward(x, pos, noise, K, out, mask, ids_restore, ids_keep):
     N, L = noise.shape
     D = x.shape[2] if x is not None else 1
-    BLOCK_L = max(16, triton.next_power_of_2(L))
+    BLOCK_L = max(16, _next_pow2(L))
     if x is None:
         BLOCK_R, BLOCK_D = BLOCK_L, 16  # masks only: one program per sample
     elif gpu_tiles(noise.device):
-        BLOCK_R, BLOCK_D = 16, min(triton.next_power_of_2(D), 256)
+        BLOCK_R, BLOCK_D = 16, min(_next_pow2(D), 256)
     else:
-        BLOCK_R, BLOCK_D = BLOCK_L, triton.next_power_of_2(D)
+        BLOCK_R, BLOCK_D = BLOCK_L, _next_pow2(D)
     xs = x if x is not None else noise
-    _masking_sort_fwd_kernel[(N, triton.cdiv(K, BLOCK_R))](
+    _masking_sort_fwd_kernel[(N, _cdiv(K, BLOCK_R))](
         xs, pos if pos is not None else xs, noise, out if out is not None else mask, mask, ids_restore,
         ids_keep if ids_keep is not None else ids_restore,
         L, D, K,
@@ -645,7 +673,7 @@ def masking_backward(
     if grad_x_dtype is None and grad_pos_dtype is None:
         return None, None
     BLOCK_R, BLOCK_D = _row_tiles(device, L, D)
-    row_blocks, d_blocks = triton.cdiv(L, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    row_blocks, d_blocks = _cdiv(L, BLOCK_R), _cdiv(D, BLOCK_D)
     pos_grad = grad_pos_dtype is not None
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device) if pos_grad else (1, N)
     gx = torch.empty((N, L, D), dtype=grad_x_dtype, device=device) if grad_x_dtype is not None else None
@@ -689,17 +717,15 @@ def unshuffle_forward(
         raise ValueError(f"mask_token must be ({D},) on {device}, got {tuple(mask_token.shape)} on {mask_token.device}")
     if pos is not None:
         _check_tokens("pos", pos, 2)
-        if tuple(pos.shape) != (L + 1, D) or pos.device != device:
+        if pos.shape != (L + 1, D) or pos.device != device:
             raise ValueError(f"pos must be (1 + L, D) = ({L + 1}, {D}) on {device}, got {tuple(pos.shape)}")
     out_dtype = out_dtype or x.dtype
     if out_dtype not in TOKEN_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     out = torch.empty((N, L + 1, D), dtype=out_dtype, device=device)
     BLOCK_R, BLOCK_D = _row_tiles(device, L + 1, D)
-    grid = (N, triton.cdiv(L + 1, BLOCK_R), triton.cdiv(D, BLOCK_D))
-    ps = pos if pos is not None else x
-    _unshuffle_fwd_kernel[grid](
-        x, mask_token, ids_restore, ps, out,
+    _unshuffle_fwd_kernel[(N, -(-(L + 1) // BLOCK_R), -(-D // BLOCK_D))](
+        x, mask_token, ids_restore, pos if pos is not None else x, out,
         L, D, K,
         *x.stride(), mask_token.stride(0), *ids_restore.stride(),
         *(pos.stride() if pos is not None else (0, 0)),
@@ -726,7 +752,7 @@ def unshuffle_backward(
     if not 1 <= K <= L:
         raise ValueError(f"K must be in [1, L={L}], got {K}")
     BLOCK_R, BLOCK_D = _row_tiles(device, L1, D)
-    row_blocks, d_blocks = triton.cdiv(L1, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    row_blocks, d_blocks = _cdiv(L1, BLOCK_R), _cdiv(D, BLOCK_D)
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device)
     pos_grad = grad_pos_dtype is not None
     gx = torch.empty((N, K + 1, D), dtype=grad_x_dtype, device=device)

@@ -9,6 +9,8 @@ own dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mimfast.kernels import masking as _k
@@ -47,8 +49,12 @@ def _(x, pos, noise, K, out_dtype, method):
 def _masking_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, L: int, x_dtype: torch.dtype | None,
                  pos_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     gx, gpos = _k.masking_backward(grad_out.contiguous(), ids_restore, L, x_dtype, pos_dtype)
-    empty = grad_out.new_empty(_EMPTY)
-    return (gx if gx is not None else empty), (gpos if gpos is not None else empty.clone())
+    # an empty tensor only for a gradient not computed (each its own: outputs must not alias)
+    if gx is None:
+        gx = grad_out.new_empty(_EMPTY)
+    if gpos is None:
+        gpos = grad_out.new_empty(_EMPTY)
+    return gx, gpos
 
 
 @_masking_bwd.register_fake
@@ -72,7 +78,8 @@ def _(x, mask_token, ids_restore, pos, out_dtype):
 
 @kernel_op("mimfast::unshuffle_bwd")
 def _unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, K: int, x_dtype: torch.dtype,
-                   mt_dtype: torch.dtype, pos_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   mt_dtype: torch.dtype, pos_dtype: torch.dtype | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gmt, gpos = _k.unshuffle_backward(grad_out.contiguous(), ids_restore, K, x_dtype, mt_dtype, pos_dtype)
     return gx, gmt, (gpos if gpos is not None else grad_out.new_empty(_EMPTY))
 
@@ -85,10 +92,14 @@ def _(grad_out, ids_restore, K, x_dtype, mt_dtype, pos_dtype):
 
 
 def _promote(*tensors) -> torch.dtype:
-    dtype = None
-    for t in tensors:
-        if t is not None:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return _promote_dtypes(*[t.dtype for t in tensors if t is not None])
+
+
+@functools.lru_cache(maxsize=64)  # a few dtype combinations, asked on every call
+def _promote_dtypes(*dtypes: torch.dtype) -> torch.dtype:
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
     return dtype
 
 

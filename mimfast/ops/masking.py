@@ -104,9 +104,7 @@ def random_masking(x, mask_ratio, pos_embed=None, noise=None, backend="auto"):
         return random_masking_reference(x, mask_ratio, pos_embed, noise)
     if noise is None:
         noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
-    from mimfast.ops._masking_triton import random_masking_triton
-
-    return random_masking_triton(x, mask_ratio, pos_embed, noise)
+    return (_triton or _load_triton()).random_masking_triton(x, mask_ratio, pos_embed, noise)
 
 
 def _check_unshuffle_args(x, mask_token, ids_restore, pos_embed):
@@ -170,6 +168,17 @@ def unshuffle_with_mask_token(x, mask_token, ids_restore, pos_embed=None, backen
     which = _backend.resolve(backend, x, op="unshuffle_with_mask_token")
     if which == "eager":
         return unshuffle_with_mask_token_reference(x, mask_token, ids_restore, pos_embed)
-    from mimfast.ops._masking_triton import unshuffle_with_mask_token_triton
+    return (_triton or _load_triton()).unshuffle_with_mask_token_triton(x, mask_token, ids_restore, pos_embed)
 
-    return unshuffle_with_mask_token_triton(x, mask_token, ids_restore, pos_embed)
+
+# mimfast.ops._masking_triton, imported on the first Triton call (a module, not its functions, is
+# kept, so that they are looked up at each call as before)
+_triton = None
+
+
+def _load_triton():
+    global _triton
+    from mimfast.ops import _masking_triton
+
+    _triton = _masking_triton
+    return _masking_triton
