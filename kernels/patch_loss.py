@@ -196,7 +196,7 @@ def _check(pred, imgs, mask, patch_size, loss, eps, grad):
         raise ValueError(f"imgs size {H}x{W} is not a multiple of patch_size={patch_size}")
     L = (H // patch_size) * (W // patch_size)
     P = patch_size * patch_size * C
-    if pred.dim() != 3 or tuple(pred.shape) != (N, L, P):
+    if pred.dim() != 3 or pred.shape != (N, L, P):
         raise ValueError(
             f"pred must be (N, L, p*p*C) = ({N}, {L}, {P}) for imgs {tuple(imgs.shape)} and "
             f"patch_size={patch_size}, got {tuple(pred.shape)}"
@@ -205,7 +205,7 @@ def _check(pred, imgs, mask, patch_size, loss, eps, grad):
         raise ValueError(f"p*p*C = {P} values per patch exceeds the kernel's limit of {_MAX_P}")
     if P < 2:
         raise ValueError(f"p*p*C must be >= 2 (unbiased variance), got {P}")
-    if tuple(mask.shape) != (N, L):
+    if mask.shape != (N, L):
         raise ValueError(f"mask must be (N, L) = ({N}, {L}), got {tuple(mask.shape)}")
     for name, t in (("pred", pred), ("imgs", imgs)):
         if t.dtype not in _FLOAT_DTYPES:
@@ -220,7 +220,7 @@ def _check(pred, imgs, mask, patch_size, loss, eps, grad):
         if t.device != pred.device:
             raise ValueError(f"{name} is on {t.device}, pred on {pred.device}")
     if grad is not None:
-        if tuple(grad.shape) != (N, L, P) or grad.dtype != pred.dtype or not grad.is_contiguous():
+        if grad.shape != (N, L, P) or grad.dtype != pred.dtype or not grad.is_contiguous():
             raise ValueError(
                 f"grad must be a contiguous ({N}, {L}, {P}) {pred.dtype} tensor, got "
                 f"{tuple(grad.shape)} {grad.dtype} contiguous={grad.is_contiguous()}"
@@ -251,7 +251,7 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
     """
     N, C, H, W, L, P = _check(pred, imgs, mask, patch_size, loss, eps, grad)
     n_rows = N * L
-    block_p = triton.next_power_of_2(P)
+    block_p = 1 << (P - 1).bit_length()  # triton.next_power_of_2 (P >= 2) in plain int math
     block_r, tiles, num_warps = _config(block_p, interpreted=pred.device.type == "cpu")
     s_in, s_ic, s_ih, s_iw = imgs.stride()
     # walk the patch in (c, p, q) order when the image is NCHW-like (q contiguous), otherwise in
@@ -279,7 +279,7 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
     if grad is None:
         grad = torch.empty((N, L, P), dtype=pred.dtype, device=pred.device)
     denom = mask.sum(dtype=torch.float32)  # deterministic; needed by every row's gradient
-    grid = triton.cdiv(n_rows, block_r * tiles)
+    grid = -(-n_rows // (block_r * tiles))  # triton.cdiv in plain int math (triton's costs microseconds)
     partials = torch.empty(grid, dtype=torch.float32, device=pred.device)
     out = torch.empty((), dtype=torch.float32, device=pred.device)
     _patch_loss_fwd_kernel[(grid,)](
@@ -305,5 +305,7 @@ def patch_loss_bwd_scale_(grad, grad_output):
         raise ValueError(f"grad_output is on {grad_output.device}, grad on {grad.device}")
     numel = grad.numel()
     block = 4096
-    _scale_kernel[(triton.cdiv(numel, block),)](grad, grad_output.reshape(()), numel, BLOCK=block, num_warps=8)
+    if grad_output.dim():
+        grad_output = grad_output.reshape(())
+    _scale_kernel[(-(-numel // block),)](grad, grad_output, numel, BLOCK=block, num_warps=8)
     return grad

@@ -78,12 +78,12 @@ def _check_loss_args(pred, imgs, mask, patch_size, loss, eps):
         raise ValueError(f"pred must be (N, L, p*p*C), got {getattr(pred, 'shape', type(pred).__name__)}")
     if not pred.is_floating_point():
         raise TypeError(f"pred must be a floating-point tensor, got {pred.dtype}")
-    if tuple(pred.shape) != (N, L, P):
+    if pred.shape != (N, L, P):
         raise ValueError(
             f"pred must be (N, L, p*p*C) = ({N}, {L}, {P}) for imgs {tuple(imgs.shape)} and "
             f"patch_size={patch_size}, got {tuple(pred.shape)}"
         )
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (N, L):
+    if not isinstance(mask, torch.Tensor) or mask.shape != (N, L):
         raise ValueError(f"mask must be (N, L) = ({N}, {L}), got {getattr(mask, 'shape', type(mask).__name__)}")
     if not (mask.is_floating_point() or mask.dtype == torch.bool):
         raise TypeError(f"mask must hold float weights (or bool), got {mask.dtype}")
@@ -134,6 +134,17 @@ def masked_patch_loss(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", e
     which = _backend.resolve(backend, pred, op="masked_patch_loss")
     if which == "eager":
         return masked_patch_loss_reference(pred, imgs, mask, patch_size, norm_pix, loss, eps)
-    from mimfast.ops._patch_loss_triton import masked_patch_loss_triton
+    return (_triton or _load_triton()).masked_patch_loss_triton(pred, imgs, mask, patch_size, norm_pix, loss, eps)
 
-    return masked_patch_loss_triton(pred, imgs, mask, patch_size, norm_pix, loss, eps)
+
+# mimfast.ops._patch_loss_triton, imported on the first Triton call (a module, not its function,
+# is kept, so that the function is looked up at each call as before)
+_triton = None
+
+
+def _load_triton():
+    global _triton
+    from mimfast.ops import _patch_loss_triton
+
+    _triton = _patch_loss_triton
+    return _patch_loss_triton
