@@ -27,6 +27,8 @@ int64 offsets. Does not support: overlapping patches (stride != kernel size), pa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -112,11 +114,22 @@ def _embed_epilogue_kernel(
 
 def _tiles(device: torch.device, rows: int, cols: int) -> tuple[int, int]:
     """(BLOCK rows, BLOCK cols): small tiles on a GPU, big ones for the interpreter."""
-    if gpu_tiles(device):
-        block_c = min(triton.next_power_of_2(cols), 256)
+    return _tiles_of(gpu_tiles(device), rows, cols)
+
+
+def _next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for n >= 0 in plain int math (triton's is a constexpr function
+    costing microseconds a call)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+@functools.lru_cache(maxsize=256)  # every launch asks, with one of a few shapes
+def _tiles_of(gpu: bool, rows: int, cols: int) -> tuple[int, int]:
+    if gpu:
+        block_c = min(_next_pow2(cols), 256)
         return max(1, min(32, 4096 // block_c)), block_c
-    block_c = min(triton.next_power_of_2(cols), 4096)
-    return max(1, min(triton.next_power_of_2(rows), 65536 // block_c)), block_c
+    block_c = min(_next_pow2(cols), 4096)
+    return max(1, min(_next_pow2(rows), 65536 // block_c)), block_c
 
 
 def _check_patch_args(imgs_shape, ids_keep, patch_size):
@@ -137,7 +150,7 @@ def _launch_patches(imgs, ids_keep, patches, patch_size, scatter):
     K = ids_keep.shape[1]
     M, PP = N * K, C * patch_size * patch_size
     BLOCK_M, BLOCK_P = _tiles(imgs.device, M, PP)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(PP, BLOCK_P))
+    grid = (-(-M // BLOCK_M), -(-PP // BLOCK_P))  # triton.cdiv in plain int math
     _patches_kernel[grid](
         imgs, ids_keep, patches, M, K, C, W // patch_size, *imgs.stride(),
         P=patch_size, SCATTER=scatter, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, num_warps=4,
@@ -162,7 +175,7 @@ def scatter_patches(patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: i
     """Write the rows of ``patches`` (N*K, C*p*p) into their patches of ``imgs`` (N, C, H, W),
     in place; the other pixels are left as they are. Returns ``imgs``."""
     N, C, H, W, K = _check_patch_args(imgs.shape, ids_keep, patch_size)
-    if tuple(patches.shape) != (N * K, C * patch_size * patch_size) or not patches.is_contiguous():
+    if patches.shape != (N * K, C * patch_size * patch_size) or not patches.is_contiguous():
         raise ValueError(
             f"patches must be a contiguous (N*K, C*p*p) = ({N * K}, {C * patch_size ** 2}) tensor, "
             f"got {tuple(patches.shape)}"
@@ -194,7 +207,7 @@ def embed_epilogue(
     M, D = y.shape
     if ids_keep.dtype != torch.int32 or ids_keep.numel() != M or not ids_keep.is_contiguous():
         raise ValueError(f"ids_keep must be a contiguous int32 tensor of M={M} elements, got {tuple(ids_keep.shape)}")
-    if bias is not None and (tuple(bias.shape) != (D,) or not bias.is_contiguous()):
+    if bias is not None and (bias.shape != (D,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous ({D},) tensor, got {tuple(bias.shape)}")
     if pos is not None and (pos.dim() != 2 or pos.shape[1] != D):
         raise ValueError(f"pos must be (L, {D}), got {tuple(pos.shape)}")
@@ -202,7 +215,7 @@ def embed_epilogue(
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     out = torch.empty((M, D), dtype=out_dtype, device=y.device)
     BLOCK_M, BLOCK_D = _tiles(y.device, M, D)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(D, BLOCK_D))
+    grid = (-(-M // BLOCK_M), -(-D // BLOCK_D))  # triton.cdiv in plain int math
     _embed_epilogue_kernel[grid](
         y, bias if bias is not None else y, pos if pos is not None else y, ids_keep, out,
         M, D, *(pos.stride() if pos is not None else (0, 0)),

@@ -13,12 +13,14 @@ patches of a zero image.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from mimfast.kernels import masking as _km
 from mimfast.kernels import patch_embed as _kp
 from mimfast.ops._custom_op import kernel_op
-from mimfast.ops._masking_triton import _masking_bwd
+from mimfast.ops._masking_triton import _masking_bwd, _promote_dtypes
 from mimfast.ops.masking import num_kept
 
 __all__ = ["masked_patch_embed_triton"]
@@ -75,6 +77,14 @@ def _(y, bias, pos, ids_keep, out_dtype):
     return y.new_empty(y.shape, dtype=out_dtype)
 
 
+def _no_autocast(device_type: str):
+    """A block with autocast off: ``torch.autocast(enabled=False)`` only where autocast is on
+    (entering one costs microseconds; with autocast off the block runs the same without it)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class MaskedPatchEmbedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, imgs, weight, bias, pos_embed, noise, K, compute_dtype):
@@ -83,10 +93,12 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         L = (H // p) * (W // p)
         mask, ids_restore, ids_keep = _mask_ids(noise, K)
         patches = _gather_patches(imgs, ids_keep, p, compute_dtype)  # (N*K, C*p*p)
-        w2 = weight.reshape(D, -1).to(compute_dtype)  # (D, C*p*p), (c, i, j) order
-        with torch.autocast(imgs.device.type, enabled=False):
+        w2 = weight.reshape(D, -1)  # (D, C*p*p), (c, i, j) order
+        if w2.dtype != compute_dtype:  # casts only where needed: a same-dtype .to() costs microseconds
+            w2 = w2.to(compute_dtype)
+        with _no_autocast(imgs.device.type):
             y = torch.mm(patches, w2.t())  # (N*K, D)
-        out_dtype = compute_dtype if pos_embed is None else torch.promote_types(compute_dtype, pos_embed.dtype)
+        out_dtype = compute_dtype if pos_embed is None else _promote_dtypes(compute_dtype, pos_embed.dtype)
         out = _embed_epilogue(y, bias, pos_embed[0] if pos_embed is not None else None, ids_keep, out_dtype)
         ctx.mark_non_differentiable(mask, ids_restore)
         ctx.save_for_backward(patches, w2, ids_keep, ids_restore)
@@ -102,15 +114,23 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         N, K, D = grad_out.shape
         g_imgs = g_w = g_b = g_pos = None
         if need_w or need_imgs:
-            gc = grad_out.reshape(N * K, D).to(compute_dtype).contiguous()  # the conv output's grad dtype
-            with torch.autocast(grad_out.device.type, enabled=False):
+            gc = grad_out.reshape(N * K, D)
+            if gc.dtype != compute_dtype:  # the conv output's grad dtype
+                gc = gc.to(compute_dtype)
+            if not gc.is_contiguous():
+                gc = gc.contiguous()
+            with _no_autocast(grad_out.device.type):
                 if need_w:
-                    g_w = torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p).to(w_dtype)
+                    g_w = torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p)
+                    if g_w.dtype != w_dtype:
+                        g_w = g_w.to(w_dtype)
                 if need_imgs:
                     g_patches = torch.mm(gc, w2).contiguous()  # (N*K, C*p*p)
                     g_imgs = _scatter_patches(g_patches, ids_keep, p, list(imgs_shape), imgs_dtype)
         if need_b:
-            g_b = grad_out.sum(dim=(0, 1), dtype=torch.float32).to(bias_dtype)
+            g_b = grad_out.sum(dim=(0, 1), dtype=torch.float32)
+            if g_b.dtype != bias_dtype:
+                g_b = g_b.to(bias_dtype)
         if need_pos:
             _, g_pos = _masking_bwd(grad_out, ids_restore, L, None, pos_dtype)
             g_pos = g_pos.unsqueeze(0)

@@ -35,7 +35,13 @@ def _check_masking_args(x, mask_ratio, pos_embed, noise) -> int:
         raise ValueError(f"x must be (N, L, D), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    N, L, D = x.shape
+    return _check_masking_rest(x.shape, x.device, mask_ratio, pos_embed, noise)
+
+
+def _check_masking_rest(x_shape, x_device, mask_ratio, pos_embed, noise) -> int:
+    """:func:`_check_masking_args` past x's own checks, for an x of ``x_shape`` (N, L, D) on
+    ``x_device`` (None: the caller checks pos_embed's and noise's devices)."""
+    N, L, D = x_shape
     if N == 0:
         raise ValueError("x has an empty batch (N == 0)")
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
@@ -51,15 +57,15 @@ def _check_masking_args(x, mask_ratio, pos_embed, noise) -> int:
                 f"pos_embed must be (1, L, D) = (1, {L}, {D}) (the model's pos_embed[:, 1:]), "
                 f"got {tuple(pos_embed.shape)}"
             )
-        if pos_embed.device != x.device:
-            raise ValueError(f"pos_embed is on {pos_embed.device}, x on {x.device}")
+        if x_device is not None and pos_embed.device != x_device:
+            raise ValueError(f"pos_embed is on {pos_embed.device}, x on {x_device}")
     if noise is not None:
         if noise.shape != (N, L):
             raise ValueError(f"noise must be (N, L) = ({N}, {L}), got {tuple(noise.shape)}")
         if not noise.is_floating_point():
             raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
-        if noise.device != x.device:
-            raise ValueError(f"noise is on {noise.device}, x on {x.device}")
+        if x_device is not None and noise.device != x_device:
+            raise ValueError(f"noise is on {noise.device}, x on {x_device}")
     return K
 
 

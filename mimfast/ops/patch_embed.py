@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mimfast import backend as _backend
-from mimfast.ops.masking import _check_masking_args, random_masking_reference
+from mimfast.ops.masking import _check_masking_rest, random_masking_reference
 
 __all__ = ["masked_patch_embed", "masked_patch_embed_reference"]
 
@@ -32,7 +32,7 @@ def _check_patch_embed_args(imgs, weight, bias):
         raise ValueError(f"weight has {Cw} input channels, imgs has C={C}")
     if H % p or W % p:
         raise ValueError(f"imgs size {H}x{W} is not a multiple of the patch size p={p} (weight's kernel)")
-    if bias is not None and tuple(bias.shape) != (D,):
+    if bias is not None and bias.shape != (D,):
         raise ValueError(f"bias must be (D,) = ({D},), got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != imgs.device:
@@ -72,10 +72,8 @@ def masked_patch_embed(imgs, weight, bias, mask_ratio, pos_embed=None, noise=Non
         x_visible (N, K, D), mask (N, L) float32 (1 = removed), ids_restore (N, L) int64.
     """
     N, L, D, p = _check_patch_embed_args(imgs, weight, bias)
-    # the masking arguments are checked on an (N, L, D) stand-in without data
-    _check_masking_args(torch.empty((N, L, D), device="meta"), mask_ratio,
-                        pos_embed.to("meta") if pos_embed is not None else None,
-                        noise.to("meta") if noise is not None else None)
+    # the masking arguments are checked as for an (N, L, D) x; their devices against imgs' below
+    _check_masking_rest((N, L, D), None, mask_ratio, pos_embed, noise)
     for name, t in (("pos_embed", pos_embed), ("noise", noise)):
         if t is not None and t.device != imgs.device:
             raise ValueError(f"{name} is on {t.device}, imgs on {imgs.device}")
@@ -84,6 +82,17 @@ def masked_patch_embed(imgs, weight, bias, mask_ratio, pos_embed=None, noise=Non
         return masked_patch_embed_reference(imgs, weight, bias, mask_ratio, pos_embed, noise)
     if noise is None:
         noise = torch.rand(N, L, device=imgs.device)
-    from mimfast.ops._patch_embed_triton import masked_patch_embed_triton
+    return (_triton or _load_triton()).masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise)
 
-    return masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise)
+
+# mimfast.ops._patch_embed_triton, imported on the first Triton call (a module, not its function,
+# is kept, so that the function is looked up at each call as before)
+_triton = None
+
+
+def _load_triton():
+    global _triton
+    from mimfast.ops import _patch_embed_triton
+
+    _triton = _patch_embed_triton
+    return _patch_embed_triton
