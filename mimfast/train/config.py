@@ -87,6 +87,9 @@ class PretrainConfig:
     gpu_pipeline: bool = False
     compile: bool = False  # torch.compile the model (the ops are custom ops: no graph breaks)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    # capture the training step into a CUDA graph once and replay it (no torch.compile; one process,
+    # --accum-iter 1, not fp16, not with --compile); off CUDA the step runs eagerly the same way
+    cuda_graph: bool = False
     fsdp: bool = False
     tensorboard: bool = True
 
@@ -325,6 +328,10 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"--data folder {cfg.data!r} does not exist (or use --data builtin)")
     if cfg.save_every < 0:
         problems.append(f"--save-every must be >= 0, got {cfg.save_every}")
+    if cfg.cuda_graph:
+        from mimfast.train.cuda_graph import config_problems
+
+        problems += config_problems(accum_iter=cfg.accum_iter, precision=cfg.precision, compile=cfg.compile)
     if problems:
         raise SystemExit("invalid configuration:\n  " + "\n  ".join(problems))
 

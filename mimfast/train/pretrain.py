@@ -8,6 +8,15 @@ from torch's RNG, whose CPU and CUDA states are saved with the model, optimizer 
 A checkpoint also records the epoch position as a global sample count with the layout (world
 size, batch size, accumulation) that saved it, so a run resumed in another layout starts at
 the same place in the epoch's order (position-exact, not bit-exact).
+
+``--cuda-graph`` (:mod:`mimfast.train.cuda_graph`): the step (forward, backward, gradient clip,
+AdamW) is captured into a CUDA graph after ``GRAPH_WARMUP_STEPS`` eager steps and replayed for
+every later one; each batch's device tensors (images, mask noise, masks, BEiT's token labels and
+masked positions) are made outside the graph and copied into its inputs. The learning rate is a
+device tensor set in place, a non-finite loss skips the update on the device (the fused AdamW's
+``found_inf``), and the loss logged is the graph's output. Every step is one training step, as
+without the graph (the warm-up steps included), so the run trains as an eager one does. Off CUDA
+the step runs eagerly through the same code.
 """
 
 from __future__ import annotations
@@ -29,16 +38,25 @@ from mimfast.data.sampler import ResumableSampler
 from mimfast.models import create_model
 from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, resolve_resume, save_checkpoint
 from mimfast.train.config import PretrainConfig
+from mimfast.train.cuda_graph import (
+    GraphedStep,
+    beit_masked_token_loss,
+    config_problems,
+    make_capturable,
+    set_lr_,
+    skip_nonfinite_steps,
+)
 from mimfast.train.pretrained import init_from_checkpoint
 from mimfast.train.progress import Progress
 from mimfast.train.sharding import full_state_dicts, grad_scaler, load_full_state_dicts, shard_model
 from mimfast.train.schedule import lr_at, param_groups_weight_decay, set_lr
 from mimfast.train.visualize import mae_reconstruction_grid, save_png
 
-__all__ = ["pretrain", "mae_transform", "CROP_INTERPOLATIONS"]
+__all__ = ["pretrain", "mae_transform", "CROP_INTERPOLATIONS", "GRAPH_WARMUP_STEPS"]
 
 
 CROP_INTERPOLATIONS = ("bicubic", "bilinear")
+GRAPH_WARMUP_STEPS = 3  # --cuda-graph: eager (real) steps before the capture
 
 
 def mae_transform(img_size: int, min_scale: float = 0.2, interpolation: str = "bicubic"):
@@ -177,16 +195,21 @@ class MAETask:
         return GpuAugment(img_size, scale=(self.cfg.min_crop_scale, 1.0), interpolation=self.cfg.crop_interpolation,
                           seed=self.cfg.seed, device=self.device)
 
-    def loss(self, model, batch) -> torch.Tensor:
+    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, mask noise) of a batch, on the device: what the loss (and a captured step) reads."""
         if len(batch) == 4:  # --gpu-pipeline: (imgs on the GPU, labels, epochs, indices)
             imgs, _, epochs, indices = batch
             noise = _keyed_noise(self.cfg.seed, epochs, indices, (imgs.shape[-1] // self.patch_size) ** 2)
             batch = ((imgs, noise), None)
         (imgs, noise), _ = batch
-        imgs = imgs.to(self.device, non_blocking=True)
-        noise = noise.to(self.device, non_blocking=True)
+        return imgs.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True)
+
+    def loss_of(self, model, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         loss, _, _ = model(imgs, mask_ratio=self.cfg.mask_ratio, noise=noise)
         return loss
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return self.loss_of(model, *self.inputs(batch))
 
     def picture(self, model, dataset, path: Path, write: bool = True) -> None:
         if self.vis_imgs is None:  # fixed images and noise, drawn apart from the training RNG
@@ -267,6 +290,52 @@ def _load_resume_checkpoint(path) -> dict:
     return ckpt
 
 
+def _beit_graph_io(task, device: torch.device):
+    """BEiT's (inputs(batch), loss(model, *inputs)) for a captured step: ``BEiTTask.loss`` split
+    at the graph's edge. The token-prediction loss gathers the masked tokens by their flat
+    positions, found outside the graph (``beit_masked_token_loss``: the model's ``x[mask]`` is a
+    host-synchronising nonzero); masks of a fixed count (blockwise, SimMIM) keep the shapes static."""
+
+    def inputs(batch):
+        if len(batch) == 4:  # --gpu-pipeline: (views on the GPU, labels, epochs, indices)
+            views, _, epochs, indices = batch
+            imgs, tokenizer_views = views if isinstance(views, (tuple, list)) else (views, None)
+            masks = task.keyed_masks(epochs, indices, imgs.shape[-1])
+        else:
+            (imgs, tokenizer_views, masks), _ = batch
+        imgs = imgs.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True).flatten(1).to(torch.bool)
+        if task.pixel:
+            return imgs, masks
+        labels = task.tokens(tokenizer_views.to(device, non_blocking=True))  # (N, L)
+        index = masks.flatten().nonzero().squeeze(1)  # outside the graph: it synchronises
+        return imgs, masks, index, labels.flatten().index_select(0, index)
+
+    def loss(model, *inputs):
+        if task.pixel:
+            return model(*inputs)[0]
+        return beit_masked_token_loss(model, *inputs)
+
+    return inputs, loss
+
+
+def _graph_io(task, device: torch.device):
+    if isinstance(task, MAETask):
+        return task.inputs, task.loss_of
+    return _beit_graph_io(task, device)
+
+
+def _plain_lrs(optim_sd: dict) -> dict:
+    """A --cuda-graph run's optimizer state_dict as an eager run saves it: learning rates as
+    floats (not the device tensors the graph reads), capturable off (a CPU resume refuses it)."""
+    for group in optim_sd["param_groups"]:
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+    return optim_sd
+
+
 def build_task(cfg: PretrainConfig, device: torch.device):
     if cfg.method == "mae":
         return MAETask(cfg, device)
@@ -345,8 +414,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     schedule = dict(schedule=cfg.lr_schedule, milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma,
                     warmup_lr=cfg.warmup_lr)
+    graphed = cfg.cuda_graph
+    if graphed:
+        problems = config_problems(world_size=d.world_size, accum_iter=cfg.accum_iter,
+                                   precision=_autocast(cfg, device)[0], compile=cfg.compile)
+        if problems:
+            raise SystemExit("--cuda-graph: " + "; ".join(problems))
+        if device.type != "cuda" and d.main:
+            print("--cuda-graph: no CUDA device, the step runs eagerly (the same code, nothing captured)")
+    # fused on CUDA; with --cuda-graph on the CPU too (its found_inf skips non-finite steps)
+    fused = device.type == "cuda" or graphed
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr,
-                                  betas=tuple(cfg.betas), **({"fused": True} if device.type == "cuda" else {}))
+                                  betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
     precision, autocast = _autocast(cfg, device)
     scaler = grad_scaler(device.type, enabled=precision == "fp16", sharded=sharded)
     ddp_model = model
@@ -374,6 +453,26 @@ def pretrain(cfg: PretrainConfig) -> dict:
     elif cfg.seed is not None:
         torch.manual_seed(cfg.seed + d.rank)  # mask noise differs across ranks
 
+    graph_step = graph_inputs = None
+    if graphed:  # after the resume: the graph updates the optimizer's state tensors in place
+        make_capturable(optimizer)
+        found_inf = skip_nonfinite_steps(optimizer)
+        graph_inputs, graph_loss = _graph_io(task, device)
+
+        def train_step(*inputs):
+            with autocast():
+                loss = graph_loss(model, *inputs)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            loss = loss.detach()
+            found_inf.copy_(~torch.isfinite(loss))  # a non-finite loss leaves the weights as they are
+            optimizer.step()
+            return loss
+
+        graph_step = GraphedStep(train_step, optimizer=optimizer, warmup=GRAPH_WARMUP_STEPS,
+                                 enabled=device.type == "cuda", scaler=scaler)
+
     if d.main:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"mimfast pretrain: {cfg.model} ({n_params / 1e6:.1f}M trainable), {img_size}px, data "
@@ -396,6 +495,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng[0].items()})
             rng = gathered
         model_sd, optim_sd = full_state_dicts(model, optimizer, sharded)
+        if graphed:
+            optim_sd = _plain_lrs(optim_sd)
         if not d.main:
             return
         state = {"model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
@@ -428,32 +529,40 @@ def pretrain(cfg: PretrainConfig) -> dict:
             data_time += time.time() - t_data
             t_step = time.time()
             if data_iter % cfg.accum_iter == 0:
-                set_lr(optimizer, lr_at(epoch + data_iter / iters_per_epoch, lr, cfg.min_lr, cfg.warmup_epochs,
-                                        cfg.epochs, **schedule))
+                lr_now = lr_at(epoch + data_iter / iters_per_epoch, lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs,
+                               **schedule)
+                (set_lr_ if graphed else set_lr)(optimizer, lr_now)  # in place: the graph reads the tensor
             sync = (data_iter + 1) % cfg.accum_iter == 0
-            if sharded:  # FSDP2's no_sync: no reduce-scatter while the micro-batches accumulate
-                model.set_requires_gradient_sync(sync)
-            ctx = ddp_model.no_sync() if (d.enabled and not sharded and not sync) else nullcontext()
-            with ctx:
-                with autocast():
-                    loss = task.loss(ddp_model, batch)
-                loss_value = loss.item()
-                scaler.scale(loss / cfg.accum_iter).backward()
+            if graphed:  # one whole step (accum_iter 1): captured after the warm-up, then replayed
+                with autocast():  # the tokenizer runs under autocast, as in task.loss
+                    inputs = graph_inputs(batch)
+                loss_value = graph_step(*inputs).item()
+            else:
+                if sharded:  # FSDP2's no_sync: no reduce-scatter while the micro-batches accumulate
+                    model.set_requires_gradient_sync(sync)
+                ctx = ddp_model.no_sync() if (d.enabled and not sharded and not sync) else nullcontext()
+                with ctx:
+                    with autocast():
+                        loss = task.loss(ddp_model, batch)
+                    loss_value = loss.item()
+                    scaler.scale(loss / cfg.accum_iter).backward()
             data_iter += 1
             if sync:
                 finite = math.isfinite(d.mean(loss_value))
-                if finite:
+                if finite and not graphed:  # graphed: the step ran (or, non-finite, skipped itself) on the device
                     if cfg.clip_grad or sharded:  # sharded: unscale_ is where the ranks agree on inf/nan
                         scaler.unscale_(optimizer)
                     if cfg.clip_grad:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
+                if finite:
                     nonfinite_in_row = 0
                 else:
                     nonfinite_in_row += 1
                     nonfinite_total += 1
-                optimizer.zero_grad(set_to_none=True)
+                if not graphed:  # graphed: the gradients are the graph's outputs, written afresh each replay
+                    optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -462,7 +571,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 if first_loss is None and finite:
                     first_loss = last_loss
                 elapsed = time.time() - t_start
-                cur_lr = optimizer.param_groups[0]["lr"]
+                cur_lr = lr_now * optimizer.param_groups[0].get("lr_scale", 1.0) if graphed else \
+                    optimizer.param_groups[0]["lr"]
                 imgs_per_s = (step - progress.start_step) * eff_batch / max(elapsed, 1e-9)
                 progress.update(step, epoch=epoch, loss=last_loss, lr=cur_lr, img_s=round(imgs_per_s, 1),
                                 data=f"{data_time:.1f}s/{data_time + step_time:.1f}s")
