@@ -16,6 +16,14 @@ and (f) mimfast+cudagraphs — ``torch.compile(mode="reduce-overhead")`` of (d),
 replayed from CUDA graphs (``mimfast pretrain --compile --compile-mode reduce-overhead``): for both
 MAE cases in full runs, for MAE ViT-B/16 in --quick runs too (the launch-bound shape where it shows
 the kernels' speed), after the other compile variants and only while the compile budget lasts;
+(g) mimfast+graph — (d) with the whole step (forward, backward, fused AdamW) captured into one CUDA
+graph without torch.compile (``mimfast.train.cuda_graph.GraphedStep``, ``mimfast pretrain
+--cuda-graph``): a fresh model and optimizer, ``WARMUP_STEPS`` eager steps on a side stream, the
+capture, then each timed step copies the inputs into the graph's and replays it; every case, in
+--quick runs too (no compile cost). BEiT's step gathers its masked tokens by index
+(``beit_masked_token_loss``: the model's boolean-mask gather synchronises, which capture forbids).
+Its peak memory is not given, as for (f): the graph's memory is held from the capture on.
+In smoke runs it runs eagerly (GraphedStep's CPU fallback, the same step function);
 and two ablations of (d), so a run shows what each block fusion is worth. BEiT runs its blocks
 fused by default, so its ablations switch fusions off:
   mimfast-no-fused-mlp — (d) with ``fused_mlp=False`` (the MLP keeps gelu(h) as eager does)
@@ -47,6 +55,7 @@ import torch
 
 from benchmarks import harness
 from mimfast.models import create_model
+from mimfast.train.cuda_graph import GraphedStep, beit_masked_token_loss, make_capturable
 
 BENCH = "step"
 # case: (model name, batch, model overrides)
@@ -55,6 +64,8 @@ BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 256, {})}
 MASK_RATIO = 0.75
 # the case that runs mimfast+cudagraphs in --quick runs too (its launch-bound shape)
 QUICK_CUDAGRAPHS_CASE = "mae_vit_b16"
+GRAPH_VARIANT = "mimfast+graph"  # (d) captured whole by GraphedStep (no torch.compile)
+GRAPH_NOTE = "not measured: the CUDA graph's memory pool is held from the capture on, outside the replay's counts"
 BEIT_MASKED = 75  # of 196 patches, as BEiT pretrains
 COMPILE_BUDGET_S = 120  # compile variants are skipped once this much time went to compiling
 # nor is one started with less of the run's time budget left (ctx.time_left): a cold compile of a
@@ -225,6 +236,43 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
     return warm_s
 
 
+def _measure_graphed(ctx, case, model, loss, inputs, n, flops):
+    """Variant (g): the step of ``model`` (kernels "auto"), ``loss(model, *inputs)`` under bf16
+    autocast + backward + fused AdamW, captured by :class:`GraphedStep` after the warm-up and
+    timed by calls that copy ``inputs`` into the graph's inputs and replay it (what a training
+    loop does). Off CUDA (smoke) the same calls run eagerly."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    make_capturable(opt)  # the learning rate a device tensor, the step counters on the device
+
+    def step_fn(*args):
+        with torch.autocast(ctx.device, dtype=torch.bfloat16):
+            out = loss(model, *args)
+        out.backward()
+        opt.step()
+        return out.detach()
+
+    t0 = time.time()
+    graphed = GraphedStep(step_fn, inputs, optimizer=opt, warmup=1 if ctx.smoke else WARMUP_STEPS)
+    try:
+        def step():
+            return graphed(*inputs)
+
+        if not graphed.captured:  # the eager fallback: one warm-up call, as _measure
+            step()
+        harness.sync()
+        warm_s = time.time() - t0
+        peak = None if graphed.captured else harness.peak_memory_bytes(step)
+        ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
+        host = harness.host_time_ms(step, calls=1, rounds=HOST_STEPS, warmup=False)
+        captured = graphed.captured
+    finally:
+        graphed.reset()  # its memory pool, before the next variant runs beside it
+    extra = {"peak_mem_note": GRAPH_NOTE} if captured else {}
+    timing = harness.Timing(ms, host_ms=ms if host is None else host)
+    ctx.add(BENCH, case, GRAPH_VARIANT, timing, flops=flops, peak_mem=peak, images_per_s=round(n / ms * 1e3, 1),
+            **ctx.mfu(flops, ms), warmup_s=round(warm_s, 1), **extra)
+
+
 def _skip_compile(ctx, case, variant, compile_spent) -> bool:
     """Whether to leave a compile variant out (recorded with the reason, except in a smoke run)."""
     if ctx.smoke:
@@ -260,6 +308,7 @@ def _mae_cases(ctx, compile_spent):
         variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
                     ("mimfast+compile", "auto", False, True, {})] + MAE_ABLATIONS
+        variants.append((GRAPH_VARIANT, "auto", False, False, {}))
         if not ctx.quick or case == QUICK_CUDAGRAPHS_CASE:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
         for variant, kernels, sdpa, comp, extra in variants:
@@ -271,7 +320,11 @@ def _mae_cases(ctx, compile_spent):
                 _to_timm_sdpa(model)
             t0 = time.time()
             try:
-                _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
+                if variant == GRAPH_VARIANT:
+                    _measure_graphed(ctx, case, model, lambda m, x, z: m(x, MASK_RATIO, z)[0], (imgs, noise), n,
+                                     flops)
+                else:
+                    _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
             except Exception as e:  # one failing variant must not hide the others
                 ctx.fail(BENCH, case, variant, e)
             if comp:  # a compile that failed late took its time too
@@ -299,6 +352,7 @@ def _beit_cases(ctx, compile_spent):
         imgs = torch.randn(n, 3, size, size, device=dev, generator=g)
         masks = torch.from_numpy(BlockwiseMaskingGenerator(grid, num_masked)(n)).to(dev).bool()
         labels = torch.randint(0, vocab, (int(masks.sum().item()),), device=dev, generator=g)
+        masked_index = masks.flatten().nonzero().squeeze(1)  # (g): the gather's positions, found once
 
         def loss_fn(m):
             return lambda model: model(imgs, masks, labels=labels)
@@ -308,6 +362,7 @@ def _beit_cases(ctx, compile_spent):
         variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
                     ("mimfast+compile", "auto", False, True, {})] + BEIT_ABLATIONS
+        variants.append((GRAPH_VARIANT, "auto", False, False, {}))
         for variant, kernels, sdpa, comp, extra in variants:
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
@@ -317,7 +372,12 @@ def _beit_cases(ctx, compile_spent):
                 _beit_to_sdpa(model)
             t0 = time.time()
             try:
-                _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
+                if variant == GRAPH_VARIANT:
+                    flat = masks.flatten(1)
+                    _measure_graphed(ctx, case, model, beit_masked_token_loss, (imgs, flat, masked_index, labels), n,
+                                     flops)
+                else:
+                    _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
             except Exception as e:
                 ctx.fail(BENCH, case, variant, e)
             if comp:
