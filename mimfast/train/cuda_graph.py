@@ -195,8 +195,9 @@ class GraphedStep:
             here) nor accumulate them over several backward passes.
         example_inputs: tensors shaped as every call's inputs. Given, on CUDA: the warm-up
             iterations run now on copies of them (real optimizer steps) and the step is captured;
-            the first call replays (off CUDA nothing runs before the first call). None: the first ``warmup`` calls run eagerly (on the side stream) with their
-            own inputs, and the next call captures and replays: every call is one training step,
+            the first call replays (off CUDA nothing runs before the first call). None: the
+            first ``warmup`` calls run eagerly (on the side stream) with their own inputs, and the
+            next call captures and replays: every call is one training step,
             as without the graph (what a training loop wants).
         optimizer: the step's optimizer; prepared with :func:`make_capturable` and checked
             (:func:`check_optimizer`) before capture.
@@ -273,10 +274,10 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _prepare(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ValueError("GraphedStep captures a single process's step: a process group of "
-                             f"{torch.distributed.get_world_size()} is initialised (DDP is not captured)")
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(f"GraphedStep captures a single process's step: a process group of "
+                             f"{dist.get_world_size()} is initialised (DDP is not captured)")
         make_capturable(self.optimizer)
         check_optimizer(self.optimizer, self.scaler)
         self._lrs = [g["lr"] for g in self.optimizer.param_groups]
