@@ -609,29 +609,37 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
-# The launches' compile-time arguments per (config, shape, dtype): built once, passed as **kwargs
-# (read only). Keyed by everything they depend on.
+# Per launch key: the config (``config`` or the default for the shape) and the launches'
+# compile-time arguments, built once and passed as **kwargs (read only). Keyed by ``config`` as
+# given (None for the default: hashing the 15-field dataclass itself would cost a microsecond).
 @functools.lru_cache(maxsize=256)
-def _fwd_meta(cfg: AttentionConfig, head_dim: int, has_bias: bool, precision: str) -> dict:
-    return dict(HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=has_bias, BLOCK_M=cfg.fwd_block_m,
-                BLOCK_N=cfg.fwd_block_n, DOT_PRECISION=precision, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+def _fwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: bool, dtype: torch.dtype,
+              precision: str) -> tuple[AttentionConfig, dict]:
+    cfg = config or default_config(S, head_dim, has_bias, dtype)
+    return cfg, dict(HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=has_bias, BLOCK_M=cfg.fwd_block_m,
+                     BLOCK_N=cfg.fwd_block_n, DOT_PRECISION=precision, num_warps=cfg.fwd_warps,
+                     num_stages=cfg.fwd_stages)
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_meta(cfg: AttentionConfig, head_dim: int, has_bias: bool, need_dbias: bool, precision: str,
-              batch_loop: bool, one_n_block: bool) -> tuple[dict, dict]:
-    """(the fused kernel's or the dq kernel's, the dk/dv kernel's) compile-time arguments."""
+def _bwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: bool, dtype: torch.dtype,
+              precision: str, need_dbias: bool) -> tuple[AttentionConfig, tuple[dict, dict], dict]:
+    """(config, the fused or dq kernel's kwargs (without, with the batch loop), the dk/dv kernel's)."""
+    cfg = config or default_config(S, head_dim, has_bias, dtype)
     dh_pad = _pow2(head_dim)
     if cfg.bwd == "fused":
-        return dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block, HAS_BIAS=has_bias,
-                    NEED_DBIAS=need_dbias, BATCH_LOOP=batch_loop, DOT_PRECISION=precision,
-                    num_warps=cfg.fused_warps, num_stages=cfg.bwd_stages), {}
-    dq = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-              HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=one_n_block, BATCH_LOOP=batch_loop,
-              DOT_PRECISION=precision, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
-    dkdv = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-                HAS_BIAS=has_bias, DOT_PRECISION=precision, num_warps=cfg.dkdv_warps, num_stages=cfg.bwd_stages)
-    return dq, dkdv
+        first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block, HAS_BIAS=has_bias,
+                     NEED_DBIAS=need_dbias, DOT_PRECISION=precision, num_warps=cfg.fused_warps,
+                     num_stages=cfg.bwd_stages)
+        dkdv = {}
+    else:
+        first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+                     HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=cfg.dq_block_n >= S,
+                     DOT_PRECISION=precision, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+        dkdv = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+                    HAS_BIAS=has_bias, DOT_PRECISION=precision, num_warps=cfg.dkdv_warps,
+                    num_stages=cfg.bwd_stages)
+    return cfg, (dict(first, BATCH_LOOP=False), dict(first, BATCH_LOOP=True)), dkdv
 
 
 _NO_BIAS_STRIDES = (0, 0, 0)
@@ -654,10 +662,9 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     H = num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
     dtype, device, has_bias = qkv.dtype, qkv.device, bias is not None
-    cfg = config or default_config(S, head_dim, has_bias, dtype)
+    cfg, meta = _fwd_plan(config, S, head_dim, has_bias, dtype, _dot_precision(dtype, allow_tf32))
     out = _empty(B, S, H * head_dim, device=device, dtype=dtype)
     lse = _empty(B, H, S, device=device, dtype=torch.float32)
-    meta = _fwd_meta(cfg, head_dim, has_bias, _dot_precision(dtype, allow_tf32))
     _attn_fwd[(B * H * -(-S // cfg.fwd_block_m),)](
         qkv, bias if has_bias else out, out, lse,
         *qkv.stride(), *(bias.stride() if has_bias else _NO_BIAS_STRIDES),
@@ -699,9 +706,9 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     scale = head_dim ** -0.5 if scale is None else float(scale)
     dtype, device = qkv.dtype, qkv.device
     has_bias = bias is not None
-    cfg = config or default_config(S, head_dim, has_bias, dtype)
-    need_dbias = has_bias and need_bias_grad
-    precision = _dot_precision(dtype, allow_tf32)
+    need_dbias = has_bias and bool(need_bias_grad)
+    cfg, first_meta, dkdv_meta = _bwd_plan(config, S, head_dim, has_bias, dtype, _dot_precision(dtype, allow_tf32),
+                                           need_dbias)
     bias_arg = bias if has_bias else out
     common = (*qkv.stride(), *(bias.stride() if has_bias else _NO_BIAS_STRIDES))
 
@@ -711,10 +718,9 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         per = _bias_batches(cfg, B, H, device) if need_dbias else 1
         groups = -(-B // per)
         dbias_part = _empty(groups, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
-        meta, _ = _bwd_meta(cfg, head_dim, has_bias, need_dbias, precision, per > 1, False)
         _attn_bwd_fused[(groups * H,)](
             qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
-            B, S, S_B, H, per, scale, scale * LOG2E, **meta,
+            B, S, S_B, H, per, scale, scale * LOG2E, **first_meta[per > 1],
         )
     elif cfg.bwd == "split":
         num_m = -(-S // cfg.dq_block_m)
@@ -727,10 +733,9 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         else:
             dbias_part = out
         delta = _empty(B, H, S, device=device, dtype=torch.float32)
-        dq_meta, dkdv_meta = _bwd_meta(cfg, head_dim, has_bias, need_dbias, precision, per > 1, one_n_block)
         _attn_bwd_dq[(groups * H * num_m,)](
             qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
-            B, S, S_B, H, per, scale, scale * LOG2E, **dq_meta,
+            B, S, S_B, H, per, scale, scale * LOG2E, **first_meta[per > 1],
         )
         _attn_bwd_dkdv[(B * H * -(-S // cfg.dkdv_block_n),)](
             qkv, bias_arg, grad_out, lse, delta, dqkv, *common,
