@@ -20,8 +20,8 @@ the kernels' speed), after the other compile variants and only while the compile
 graph without torch.compile (``mimfast.train.cuda_graph.GraphedStep``, ``mimfast pretrain
 --cuda-graph``): a fresh model and optimizer, ``WARMUP_STEPS`` eager steps on a side stream, the
 capture, then each timed step copies the inputs into the graph's and replays it; every case, in
---quick runs too (no compile cost). BEiT's step gathers its masked tokens by index
-(``beit_masked_token_loss``: the model's boolean-mask gather synchronises, which capture forbids).
+--quick runs too (no compile cost). BEiT's mimfast variants gather the masked tokens by their
+fixed count (``num_masked``; boolean-mask indexing synchronises mid-step, which capture forbids).
 Its peak memory is not given, as for (f): the graph's memory is held from the capture on.
 In smoke runs it runs eagerly (GraphedStep's CPU fallback, the same step function);
 and two ablations of (d), so a run shows what each block fusion is worth. BEiT runs its blocks
@@ -55,7 +55,7 @@ import torch
 
 from benchmarks import harness
 from mimfast.models import create_model
-from mimfast.train.cuda_graph import GraphedStep, beit_masked_token_loss, make_capturable
+from mimfast.train.cuda_graph import GraphedStep, make_capturable
 
 BENCH = "step"
 # case: (model name, batch, model overrides)
@@ -352,10 +352,15 @@ def _beit_cases(ctx, compile_spent):
         imgs = torch.randn(n, 3, size, size, device=dev, generator=g)
         masks = torch.from_numpy(BlockwiseMaskingGenerator(grid, num_masked)(n)).to(dev).bool()
         labels = torch.randint(0, vocab, (int(masks.sum().item()),), device=dev, generator=g)
-        masked_index = masks.flatten().nonzero().squeeze(1)  # (g): the gather's positions, found once
 
         def loss_fn(m):
-            return lambda model: model(imgs, masks, labels=labels)
+            if m.kernels == "eager":  # the references gather the masked tokens as the official code
+                return lambda model: model(imgs, masks, labels=labels)
+            # mimfast's: by the fixed count per image, with no host synchronisation mid-step
+            return lambda model: model(imgs, masks, labels=labels, num_masked=num_masked)
+
+        def graph_loss(model, imgs, masks, labels):
+            return model(imgs, masks, labels=labels, num_masked=num_masked)
 
         # as for MAE: (b) / (c) run BEiT's attention on SDPA with the relative position bias as
         # its mask (timm's Beit does so), everything else eager
@@ -373,9 +378,7 @@ def _beit_cases(ctx, compile_spent):
             t0 = time.time()
             try:
                 if variant == GRAPH_VARIANT:
-                    flat = masks.flatten(1)
-                    _measure_graphed(ctx, case, model, beit_masked_token_loss, (imgs, flat, masked_index, labels), n,
-                                     flops)
+                    _measure_graphed(ctx, case, model, graph_loss, (imgs, masks, labels), n, flops)
                 else:
                     _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
             except Exception as e:

@@ -3,9 +3,10 @@ bench_step's ``mimfast+graph``).
 
 On the CPU: the eager fallback is the direct call, the input and optimizer checks, the config
 checks, the trainer's graph-mode loop (eagerly: same losses as a plain run, non-finite steps
-skipped, exact resume) and BEiT's index-gathered loss. On a GPU (``MIMFAST_TEST_DEVICE=cuda``)
-the captured step itself: graphed equals eager for a tiny MAE and a tiny BEiT, a learning rate
-set between replays takes effect, mask noise drawn inside the graph changes per replay.
+skipped, exact resume) and BEiT's loss gathered by count (``num_masked``). On a GPU
+(``MIMFAST_TEST_DEVICE=cuda``) the captured step itself: graphed equals eager for a tiny MAE and
+a tiny BEiT, a learning rate set between replays takes effect, mask noise drawn inside the graph
+changes per replay.
 """
 
 import json
@@ -20,7 +21,6 @@ import torch
 from mimfast.models import create_model
 from mimfast.train.cuda_graph import (
     GraphedStep,
-    beit_masked_token_loss,
     check_optimizer,
     config_problems,
     make_capturable,
@@ -167,7 +167,9 @@ def test_cuda_graph_flag_conflicts_fail_at_start(argv, match):
         config_from_args(build_parser().parse_args(["pretrain", "--cuda-graph", *argv]))
 
 
-def test_beit_index_gathered_loss_is_the_models():
+def test_beit_loss_gathered_by_count_is_the_models():
+    """model(..., num_masked=K): the masked rows gathered by index (no host synchronisation, so
+    the step can be captured) give boolean-mask indexing's loss and gradients."""
     torch.manual_seed(0)
     model = create_model("beit_base_patch16_224_8k_vocab", kernels="eager", **_BEIT)
     imgs = torch.randn(2, 3, 32, 32)
@@ -175,17 +177,23 @@ def test_beit_index_gathered_loss_is_the_models():
     mask = torch.zeros(2, L, dtype=torch.bool)
     mask[0, [1, 5, 7]] = True
     mask[1, [0, 2, 15]] = True
-    labels = torch.randint(0, 64, (6,))
-    want = model(imgs, mask, labels=labels)
-    want.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    index = mask.flatten().nonzero().squeeze(1)
-    got = beit_masked_token_loss(model, imgs, mask, index, labels)
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+    tokens = torch.randint(0, 64, (2, L))
+    for labels in (tokens[mask], tokens):  # (M,) in x[mask] order, or one per position
+        model.zero_grad(set_to_none=True)
+        want = model(imgs, mask, labels=labels)
+        want.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        got = model(imgs, mask, labels=labels, num_masked=3)
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model(imgs, mask, num_masked=3), model(imgs, mask), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="exactly num_masked = 4"):
+        model(imgs, mask, labels=tokens, num_masked=4)
+    with pytest.raises(ValueError, match="num_masked must be an int"):
+        model(imgs, mask, labels=tokens, num_masked=0)
 
 
 def test_bench_graph_variant_runs_eagerly_off_cuda():
@@ -376,9 +384,9 @@ def test_graphed_beit_step_equals_eager():
     b.load_state_dict(a.state_dict())
     opt_a, opt_b = _adamw(a), _adamw(b)
 
-    def loss(m, imgs, mask, index, labels):
+    def loss(m, imgs, mask, labels):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return beit_masked_token_loss(m, imgs, mask, index, labels)
+            return m(imgs, mask, labels=labels, num_masked=6)
 
     eager = GraphedStep(_step_fn(a, opt_a, loss), optimizer=opt_a, enabled=False)
     graphed = GraphedStep(_step_fn(b, opt_b, loss), optimizer=opt_b, warmup=2)
@@ -388,9 +396,8 @@ def test_graphed_beit_step_equals_eager():
         imgs = torch.randn(2, 3, 32, 32, device="cuda", generator=g)
         keys = torch.rand(2, L, device="cuda", generator=g)
         mask = torch.zeros(2, L, dtype=torch.bool, device="cuda").scatter_(1, keys.argsort(1)[:, :6], True)
-        index = mask.flatten().nonzero().squeeze(1)
-        labels = torch.randint(0, 64, (12,), device="cuda", generator=g)
-        want, got = eager(imgs, mask, index, labels), graphed(imgs, mask, index, labels)
+        labels = torch.randint(0, 64, (2, L), device="cuda", generator=g)
+        want, got = eager(imgs, mask, labels), graphed(imgs, mask, labels)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"step {i}: {m}")
     assert graphed.captured
     torch.cuda.synchronize()

@@ -219,6 +219,22 @@ class _BEiTEncoder(FusedBlocksMixin, nn.Module):
         return self.run_blocks(x, self.blocks, self.norm, rel_pos_bias=rel_pos_bias)
 
 
+def masked_positions(bool_masked_pos: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """(N, num_masked) int64: each row's masked positions, ascending (``x[bool_masked_pos]``'s
+    order), for masks with exactly ``num_masked`` True per row; found on the device without a
+    host synchronisation (a stable sort puts a row's masked positions first, in order). A row
+    with another count fails a device-side assertion (a CPU tensor: at once)."""
+    counts_ok = (bool_masked_pos.sum(1) == num_masked).all()
+    torch._assert_async(counts_ok, f"every sample must have exactly num_masked = {num_masked} masked positions")
+    order = torch.argsort((~bool_masked_pos).to(torch.uint8), dim=1, stable=True)
+    return order[:, :num_masked]
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (N, L, D), index (N, K) -> (N * K, D): rows ``x[n, index[n, k]]`` in (n, k) order."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1])).reshape(-1, x.shape[-1])
+
+
 class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
     """BEiT pretraining model: predicts visual tokens at masked positions.
 
@@ -240,7 +256,8 @@ class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
         self._init_all(self.lm_head)
 
     def forward(self, imgs: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None = None,
-                return_all_tokens: bool = False, ignore_index: int = -100) -> torch.Tensor:
+                return_all_tokens: bool = False, ignore_index: int = -100,
+                num_masked: int | None = None) -> torch.Tensor:
         """Logits (M, vocab) at masked positions; with ``labels``, the mean cross-entropy.
 
         Args:
@@ -249,18 +266,29 @@ class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
             labels: visual tokens at the masked positions (M,) in ``x[bool_masked_pos]`` order,
                 or for every position (N, L); rows equal to ``ignore_index`` do not count.
             return_all_tokens: logits for every position (N, L, vocab), as the reference.
+            num_masked: the number of masked positions of every sample, where it is the same for
+                all (BEiT's blockwise generator masks exactly ``num_masking_patches``). The masked
+                rows are then gathered by index, in ``x[bool_masked_pos]``'s order, without the
+                host synchronisation of boolean-mask indexing (its ``nonzero`` waits for the
+                GPU, which stalls the launch queue mid-step and cannot be captured in a CUDA
+                graph). A sample with another count is an error (asserted on the device).
         """
         bool_masked_pos = self._check_inputs(imgs, bool_masked_pos)
+        if num_masked is not None:
+            L = bool_masked_pos.shape[1]
+            if isinstance(num_masked, bool) or not isinstance(num_masked, int) or not 0 < num_masked <= L:
+                raise ValueError(f"num_masked must be an int in [1, {L}], got {num_masked!r}")
         x = self.forward_features(imgs, bool_masked_pos)[:, 1:]  # (N, L, D)
         if return_all_tokens:
             return self.lm_head(x)
-        hidden = x[bool_masked_pos]  # (M, D)
+        index = None if num_masked is None else masked_positions(bool_masked_pos, num_masked)
+        hidden = x[bool_masked_pos] if index is None else gather_rows(x, index)  # (M, D)
         if labels is None:
             return self.lm_head(hidden)
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
         if labels.shape == bool_masked_pos.shape:
-            labels = labels[bool_masked_pos]
+            labels = labels[bool_masked_pos] if index is None else labels.gather(1, index).reshape(-1)
         elif labels.dim() != 1 or not same_row_count(labels.shape[0], hidden.shape[0]):
             raise ValueError(f"labels must be (M,) = ({hidden.shape[0]},) or (N, L) = "
                              f"{tuple(bool_masked_pos.shape)}, got {tuple(labels.shape)}")

@@ -285,7 +285,9 @@ class BEiTTask:
             loss, _ = model(imgs, bool_masked_pos)
             return loss
         labels = self.tokens(tokenizer_views.to(self.device, non_blocking=True))
-        return model(imgs, bool_masked_pos, labels=labels)
+        # the blockwise masks have exactly num_mask_patches each: the model gathers the masked
+        # tokens by index, without boolean indexing's host synchronisation mid-step
+        return model(imgs, bool_masked_pos, labels=labels, num_masked=self.cfg.num_mask_patches)
 
     def _vis_batch(self, dataset, img_size: int) -> list:
         """[patch views, tokenizer views (None for the pixel variant on the GPU pipeline), masks]

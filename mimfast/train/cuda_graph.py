@@ -32,9 +32,9 @@ What the captured step needs, checked before capture (:func:`check_optimizer`, a
 
 MAE's forward (``mimfast.models.mae``, ``mimfast.ops.masking``) has none of those. BEiT's
 token-prediction forward gathers the masked tokens with ``x[bool_masked_pos]``, a ``nonzero``
-that synchronises: :func:`beit_masked_token_loss` is the same loss with the gather by an index
-computed outside the graph (the blockwise masks have a fixed count per image, so its shape is
-static).
+that synchronises, unless it is told the fixed count of masked patches per image
+(``model(imgs, masks, labels=tokens, num_masked=K)``: the blockwise generator masks exactly K),
+which gathers them by index, found on the device.
 
 Off CUDA, or with ``enabled=False``, :class:`GraphedStep` calls the step eagerly through the same
 interface (gradients set to None before each call, the same input checks), so a training loop
@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["GraphedStep", "beit_masked_token_loss", "check_optimizer", "config_problems", "make_capturable",
+__all__ = ["GraphedStep", "check_optimizer", "config_problems", "make_capturable",
            "set_lr_", "skip_nonfinite_steps"]
 
 
@@ -154,21 +154,6 @@ def config_problems(*, world_size: int = 1, accum_iter: int = 1, precision: str 
         problems.append("--cuda-graph and --compile both set up the step (use --compile --compile-mode "
                         "reduce-overhead for torch.compile's CUDA graphs, or --cuda-graph alone)")
     return problems
-
-
-def beit_masked_token_loss(model, imgs: torch.Tensor, bool_masked_pos: torch.Tensor, masked_index: torch.Tensor,
-                           labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """BEiT's pretraining loss, ``model(imgs, bool_masked_pos, labels=labels)``, with the masked
-    tokens gathered by ``masked_index`` (the flat positions ``bool_masked_pos.flatten().nonzero()``,
-    computed outside the graph) instead of boolean-mask indexing, which synchronises with the host
-    and so cannot be captured. ``labels`` (M,) in the same order, as the model takes them."""
-    bool_masked_pos = model._check_inputs(imgs, bool_masked_pos)
-    x = model.forward_features(imgs, bool_masked_pos)[:, 1:]  # (N, L, D)
-    hidden = x.reshape(-1, x.shape[-1]).index_select(0, masked_index)  # (M, D), x[bool_masked_pos]'s order
-    from mimfast import ops
-
-    return ops.linear_cross_entropy(hidden, model.lm_head.weight, model.lm_head.bias, labels,
-                                    ignore_index=ignore_index, backend=model.kernels)
 
 
 def _signature(inputs: Sequence) -> list[tuple]:

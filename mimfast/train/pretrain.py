@@ -40,7 +40,6 @@ from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, res
 from mimfast.train.config import PretrainConfig
 from mimfast.train.cuda_graph import (
     GraphedStep,
-    beit_masked_token_loss,
     config_problems,
     make_capturable,
     set_lr_,
@@ -292,9 +291,9 @@ def _load_resume_checkpoint(path) -> dict:
 
 def _beit_graph_io(task, device: torch.device):
     """BEiT's (inputs(batch), loss(model, *inputs)) for a captured step: ``BEiTTask.loss`` split
-    at the graph's edge. The token-prediction loss gathers the masked tokens by their flat
-    positions, found outside the graph (``beit_masked_token_loss``: the model's ``x[mask]`` is a
-    host-synchronising nonzero); masks of a fixed count (blockwise, SimMIM) keep the shapes static."""
+    at the graph's edge (the tokenizer runs before it). The token-prediction loss gathers the
+    masked tokens by their count (``num_masked``: the blockwise masks have a fixed one), on the
+    device, where the model's ``x[mask]`` would be a host-synchronising nonzero."""
 
     def inputs(batch):
         if len(batch) == 4:  # --gpu-pipeline: (views on the GPU, labels, epochs, indices)
@@ -307,14 +306,13 @@ def _beit_graph_io(task, device: torch.device):
         masks = masks.to(device, non_blocking=True).flatten(1).to(torch.bool)
         if task.pixel:
             return imgs, masks
-        labels = task.tokens(tokenizer_views.to(device, non_blocking=True))  # (N, L)
-        index = masks.flatten().nonzero().squeeze(1)  # outside the graph: it synchronises
-        return imgs, masks, index, labels.flatten().index_select(0, index)
+        return imgs, masks, task.tokens(tokenizer_views.to(device, non_blocking=True))  # (N, L) tokens
 
     def loss(model, *inputs):
         if task.pixel:
             return model(*inputs)[0]
-        return beit_masked_token_loss(model, *inputs)
+        imgs, masks, tokens = inputs
+        return model(imgs, masks, labels=tokens, num_masked=task.cfg.num_mask_patches)
 
     return inputs, loss
 
