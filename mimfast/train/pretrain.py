@@ -542,8 +542,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 with ctx:
                     with autocast():
                         loss = task.loss(ddp_model, batch)
-                    loss_value = loss.item()
                     scaler.scale(loss / cfg.accum_iter).backward()
+                    # read after the backward is queued: the GPU runs it while the host waits here (read
+                    # before it, as the official loop does, the GPU idles while the host queues the backward)
+                    loss_value = loss.item()
             data_iter += 1
             if sync:
                 finite = math.isfinite(d.mean(loss_value))
