@@ -4,7 +4,8 @@
    to hidden, weight, bias), M = 256 x 75 = 19200 masked tokens, D = 768, V = 8192, fp32
    hidden and weights under bf16 autocast (what the model feeds it). Variants: eager
    (``F.linear`` + ``F.cross_entropy``, the reference), ``torch.compile`` of it, the fused op
-   (``backend="triton"``), and the fused op at other chunk sizes. TFLOP/s counts the three
+   (``backend="triton"``), the fused op with its gradient GEMMs writing bf16 as eager's do
+   (``fp32_gemm_out=False``), and the fused op at other chunk sizes. TFLOP/s counts the three
    matmuls (6 M V D); peak memory is what one forward + backward allocates above the inputs.
    Target: peak <= 0.3x eager at >= 1.0x its speed. Each row also has ``host_ms`` and, but
    for ``torch.compile``, ``graph_ms`` / ``graph_tflops`` (one CUDA graph replay: the kernels
@@ -92,6 +93,10 @@ def _bench_lm_head(ctx: harness.Context) -> None:
     variants = {
         "eager": _eager_lm_loss,
         "triton": functools.partial(ops.linear_cross_entropy, backend="triton"),
+        # the gradient GEMMs writing bf16 as eager's do (grad_W's chunk partials summed in fp32)
+        # instead of fp32 from the accumulator: whether cuBLAS's fp32-output GEMM is the slow part
+        "triton bf16_gemm_out": functools.partial(linear_cross_entropy_triton, ignore_index=-100,
+                                                  fp32_gemm_out=False),
     }
     if not ctx.quick:
         compiled = harness.try_compile(_eager_lm_loss)
@@ -147,12 +152,13 @@ def _model_flops(model, batch: int, masked: int) -> float:
     return float(beit_step_flops(model, batch, masked, model.lm_head.out_features))
 
 
-def _step(model, imgs, bool_masked_pos, labels):
+def _step(model, imgs, bool_masked_pos, labels, num_masked=None):
     """Forward + backward; the gradients are freed after it, as an optimizer's
     ``zero_grad(set_to_none=True)`` frees them, so the peak memory of a call counts them as
-    bench_step does (from a baseline without gradients) for every variant."""
+    bench_step does (from a baseline without gradients) for every variant. ``num_masked``: the
+    masked tokens gathered by count (mimfast's variants), else by boolean indexing (eager's)."""
     with torch.autocast(imgs.device.type, dtype=torch.bfloat16):
-        loss = model(imgs, bool_masked_pos, labels=labels)
+        loss = model(imgs, bool_masked_pos, labels=labels, num_masked=num_masked)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return loss
@@ -185,9 +191,10 @@ def _bench_step(ctx: harness.Context) -> None:
     if not ctx.quick:
         variants.append(("triton, attention eager", "triton", "eager"))
     want = None
-    fn = functools.partial(_step, model, imgs, bool_masked_pos, labels)
     for name, kernels, attention in variants:
         _set(model, kernels, attention)
+        fn = functools.partial(_step, model, imgs, bool_masked_pos, labels,
+                               None if kernels == "eager" else sz["MASKED"])
         try:
             loss = fn().item()  # warm-up (Triton compiles here)
             ms = harness.time_ms(fn, warmup_ms=100, rep_ms=800)

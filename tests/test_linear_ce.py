@@ -128,12 +128,15 @@ def test_out_of_range_label_gives_nan(device):
         assert torch.isnan(linear_cross_entropy_triton(h, w, b, labels))
 
 
-def test_autocast_matches_eager_autocast(device):
-    """The model's case: fp32 hidden and weights, bf16 autocast; the loss is fp32."""
+@pytest.mark.parametrize("fp32_gemm_out", [True, False])
+def test_autocast_matches_eager_autocast(fp32_gemm_out, device):
+    """The model's case: fp32 hidden and weights, bf16 autocast; the loss is fp32. On CUDA the
+    gradient GEMMs write fp32 from their accumulator, or bf16 as eager's (``fp32_gemm_out``);
+    the CPU always rounds to bf16 first."""
     M, D, V = 21, 48, 8192
     h, w, b, labels = _inputs(M, D, V, torch.float32, device)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        loss = linear_cross_entropy_triton(h, w, b, labels, chunk_rows=8)
+        loss = linear_cross_entropy_triton(h, w, b, labels, chunk_rows=8, fp32_gemm_out=fp32_gemm_out)
         ref = ops.linear_cross_entropy_reference(h, w, b, labels)
     grads = _grads(loss, (h, w, b))
     ref_grads = _grads(ref, (h, w, b))

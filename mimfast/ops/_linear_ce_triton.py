@@ -35,12 +35,13 @@ CHUNK_BYTES = 64 * 2**20  # logits held at once
 _mm_f32_ok = True  # torch.mm(..., out_dtype=float32) on CUDA; switched off at the first failure
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 output; half/bf16 inputs accumulate and land in fp32 on CUDA."""
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, fp32_out: bool = True) -> torch.Tensor:
+    """a @ b as fp32; half/bf16 inputs land in fp32 straight from the GEMM's accumulator on CUDA
+    with ``fp32_out`` (else rounded to their dtype first, as eager's GEMMs do, then widened)."""
     global _mm_f32_ok
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if a.is_cuda and _mm_f32_ok:
+    if fp32_out and a.is_cuda and _mm_f32_ok:
         try:
             return torch.ops.aten.mm.dtype(a, b, torch.float32)
         except (RuntimeError, AttributeError, TypeError, NotImplementedError):
@@ -63,8 +64,11 @@ def _compute_dtype(hidden, weight, bias):
     return hidden.dtype
 
 
-def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b, cdt):
-    """The chunked loop; returns (loss, grad_hidden, grad_W fp32, grad_b fp32), None where not needed."""
+def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b, cdt,
+                       fp32_gemm_out=True):
+    """The chunked loop; returns (loss, grad_hidden, grad_W fp32, grad_b fp32), None where not needed.
+    ``fp32_gemm_out``: the gradient GEMMs of half / bf16 chunks write fp32 (CUDA); False: they
+    write the compute dtype, as eager's, and grad_W's chunk partials are summed in fp32."""
     M, D = hidden.shape
     V = weight.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):
@@ -97,9 +101,9 @@ def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, n
                 if gh.dtype == cdt:
                     torch.mm(dlogits, w, out=gh[c0:c1])
                 else:
-                    gh[c0:c1].copy_(_mm_f32(dlogits, w))
+                    gh[c0:c1].copy_(_mm_f32(dlogits, w, fp32_gemm_out))
             if gw is not None:
-                gw.add_(_mm_f32(dlogits.t(), h_c))
+                gw.add_(_mm_f32(dlogits.t(), h_c, fp32_gemm_out))
             if gb is not None:
                 gb.add_(torch.sum(dlogits, dim=0, dtype=torch.float32))
         del buf
@@ -115,16 +119,17 @@ def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, n
 @kernel_op("mimfast::linear_ce_fwd")
 def _linear_ce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                       ignore_index: int, chunk_rows: int, need_h: bool, need_w: bool, need_b: bool,
-                      cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      cdt: torch.dtype, fp32_gemm_out: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, gh, gw, gb = _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows or None,
-                                          need_h, need_w, need_b, cdt)
+                                          need_h, need_w, need_b, cdt, fp32_gemm_out)
     empty = hidden.new_empty((0,))
     return loss, (gh if gh is not None else empty), (gw if gw is not None else empty.clone()), \
         (gb if gb is not None else empty.clone())
 
 
 @_linear_ce_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b, cdt):
+def _(hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b, cdt, fp32_gemm_out=True):
     M, D = hidden.shape
     V = weight.shape[0]
     f32 = torch.float32
@@ -136,19 +141,20 @@ def _(hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, ne
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows, need_h, need_w, need_b,
+                fp32_gemm_out=True):
         cdt = _compute_dtype(hidden, weight, bias)
         ctx.compiled = torch.compiler.is_compiling()
         if ctx.compiled:
             loss, gh, gw, gb = _linear_ce_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows or 0,
-                                                 need_h, need_w, need_b, cdt)
+                                                 need_h, need_w, need_b, cdt, fp32_gemm_out)
             gw = gw.to(weight.dtype)
             gb = gb.to(bias.dtype) if bias is not None else gb
             ctx.save_for_backward(gh, gw, gb)
             ctx.needs = (need_h, need_w, need_b)
             return loss
         loss, gh, gw, gb = _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows,
-                                              need_h, need_w, need_b, cdt)
+                                              need_h, need_w, need_b, cdt, fp32_gemm_out)
         ctx.grads = (
             gh,
             gw.to(weight.dtype) if gw is not None else None,
@@ -162,7 +168,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.compiled:  # a traced graph: out-of-place scale, which inductor fuses
             out = [(g.float() * grad_output).to(g.dtype) if need else None
                    for g, need in zip(ctx.saved_tensors, ctx.needs)]
-            return out[0], out[1], out[2], None, None, None, None, None, None
+            return out[0], out[1], out[2], None, None, None, None, None, None, None
         if ctx.used:
             raise RuntimeError(
                 "linear_cross_entropy (triton): backward ran twice through the same graph; the "
@@ -176,14 +182,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             if g is not None:
                 g.mul_(grad_output.to(g.device))
             out.append(g)
-        return out[0], out[1], out[2], None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None, None
 
 
-def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index=-100, chunk_rows=None):
+def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index=-100, chunk_rows=None,
+                                fp32_gemm_out=True):
     """The Triton backend of ``linear_cross_entropy``: 0-dim float32 mean cross-entropy.
 
     ``chunk_rows`` fixes the rows per chunk (default: about 64 MiB of logits per chunk).
-    Gradients flow to ``hidden``, ``weight`` and ``bias``; ``labels`` get none.
+    ``fp32_gemm_out=False``: on CUDA the gradient GEMMs of half / bf16 chunks write their own
+    dtype, as eager's do, instead of fp32 (``benchmarks/bench_beit.py`` times both; the CPU
+    always does so). Gradients flow to ``hidden``, ``weight`` and ``bias``; ``labels`` get none.
     """
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows <= 0):
@@ -193,4 +202,4 @@ def linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index=-100,
     need_w = grad_on and weight.requires_grad
     need_b = grad_on and bias is not None and bias.requires_grad
     return LinearCrossEntropy.apply(hidden, weight, bias, labels, int(ignore_index), chunk_rows,
-                                    need_h, need_w, need_b)
+                                    need_h, need_w, need_b, bool(fp32_gemm_out))
