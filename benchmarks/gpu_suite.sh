@@ -2,11 +2,12 @@
 # The GPU suite: on a fresh CUDA machine with torch, triton and timm preinstalled and no
 # network, install mimfast without dependencies, run the whole test suite compiled on the GPU,
 # then the benchmarks. Writes gpu.txt, install.log, warm.log, tests.log, tests.xml,
-# results.json, results.md and step.png to OUT (8 files) and prints a short table last.
+# host_overhead.json / .log, results.json, results.md and step.png to OUT (10 files) and prints a
+# short table last.
 # Budget: SUITE_S seconds in all (default 540, 9 minutes): every kernel specialisation compiled
 # into Triton's cache in parallel first (up to 100 s), the tests (up to 180 s, in four
-# processes where pytest-xdist is installed), then the
-# benchmarks in --quick mode with whatever is left (about 250 s when the steps before take
+# processes where pytest-xdist is installed), the host's cost per op call (up to 40 s), then the
+# benchmarks in --quick mode with whatever is left (about 210 s when the steps before take
 # their whole share): no module starts in the last 40 s, and a timeout 10 s before the end
 # stops the one running (its rows so far are kept: results are saved after every row).
 #
@@ -39,6 +40,13 @@ if [ -z "$ONLY" ]; then
   timeout -k 5 180 "$PY" -m pytest tests -q -p no:cacheprovider $PYTEST_OPTS --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   echo "tests exit code: $? (124: cut at 180 s)"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+fi
+# the host's cost per op call with real launches (benchmarks/host_overhead.py): how close each op
+# is to launch-bound at MAE ViT-B shapes; at most 40 s, skipped in calls that name benchmarks
+if [ -z "$ONLY" ]; then
+  timeout -k 5 40 "$PY" -m benchmarks.host_overhead --device cuda --n 50 --repeat 3 \
+    --json "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
+  echo "host overhead exit code: $? (124: cut at 40 s)"
 fi
 QUICK=""
 [ "$MODE" = "quick" ] && QUICK="--quick"
