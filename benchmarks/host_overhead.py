@@ -152,10 +152,11 @@ VARIANTS = ("triton", "triton_dispatch", "eager")
 
 
 def measure(device: str = "cpu", n: int = 100, warmup: int = 20, smoke: bool = False,
-            ops_only: tuple[str, ...] | None = None, repeat: int = 5) -> list[dict]:
+            ops_only: tuple[str, ...] | None = None, repeat: int = 5, progress: bool = False) -> list[dict]:
     """One row per (op, variant, mode) with host_us and wall_us per call: the fastest of
     ``repeat`` loops of ``n`` calls (other processes only ever add time), the variants' loops
-    interleaved so that a slow spell of the machine hits them alike."""
+    interleaved so that a slow spell of the machine hits them alike. ``progress``: print each row
+    as it is measured (a run cut by a timeout keeps what it printed)."""
     cuda = device == "cuda"
     stub = stubbed_kernels() if not cuda else contextlib.nullcontext()
     rows = []
@@ -186,6 +187,10 @@ def measure(device: str = "cpu", n: int = 100, warmup: int = 20, smoke: bool = F
                     host, wall = best[variant]
                     rows.append(dict(op=name, backend=variant, mode=mode, host_us=round(host / n * 1e6, 1),
                                      wall_us=round(wall / n * 1e6, 1), device=device, stubbed=not cuda))
+                    if progress:
+                        r = rows[-1]
+                        print(f"  {name} {mode} {variant}: host {r['host_us']} us, wall {r['wall_us']} us",
+                              flush=True)
     return rows
 
 
@@ -204,7 +209,8 @@ def main(argv=None) -> list[dict]:
     n, warmup, repeat = (3, 2, 1) if args.smoke else (args.n, args.warmup, args.repeat)
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: no intra-op threads to spin up
-    rows = measure(args.device, n, warmup, args.smoke, tuple(args.ops) if args.ops else None, repeat)
+    rows = measure(args.device, n, warmup, args.smoke, tuple(args.ops) if args.ops else None, repeat,
+                   progress=not args.smoke)
     stubbed = ", kernels stubbed" if args.device == "cpu" else ""
     print(f"host overhead per call, us ({args.device}{stubbed}; fastest of {repeat} loops of {n} calls)")
     heads = " ".join(f"{v[:10]:>10s}" for v in ("triton", "dispatch", "eager"))
