@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import threading
 
@@ -94,3 +95,19 @@ def resolve(backend: str, *tensors: torch.Tensor, op: str = "op") -> str:
             )
         return "triton"
     return "triton" if can_run else "eager"
+
+
+def lazy_import(name: str):
+    """A function that returns module ``name``, imported at its first call and kept: the ops'
+    Triton branches import triton only when first taken, and cost one call after that. The
+    module is kept, not one of its functions, so a function replaced on the module (a test's
+    spy) is the one called."""
+    module = None
+
+    def get():
+        nonlocal module
+        if module is None:
+            module = importlib.import_module(name)
+        return module
+
+    return get

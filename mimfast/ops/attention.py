@@ -15,6 +15,9 @@ from mimfast import backend as _backend
 
 __all__ = ["attention", "attention_reference"]
 
+# imported at the first Triton call (mimfast.backend.lazy_import)
+_triton = _backend.lazy_import("mimfast.ops._attention_triton")
+
 
 def _check_attention_args(qkv, num_heads, bias, scale):
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
@@ -71,17 +74,4 @@ def attention(qkv, num_heads, bias=None, scale=None, backend="auto"):
     which = _backend.resolve(backend, qkv, op="attention")
     if which == "eager":
         return attention_reference(qkv, num_heads, bias, scale)
-    return (_triton or _load_triton()).attention_triton(qkv, num_heads, bias, scale)
-
-
-# mimfast.ops._attention_triton, imported on the first Triton call (a module, not its function, is
-# kept, so that the function is looked up at each call as before)
-_triton = None
-
-
-def _load_triton():
-    global _triton
-    from mimfast.ops import _attention_triton
-
-    _triton = _attention_triton
-    return _attention_triton
+    return _triton().attention_triton(qkv, num_heads, bias, scale)

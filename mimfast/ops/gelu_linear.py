@@ -17,6 +17,9 @@ from mimfast import backend as _backend
 
 __all__ = ["gelu_linear", "gelu_linear_reference"]
 
+# imported at the first Triton call (mimfast.backend.lazy_import)
+_triton = _backend.lazy_import("mimfast.ops._gelu_linear_triton")
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -57,17 +60,4 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     which = "eager" if h.dtype == torch.float64 else _backend.resolve(backend, h, op="gelu_linear")
     if which == "eager":
         return gelu_linear_reference(h, weight, bias)
-    return (_triton or _load_triton()).gelu_linear_triton(h, weight, bias)
-
-
-# mimfast.ops._gelu_linear_triton, imported on the first Triton call (a module, not its function,
-# is kept, so that the function is looked up at each call as before)
-_triton = None
-
-
-def _load_triton():
-    global _triton
-    from mimfast.ops import _gelu_linear_triton
-
-    _triton = _gelu_linear_triton
-    return _gelu_linear_triton
+    return _triton().gelu_linear_triton(h, weight, bias)

@@ -22,6 +22,9 @@ __all__ = [
     "unshuffle_with_mask_token_reference",
 ]
 
+# imported at the first Triton call (mimfast.backend.lazy_import)
+_triton = _backend.lazy_import("mimfast.ops._masking_triton")
+
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """K = int(L * (1 - mask_ratio)), exactly as the reference computes ``len_keep``."""
@@ -110,7 +113,7 @@ def random_masking(x, mask_ratio, pos_embed=None, noise=None, backend="auto"):
         return random_masking_reference(x, mask_ratio, pos_embed, noise)
     if noise is None:
         noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
-    return (_triton or _load_triton()).random_masking_triton(x, mask_ratio, pos_embed, noise)
+    return _triton().random_masking_triton(x, mask_ratio, pos_embed, noise)
 
 
 def _check_unshuffle_args(x, mask_token, ids_restore, pos_embed):
@@ -174,17 +177,4 @@ def unshuffle_with_mask_token(x, mask_token, ids_restore, pos_embed=None, backen
     which = _backend.resolve(backend, x, op="unshuffle_with_mask_token")
     if which == "eager":
         return unshuffle_with_mask_token_reference(x, mask_token, ids_restore, pos_embed)
-    return (_triton or _load_triton()).unshuffle_with_mask_token_triton(x, mask_token, ids_restore, pos_embed)
-
-
-# mimfast.ops._masking_triton, imported on the first Triton call (a module, not its functions, is
-# kept, so that they are looked up at each call as before)
-_triton = None
-
-
-def _load_triton():
-    global _triton
-    from mimfast.ops import _masking_triton
-
-    _triton = _masking_triton
-    return _masking_triton
+    return _triton().unshuffle_with_mask_token_triton(x, mask_token, ids_restore, pos_embed)

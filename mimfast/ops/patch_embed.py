@@ -18,6 +18,9 @@ from mimfast.ops.masking import _check_masking_rest, random_masking_reference
 
 __all__ = ["masked_patch_embed", "masked_patch_embed_reference"]
 
+# imported at the first Triton call (mimfast.backend.lazy_import)
+_triton = _backend.lazy_import("mimfast.ops._patch_embed_triton")
+
 
 def _check_patch_embed_args(imgs, weight, bias):
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
@@ -82,17 +85,4 @@ def masked_patch_embed(imgs, weight, bias, mask_ratio, pos_embed=None, noise=Non
         return masked_patch_embed_reference(imgs, weight, bias, mask_ratio, pos_embed, noise)
     if noise is None:
         noise = torch.rand(N, L, device=imgs.device)
-    return (_triton or _load_triton()).masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise)
-
-
-# mimfast.ops._patch_embed_triton, imported on the first Triton call (a module, not its function,
-# is kept, so that the function is looked up at each call as before)
-_triton = None
-
-
-def _load_triton():
-    global _triton
-    from mimfast.ops import _patch_embed_triton
-
-    _triton = _patch_embed_triton
-    return _patch_embed_triton
+    return _triton().masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise)

@@ -20,6 +20,9 @@ __all__ = [
     "masked_patch_loss_reference",
 ]
 
+# imported at the first Triton call (mimfast.backend.lazy_import)
+_triton = _backend.lazy_import("mimfast.ops._patch_loss_triton")
+
 LOSSES = ("mse", "l1")
 
 
@@ -134,17 +137,4 @@ def masked_patch_loss(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", e
     which = _backend.resolve(backend, pred, op="masked_patch_loss")
     if which == "eager":
         return masked_patch_loss_reference(pred, imgs, mask, patch_size, norm_pix, loss, eps)
-    return (_triton or _load_triton()).masked_patch_loss_triton(pred, imgs, mask, patch_size, norm_pix, loss, eps)
-
-
-# mimfast.ops._patch_loss_triton, imported on the first Triton call (a module, not its function,
-# is kept, so that the function is looked up at each call as before)
-_triton = None
-
-
-def _load_triton():
-    global _triton
-    from mimfast.ops import _patch_loss_triton
-
-    _triton = _patch_loss_triton
-    return _patch_loss_triton
+    return _triton().masked_patch_loss_triton(pred, imgs, mask, patch_size, norm_pix, loss, eps)
