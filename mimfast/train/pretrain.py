@@ -105,7 +105,12 @@ class _Dist:
         return t.item() / self.world_size
 
     def close(self) -> None:
+        """At the end of a run that went well on every rank: all ranks meet, then tear down. Rank
+        0 still writes pictures and the summary while the others are done; a rank that tears
+        down while another is still at work can hang in ``destroy_process_group`` (pytorch
+        issue 75097; seen here as a rank that never returned from a 2-process gloo run)."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
