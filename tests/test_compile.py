@@ -68,8 +68,9 @@ def test_mae_fullgraph(kernels, monkeypatch):
     _compare(model, lambda m: m(imgs, 0.75, noise)[0], kernels, monkeypatch)
 
 
+@pytest.mark.parametrize("num_masked", [None, 5])
 @pytest.mark.parametrize("kernels", ["eager", "triton"])
-def test_beit_fullgraph(kernels, monkeypatch):
+def test_beit_fullgraph(kernels, num_masked, monkeypatch):
     torch.manual_seed(0)
     model = create_model("beit_tiny_patch16_224_8k_vocab", img_size=32, patch_size=8, depth=1, embed_dim=64,
                          num_heads=2, vocab_size=96, kernels=kernels).to(DEVICE)
@@ -77,6 +78,9 @@ def test_beit_fullgraph(kernels, monkeypatch):
     mask = torch.zeros(2, 16, dtype=torch.bool, device=DEVICE)
     mask[:, [1, 2, 5, 6, 9]] = True
     labels = torch.randint(0, 96, (10,), device=DEVICE)
+    if num_masked is not None:  # gathered by count: static shapes, nothing data-dependent to capture
+        _compare(model, lambda m: m(imgs, mask, labels=labels, num_masked=num_masked), kernels, monkeypatch)
+        return
     # x[bool_masked_pos] has a data-dependent size: dynamo captures it with this switch
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         _compare(model, lambda m: m(imgs, mask, labels=labels), kernels, monkeypatch)
