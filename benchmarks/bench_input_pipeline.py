@@ -13,7 +13,8 @@ Pipelines, each delivering a normalised (B, 3, 224, 224) float32 batch on the GP
 - ``gpu_pipeline``: ``GpuLoader``: workers only read bytes, nvjpeg batch decode and the one
   augmentation kernel in the main process (prefetch thread, side stream);
 - ``gpu_pipeline_hybrid``: the same with all cores as workers, which decode a share
-  (``HYBRID_CPU_FRACTION``) of the images themselves while nvjpeg decodes the rest;
+  (``HYBRID_CPU_FRACTION``) of the images themselves while nvjpeg decodes the rest (full runs:
+  also ``gpu_pipeline_hybrid_0.25``, a quarter);
 - ``gpu_decode_augment_inmem``: the same without the loader (bytes already in memory): the
   ceiling of the GPU side;
 - ``nvjpeg_decode`` and ``augment_kernel``: the two GPU stages alone (kernel: GB/s of the
@@ -58,6 +59,10 @@ BENCH = "input_pipeline"
 IMG_SIZE = 224
 SCALE = (0.2, 1.0)  # MAE
 HYBRID_CPU_FRACTION = 0.4  # share of images decoded by the workers in the hybrid variant
+# full runs also try a smaller share: 16 cores decode about half as many images a second as nvjpeg,
+# so the two sides balance near a third on the CPU (the H200 run measured 0.4 only, when each
+# decoded image still crossed from its worker in a shared-memory segment of its own)
+HYBRID_CPU_FRACTION_FULL = 0.25
 # (H, W) of common ImageNet shapes; the mean area is about 500x375's
 SHAPES = [(375, 500), (500, 375), (333, 500), (500, 333), (375, 500), (400, 500), (366, 500), (500, 400),
           (480, 640), (281, 500), (375, 500), (300, 400)]
@@ -79,6 +84,7 @@ class _Sizes:
     cpu_workers: int
     gpu_workers: int
     step_warmup: int = 2  # untimed steps at least, on each loader (see _window)
+    full: bool = False  # a full (not --quick) GPU run: the extra hybrid share too
 
 
 def _sizes(ctx) -> _Sizes:
@@ -91,7 +97,8 @@ def _sizes(ctx) -> _Sizes:
                       1, 1)
     cpu_workers = os.cpu_count() or 1
     return _Sizes(ctx.device, IMG_SIZE, SHAPES, 1024 if ctx.quick else 2048, BATCH, 16 if ctx.quick else 32,
-                  STEP_BATCH, 32 if ctx.quick else 64, STEP_MODEL, cpu_workers, min(8, cpu_workers), 16)
+                  STEP_BATCH, 32 if ctx.quick else 64, STEP_MODEL, cpu_workers, min(8, cpu_workers), 16,
+                  full=not ctx.quick)
 
 
 def _make_jpegs(folder: Path, n: int, seed: int = 0, shapes=SHAPES) -> list[torch.Tensor]:
@@ -228,13 +235,16 @@ def _gpu_loader(folder: Path, batch: int, workers: int, sz: _Sizes, n_batches: i
 
 def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int, sz: _Sizes, warmup: int,
                  measured: int):
-    """(name, workers, warm-up batches, timed batches, loader) of the two GPU pipelines."""
+    """(name, workers, warm-up batches, timed batches, loader) of the GPU pipelines."""
     warm, timed = _window(gpu_workers, warmup, measured)
     yield "gpu_pipeline", gpu_workers, warm, timed, _gpu_loader(folder, batch, gpu_workers, sz, warm + timed)
     # the workers decode a share of the images with libjpeg-turbo while nvjpeg decodes the rest
     warm, timed = _window(cpu_workers, warmup, measured)
     yield "gpu_pipeline_hybrid", cpu_workers, warm, timed, _gpu_loader(folder, batch, cpu_workers, sz, warm + timed,
                                                                         HYBRID_CPU_FRACTION)
+    if sz.full:
+        yield (f"gpu_pipeline_hybrid_{HYBRID_CPU_FRACTION_FULL}", cpu_workers, warm, timed,
+               _gpu_loader(folder, batch, cpu_workers, sz, warm + timed, HYBRID_CPU_FRACTION_FULL))
 
 
 def _all_loaders(folder: Path, files, batch: int, sz: _Sizes, gpu_workers: int, warmup: int, measured: int):
