@@ -234,10 +234,22 @@ def test_gpu_pipeline_needs_cuda(tmp_path):
         pretrain(_cfg(tmp_path, gpu_pipeline=True, device="cpu"))
 
 
+def test_gpu_pipeline_cpu_decode_flag():
+    from mimfast.train.config import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--gpu-pipeline", "--gpu-pipeline-cpu-decode", "0.3"]))
+    assert cfg.gpu_pipeline and cfg.gpu_pipeline_cpu_decode == 0.3
+    with pytest.raises(SystemExit, match=r"--gpu-pipeline-cpu-decode must be in \[0, 1\]"):
+        config_from_args(build_parser().parse_args(["--gpu-pipeline", "--gpu-pipeline-cpu-decode", "1.5"]))
+    with pytest.raises(SystemExit, match="add --gpu-pipeline"):
+        config_from_args(build_parser().parse_args(["--gpu-pipeline-cpu-decode", "0.3"]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU input pipeline needs CUDA")
-def test_gpu_pipeline_pretrains(tmp_path):
+@pytest.mark.parametrize("cpu_decode", [0.0, 0.5])
+def test_gpu_pipeline_pretrains(tmp_path, cpu_decode):
     summary = pretrain(_cfg(tmp_path, gpu_pipeline=True, kernels="auto", builtin_size=64, epochs=2,
-                            num_workers=2))
+                            num_workers=2, gpu_pipeline_cpu_decode=cpu_decode))
     assert summary["status"] == "done" and summary["steps"] == 16
     assert math.isfinite(summary["last_loss"])
 

@@ -85,6 +85,9 @@ class PretrainConfig:
     preset: str | None = None
     device: str = "auto"  # auto | cuda | cpu
     gpu_pipeline: bool = False
+    # with --gpu-pipeline: the share of images the DataLoader workers decode themselves (libjpeg-turbo,
+    # a fixed subset by index) while nvjpeg decodes the rest, so idle CPU cores add to the GPU decoder
+    gpu_pipeline_cpu_decode: float = 0.0
     compile: bool = False  # torch.compile the model (the ops are custom ops: no graph breaks)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     # capture the training step into a CUDA graph once and replay it (no torch.compile; one process,
@@ -328,6 +331,10 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"--data folder {cfg.data!r} does not exist (or use --data builtin)")
     if cfg.save_every < 0:
         problems.append(f"--save-every must be >= 0, got {cfg.save_every}")
+    if not 0.0 <= cfg.gpu_pipeline_cpu_decode <= 1.0:
+        problems.append(f"--gpu-pipeline-cpu-decode must be in [0, 1], got {cfg.gpu_pipeline_cpu_decode}")
+    elif cfg.gpu_pipeline_cpu_decode and not cfg.gpu_pipeline:
+        problems.append("--gpu-pipeline-cpu-decode is the --gpu-pipeline's split of decoding: add --gpu-pipeline")
     if cfg.cuda_graph:
         from mimfast.train.cuda_graph import config_problems
 

@@ -382,7 +382,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         source = cfg.data
         if cfg.data == "builtin":
             source = ShapesDataset(cfg.builtin_size, img_size=cfg.builtin_resolution or img_size, seed=cfg.seed)
-        dataset = EncodedImages(source)
+        dataset = EncodedImages(source, cpu_decode_fraction=cfg.gpu_pipeline_cpu_decode)
     else:
         dataset = build_dataset(cfg.data, img_size, task.transform(img_size), seed=cfg.seed,
                                 builtin_size=cfg.builtin_size, builtin_resolution=cfg.builtin_resolution)
