@@ -95,6 +95,18 @@ def test_cuda_decode_batches_jpegs_and_falls_back_to_cpu(fake_cuda_decode):
         assert torch.equal(out[i], _cpu(items[i]))
 
 
+def test_cuda_decode_of_a_packed_batch_is_the_lists(fake_cuda_decode):
+    """The loader's batches come as one packed ItemBatch: classified from its tables, the JPEGs
+    still go to nvjpeg together, the rest as before."""
+    nvjpeg, uploads = fake_cuda_decode()
+    imgs, items = _encoded()
+    out, failed = gp.decode_images(gp.ItemBatch.pack(items), "cuda")
+    assert failed == [] and nvjpeg.calls == [2] and sorted(uploads) == [False, True]
+    assert torch.equal(out[1], imgs[1]) and torch.equal(out[3], imgs[3])
+    for i in (0, 2):
+        assert torch.equal(out[i], _cpu(items[i]))
+
+
 def test_cuda_decode_retries_a_refused_batch_one_by_one(fake_cuda_decode):
     _, items = _encoded()
     nvjpeg, uploads = fake_cuda_decode(refuse=[items[2]])  # e.g. a CMYK JPEG

@@ -86,3 +86,19 @@ def test_pin_memory_pins_the_packed_tensors():
     batch = gp.ItemBatch.pack(_items()).pin_memory()
     assert batch.data.is_pinned() and batch.offsets.is_pinned() and batch.shapes.is_pinned()
     assert all(torch.equal(a, b) for a, b in zip(batch, _items()))
+
+
+def test_kinds_from_the_tables_match_the_item_checks():
+    """ItemBatch.kinds() (a few tensor ops over the packed bytes) classifies as the per-item
+    checks do: decoded images, JPEGs (FF D8 FF), other bytes, items too short to tell."""
+    from torchvision.io import encode_jpeg, encode_png
+
+    imgs = _items(3)[1:2] + [torch.randint(0, 256, (3, 9, 6), dtype=torch.uint8)]
+    items = [encode_jpeg(imgs[1], quality=90), encode_png(imgs[1]), imgs[0],
+             torch.tensor([0xFF, 0xD8], dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
+             torch.tensor([0xFF, 0xD8, 0xFF], dtype=torch.uint8), encode_jpeg(imgs[0], quality=80)]
+    want = gp._kinds(items)
+    assert want == ([2], [0, 5, 6], [1, 3, 4])
+    assert gp.ItemBatch.pack(items).kinds() == want
+    assert gp.ItemBatch.pack([torch.empty(0, dtype=torch.uint8)]).kinds() == ([], [], [0])
+    assert gp.ItemBatch.pack([imgs[0]]).kinds() == ([0], [], [])

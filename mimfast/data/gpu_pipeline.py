@@ -290,6 +290,21 @@ def _is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() >= 3 and tuple(data[:3].tolist()) == _JPEG_MAGIC
 
 
+def _kinds(items: list) -> tuple[list[int], list[int], list[int]]:
+    """Positions of (decoded images, encoded JPEGs, other encoded bytes) in a list of items."""
+    decoded, jpegs, others = [], [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
+            raise TypeError(f"items[{i}] must be a uint8 tensor (encoded bytes or a decoded image)")
+        if item.dim() == 3:
+            decoded.append(i)
+        elif item.dim() == 1:
+            (jpegs if _is_jpeg(item) else others).append(i)
+        else:
+            raise ValueError(f"items[{i}] must be 1-D (encoded bytes) or (3, H, W), got {tuple(item.shape)}")
+    return decoded, jpegs, others
+
+
 def _decode_cpu(data: torch.Tensor) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
 
@@ -317,28 +332,22 @@ def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
-    items = list(items)  # an ItemBatch: its views, made once
+    if isinstance(items, ItemBatch):  # checked when packed; classified from its tables
+        decoded_at, jpegs, others = items.kinds()
+        items = items.items()
+    else:
+        items = list(items)
+        decoded_at, jpegs, others = _kinds(items)
     out: list = [None] * len(items)
-    encoded = []
-    for i, item in enumerate(items):
-        if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
-            raise TypeError(f"items[{i}] must be a uint8 tensor (encoded bytes or a decoded image)")
-        if item.dim() == 3:
-            out[i] = _to_device(item, device)
-        elif item.dim() == 1:
-            encoded.append(i)
-        else:
-            raise ValueError(f"items[{i}] must be 1-D (encoded bytes) or (3, H, W), got {tuple(item.shape)}")
-    on_cpu = encoded
-    if device.type == "cuda" and encoded:
-        is_jpeg = {i: _is_jpeg(items[i]) for i in encoded}  # a few microseconds each: asked once
-        jpegs = [i for i in encoded if is_jpeg[i]]
-        on_cpu = [i for i in encoded if not is_jpeg[i]]
+    for i in decoded_at:
+        out[i] = _to_device(items[i], device)
+    on_cpu = sorted(jpegs + others)
+    if device.type == "cuda" and jpegs:
+        on_cpu = list(others)
         try:
-            if jpegs:
-                decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-                for i, im in zip(jpegs, decoded):
-                    out[i] = im
+            decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, im in zip(jpegs, decoded):
+                out[i] = im
         except Exception:  # noqa: BLE001 - nvjpeg refuses the batch: find the image(s) it refuses
             for i in jpegs:
                 try:
@@ -468,10 +477,31 @@ class ItemBatch:
         return item.view(c, h, w) if c else item
 
     def __iter__(self):
-        offsets, shapes = self.offsets.tolist(), self.shapes.tolist()
-        for i, (c, h, w) in enumerate(shapes):
-            item = self.data[offsets[i]:offsets[i + 1]]
-            yield item.view(c, h, w) if c else item
+        return iter(self.items())
+
+    def items(self) -> list[torch.Tensor]:
+        """Every item, as views of the packed tensor made in one call (``split``)."""
+        sizes = (self.offsets[1:] - self.offsets[:-1]).tolist()
+        parts = self.data.split(sizes)
+        return [p.view(c, h, w) if c else p for p, (c, h, w) in zip(parts, self.shapes.tolist())]
+
+    def kinds(self) -> tuple[list[int], list[int], list[int]]:
+        """Positions of (decoded images, encoded JPEGs, other encoded bytes), from the tables in a
+        few tensor operations (a JPEG starts with FF D8 FF)."""
+        n = len(self)
+        encoded = self.shapes[:, 0] == 0
+        if n == 0 or not bool(encoded.any()):
+            return list(range(n)), [], []
+        starts = self.offsets[:-1]
+        long_enough = (self.offsets[1:] - starts) >= 3
+        if self.data.numel() >= 3:  # each item's first 3 bytes (clamped reads for shorter ones, masked off)
+            heads = self.data[(starts[:, None] + torch.arange(3)).clamp_(max=self.data.numel() - 1)]
+            jpeg = encoded & long_enough & (heads == torch.tensor(_JPEG_MAGIC, dtype=torch.uint8)).all(1)
+        else:
+            jpeg = torch.zeros_like(encoded)
+        kind = torch.where(~encoded, 0, torch.where(jpeg, 1, 2)).tolist()
+        return ([i for i, k in enumerate(kind) if k == 0], [i for i, k in enumerate(kind) if k == 1],
+                [i for i, k in enumerate(kind) if k == 2])
 
     def pin_memory(self, device=None) -> "ItemBatch":
         pin = (lambda t: t.pin_memory()) if device is None else (lambda t: t.pin_memory(device))
