@@ -321,8 +321,13 @@ def cases_patch_loss():
         loss(*s, pdt, idt) for s in shapes for pdt in FLOATS for idt in {pdt, F32}]
     yield "channels-last images, bool mask", lambda: [loss(*s, pdt, channels_last=True, bool_mask=True)
                                                       for s in shapes[4:8] for pdt in (F32, BF16)]
-    yield "benchmarks: TUNING configs", lambda: [loss(256, 3, 224, 224, 16, BF16, config=c)
-                                                for c in [(2, 8, 4, 1), (2, 8, 4, 0), (4, 4, 8, 1), (2, 1, 4, 1)]]
+    def tuning():
+        from benchmarks.bench_patch_loss import TUNING
+
+        for c in TUNING:
+            loss(256, 3, 224, 224, 16, BF16, config=c)
+
+    yield "benchmarks: bench_patch_loss.TUNING configs", tuning
 
 
 def cases_linear_ce():
