@@ -9,7 +9,8 @@ the total. Kernels that no operator claims show as one row, ``(kernels outside a
 
     python -m benchmarks.run --out DIR --only profile
 
-Cases: the MAE step with kernels on (and, in full runs, eager), and BEiT-B's LM-head loss
+Cases: the MAE step with kernels on, with its blocks fused too (residual add + LayerNorm, GELU +
+Linear: off by default for MAE since the H200 run) and, in full runs, eager; and BEiT-B's LM-head loss
 (linear + cross-entropy, forward and backward, M = 19200 rows, D = 768, V = 8192, bf16 autocast)
 on its Triton path and eager: where that op's time goes (its matmuls, the cross-entropy kernel,
 the fp32 gradient accumulation) beside eager's.
@@ -57,10 +58,10 @@ def _named_launches():
         _custom_op.ALWAYS_DISPATCH = before
 
 
-def _profile(ctx, case: str, kernels: str, top: int = 25) -> None:
+def _profile(ctx, case: str, kernels: str, top: int = 25, **model_kwargs) -> None:
     dev = ctx.device
     name, n, overrides = SMOKE_MODEL if ctx.smoke else MODEL
-    model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides).to(dev)
+    model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides, **model_kwargs).to(dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     size, L = model.img_size, model.patch_embed.num_patches
     g = torch.Generator(device=dev).manual_seed(0)
@@ -139,6 +140,8 @@ def top_consumers(events, on_cuda: bool, top: int) -> list:
 
 def run(ctx: harness.Context) -> None:
     _profile(ctx, "mae_vit_b16_mimfast", "auto")
+    # the blocks fused (residual add + LayerNorm, GELU + Linear): where their kernels stand
+    _profile(ctx, "mae_vit_b16_mimfast_fused_blocks", "auto", fused_norm=True)
     _profile_lm_head(ctx, "beit_lm_head_triton", "triton" if ctx.device == "cuda" or ctx.smoke else "eager")
     _profile_lm_head(ctx, "beit_lm_head_eager", "eager")
     if not ctx.quick:
