@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import sm_count
+from mimfast.kernels import cdiv, next_power_of_2, sm_count
 
 __all__ = ["AttentionConfig", "default_config", "attention_forward", "attention_backward"]
 
@@ -437,18 +437,8 @@ class AttentionConfig:
     bias_batches: int = 0
 
 
-def _cdiv(a: int, b: int) -> int:
-    """``triton.cdiv`` in plain int math (triton's is a constexpr function costing microseconds a call)."""
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    """``triton.next_power_of_2`` for n >= 0, in plain int math."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, _next_pow2(n))
+    return max(lo, next_power_of_2(n))
 
 
 @functools.lru_cache(maxsize=256)  # asked on every launch; the config is frozen, so sharing it is safe
@@ -503,7 +493,7 @@ def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device:
     if device.type != "cuda":
         return min(B, 2)  # the interpreter: still loop over more than one batch per program
     target = 4 * sm_count(device)
-    return _cdiv(B, max(1, min(B, _cdiv(target, programs_per_group))))
+    return cdiv(B, max(1, min(B, cdiv(target, programs_per_group))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +589,7 @@ def _padded_bias(bias: torch.Tensor | None, S: int) -> tuple[torch.Tensor | None
     4-byte) access; the padded copy of BEiT-B's bias (12 x 197 x 208) costs about 1 MB once per
     call, against about 240 MB of bias reads per forward at B = 256 (once per batch and query block).
     """
-    S_B = -(-S // 16) * 16
+    S_B = cdiv(S, 16) * 16
     if bias is None or S_B == S:
         return bias, S
     return torch.nn.functional.pad(bias, (0, S_B - S)), S_B
@@ -665,7 +655,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     cfg, meta = _fwd_plan(config, S, head_dim, has_bias, dtype, _dot_precision(dtype, allow_tf32))
     out = _empty(B, S, H * head_dim, device=device, dtype=dtype)
     lse = _empty(B, H, S, device=device, dtype=torch.float32)
-    _attn_fwd[(B * H * -(-S // cfg.fwd_block_m),)](
+    _attn_fwd[(B * H * cdiv(S, cfg.fwd_block_m),)](
         qkv, bias if has_bias else out, out, lse,
         *qkv.stride(), *(bias.stride() if has_bias else _NO_BIAS_STRIDES),
         S, S_B, H, scale * LOG2E, **meta,
@@ -716,17 +706,17 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         if S > cfg.fused_block:
             raise ValueError(f"config.bwd='fused' needs S <= fused_block={cfg.fused_block}, got S={S}")
         per = _bias_batches(cfg, B, H, device) if need_dbias else 1
-        groups = -(-B // per)
+        groups = cdiv(B, per)
         dbias_part = _empty(groups, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
         _attn_bwd_fused[(groups * H,)](
             qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
             B, S, S_B, H, per, scale, scale * LOG2E, **first_meta[per > 1],
         )
     elif cfg.bwd == "split":
-        num_m = -(-S // cfg.dq_block_m)
+        num_m = cdiv(S, cfg.dq_block_m)
         one_n_block = cfg.dq_block_n >= S
         per = _bias_batches(cfg, B, H * num_m, device) if need_dbias else 1
-        groups = -(-B // per)
+        groups = cdiv(B, per)
         if need_dbias:
             alloc = _empty if one_n_block else torch.zeros  # tiles update their strip in place
             dbias_part = alloc(groups, H, S, S_B, device=device, dtype=torch.float32)
@@ -737,7 +727,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
             qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
             B, S, S_B, H, per, scale, scale * LOG2E, **first_meta[per > 1],
         )
-        _attn_bwd_dkdv[(B * H * -(-S // cfg.dkdv_block_n),)](
+        _attn_bwd_dkdv[(B * H * cdiv(S, cfg.dkdv_block_n),)](
             qkv, bias_arg, grad_out, lse, delta, dqkv, *common,
             S, S_B, H, scale, scale * LOG2E, **dkdv_meta,
         )

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels import cdiv, next_power_of_2
+
 __all__ = ["augment_crops", "META_FIELDS", "INTERPOLATIONS", "OUT_DTYPES"]
 
 # One int64 row per image in ``meta``; the host builds it (mimfast.data.gpu_pipeline).
@@ -241,12 +243,12 @@ def _blocks(size: int, size2: int, device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         return _BLOCK_H, _BLOCK_W
     # Triton's interpreter pays per program, not per element: one tile per small view
-    b = min(triton.next_power_of_2(max(size, size2)), 64)
+    b = min(next_power_of_2(max(size, size2)), 64)
     return b, b
 
 
 def _tiles(size: int, block_h: int, block_w: int) -> int:
-    return triton.cdiv(size, block_h) * triton.cdiv(size, block_w)
+    return cdiv(size, block_h) * cdiv(size, block_w)
 
 
 def _check_out(name: str, out, n: int, device) -> int:

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels import next_power_of_2
+
 __all__ = ["blockwise_masks", "MAX_CELLS", "TRIES_PER_BLOCK"]
 
 MAX_CELLS = 4096
@@ -156,7 +158,7 @@ def blockwise_masks(uniforms: torch.Tensor, keys: torch.Tensor, height: int, wid
     first = torch.empty(N, 2, dtype=torch.int32, device=device)
     if N == 0:
         return masks.bool(), counts, first
-    block = triton.next_power_of_2(L)
+    block = next_power_of_2(L)
     _blockwise_mask_kernel[(N,)](
         uniforms, keys, params, masks, counts, first, T, int(num_masking_patches), int(max_num_patches),
         H=height, W=width, BLOCK=block, TRIES=TRIES_PER_BLOCK, num_warps=1 if block <= 256 else 4,

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels import cdiv
+
 __all__ = ["gelu_bwd_recompute"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,6 +73,6 @@ def gelu_bwd_recompute(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor,
         raise ValueError(f"da is on {da.device}, h on {h.device}")
     a, dh = _empty_like(h), _empty_like(h)
     n = h.numel()
-    if n:  # -(-n // _BLOCK): triton.cdiv in plain int math (triton's costs microseconds a call)
-        _gelu_bwd_recompute_kernel[(-(-n // _BLOCK),)](h, da, a, dh, n, BLOCK=_BLOCK, num_warps=8)
+    if n:
+        _gelu_bwd_recompute_kernel[(cdiv(n, _BLOCK),)](h, da, a, dh, n, BLOCK=_BLOCK, num_warps=8)
     return a, dh

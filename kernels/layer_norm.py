@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import sm_count
+from mimfast.kernels import cdiv, next_power_of_2, sm_count
 
 __all__ = ["add_layer_norm_fwd", "add_layer_norm_bwd", "result_dtypes", "MAX_D"]
 
@@ -219,7 +219,7 @@ def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
     values a thread: one 16-byte fp32 vector; a layout made for 8-value bf16 vectors instead
     sent each fp32 tile through shared memory to store it), few registers (several programs
     resident per SM keep loads in flight across the loop's row reductions)."""
-    block_d = 1 << (D - 1).bit_length()  # next power of two (triton's helper costs microseconds a call)
+    block_d = next_power_of_2(D)
     if backward:
         block_m = max(1, min(16, 512 // block_d))
         return block_m, block_d, max(1, min(16, block_m * block_d // 128))
@@ -284,7 +284,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         return r, y, mean, rstd
     block_m, block_d, num_warps = _blocks(D, backward=False)
     dummy = x
-    _add_ln_fwd_kernel[(-(-M // block_m),)](
+    _add_ln_fwd_kernel[(cdiv(M, block_m),)](
         x, residual if residual is not None else dummy, scale if scale is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         r if write_r else dummy, y, mean, rstd,
@@ -328,10 +328,10 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
     dx = _empty((M, D) if need_dx else (0,), x_dtype, r.device)
     dres = _empty((M, D) if need_dres else (0,), res_dtype, r.device)
     block_m, block_d, num_warps = _blocks(D, backward=True)
-    n_tiles = -(-M // block_m)  # ceil divisions in plain ints (triton.cdiv costs microseconds a call)
+    n_tiles = cdiv(M, block_m)
     programs = _programs(n_tiles, num_warps, r.device)
-    tiles = -(-n_tiles // programs)
-    programs = -(-n_tiles // tiles)
+    tiles = cdiv(n_tiles, programs)
+    programs = cdiv(n_tiles, tiles)
     need_part = need_dw or need_db or need_dscale
     part = _empty((programs, 3, D) if need_part else (0,), torch.float32, r.device)
     if M > 0:

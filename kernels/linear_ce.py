@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels import next_power_of_2
+
 __all__ = ["cross_entropy_fwd_grad_", "MAX_SINGLE_BLOCK_V"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -136,7 +138,7 @@ def cross_entropy_fwd_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: t
     if labels.stride(0) != 1:
         labels = labels.contiguous()
     if block_v is None and V <= MAX_SINGLE_BLOCK_V:
-        block, single = triton.next_power_of_2(V), True
+        block, single = next_power_of_2(V), True
     else:
         block, single = (block_v or _LOOP_BLOCK_V), False
         if block & (block - 1):

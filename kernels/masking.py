@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import sm_count
+from mimfast.kernels import cdiv, next_power_of_2, sm_count
 
 __all__ = [
     "cast",
@@ -432,16 +432,6 @@ def _sum_partials_kernel(
 # --------------------------------------------------------------------------------------------
 # launch functions
 # --------------------------------------------------------------------------------------------
-def _cdiv(a: int, b: int) -> int:
-    """``triton.cdiv`` in plain int math (triton's is a constexpr function costing microseconds a call)."""
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    """``triton.next_power_of_2`` for n >= 0, in plain int math."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
 def gpu_tiles(device: torch.device) -> bool:
     return device.type == "cuda" or GPU_TILES_ON_CPU
 
@@ -454,10 +444,10 @@ def _row_tiles(device: torch.device, rows: int, D: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=256)  # every launch asks, with one of a few shapes
 def _row_tiles_of(gpu: bool, rows: int, D: int) -> tuple[int, int]:
     if gpu:
-        block_d = min(_next_pow2(D), 256)
+        block_d = min(next_power_of_2(D), 256)
         return max(1, min(32, 4096 // block_d)), block_d
-    block_d = _next_pow2(D)
-    return max(1, min(_next_pow2(rows), 65536 // block_d)), block_d
+    block_d = next_power_of_2(D)
+    return max(1, min(next_power_of_2(rows), 65536 // block_d)), block_d
 
 
 def _target_programs(device: torch.device) -> int:
@@ -469,9 +459,9 @@ def _target_programs(device: torch.device) -> int:
 
 def _chunking(N: int, base_programs: int, device: torch.device) -> tuple[int, int]:
     """(samples per program, number of chunks) so that the grid has about the target size."""
-    chunks = max(1, min(N, -(-_target_programs(device) // base_programs)))
-    n_per = -(-N // chunks)
-    return n_per, -(-N // n_per)
+    chunks = max(1, min(N, cdiv(_target_programs(device), base_programs)))
+    n_per = cdiv(N, chunks)
+    return n_per, cdiv(N, n_per)
 
 
 def _check_tokens(name: str, t: torch.Tensor, dims: int) -> None:
@@ -510,11 +500,11 @@ def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def _sum_partials_launch(gpu: bool, R: int, M: int) -> tuple[tuple[int], dict]:
     """(grid, compile-time kwargs) of sum_partials (read only: shared by every call of this key)."""
     if gpu:
-        BLOCK_M, BLOCK_R = min(_next_pow2(M), 256), min(_next_pow2(R), 16)
+        BLOCK_M, BLOCK_R = min(next_power_of_2(M), 256), min(next_power_of_2(R), 16)
     else:
-        BLOCK_M = min(_next_pow2(M), 65536)
-        BLOCK_R = max(1, min(_next_pow2(R), 262144 // BLOCK_M))
-    return (_cdiv(M, BLOCK_M),), dict(BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M)
+        BLOCK_M = min(next_power_of_2(M), 65536)
+        BLOCK_R = max(1, min(next_power_of_2(R), 262144 // BLOCK_M))
+    return (cdiv(M, BLOCK_M),), dict(BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M)
 
 
 def masking_forward(
@@ -599,7 +589,7 @@ def masking_forward(
     block_r, meta = _masking_fwd_meta(gpu_tiles(device), L, D, pos is not None, x is not None, bool(write_ids_keep),
                                       ranks_given)
     rs = ids_restore if ranks_given else ids_out
-    _masking_fwd_kernel[(N, -(-L // block_r))](
+    _masking_fwd_kernel[(N, cdiv(L, block_r))](
         x if x is not None else noise, pos if pos is not None else noise, noise, rs,
         out if out is not None else mask, mask, ids_out, ids_keep if ids_keep is not None else ids_out,
         L, D, K,
@@ -615,10 +605,10 @@ def _masking_fwd_meta(gpu: bool, L: int, D: int, has_pos: bool, gather: bool, wr
                       ranks_given: bool) -> tuple[int, dict]:
     """(BLOCK_R, compile-time kwargs) of the count forward (read only: shared by every call of this key)."""
     if gpu:
-        BLOCK_R, BLOCK_L, BLOCK_D = 16, min(_next_pow2(L), 256), min(_next_pow2(D), 256)
+        BLOCK_R, BLOCK_L, BLOCK_D = 16, min(next_power_of_2(L), 256), min(next_power_of_2(D), 256)
     else:
-        BLOCK_R, BLOCK_L = min(_next_pow2(L), 64), _next_pow2(L)
-        BLOCK_D = _next_pow2(D)
+        BLOCK_R, BLOCK_L = min(next_power_of_2(L), 64), next_power_of_2(L)
+        BLOCK_D = next_power_of_2(D)
     return BLOCK_R, dict(HAS_POS=has_pos, GATHER=gather, WRITE_IDS_KEEP=write_ids_keep, RANKS_GIVEN=ranks_given,
                          BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
 
@@ -626,15 +616,15 @@ def _masking_fwd_meta(gpu: bool, L: int, D: int, has_pos: bool, gather: bool, wr
 def _masking_sort_forward(x, pos, noise, K, out, mask, ids_restore, ids_keep):
     N, L = noise.shape
     D = x.shape[2] if x is not None else 1
-    BLOCK_L = max(16, _next_pow2(L))
+    BLOCK_L = max(16, next_power_of_2(L))
     if x is None:
         BLOCK_R, BLOCK_D = BLOCK_L, 16  # masks only: one program per sample
     elif gpu_tiles(noise.device):
-        BLOCK_R, BLOCK_D = 16, min(_next_pow2(D), 256)
+        BLOCK_R, BLOCK_D = 16, min(next_power_of_2(D), 256)
     else:
-        BLOCK_R, BLOCK_D = BLOCK_L, _next_pow2(D)
+        BLOCK_R, BLOCK_D = BLOCK_L, next_power_of_2(D)
     xs = x if x is not None else noise
-    _masking_sort_fwd_kernel[(N, _cdiv(K, BLOCK_R))](
+    _masking_sort_fwd_kernel[(N, cdiv(K, BLOCK_R))](
         xs, pos if pos is not None else xs, noise, out if out is not None else mask, mask, ids_restore,
         ids_keep if ids_keep is not None else ids_restore,
         L, D, K,
@@ -673,7 +663,7 @@ def masking_backward(
     if grad_x_dtype is None and grad_pos_dtype is None:
         return None, None
     BLOCK_R, BLOCK_D = _row_tiles(device, L, D)
-    row_blocks, d_blocks = _cdiv(L, BLOCK_R), _cdiv(D, BLOCK_D)
+    row_blocks, d_blocks = cdiv(L, BLOCK_R), cdiv(D, BLOCK_D)
     pos_grad = grad_pos_dtype is not None
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device) if pos_grad else (1, N)
     gx = torch.empty((N, L, D), dtype=grad_x_dtype, device=device) if grad_x_dtype is not None else None
@@ -724,7 +714,7 @@ def unshuffle_forward(
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     out = torch.empty((N, L + 1, D), dtype=out_dtype, device=device)
     BLOCK_R, BLOCK_D = _row_tiles(device, L + 1, D)
-    _unshuffle_fwd_kernel[(N, -(-(L + 1) // BLOCK_R), -(-D // BLOCK_D))](
+    _unshuffle_fwd_kernel[(N, cdiv(L + 1, BLOCK_R), cdiv(D, BLOCK_D))](
         x, mask_token, ids_restore, pos if pos is not None else x, out,
         L, D, K,
         *x.stride(), mask_token.stride(0), *ids_restore.stride(),
@@ -752,7 +742,7 @@ def unshuffle_backward(
     if not 1 <= K <= L:
         raise ValueError(f"K must be in [1, L={L}], got {K}")
     BLOCK_R, BLOCK_D = _row_tiles(device, L1, D)
-    row_blocks, d_blocks = _cdiv(L1, BLOCK_R), _cdiv(D, BLOCK_D)
+    row_blocks, d_blocks = cdiv(L1, BLOCK_R), cdiv(D, BLOCK_D)
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device)
     pos_grad = grad_pos_dtype is not None
     gx = torch.empty((N, K + 1, D), dtype=grad_x_dtype, device=device)

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels import cdiv, next_power_of_2
 from mimfast.kernels.masking import cast, gpu_tiles
 
 __all__ = ["gather_patches", "scatter_patches", "embed_epilogue", "FLOAT_DTYPES"]
@@ -117,19 +118,13 @@ def _tiles(device: torch.device, rows: int, cols: int) -> tuple[int, int]:
     return _tiles_of(gpu_tiles(device), rows, cols)
 
 
-def _next_pow2(n: int) -> int:
-    """``triton.next_power_of_2`` for n >= 0 in plain int math (triton's is a constexpr function
-    costing microseconds a call)."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
 @functools.lru_cache(maxsize=256)  # every launch asks, with one of a few shapes
 def _tiles_of(gpu: bool, rows: int, cols: int) -> tuple[int, int]:
     if gpu:
-        block_c = min(_next_pow2(cols), 256)
+        block_c = min(next_power_of_2(cols), 256)
         return max(1, min(32, 4096 // block_c)), block_c
-    block_c = min(_next_pow2(cols), 4096)
-    return max(1, min(_next_pow2(rows), 65536 // block_c)), block_c
+    block_c = min(next_power_of_2(cols), 4096)
+    return max(1, min(next_power_of_2(rows), 65536 // block_c)), block_c
 
 
 def _check_patch_args(imgs_shape, ids_keep, patch_size):
@@ -150,7 +145,7 @@ def _launch_patches(imgs, ids_keep, patches, patch_size, scatter):
     K = ids_keep.shape[1]
     M, PP = N * K, C * patch_size * patch_size
     BLOCK_M, BLOCK_P = _tiles(imgs.device, M, PP)
-    grid = (-(-M // BLOCK_M), -(-PP // BLOCK_P))  # triton.cdiv in plain int math
+    grid = (cdiv(M, BLOCK_M), cdiv(PP, BLOCK_P))
     _patches_kernel[grid](
         imgs, ids_keep, patches, M, K, C, W // patch_size, *imgs.stride(),
         P=patch_size, SCATTER=scatter, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, num_warps=4,
@@ -215,7 +210,7 @@ def embed_epilogue(
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     out = torch.empty((M, D), dtype=out_dtype, device=y.device)
     BLOCK_M, BLOCK_D = _tiles(y.device, M, D)
-    grid = (-(-M // BLOCK_M), -(-D // BLOCK_D))  # triton.cdiv in plain int math
+    grid = (cdiv(M, BLOCK_M), cdiv(D, BLOCK_D))
     _embed_epilogue_kernel[grid](
         y, bias if bias is not None else y, pos if pos is not None else y, ids_keep, out,
         M, D, *(pos.stride() if pos is not None else (0, 0)),

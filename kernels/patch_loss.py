@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mimfast.kernels import cdiv, next_power_of_2
+
 __all__ = ["patch_loss_fwd", "patch_loss_bwd_scale_", "LOSSES"]
 
 LOSSES = ("mse", "l1")
@@ -251,7 +253,7 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
     """
     N, C, H, W, L, P = _check(pred, imgs, mask, patch_size, loss, eps, grad)
     n_rows = N * L
-    block_p = 1 << (P - 1).bit_length()  # triton.next_power_of_2 (P >= 2) in plain int math
+    block_p = next_power_of_2(P)
     block_r, tiles, num_warps = _config(block_p, interpreted=pred.device.type == "cpu")
     s_in, s_ic, s_ih, s_iw = imgs.stride()
     # walk the patch in (c, p, q) order when the image is NCHW-like (q contiguous), otherwise in
@@ -279,7 +281,7 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
     if grad is None:
         grad = torch.empty((N, L, P), dtype=pred.dtype, device=pred.device)
     denom = mask.sum(dtype=torch.float32)  # deterministic; needed by every row's gradient
-    grid = -(-n_rows // (block_r * tiles))  # triton.cdiv in plain int math (triton's costs microseconds)
+    grid = cdiv(n_rows, block_r * tiles)
     partials = torch.empty(grid, dtype=torch.float32, device=pred.device)
     out = torch.empty((), dtype=torch.float32, device=pred.device)
     _patch_loss_fwd_kernel[(grid,)](
@@ -307,5 +309,5 @@ def patch_loss_bwd_scale_(grad, grad_output):
     block = 4096
     if grad_output.dim():
         grad_output = grad_output.reshape(())
-    _scale_kernel[(-(-numel // block),)](grad, grad_output, numel, BLOCK=block, num_warps=8)
+    _scale_kernel[(cdiv(numel, block),)](grad, grad_output, numel, BLOCK=block, num_warps=8)
     return grad
