@@ -36,17 +36,16 @@ _mm_f32_ok = True  # torch.mm(..., out_dtype=float32) on CUDA; switched off at t
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, fp32_out: bool = True) -> torch.Tensor:
-    """a @ b as fp32; half/bf16 inputs land in fp32 straight from the GEMM's accumulator on CUDA
-    with ``fp32_out`` (else rounded to their dtype first, as eager's GEMMs do, then widened)."""
+    """a @ b for an fp32 destination: half/bf16 inputs land in fp32 straight from the GEMM's
+    accumulator on CUDA with ``fp32_out``; else the product in their dtype, rounded as eager's
+    GEMMs round it, which the caller's ``add_`` / ``copy_`` widens as it writes (no widened copy)."""
     global _mm_f32_ok
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if fp32_out and a.is_cuda and _mm_f32_ok:
+    if fp32_out and a.dtype != torch.float32 and a.is_cuda and _mm_f32_ok:
         try:
             return torch.ops.aten.mm.dtype(a, b, torch.float32)
         except (RuntimeError, AttributeError, TypeError, NotImplementedError):
             _mm_f32_ok = False
-    return torch.mm(a, b).float()
+    return torch.mm(a, b)
 
 
 def _compute_dtype(hidden, weight, bias):
