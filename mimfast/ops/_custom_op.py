@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kernel_op", "ALWAYS_DISPATCH"]
+__all__ = ["kernel_op", "ALWAYS_DISPATCH", "as_dtype"]
 
 # True: every call goes through the registered op, as before this module existed
 # (benchmarks.host_overhead's "triton_dispatch" rows measure what skipping it saves).
@@ -62,3 +62,9 @@ def kernel_op(name: str, *, mutates_args=()):
         return call
 
     return register
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipped where ``t`` has that dtype already: a same-dtype ``.to()`` still
+    costs about 2 µs of argument parsing, on the Functions' per-call paths."""
+    return t if t.dtype == dtype else t.to(dtype)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.gelu import gelu_bwd_recompute
-from mimfast.ops._custom_op import kernel_op
+from mimfast.ops._custom_op import as_dtype, kernel_op
 
 __all__ = ["gelu_linear_triton"]
 
@@ -48,27 +48,15 @@ class _GeluLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight = ctx.saved_tensors
         cd = ctx.cdtype
-        # casts only where the dtype differs: a same-dtype .to() costs microseconds for nothing
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        if g.dtype != cd:
-            g = g.to(cd)
+        g = as_dtype(grad_out.reshape(-1, grad_out.shape[-1]), cd)
         h2 = h.reshape(-1, h.shape[-1])
         if not h2.is_contiguous():
             h2 = h2.contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad
-        da = g @ (weight if weight.dtype == cd else weight.to(cd))  # gradient of gelu(h), as linear's backward
-        if da.dtype != h.dtype:
-            da = da.to(h.dtype)
+        da = as_dtype(g @ as_dtype(weight, cd), h.dtype)  # gradient of gelu(h), as linear's backward gives it
         a, dh = _gelu_bwd(h2, da)
-        dw = db = None
-        if need_w:
-            dw = g.t() @ (a if a.dtype == cd else a.to(cd))
-            if dw.dtype != weight.dtype:
-                dw = dw.to(weight.dtype)
-        if need_b and ctx.bias_dtype is not None:
-            db = g.sum(0)
-            if db.dtype != ctx.bias_dtype:
-                db = db.to(ctx.bias_dtype)
+        dw = as_dtype(g.t() @ as_dtype(a, cd), weight.dtype) if need_w else None
+        db = as_dtype(g.sum(0), ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         return (dh.view(h.shape) if need_h else None), dw, db
 
 

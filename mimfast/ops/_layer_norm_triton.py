@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.layer_norm import add_layer_norm_bwd, add_layer_norm_fwd, result_dtypes
-from mimfast.ops._custom_op import kernel_op
+from mimfast.ops._custom_op import as_dtype, kernel_op
 
 __all__ = ["add_layer_norm_triton"]
 
@@ -103,9 +103,9 @@ class _AddLayerNorm(torch.autograd.Function):
                               ctx.res_dtype, need_dx, need_dres, need_dw and weight is not None,
                               need_db and ctx.bias_dtype is not None, need_dscale and scale is not None)
         return (dx.view(ctx.shape) if need_dx else None, dres.view(ctx.shape) if need_dres else None,
-                sums[0].to(weight.dtype) if need_dw else None,
-                sums[1].to(ctx.bias_dtype) if need_db else None,
-                sums[2].to(scale.dtype) if need_dscale else None, None, None)
+                as_dtype(sums[0], weight.dtype) if need_dw else None,
+                as_dtype(sums[1], ctx.bias_dtype) if need_db else None,
+                as_dtype(sums[2], scale.dtype) if need_dscale else None, None, None)
 
 
 def _vec(t):

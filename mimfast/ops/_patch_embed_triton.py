@@ -19,7 +19,7 @@ import torch
 
 from mimfast.kernels import masking as _km
 from mimfast.kernels import patch_embed as _kp
-from mimfast.ops._custom_op import kernel_op
+from mimfast.ops._custom_op import as_dtype, kernel_op
 from mimfast.ops._masking_triton import _masking_bwd, _promote_dtypes
 from mimfast.ops.masking import num_kept
 
@@ -93,9 +93,7 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         L = (H // p) * (W // p)
         mask, ids_restore, ids_keep = _mask_ids(noise, K)
         patches = _gather_patches(imgs, ids_keep, p, compute_dtype)  # (N*K, C*p*p)
-        w2 = weight.reshape(D, -1)  # (D, C*p*p), (c, i, j) order
-        if w2.dtype != compute_dtype:  # casts only where needed: a same-dtype .to() costs microseconds
-            w2 = w2.to(compute_dtype)
+        w2 = as_dtype(weight.reshape(D, -1), compute_dtype)  # (D, C*p*p), (c, i, j) order
         with _no_autocast(imgs.device.type):
             y = torch.mm(patches, w2.t())  # (N*K, D)
         out_dtype = compute_dtype if pos_embed is None else _promote_dtypes(compute_dtype, pos_embed.dtype)
@@ -114,23 +112,17 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         N, K, D = grad_out.shape
         g_imgs = g_w = g_b = g_pos = None
         if need_w or need_imgs:
-            gc = grad_out.reshape(N * K, D)
-            if gc.dtype != compute_dtype:  # the conv output's grad dtype
-                gc = gc.to(compute_dtype)
+            gc = as_dtype(grad_out.reshape(N * K, D), compute_dtype)  # the conv output's grad dtype
             if not gc.is_contiguous():
                 gc = gc.contiguous()
             with _no_autocast(grad_out.device.type):
                 if need_w:
-                    g_w = torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p)
-                    if g_w.dtype != w_dtype:
-                        g_w = g_w.to(w_dtype)
+                    g_w = as_dtype(torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p), w_dtype)
                 if need_imgs:
                     g_patches = torch.mm(gc, w2).contiguous()  # (N*K, C*p*p)
                     g_imgs = _scatter_patches(g_patches, ids_keep, p, list(imgs_shape), imgs_dtype)
         if need_b:
-            g_b = grad_out.sum(dim=(0, 1), dtype=torch.float32)
-            if g_b.dtype != bias_dtype:
-                g_b = g_b.to(bias_dtype)
+            g_b = as_dtype(grad_out.sum(dim=(0, 1), dtype=torch.float32), bias_dtype)
         if need_pos:
             _, g_pos = _masking_bwd(grad_out, ids_restore, L, None, pos_dtype)
             g_pos = g_pos.unsqueeze(0)
