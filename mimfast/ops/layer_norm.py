@@ -20,6 +20,9 @@ from mimfast import backend as _backend
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference"]
 
+# imported at the first Triton call (mimfast.backend.lazy_import)
+_triton = _backend.lazy_import("mimfast.ops._layer_norm_triton")
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -94,6 +97,4 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, scale=None, out_dtype=No
     which = "eager" if fp64 else _backend.resolve(backend, x, op="add_layer_norm")
     if which == "eager":
         return add_layer_norm_reference(x, residual, weight, bias, eps, scale, out_dtype)
-    from mimfast.ops._layer_norm_triton import add_layer_norm_triton
-
-    return add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype)
+    return _triton().add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype)

@@ -13,6 +13,9 @@ from mimfast import backend as _backend
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference"]
 
+# imported at the first Triton call (mimfast.backend.lazy_import)
+_triton = _backend.lazy_import("mimfast.ops._linear_ce_triton")
+
 
 def same_row_count(a, b) -> bool:
     """a == b for row counts; under torch.compile the count of masked rows is data-dependent,
@@ -65,6 +68,4 @@ def linear_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, backen
     which = _backend.resolve(backend, hidden, op="linear_cross_entropy")
     if which == "eager":
         return linear_cross_entropy_reference(hidden, weight, bias, labels, ignore_index)
-    from mimfast.ops._linear_ce_triton import linear_cross_entropy_triton
-
-    return linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index)
+    return _triton().linear_cross_entropy_triton(hidden, weight, bias, labels, ignore_index)
