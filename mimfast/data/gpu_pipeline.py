@@ -290,18 +290,26 @@ def _is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() >= 3 and tuple(data[:3].tolist()) == _JPEG_MAGIC
 
 
+def _item_shape(i: int, item) -> tuple[int, int, int]:
+    """(C, H, W) of a decoded image item, (0, 0, bytes) of an encoded one; an error for others."""
+    if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
+        raise TypeError(f"items[{i}] must be a uint8 tensor (encoded bytes or a decoded image)")
+    dim = item.dim()
+    if dim == 3:
+        return tuple(item.shape)
+    if dim == 1:
+        return 0, 0, item.shape[0]
+    raise ValueError(f"items[{i}] must be 1-D (encoded bytes) or (3, H, W), got {tuple(item.shape)}")
+
+
 def _kinds(items: list) -> tuple[list[int], list[int], list[int]]:
     """Positions of (decoded images, encoded JPEGs, other encoded bytes) in a list of items."""
     decoded, jpegs, others = [], [], []
     for i, item in enumerate(items):
-        if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
-            raise TypeError(f"items[{i}] must be a uint8 tensor (encoded bytes or a decoded image)")
-        if item.dim() == 3:
+        if _item_shape(i, item)[0]:
             decoded.append(i)
-        elif item.dim() == 1:
-            (jpegs if _is_jpeg(item) else others).append(i)
         else:
-            raise ValueError(f"items[{i}] must be 1-D (encoded bytes) or (3, H, W), got {tuple(item.shape)}")
+            (jpegs if _is_jpeg(item) else others).append(i)
     return decoded, jpegs, others
 
 
@@ -448,16 +456,7 @@ class ItemBatch:
     @classmethod
     def pack(cls, items) -> "ItemBatch":
         items = list(items)
-        shapes = torch.zeros(len(items), 3, dtype=torch.int64)
-        for i, item in enumerate(items):
-            if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
-                raise TypeError(f"items[{i}] must be a uint8 tensor (encoded bytes or a decoded image)")
-            if item.dim() == 3:
-                shapes[i] = torch.tensor(item.shape)
-            elif item.dim() == 1:
-                shapes[i, 2] = item.numel()
-            else:
-                raise ValueError(f"items[{i}] must be 1-D (encoded bytes) or (3, H, W), got {tuple(item.shape)}")
+        shapes = torch.tensor([_item_shape(i, item) for i, item in enumerate(items)], dtype=torch.int64).reshape(-1, 3)
         sizes = torch.tensor([item.numel() for item in items], dtype=torch.int64)
         offsets = torch.zeros(len(items) + 1, dtype=torch.int64)
         torch.cumsum(sizes, 0, out=offsets[1:])
@@ -592,7 +591,8 @@ class GpuLoader:
                      with_keys: bool = False) -> "GpuLoader":
         """A DataLoader with :func:`collate_encoded` over ``dataset`` (an :class:`EncodedImages`)."""
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                            shuffle=shuffle if sampler is None else False, num_workers=num_workers, collate_fn=collate_encoded, drop_last=drop_last,
+                            shuffle=shuffle if sampler is None else False, num_workers=num_workers,
+                            collate_fn=collate_encoded, drop_last=drop_last,
                             pin_memory=augment.device.type == "cuda", generator=generator,
                             persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers)
         return cls(loader, augment, prefetch, with_keys)
