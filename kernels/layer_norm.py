@@ -345,5 +345,6 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
             NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db, NEED_DSCALE=need_dscale,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, **_LAUNCH_OPTS,
         )
-    sums = part.sum(0) if need_part else _empty((0,), torch.float32, r.device)  # (3, D) fp32: a fixed-order reduction over programs
+    # (3, D) fp32: a fixed-order reduction over programs
+    sums = part.sum(0) if need_part else _empty((0,), torch.float32, r.device)
     return dx, dres, sums
