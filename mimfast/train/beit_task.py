@@ -273,7 +273,9 @@ class BEiTTask:
                              f"patch grid")
         return ids.flatten(1)
 
-    def loss(self, model, batch) -> torch.Tensor:
+    def inputs(self, batch) -> tuple[torch.Tensor, ...]:
+        """(images, masks (N, L)[, tokens (N, L)]) of a batch on the device: what the loss (and
+        a captured step) reads. The frozen tokenizer runs here, outside a captured step."""
         if len(batch) == 4:  # --gpu-pipeline: (views on the GPU, labels, epochs, indices)
             views, labels, epochs, indices = batch
             imgs, tokenizer_views = views if isinstance(views, (tuple, list)) else (views, None)
@@ -282,12 +284,21 @@ class BEiTTask:
         imgs = imgs.to(self.device, non_blocking=True)
         bool_masked_pos = bool_masked_pos.to(self.device, non_blocking=True).flatten(1)
         if self.pixel:
+            return imgs, bool_masked_pos
+        return imgs, bool_masked_pos, self.tokens(tokenizer_views.to(self.device, non_blocking=True))
+
+    def loss_of(self, model, imgs: torch.Tensor, bool_masked_pos: torch.Tensor,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pixel:
             loss, _ = model(imgs, bool_masked_pos)
             return loss
-        labels = self.tokens(tokenizer_views.to(self.device, non_blocking=True))
         # the blockwise masks have exactly num_mask_patches each: the model gathers the masked
-        # tokens by index, without boolean indexing's host synchronisation mid-step
-        return model(imgs, bool_masked_pos, labels=labels, num_masked=self.cfg.num_mask_patches)
+        # tokens by index, without boolean indexing's host synchronisation mid-step (which a
+        # captured step could not hold)
+        return model(imgs, bool_masked_pos, labels=tokens, num_masked=self.cfg.num_mask_patches)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return self.loss_of(model, *self.inputs(batch))
 
     def _vis_batch(self, dataset, img_size: int) -> list:
         """[patch views, tokenizer views (None for the pixel variant on the GPU pipeline), masks]

@@ -11,8 +11,8 @@ the same place in the epoch's order (position-exact, not bit-exact).
 
 ``--cuda-graph`` (:mod:`mimfast.train.cuda_graph`): the step (forward, backward, gradient clip,
 AdamW) is captured into a CUDA graph after ``GRAPH_WARMUP_STEPS`` eager steps and replayed for
-every later one; each batch's device tensors (images, mask noise, masks, BEiT's token labels and
-masked positions) are made outside the graph and copied into its inputs. The learning rate is a
+every later one; each batch's device tensors (the task's ``inputs``: images and mask noise, or
+images, masks and BEiT's tokens) are made outside the graph and copied into its inputs. The learning rate is a
 device tensor set in place, a non-finite loss skips the update on the device (the fused AdamW's
 ``found_inf``), and the loss logged is the graph's output. Every step is one training step, as
 without the graph (the warm-up steps included), so the run trains as an eager one does. Off CUDA
@@ -294,40 +294,6 @@ def _load_resume_checkpoint(path) -> dict:
     return ckpt
 
 
-def _beit_graph_io(task, device: torch.device):
-    """BEiT's (inputs(batch), loss(model, *inputs)) for a captured step: ``BEiTTask.loss`` split
-    at the graph's edge (the tokenizer runs before it). The token-prediction loss gathers the
-    masked tokens by their count (``num_masked``: the blockwise masks have a fixed one), on the
-    device, where the model's ``x[mask]`` would be a host-synchronising nonzero."""
-
-    def inputs(batch):
-        if len(batch) == 4:  # --gpu-pipeline: (views on the GPU, labels, epochs, indices)
-            views, _, epochs, indices = batch
-            imgs, tokenizer_views = views if isinstance(views, (tuple, list)) else (views, None)
-            masks = task.keyed_masks(epochs, indices, imgs.shape[-1])
-        else:
-            (imgs, tokenizer_views, masks), _ = batch
-        imgs = imgs.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True).flatten(1).to(torch.bool)
-        if task.pixel:
-            return imgs, masks
-        return imgs, masks, task.tokens(tokenizer_views.to(device, non_blocking=True))  # (N, L) tokens
-
-    def loss(model, *inputs):
-        if task.pixel:
-            return model(*inputs)[0]
-        imgs, masks, tokens = inputs
-        return model(imgs, masks, labels=tokens, num_masked=task.cfg.num_mask_patches)
-
-    return inputs, loss
-
-
-def _graph_io(task, device: torch.device):
-    if isinstance(task, MAETask):
-        return task.inputs, task.loss_of
-    return _beit_graph_io(task, device)
-
-
 def _plain_lrs(optim_sd: dict) -> dict:
     """A --cuda-graph run's optimizer state_dict as an eager run saves it: learning rates as
     floats (not the device tensors the graph reads), capturable off (a CPU resume refuses it)."""
@@ -460,7 +426,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if graphed:  # after the resume: the graph updates the optimizer's state tensors in place
         make_capturable(optimizer)
         found_inf = skip_nonfinite_steps(optimizer)
-        graph_inputs, graph_loss = _graph_io(task, device)
+        graph_inputs, graph_loss = task.inputs, task.loss_of  # the batch's device tensors, the loss of them
 
         def train_step(*inputs):
             with autocast():
