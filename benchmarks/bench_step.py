@@ -214,13 +214,7 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
             step()
         harness.sync()
         warm_s = time.time() - t0
-        # a CUDA graph replays into its pool without the allocator: its peak would read as almost
-        # nothing, so none is given for that mode
-        graphs = compile_model == "reduce-overhead"
-        peak = None if graphs else harness.peak_memory_bytes(step)
-        ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
-        # off CUDA (smoke) a step is synchronous: its host time is its time
-        host = harness.host_time_ms(step, calls=1, rounds=HOST_STEPS, warmup=False)
+        _record(ctx, case, variant, step, n, flops, warm_s, graphs=compile_model == "reduce-overhead")
     finally:
         if compile_model:
             # dynamo's caches keep the compiled step alive, and with it (mode "reduce-overhead")
@@ -229,11 +223,21 @@ def _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=False):
 
             del step, target
             dynamo.reset()
-    extra = {"peak_mem_note": "not measured: CUDA graph memory is outside the allocator's counts"} if graphs else {}
+    return warm_s
+
+
+def _record(ctx, case, variant, step, n, flops, warm_s, graphs: bool) -> None:
+    """Time a warmed-up ``step`` and add its row. ``graphs``: the step replays CUDA graphs, whose
+    memory pool is outside the allocator's counts from the capture on (its peak would read as
+    almost nothing): no peak is given, a note says why."""
+    peak = None if graphs else harness.peak_memory_bytes(step)
+    ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
+    # off CUDA (smoke) a step is synchronous: its host time is its time
+    host = harness.host_time_ms(step, calls=1, rounds=HOST_STEPS, warmup=False)
+    extra = {"peak_mem_note": GRAPH_NOTE} if graphs else {}
     timing = harness.Timing(ms, host_ms=ms if host is None else host)
     ctx.add(BENCH, case, variant, timing, flops=flops, peak_mem=peak, images_per_s=round(n / ms * 1e3, 1),
             **ctx.mfu(flops, ms), warmup_s=round(warm_s, 1), **extra)
-    return warm_s
 
 
 def _measure_graphed(ctx, case, model, loss, inputs, n, flops):
@@ -260,17 +264,9 @@ def _measure_graphed(ctx, case, model, loss, inputs, n, flops):
         if not graphed.captured:  # the eager fallback: one warm-up call, as _measure
             step()
         harness.sync()
-        warm_s = time.time() - t0
-        peak = None if graphed.captured else harness.peak_memory_bytes(step)
-        ms = harness.time_ms(step, warmup_ms=50, rep_ms=400)
-        host = harness.host_time_ms(step, calls=1, rounds=HOST_STEPS, warmup=False)
-        captured = graphed.captured
+        _record(ctx, case, GRAPH_VARIANT, step, n, flops, time.time() - t0, graphs=graphed.captured)
     finally:
         graphed.reset()  # its memory pool, before the next variant runs beside it
-    extra = {"peak_mem_note": GRAPH_NOTE} if captured else {}
-    timing = harness.Timing(ms, host_ms=ms if host is None else host)
-    ctx.add(BENCH, case, GRAPH_VARIANT, timing, flops=flops, peak_mem=peak, images_per_s=round(n / ms * 1e3, 1),
-            **ctx.mfu(flops, ms), warmup_s=round(warm_s, 1), **extra)
 
 
 def _skip_compile(ctx, case, variant, compile_spent) -> bool:
