@@ -47,6 +47,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from mimfast.train.schedule import set_lr
+
 __all__ = ["GraphedStep", "check_optimizer", "config_problems", "make_capturable",
            "set_lr_", "skip_nonfinite_steps"]
 
@@ -83,16 +85,8 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
-def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate to ``lr`` times its ``lr_scale`` (as
-    :func:`mimfast.train.schedule.set_lr`), in place where it is a tensor (:func:`make_capturable`):
-    a captured step reads it from the device at each replay. No host synchronisation."""
-    for group in optimizer.param_groups:
-        value = lr * group.get("lr_scale", 1.0)
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(value)
-        else:
-            group["lr"] = value
+# every group's learning rate set in place where it is a tensor: the schedule's own setter
+set_lr_ = set_lr
 
 
 def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> torch.Tensor:

@@ -42,7 +42,6 @@ from mimfast.train.cuda_graph import (
     GraphedStep,
     config_problems,
     make_capturable,
-    set_lr_,
     skip_nonfinite_steps,
 )
 from mimfast.train.pretrained import init_from_checkpoint
@@ -500,7 +499,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             if data_iter % cfg.accum_iter == 0:
                 lr_now = lr_at(epoch + data_iter / iters_per_epoch, lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs,
                                **schedule)
-                (set_lr_ if graphed else set_lr)(optimizer, lr_now)  # in place: the graph reads the tensor
+                set_lr(optimizer, lr_now)  # a captured step's lr tensors in place: the graph reads them
             sync = (data_iter + 1) % cfg.accum_iter == 0
             if graphed:  # one whole step (accum_iter 1): captured after the warm-up, then replayed
                 with autocast():  # the tokenizer runs under autocast, as in task.loss

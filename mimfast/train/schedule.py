@@ -45,8 +45,15 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate to ``lr`` times its ``lr_scale``; in place where it is a tensor
+    (a captured step's, :func:`mimfast.train.cuda_graph.make_capturable`: the graph reads it from
+    the device at each replay; no host synchronisation)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
