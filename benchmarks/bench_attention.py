@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from mimfast import ops
-from mimfast.kernels.attention import default_config
+from mimfast.kernels.attention import _pow2, default_config
 from mimfast.ops._attention_triton import attention_triton
 from mimfast.ops.attention import attention_reference
 
@@ -74,14 +74,10 @@ TARGET = {False: 1.3, True: 2.0}  # fwd+bwd speed-up over the best (bias-accepti
 BUDGET_S = 70.0  # past this, optional variants (other block sizes, torch.compile) are skipped
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
 def _alt_configs(S: int, Dh: int, bias: bool) -> dict:
     """Other block choices worth comparing with the default at this shape."""
     base = default_config(S, Dh, bias)
-    s_pad, wide = _pow2(S), Dh > 64
+    s_pad, wide = _pow2(S), Dh > 64  # the kernels' padded sequence length
     alts = {}
     if S <= 64:  # default: fused; the split backward instead
         alts["mimfast_split_bwd"] = replace(base, bwd="split", fwd_block_m=64, fwd_block_n=64)
