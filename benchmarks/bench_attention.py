@@ -5,7 +5,8 @@ ViT-H (256, 16, 65, 80), MAE decoder (256, 16, 197, 32), BEiT-B with a learnable
 bias (256, 12, 197, 64). Every variant starts from the packed qkv (B, S, 3*H*Dh) and ends with
 (B, S, H*Dh), as a ViT block needs them, so the permute / reshape copies around SDPA count.
 
-Variants: ``mimfast`` (the public op, default blocks), mimfast with other block choices (fused
+Variants: ``mimfast`` (the public op: the launchers' choice among their candidate blocks, timed
+on the device at the first call, ``mimfast.kernels.tuning``), each candidate by name (fused
 vs split backward at S <= 65, all-keys vs tiled forward at S = 197, bias gradient in registers
 vs a tiled in-memory strip), ``eager`` (the reference math), each SDPA backend through
 ``torch.nn.attention.sdpa_kernel`` (flash, efficient, cudnn, math; a backend that refuses the
@@ -35,14 +36,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
 from mimfast import ops
-from mimfast.kernels.attention import _pow2, default_config
+from mimfast.kernels.attention import candidate_configs
 from mimfast.ops._attention_triton import attention_triton
 from mimfast.ops.attention import attention_reference
 
@@ -75,28 +75,9 @@ BUDGET_S = 70.0  # past this, optional variants (other block sizes, torch.compil
 
 
 def _alt_configs(S: int, Dh: int, bias: bool) -> dict:
-    """Other block choices worth comparing with the default at this shape."""
-    base = default_config(S, Dh, bias)
-    s_pad, wide = _pow2(S), Dh > 64  # the kernels' padded sequence length
-    alts = {}
-    if S <= 64:  # default: fused; the split backward instead
-        alts["mimfast_split_bwd"] = replace(base, bwd="split", fwd_block_m=64, fwd_block_n=64)
-    elif S <= 128:  # one program holds the whole head in the backward too
-        alts["mimfast_fused_bwd"] = replace(base, bwd="fused", fused_block=s_pad, fused_warps=8, bias_batches=1)
-    if 64 < S <= 256:
-        alts["mimfast_allkeys_fwd"] = replace(base, fwd_block_m=32 if wide else 64, fwd_block_n=s_pad, fwd_warps=8)
-        alts["mimfast_fwd_128x64"] = replace(base, fwd_block_m=128, fwd_block_n=32 if wide else 64, fwd_warps=8)
-    if bias and S > 64:
-        alts["mimfast_bias_grad_tiled"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4)
-        alts["mimfast_bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
-        alts["mimfast_bias_grad_regs_m16"] = replace(base, dq_block_m=16, dq_block_n=s_pad, dq_warps=8)
-        alts["mimfast_bias_one_batch"] = replace(base, bias_batches=1)
-        # one pipeline stage: the all-keys dq kernel compiles spill-free at BEiT-B's shape (234
-        # registers, from 255 with 32 B spilled), the dk/dv kernel drops to 2 programs per SM
-        alts["mimfast_bwd_stages1"] = replace(base, bwd_stages=1)
-    if S > 64:  # the two-kernel backward with one stage (fewer registers in both kernels)
-        alts.setdefault("mimfast_bwd_stages1", replace(base, bwd_stages=1))
-    return {k: v for k, v in alts.items() if v != base}
+    """The launchers' tuning candidates at this shape other than the default, as named variants
+    (the ``mimfast`` row runs what the tuner chose among them and the default)."""
+    return {f"mimfast_{name}": cfg for name, cfg in candidate_configs(S, Dh, bias).items() if name != "default"}
 
 
 def _split_heads(qkv, H):

@@ -549,10 +549,13 @@ def static_compile_settings() -> None:
 def write_results(out_dir: Path, info: dict, ctx: Context, errors: list, plot: bool = True) -> tuple[Path, Path]:
     """``results.json``, ``results.md`` and (``plot``, where there are step rows) ``step.png``;
     drawing takes most of the time, so the saves after each row leave it out."""
+    from mimfast.kernels import tuning  # here: importing a kernel module early would stop --smoke's interpreter
+
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"info": info, "smoke": ctx.smoke, "copy_gbps": ctx.copy_gbps, "matmul_tflops": ctx.matmul_tflops,
                "dense_bf16_tflops": ctx.dense_bf16_tflops,
-               "ceilings": ctx.ceilings, "rows": ctx.rows, "skipped": ctx.skipped, "errors": errors}
+               "ceilings": ctx.ceilings, "rows": ctx.rows, "skipped": ctx.skipped, "errors": errors,
+               "tuning": tuning.chosen()}
     jpath = out_dir / "results.json"
     # strict JSON: a failed row's NaN ms (or an inf) is written as null; a value JSON has no
     # type for as its str(), so one odd value cannot stop the saves
@@ -690,6 +693,10 @@ def markdown_table(payload: dict) -> str:
     if columns:
         lines += ["", "## Rows without graph_ms", ""]
         lines += [f"- {s['bench']} / {s['case']} / {s['variant']}: {s['reason']}" for s in columns]
+    if payload.get("tuning"):
+        lines += ["", "## Launch configurations chosen on the device (mimfast.kernels.tuning)", ""]
+        lines += [f"- {t['key']}: **{t['chosen']}** of " + ", ".join(
+            f"{n} {'failed' if ms is None else f'{ms:.4g} ms'}" for n, ms in t["ms"].items()) for t in payload["tuning"]]
     if payload.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in payload["errors"]]
     return "\n".join(lines) + "\n"

@@ -54,9 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import cdiv, next_power_of_2, sm_count
+from mimfast.kernels import cdiv, next_power_of_2, sm_count, tuning
 
-__all__ = ["AttentionConfig", "default_config", "attention_forward", "attention_backward"]
+__all__ = ["AttentionConfig", "default_config", "candidate_configs", "attention_forward", "attention_backward"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -486,6 +486,64 @@ def default_config(seq_len: int, head_dim: int, has_bias: bool = False,
     return cfg
 
 
+@functools.lru_cache(maxsize=256)
+def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
+                      dtype: torch.dtype = torch.bfloat16) -> dict[str, AttentionConfig]:
+    """The default and the alternatives worth timing at this shape, by name ("default" first).
+
+    The launchers time them on the GPU at the first call of a shape and keep the fastest
+    (:mod:`mimfast.kernels.tuning`); ``benchmarks/bench_attention.py`` reports each. fp32 has
+    the default only (its tiles are sized for correctness, not speed).
+    """
+    base = default_config(seq_len, head_dim, has_bias, dtype)
+    alts = {"default": base}
+    if dtype == torch.float32:
+        return alts
+    s_pad, wide = _pow2(seq_len), _pow2(head_dim) > 64
+    if seq_len <= 64:  # default: one tile per head; the split backward and smaller forward tiles instead
+        alts["split_bwd"] = replace(base, bwd="split", fwd_block_m=64, fwd_block_n=64)
+        alts["fused_bwd_8warps"] = replace(base, fused_warps=8)
+        alts["fwd_half_rows"] = replace(base, fwd_block_m=max(16, s_pad // 2))
+        alts["fwd_half_rows_2warps"] = replace(base, fwd_block_m=max(16, s_pad // 2), fwd_warps=2)
+    elif seq_len <= 128:  # one program holds the whole head in the backward too
+        alts["fused_bwd"] = replace(base, bwd="fused", fused_block=s_pad, fused_warps=8, bias_batches=1)
+    if 64 < seq_len <= 256:
+        alts["allkeys_fwd"] = replace(base, fwd_block_m=32 if wide else 64, fwd_block_n=s_pad, fwd_warps=8)
+        alts["fwd_128x64"] = replace(base, fwd_block_m=128, fwd_block_n=32 if wide else 64, fwd_warps=8)
+    if has_bias and seq_len > 64:
+        alts["bias_grad_tiled"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4)
+        alts["bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
+        alts["bias_grad_regs_m16"] = replace(base, dq_block_m=16, dq_block_n=s_pad, dq_warps=8)
+        alts["bias_one_batch"] = replace(base, bias_batches=1)
+    if seq_len > 64:
+        # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
+        # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
+        alts["bwd_stages1"] = replace(base, bwd_stages=1)
+    return {k: v for k, v in alts.items() if k == "default" or v != base}
+
+
+_FWD_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages")
+
+
+@functools.lru_cache(maxsize=256)
+def _tuning_candidates(S: int, head_dim: int, has_bias: bool, dtype: torch.dtype,
+                       part: str) -> tuple[tuple[str, AttentionConfig], ...]:
+    """The distinct candidates for the forward (``part="fwd"``: the forward fields of each
+    candidate on the default) or the backward (every other field), default first."""
+    cands = candidate_configs(S, head_dim, has_bias, dtype)
+    base = cands["default"]
+    out, seen = [], set()
+    for name, cfg in cands.items():
+        if part == "fwd":
+            cfg = replace(base, **{f: getattr(cfg, f) for f in _FWD_FIELDS})
+        else:
+            cfg = replace(cfg, **{f: getattr(base, f) for f in _FWD_FIELDS})
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append((name, cfg))
+    return tuple(out)
+
+
 def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
     """Batches per program for the bias gradient: enough programs to fill the GPU, few partials."""
     if cfg.bias_batches:
@@ -647,6 +705,13 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     S_B = S
     if bias is not None:
         _check_bias(bias, num_heads, S, qkv)
+    if config is None and tuning.applies(qkv.device):
+        cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "fwd")
+        if len(cands) > 1:
+            config = tuning.choose(
+                ("attention_fwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32, qkv.device),
+                cands, lambda c: attention_forward(qkv, num_heads, bias, scale, allow_tf32, config=c), qkv.device)
+    if bias is not None:
         bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     H = num_heads
@@ -687,6 +752,14 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         grad_out = grad_out.to(qkv.dtype)
     if not grad_out.is_contiguous():
         grad_out = grad_out.contiguous()
+    if config is None and tuning.applies(qkv.device):
+        cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "bwd")
+        if len(cands) > 1:
+            config = tuning.choose(
+                ("attention_bwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32,
+                 bias is not None and bool(need_bias_grad), qkv.device),
+                cands, lambda c: attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
+                                                    need_bias_grad, allow_tf32, config=c), qkv.device)
     bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)

@@ -1,0 +1,165 @@
+"""The launch-configuration tuner (mimfast.kernels.tuning) and the launchers that use it.
+
+On the CPU nothing is tuned; these tests make the tuner apply to the CPU and replace its GPU
+timing with set figures, so its choice, its cache, its margin, dropped candidates and the
+launchers' use of the choice are checked without a GPU. Every attention candidate is held to
+the eager reference, since the tuner may pick any of them."""
+
+import pytest
+import torch
+
+from mimfast import ops
+from mimfast.kernels import attention as K
+from mimfast.kernels import tuning
+from test_attention_kernel import check_against_reference
+
+
+@pytest.fixture
+def tuner(monkeypatch):
+    """Tuning on for every device, timed by ``times`` (candidate name -> ms, or an exception
+    to raise); ``runs`` lists the names whose measurement ran."""
+    state = {"times": {}, "runs": []}
+
+    def measure(run, cand, device):
+        name = state["names"][id(cand)] if "names" in state else cand
+        state["runs"].append(name)
+        run(cand)
+        t = state["times"].get(name, 1.0)
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+    tuning.reset()
+    monkeypatch.setattr(tuning, "applies", lambda device: True)
+    monkeypatch.setattr(tuning, "_measure", measure)
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    yield state
+    tuning.reset()
+
+
+CPU = torch.device("cpu")
+
+
+def _choose(key, names, calls):
+    return tuning.choose(key, [(n, n) for n in names], calls.append, CPU)
+
+
+def test_picks_the_fastest_and_caches_it(tuner):
+    tuner["times"] = {"a": 1.0, "b": 0.5, "c": 0.7}
+    calls = []
+    assert _choose("k", ["a", "b", "c"], calls) == "b"
+    assert tuner["runs"] == ["a", "b", "c"] and calls == ["a", "b", "c"]
+    assert _choose("k", ["a", "b", "c"], calls) == "b"  # from the cache: nothing runs again
+    assert tuner["runs"] == ["a", "b", "c"]
+    (report,) = tuning.chosen()
+    assert report["chosen"] == "b" and report["ms"] == {"a": 1.0, "b": 0.5, "c": 0.7}
+    assert _choose("other", ["a", "c"], calls) == "c"
+    assert [r["chosen"] for r in tuning.chosen()] == ["b", "c"]
+
+
+def test_default_kept_within_the_margin(tuner):
+    tuner["times"] = {"a": 1.0, "b": 1.0 - tuning.MARGIN / 2}
+    assert _choose("k", ["a", "b"], []) == "a"
+    tuner["times"] = {"a": 1.0, "b": 1.0 - 2 * tuning.MARGIN}
+    assert _choose("k2", ["a", "b"], []) == "b"
+
+
+def test_failing_candidates_are_dropped(tuner):
+    tuner["times"] = {"a": 1.0, "b": RuntimeError("out of resources"), "c": 2.0}
+    assert _choose("k", ["a", "b", "c"], []) == "a"
+    report = tuning.chosen()[0]
+    assert report["ms"]["b"] is None and "out of resources" in report["errors"]["b"]
+    # a failing default: the fastest that ran
+    tuner["times"] = {"a": RuntimeError("x"), "b": 3.0, "c": 2.0}
+    assert _choose("k2", ["a", "b", "c"], []) == "c"
+    # nothing ran: the default
+    tuner["times"] = {"a": RuntimeError("x"), "b": RuntimeError("y")}
+    assert _choose("k3", ["a", "b"], []) == "a"
+
+
+def test_off_untuned_and_single_candidates(tuner, monkeypatch):
+    tuner["times"] = {"a": 1.0, "b": 0.1}
+    assert _choose("single", ["a"], []) == "a" and tuner["runs"] == []
+    for off in ("0", "false", "OFF", "no"):
+        monkeypatch.setenv(tuning.ENV, off)
+        assert not tuning.enabled()
+        assert _choose("k", ["a", "b"], []) == "a"
+    assert tuner["runs"] == [] and tuning.chosen() == []
+    monkeypatch.setenv(tuning.ENV, "1")
+    assert _choose("k", ["a", "b"], []) == "b"  # not cached while off: tuned once on
+
+
+def test_cpu_is_never_tuned(monkeypatch):
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    assert not tuning.applies(CPU)
+    ran = []
+    assert tuning.choose("cpu-key", [("a", "a"), ("b", "b")], ran.append, CPU) == "a"
+    assert ran == [] and all(r["key"] != repr("cpu-key") for r in tuning.chosen())
+
+
+@pytest.mark.parametrize("S,Dh,bias", [(33, 16, False), (50, 64, True), (65, 16, True), (65, 80, False),
+                                       (130, 32, True)])
+def test_every_attention_candidate_matches_the_reference(S, Dh, bias, device):
+    """Each configuration the launchers may choose, at the shape it is offered for (fp16: the
+    interpreter's bf16 dot is wrong)."""
+    cands = K.candidate_configs(S, Dh, bias, torch.float16)
+    assert list(cands)[0] == "default" and len(cands) > 1
+    for name, cfg in cands.items():
+        check_against_reference(2, S, 1, Dh, torch.float16, device, bias=bias, config=cfg)
+
+
+def test_attention_candidates_split_into_forward_and_backward_choices():
+    S, Dh = 197, 64
+    fwd = K._tuning_candidates(S, Dh, True, torch.bfloat16, "fwd")
+    bwd = K._tuning_candidates(S, Dh, True, torch.bfloat16, "bwd")
+    base = K.default_config(S, Dh, True, torch.bfloat16)
+    assert fwd[0] == ("default", base) and bwd[0] == ("default", base)
+    fwd_fields = set(K._FWD_FIELDS)
+    for _, cfg in fwd:  # forward candidates differ from the default in forward fields only
+        assert all(getattr(cfg, f) == getattr(base, f) for f in cfg.__dataclass_fields__ if f not in fwd_fields)
+    for _, cfg in bwd:
+        assert all(getattr(cfg, f) == getattr(base, f) for f in fwd_fields)
+    assert len({c for _, c in fwd}) == len(fwd) >= 3 and len({c for _, c in bwd}) == len(bwd) >= 5
+    assert K.candidate_configs(S, Dh, True, torch.float32) == {"default": K.default_config(S, Dh, True, torch.float32)}
+
+
+def test_attention_launches_the_tuned_choice(tuner, device):
+    """The op with no config: forward and backward each tune once per shape, launch the choice
+    (which gives the reference's result), and later calls reuse it."""
+    B, S, H, Dh = 2, 50, 2, 16
+    fwd = dict(K._tuning_candidates(S, Dh, False, torch.float16, "fwd"))
+    bwd = dict(K._tuning_candidates(S, Dh, False, torch.float16, "bwd"))
+    tuner["names"] = {id(c): n for n, c in list(fwd.items()) + list(bwd.items())}
+    tuner["times"] = {n: 1.0 for n in list(fwd) + list(bwd)}
+    tuner["times"].update(fwd_half_rows_2warps=0.5, split_bwd=0.5)
+    launched = []
+    real_fwd = K._fwd_plan
+
+    def spy(config, *a):
+        launched.append(config)
+        return real_fwd(config, *a)
+
+    K._fwd_plan.cache_clear()
+    try:
+        torch.manual_seed(1)
+        qkv = torch.randn(B, S, 3 * H * Dh, device=device, dtype=torch.float16, requires_grad=True)
+        g = torch.randn(B, S, H * Dh, device=device, dtype=torch.float16)
+        import mimfast.kernels.attention as mod
+
+        mod._fwd_plan = spy
+        out = ops.attention(qkv, H, backend="triton")
+        out.backward(g)
+        assert launched[-1] == fwd["fwd_half_rows_2warps"]
+        assert {r["chosen"] for r in tuning.chosen()} == {"fwd_half_rows_2warps", "split_bwd"}
+        n_runs = len(tuner["runs"])
+        assert n_runs == len(fwd) + len(bwd)
+        out2 = ops.attention(qkv.detach(), H, backend="triton")
+        assert len(tuner["runs"]) == n_runs and launched[-1] == fwd["fwd_half_rows_2warps"]
+        torch.testing.assert_close(out2, out.detach(), rtol=0, atol=0)
+    finally:
+        mod._fwd_plan = real_fwd
+    q64 = qkv.detach().double().requires_grad_()
+    ref = ops.attention(q64, H, backend="eager")
+    ref.backward(g.double())
+    assert (out.double() - ref).abs().max() < 5e-3
+    assert (qkv.grad.double() - q64.grad).abs().max() < 5e-3
