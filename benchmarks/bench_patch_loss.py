@@ -6,7 +6,8 @@ Variants: eager reference, ``torch.compile`` of the eager reference, the Triton 
 public op with ``backend="triton"``). GB/s counts the bytes that must move: for masked rows
 only, pred read + pixels read + gradient written, plus the mask; ``gbps_incl_zero_grad`` adds
 the zero gradient of the visible rows, which the kernel also writes (autograd wants a dense
-gradient). Peak memory is what one forward + backward allocates above the inputs. Every row
+gradient). The ``triton`` row launches the tiling the launcher chose on the device among its
+candidates (``mimfast.kernels.tuning``); full runs time each candidate alone too. Peak memory is what one forward + backward allocates above the inputs. Every row
 also has ``host_ms`` and, but for ``torch.compile``, ``graph_ms`` (one CUDA graph replay: the
 kernels without launch overhead) with ``graph_gbps`` / ``graph_pct_copy_bw`` /
 ``graph_gbps_incl_zero_grad`` (``harness.measure``).
@@ -24,7 +25,7 @@ import torch
 
 from benchmarks import harness
 from mimfast import ops
-from mimfast.kernels.patch_loss import patch_loss_fwd
+from mimfast.kernels.patch_loss import _candidates, _config, patch_loss_fwd
 from mimfast.ops.patch_loss import masked_patch_loss_reference
 
 BENCH = "patch_loss"
@@ -36,11 +37,12 @@ CASES = {
     "vit_l16": (224, 16, 3),  # the loss sees the same shapes as B/16 (decoder width is shared)
     "vit_h14": (224, 14, 3),
 }
-# kernel-only rows at the B/16 shape (not in --quick): (BLOCK_R, TILES, num_warps, IMG_ORDER)
-# around the heuristic's (2, 8, 4, 1), so a GPU run shows whether another tiling is faster. The
-# H200 run put the heuristic's at 41% of copy bandwidth; one row a loop step (BLOCK_R 1) takes
-# 39-54 registers against 72 in the sm_90 compile: 36-48 warps resident per SM against 28
-TUNING = [(2, 8, 4, 1), (2, 8, 4, 0), (4, 4, 8, 1), (2, 1, 4, 1), (1, 16, 8, 1), (1, 16, 4, 1)]
+# kernel-only rows at the B/16 shape (not in --quick): the launcher's tuning candidates
+# (BLOCK_R, TILES, num_warps, IMG_ORDER) around the heuristic's (2, 8, 4, 1) for P = 768 and NCHW
+# images, each timed. The H200 run put the heuristic's at 41% of copy bandwidth; one row a loop
+# step (BLOCK_R 1) takes 39-54 registers against 72 in the sm_90 compile: 36-48 warps resident
+# per SM against 28
+TUNING = [c for _, c in _candidates(*_config(1024, interpreted=False), 1)]
 SMOKE_N = 2
 SMOKE_CASES = {"vit_b16": (16, 4, 3), "vit_l16": (16, 4, 3), "vit_h14": (21, 7, 3)}
 

@@ -23,7 +23,9 @@ capture, then each timed step copies the inputs into the graph's and replays it;
 --quick runs too (no compile cost). BEiT's mimfast variants gather the masked tokens by their
 fixed count (``num_masked``; boolean-mask indexing synchronises mid-step, which capture forbids).
 Its peak memory is not given, as for (f): the graph's memory is held from the capture on.
-In smoke runs it runs eagerly (GraphedStep's CPU fallback, the same step function);
+In smoke runs it runs eagerly (GraphedStep's CPU fallback, the same step function). MAE also has
+mimfast+graph+fused-blocks — (g) with ``fused_norm=True``: captured, the fused blocks' extra
+launches cost nothing, so it shows their GPU time against the unfused blocks';
 and two ablations of (d), so a run shows what each block fusion is worth. BEiT runs its blocks
 fused by default, so its ablations switch fusions off:
   mimfast-no-fused-mlp — (d) with ``fused_mlp=False`` (the MLP keeps gelu(h) as eager does)
@@ -65,6 +67,7 @@ MASK_RATIO = 0.75
 # the case that runs mimfast+cudagraphs in --quick runs too (its launch-bound shape)
 QUICK_CUDAGRAPHS_CASE = "mae_vit_b16"
 GRAPH_VARIANT = "mimfast+graph"  # (d) captured whole by GraphedStep (no torch.compile)
+GRAPH_FUSED_VARIANT = "mimfast+graph+fused-blocks"  # MAE: the same with fused_norm=True
 GRAPH_NOTE = "not measured: the CUDA graph's memory pool is held from the capture on, outside the replay's counts"
 BEIT_MASKED = 75  # of 196 patches, as BEiT pretrains
 COMPILE_BUDGET_S = 120  # compile variants are skipped once this much time went to compiling
@@ -240,7 +243,7 @@ def _record(ctx, case, variant, step, n, flops, warm_s, graphs: bool) -> None:
             **ctx.mfu(flops, ms), warmup_s=round(warm_s, 1), **extra)
 
 
-def _measure_graphed(ctx, case, model, loss, inputs, n, flops):
+def _measure_graphed(ctx, case, model, loss, inputs, n, flops, variant=GRAPH_VARIANT):
     """Variant (g): the step of ``model`` (kernels "auto"), ``loss(model, *inputs)`` under bf16
     autocast + backward + fused AdamW, captured by :class:`GraphedStep` after the warm-up and
     timed by calls that copy ``inputs`` into the graph's inputs and replay it (what a training
@@ -264,7 +267,7 @@ def _measure_graphed(ctx, case, model, loss, inputs, n, flops):
         if not graphed.captured:  # the eager fallback: one warm-up call, as _measure
             step()
         harness.sync()
-        _record(ctx, case, GRAPH_VARIANT, step, n, flops, time.time() - t0, graphs=graphed.captured)
+        _record(ctx, case, variant, step, n, flops, time.time() - t0, graphs=graphed.captured)
     finally:
         graphed.reset()  # its memory pool, before the next variant runs beside it
 
@@ -304,7 +307,9 @@ def _mae_cases(ctx, compile_spent):
         variants = [("eager", "eager", False, False, {}), ("timm-sdpa", "eager", True, False, {}),
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
                     ("mimfast+compile", "auto", False, True, {})] + MAE_ABLATIONS
-        variants.append((GRAPH_VARIANT, "auto", False, False, {}))
+        # captured, the fused blocks' extra launches cost nothing: the GPU time of both block forms
+        variants += [(GRAPH_VARIANT, "auto", False, False, {}), (GRAPH_FUSED_VARIANT, "auto", False, False,
+                                                                  {"fused_norm": True})]
         if not ctx.quick or case == QUICK_CUDAGRAPHS_CASE:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
         for variant, kernels, sdpa, comp, extra in variants:
@@ -316,9 +321,9 @@ def _mae_cases(ctx, compile_spent):
                 _to_timm_sdpa(model)
             t0 = time.time()
             try:
-                if variant == GRAPH_VARIANT:
+                if variant.startswith(GRAPH_VARIANT):
                     _measure_graphed(ctx, case, model, lambda m, x, z: m(x, MASK_RATIO, z)[0], (imgs, noise), n,
-                                     flops)
+                                     flops, variant)
                 else:
                     _measure(ctx, case, variant, model, loss_fn, n, flops, compile_model=comp)
             except Exception as e:  # one failing variant must not hide the others

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import cdiv, next_power_of_2, sm_count
+from mimfast.kernels import cdiv, next_power_of_2, sm_count, tuning
 
 __all__ = ["add_layer_norm_fwd", "add_layer_norm_bwd", "result_dtypes", "MAX_D"]
 
@@ -227,6 +227,31 @@ def _blocks(D: int, backward: bool) -> tuple[int, int, int]:
     return block_m, block_d, 4 if block_m * block_d <= 2048 else 8
 
 
+@functools.lru_cache(maxsize=None)
+def _candidates(D: int, backward: bool) -> tuple[tuple[str, tuple[int, int, int, int]], ...]:
+    """(name, (BLOCK_M, BLOCK_D, num_warps, waves)) the launchers may choose among on a GPU
+    (:mod:`mimfast.kernels.tuning`), the default of :func:`_blocks` first. ``waves``: the
+    backward's programs fill the GPU that many times over (the forward ignores it)."""
+    block_m, block_d, warps = _blocks(D, backward)
+    cands = {"default": (block_m, block_d, warps, 1)}
+    if backward:
+        # twice the values a thread (8: fewer warps), two rows a step, two waves of programs
+        cands["8_per_thread"] = (block_m, block_d, max(1, warps // 2), 1)
+        if block_m * 2 * block_d // 128 <= 16:
+            cands["two_rows"] = (block_m * 2, block_d, max(1, min(16, block_m * 2 * block_d // 128)), 1)
+        cands["two_waves"] = (block_m, block_d, warps, 2)
+    else:
+        if block_m > 1:  # half the rows a program: twice the programs
+            cands["half_rows"] = (block_m // 2, block_d, max(1, warps // 2), 1)
+        cands["other_warps"] = (block_m, block_d, 4 if warps == 8 else 8, 1)
+    out, seen = [], set()
+    for name, c in cands.items():
+        if c not in seen:
+            seen.add(c)
+            out.append((name, c))
+    return tuple(out)
+
+
 def _check_rows(name: str, t: torch.Tensor, D: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -253,10 +278,11 @@ def _check_vec(name: str, t, D: int, device) -> None:
 
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
-                       out_dtype: torch.dtype):
+                       out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None):
     """(r, y, mean, rstd) for x, residual (M, D): r = residual + x * scale (rounded as eager
     rounds it), y = layer_norm(r) in ``out_dtype``. Without a residual and a scale, r is not
-    written and is returned as an empty (0,) tensor (r is x itself)."""
+    written and is returned as an empty (0,) tensor (r is x itself). ``config``: one of
+    :func:`_candidates` (default: the tuner's choice on a GPU, :func:`_blocks` elsewhere)."""
     if x.dim() != 2:
         raise ValueError(f"x must be (M, D), got {tuple(x.shape)}")
     M, D = x.shape
@@ -282,7 +308,13 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     rstd = _empty((M,), torch.float32, x.device)
     if M == 0:
         return r, y, mean, rstd
-    block_m, block_d, num_warps = _blocks(D, backward=False)
+    if config is None and tuning.applies(x.device):
+        config = tuning.choose(
+            ("add_ln_fwd", M, D, x.dtype, None if residual is None else residual.dtype,
+             None if weight is None else weight.dtype, bias is not None, None if scale is None else scale.dtype,
+             out_dtype, x.device), _candidates(D, False),
+            lambda c: add_layer_norm_fwd(x, residual, weight, bias, scale, eps, out_dtype, c), x.device)
+    block_m, block_d, num_warps = config[:3] if config is not None else _blocks(D, backward=False)
     dummy = x
     _add_ln_fwd_kernel[(cdiv(M, block_m),)](
         x, residual if residual is not None else dummy, scale if scale is not None else dummy,
@@ -297,12 +329,12 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     return r, y, mean, rstd
 
 
-def _programs(n_tiles: int, num_warps: int, device: torch.device) -> int:
+def _programs(n_tiles: int, num_warps: int, device: torch.device, waves: int = 1) -> int:
     """Programs of the backward: a fixed number per device, each owning a run of row tiles."""
     if device.type == "cuda":
         # 32 warps per SM: every backward variant fits that many at once (48-60 registers a thread
         # in the sm_90 compile check), so the programs run in one wave, no tail of a second one
-        target = sm_count(device) * max(1, 32 // num_warps)
+        target = sm_count(device) * max(1, 32 // num_warps) * waves
     else:  # the interpreter runs programs one after another: few, long ones
         target = 4
     return max(1, min(n_tiles, target))
@@ -311,11 +343,13 @@ def _programs(n_tiles: int, num_warps: int, device: torch.device) -> int:
 def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor | None,
                        weight: torch.Tensor | None, scale: torch.Tensor | None, mean: torch.Tensor,
                        rstd: torch.Tensor, x_dtype: torch.dtype, res_dtype: torch.dtype | None,
-                       need_dx: bool, need_dres: bool, need_dw: bool, need_db: bool, need_dscale: bool):
+                       need_dx: bool, need_dres: bool, need_dw: bool, need_db: bool, need_dscale: bool,
+                       config: tuple[int, int, int, int] | None = None):
     """Gradients (dx, dres, sums) of :func:`add_layer_norm_fwd`: sums (3, D) fp32 holds the
     weight, bias and layer-scale gradients (rows not asked for are zero); what is not needed
     is an empty (0,) tensor. ``r`` is the forward's residual output (x itself when there was no add
-    and no scale), ``x`` the branch output (needed for ``dscale`` only)."""
+    and no scale), ``x`` the branch output (needed for ``dscale`` only). ``config``: as for
+    :func:`add_layer_norm_fwd`."""
     M, D = r.shape
     _check_rows("r", r, D)
     dy = dy.contiguous()
@@ -327,9 +361,16 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
         raise ValueError("the layer-scale gradient needs x and scale")
     dx = _empty((M, D) if need_dx else (0,), x_dtype, r.device)
     dres = _empty((M, D) if need_dres else (0,), res_dtype, r.device)
-    block_m, block_d, num_warps = _blocks(D, backward=True)
+    if config is None and tuning.applies(r.device) and M > 0:
+        config = tuning.choose(
+            ("add_ln_bwd", M, D, r.dtype, dy.dtype, dr_in is not None, x is not None, None if weight is None
+             else weight.dtype, None if scale is None else scale.dtype, x_dtype, res_dtype, need_dx, need_dres,
+             need_dw, need_db, need_dscale, r.device), _candidates(D, True),
+            lambda c: add_layer_norm_bwd(dy, dr_in, r, x, weight, scale, mean, rstd, x_dtype, res_dtype, need_dx,
+                                         need_dres, need_dw, need_db, need_dscale, c), r.device)
+    block_m, block_d, num_warps, waves = config if config is not None else _blocks(D, backward=True) + (1,)
     n_tiles = cdiv(M, block_m)
-    programs = _programs(n_tiles, num_warps, r.device)
+    programs = _programs(n_tiles, num_warps, r.device, waves)
     tiles = cdiv(n_tiles, programs)
     programs = cdiv(n_tiles, tiles)
     need_part = need_dw or need_db or need_dscale

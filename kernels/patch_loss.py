@@ -32,11 +32,13 @@ checked (they compute what the formula says).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import cdiv, next_power_of_2
+from mimfast.kernels import cdiv, next_power_of_2, tuning
 
 __all__ = ["patch_loss_fwd", "patch_loss_bwd_scale_", "LOSSES"]
 
@@ -183,6 +185,26 @@ def _config(block_p: int, interpreted: bool) -> tuple[int, int, int]:
     return block_r, tiles, num_warps
 
 
+@functools.lru_cache(maxsize=None)
+def _candidates(block_r: int, tiles: int, num_warps: int, img_order: int) -> tuple[tuple[str, tuple], ...]:
+    """(name, (BLOCK_R, TILES, num_warps, IMG_ORDER)) the launcher may choose among on a GPU
+    (:mod:`mimfast.kernels.tuning`), the heuristic's first."""
+    cands = {"default": (block_r, tiles, num_warps, img_order)}
+    if img_order in (0, 1):  # the other walk over a patch
+        cands["other_order"] = (block_r, tiles, num_warps, 1 - img_order)
+    cands["one_tile"] = (block_r, 1, num_warps, img_order)  # more, shorter programs
+    cands["rows_x2"] = (block_r * 2, max(1, tiles // 2), 8, img_order)
+    if block_r > 1:
+        cands["half_rows_8w"] = (block_r // 2, tiles * 2, 8, img_order)
+        cands["half_rows_4w"] = (block_r // 2, tiles * 2, 4, img_order)
+    out, seen = [], set()
+    for name, c in cands.items():
+        if c not in seen:
+            seen.add(c)
+            out.append((name, c))
+    return tuple(out)
+
+
 def _check(pred, imgs, mask, patch_size, loss, eps, grad):
     for name, t in (("pred", pred), ("imgs", imgs), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
@@ -264,6 +286,11 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
         img_order = 1
     else:
         img_order = 0
+    if config is None and tuning.applies(pred.device):
+        config = tuning.choose(
+            ("patch_loss", N, C, H, W, patch_size, pred.dtype, pred.stride(), imgs.dtype, imgs.stride(), mask.dtype,
+             bool(norm_pix), loss, pred.device), _candidates(block_r, tiles, num_warps, img_order),
+            lambda c: patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, loss, eps, grad, c), pred.device)
     if config is not None:
         ok = isinstance(config, (tuple, list)) and len(config) in (3, 4)
         if ok:

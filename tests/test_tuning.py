@@ -163,3 +163,75 @@ def test_attention_launches_the_tuned_choice(tuner, device):
     ref.backward(g.double())
     assert (out.double() - ref).abs().max() < 5e-3
     assert (qkv.grad.double() - q64.grad).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("D", [80, 768])
+def test_every_layer_norm_candidate_matches_the_default(D, device):
+    """The add + LayerNorm launchers' candidates: rows bit for bit the default's (each row's
+    arithmetic does not depend on the tiling), the weight / bias / scale sums to rounding."""
+    from mimfast.kernels import layer_norm as LN
+
+    M = 37
+    x = torch.randn(M, D, device=device, dtype=torch.float16)
+    res = torch.randn(M, D, device=device, dtype=torch.float32)
+    w, b, s = (torch.randn(D, device=device) for _ in range(3))
+    fwd, bwd = LN._candidates(D, False), LN._candidates(D, True)
+    assert fwd[0][1][:3] == LN._blocks(D, False) and bwd[0][1][:3] == LN._blocks(D, True)
+    assert len(fwd) >= 2 and len(bwd) >= 3
+    want = LN.add_layer_norm_fwd(x, res, w, b, s, 1e-6, torch.bfloat16)
+    for name, cfg in fwd:
+        got = LN.add_layer_norm_fwd(x, res, w, b, s, 1e-6, torch.bfloat16, cfg)
+        for g, e in zip(got, want):
+            assert torch.equal(g, e), name
+    r, _, mean, rstd = want
+    dy = torch.randn(M, D, device=device, dtype=torch.bfloat16)
+    dr = torch.randn(M, D, device=device, dtype=torch.float32)
+    args = (dy, dr, r, x, w, s, mean, rstd, torch.float16, torch.float32, True, True, True, True, True)
+    dx0, dres0, sums0 = LN.add_layer_norm_bwd(*args)
+    for name, cfg in bwd:
+        dx, dres, sums = LN.add_layer_norm_bwd(*args, config=cfg)
+        assert torch.equal(dx, dx0) and torch.equal(dres, dres0), name
+        torch.testing.assert_close(sums, sums0, rtol=1e-5, atol=1e-4)
+
+
+def test_every_patch_loss_candidate_matches_the_default(device):
+    from mimfast.kernels import patch_loss as PL
+
+    N, C, H, W, p = 3, 3, 32, 48, 16
+    L, P = (H // p) * (W // p), p * p * C
+    pred = torch.randn(N, 1 + L, P, device=device)[:, 1:]
+    imgs = torch.randn(N, C, H, W, device=device)
+    mask = (torch.rand(N, L, device=device) < 0.75).float()
+    cands = PL._candidates(*PL._config(1024, interpreted=False), 1)
+    assert len(cands) == 6 and cands[0][0] == "default"
+    want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p)
+    for name, cfg in cands:
+        loss, grad = PL.patch_loss_fwd(pred, imgs, mask, p, config=cfg)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_layer_norm_and_patch_loss_launch_the_tuned_choice(tuner, device):
+    from mimfast.kernels import layer_norm as LN
+    from mimfast.kernels import patch_loss as PL
+
+    D, M = 768, 9
+    fwd, bwd = dict(LN._candidates(D, False)), dict(LN._candidates(D, True))
+    x, res = torch.randn(M, D, device=device), torch.randn(M, D, device=device)
+    w = torch.randn(D, device=device)
+    N, C, H, W, p = 2, 3, 16, 32, 16
+    pred = torch.randn(N, (H // p) * (W // p), p * p * C, device=device)
+    imgs = torch.randn(N, C, H, W, device=device)
+    mask = torch.ones(N, pred.shape[1], device=device)
+    # the candidates the tuner times: around the heuristic's tiling, on the CPU the interpreter's
+    pl_cpu = dict(PL._candidates(*PL._config(1024, interpreted=True), 1))
+    tuner["names"] = {id(c): n for d in (fwd, bwd, pl_cpu) for n, c in d.items()}
+    tuner["times"] = {"half_rows": 0.1, "two_waves": 0.1, "one_tile": 0.1}
+    r, y, mean, rstd = LN.add_layer_norm_fwd(x, res, w, None, None, 1e-6, torch.float32)
+    LN.add_layer_norm_bwd(torch.randn_like(y), None, r, x, w, None, mean, rstd, torch.float32, torch.float32,
+                          True, True, True, False, False)
+    loss, grad = PL.patch_loss_fwd(pred, imgs, mask, p)
+    assert [c["chosen"] for c in tuning.chosen()] == ["half_rows", "two_waves", "one_tile"]
+    want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p, config=pl_cpu["one_tile"])
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    assert torch.equal(y, LN.add_layer_norm_fwd(x, res, w, None, None, 1e-6, torch.float32, fwd["half_rows"])[1])
