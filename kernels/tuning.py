@@ -9,8 +9,9 @@ dtype, ...) times every candidate on that call's own inputs and keeps the fastes
 of the process; later calls with the key cost one dict lookup.
 
 Timing: one launch of a candidate first (it compiles, or loads from Triton's cache, and warms),
-then ``ROUNDS`` rounds of ``REPS`` back-to-back launches between CUDA events; a candidate's time
-is its median round. A candidate replaces the default only when it is at least ``MARGIN``
+then ``ROUNDS`` rounds of ``REPS`` launches between CUDA events, each round queued behind a short
+GPU busy-wait so that the launches run back to back (the kernels' time, not the host's); a
+candidate's time is its median round. A candidate replaces the default only when it is at least ``MARGIN``
 faster, so that noise between near-equal candidates leaves the default in place. A candidate
 that raises (e.g. Triton's OutOfResources for a tile too large for the card) is dropped.
 
@@ -40,6 +41,9 @@ ENV = "MIMFAST_AUTOTUNE"
 ROUNDS = 3
 REPS = 5
 MARGIN = 0.03  # a candidate must be >= 3% faster than the default to replace it
+# a GPU busy-wait before each timed round (about 2 ms at 2 GHz), longer than the host takes to
+# enqueue REPS launches: the round then times the kernels back to back, not the launch overhead
+SLEEP_CYCLES = 4_000_000
 
 _choice: dict[Hashable, Any] = {}
 _report: list[dict] = []
@@ -69,6 +73,8 @@ def _measure(run: Callable[[Any], None], candidate: Any, device: torch.device) -
         rounds = []
         for _ in range(ROUNDS):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if hasattr(torch.cuda, "_sleep"):
+                torch.cuda._sleep(SLEEP_CYCLES)  # the launches queue up behind it: GPU time, not the host's
             start.record()
             for _ in range(REPS):
                 run(candidate)

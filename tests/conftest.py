@@ -24,6 +24,11 @@ if os.environ.get("MIMFAST_TEST_DEVICE", "") == "cpu" or not _cuda_available():
 else:
     os.environ.setdefault("MIMFAST_TEST_DEVICE", "cuda")
 
+# Launch configurations fixed to the launchers' defaults (kernels.tuning would time candidates on
+# a GPU at each new shape, adding launches and choices that differ run to run); test_tuning.py
+# turns tuning on where it tests it.
+os.environ.setdefault("MIMFAST_AUTOTUNE", "0")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

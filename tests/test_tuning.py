@@ -235,3 +235,42 @@ def test_layer_norm_and_patch_loss_launch_the_tuned_choice(tuner, device):
     want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p, config=pl_cpu["one_tile"])
     assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
     assert torch.equal(y, LN.add_layer_norm_fwd(x, res, w, None, None, 1e-6, torch.float32, fwd["half_rows"])[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times candidates on a CUDA device")
+def test_tuning_on_the_gpu(monkeypatch):
+    """Real timing: the attention, add + LayerNorm and patch-loss launchers tune at their first
+    call, record every candidate's time, keep results equal to the reference's, and a CUDA
+    graph captured at a shape not yet tuned launches the default without synchronising."""
+    monkeypatch.setenv(tuning.ENV, "1")
+    tuning.reset()
+    try:
+        B, S, H, Dh = 8, 50, 4, 64
+        qkv = torch.randn(B, S, 3 * H * Dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = ops.attention(qkv, H, backend="triton")
+        out.float().square().sum().backward()
+        ref = ops.attention(qkv.detach().float(), H, backend="eager")
+        assert (out.float() - ref).abs().max() < 3e-2
+        x = torch.randn(B * S, 768, device="cuda", dtype=torch.bfloat16)
+        res = torch.randn(B * S, 768, device="cuda")
+        w, b = torch.randn(768, device="cuda"), torch.randn(768, device="cuda")
+        _, y = ops.add_layer_norm(x, res, w, b, eps=1e-6, backend="triton")
+        torch.testing.assert_close(y.float(), torch.nn.functional.layer_norm(res + x.float(), (768,), w, b, 1e-6),
+                                   rtol=2e-2, atol=2e-2)
+        kinds = [t["key"].split(",")[0].strip("('\"") for t in tuning.chosen()]
+        assert {"attention_fwd", "attention_bwd", "add_ln_fwd"} <= set(kinds), kinds
+        for t in tuning.chosen():
+            assert t["ms"]["default"] is not None and t["ms"]["default"] > 0, t
+        n = len(tuning.chosen())
+        q2 = torch.randn(2, 17, 3 * H * Dh, device="cuda", dtype=torch.bfloat16)
+        ops.attention(q2, H, backend="triton")  # warm the default's compile outside the capture
+        tuning.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o2 = ops.attention(q2, H, backend="triton")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert tuning.chosen() == [] and n >= 3
+        torch.testing.assert_close(o2.float(), ops.attention(q2.float(), H, backend="eager"), rtol=3e-2, atol=3e-2)
+    finally:
+        tuning.reset()
