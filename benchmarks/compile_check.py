@@ -263,6 +263,17 @@ def cases_masking():
         (2, 16, 32, 0.0, False), (3, 50, 80, 0.75, True), (2, 49, 1280, 0.4, True), (2, 197, 64, 0.9, False),
         (1, 576, 32, 0.75, True), (16, 196, 512, 0.75, False), (8, 256, 512, 0.75, True), (4, 576, 1280, 0.4, True),
         (5, 197, 80, 0.9, True), (256, 196, 512, 0.75, True)] for dt in FLOATS]
+    def tiles(N, L, D, dt):  # every tuning candidate of the row-tile kernels at a MAE shape
+        K_ = L // 4
+        for _, t in K._tile_candidates(L + 1, D) + K._tile_candidates(L, D):
+            K.unshuffle_forward(_e(N, K_ + 1, D, dtype=dt), _e(D, dtype=dt), _e(N, L, dtype=torch.int64),
+                                _e(L + 1, D, dtype=dt), dt, tiles=t)
+            K.unshuffle_backward(_e(N, L + 1, D, dtype=dt), _e(N, L, dtype=torch.int64), K_, dt, dt, dt, tiles=t)
+            K.masking_backward(_e(N, K_, D, dtype=dt), _e(N, L, dtype=torch.int64), L, dt, dt, tiles=t)
+
+    yield "tuning candidates (kernels.tuning) at MAE widths", lambda: [
+        tiles(256, L, D, dt) for L, D in ((196, 512), (196, 768), (196, 1024), (256, 1280), (256, 512))
+        for dt in (BF16, F32)]
     yield "sort variant (bench triton_sort, tests)", lambda: [
         K.masking_forward(_e(N, L, D, dtype=dt), _e(L, D, dtype=pdt), _e(N, L), max(1, int(L * (1 - r))),
                           out_dtype=torch.promote_types(dt, pdt), method="sort")

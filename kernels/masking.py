@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import cdiv, next_power_of_2, sm_count
+from mimfast.kernels import cdiv, next_power_of_2, sm_count, tuning
 
 __all__ = [
     "cast",
@@ -450,6 +450,32 @@ def _row_tiles_of(gpu: bool, rows: int, D: int) -> tuple[int, int]:
     return max(1, min(next_power_of_2(rows), 65536 // block_d)), block_d
 
 
+@functools.lru_cache(maxsize=256)
+def _tile_candidates(rows: int, D: int) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+    """(name, (BLOCK_R, BLOCK_D, num_warps)) of the row-tile kernels a GPU launch may choose
+    among (:mod:`mimfast.kernels.tuning`), the GPU tiling of :func:`_row_tiles_of` first."""
+    block_r, block_d = _row_tiles_of(True, rows, D)
+    cands = {"default": (block_r, block_d, 4),
+             "rows_x2_8warps": (min(64, block_r * 2), block_d, 8),
+             "half_rows": (max(1, block_r // 2), block_d, 4)}
+    wide = min(next_power_of_2(D), 1024)
+    if wide > block_d:  # whole rows per program, fewer of them
+        cands["whole_rows"] = (max(1, 4096 // wide), wide, 4)
+    out, seen = [], set()
+    for name, c in cands.items():
+        if c not in seen:
+            seen.add(c)
+            out.append((name, c))
+    return tuple(out)
+
+
+def _tiles(device: torch.device, rows: int, D: int, key: tuple, run) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) of a row-tile launch: the tuner's choice on a GPU."""
+    if tuning.applies(device):
+        return tuning.choose(key, _tile_candidates(rows, D), run, device)
+    return (*_row_tiles(device, rows, D), 4)
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 8 * sm_count(device)
@@ -643,6 +669,7 @@ def masking_backward(
     L: int,
     grad_x_dtype: torch.dtype | None,
     grad_pos_dtype: torch.dtype | None,
+    tiles: tuple[int, int, int] | None = None,
 ):
     """Gradients of :func:`masking_forward`'s gather.
 
@@ -652,6 +679,8 @@ def masking_backward(
         L: number of patches.
         grad_x_dtype: dtype of grad_x (N, L, D), or None to skip it.
         grad_pos_dtype: dtype of grad_pos (L, D) = sum over the batch, or None to skip it.
+        tiles: (BLOCK_R, BLOCK_D, num_warps); default the tuner's choice on a GPU
+            (:func:`_tile_candidates`).
 
     Returns:
         (grad_x or None, grad_pos or None).
@@ -662,7 +691,11 @@ def masking_backward(
     _check_ids(ids_restore, N, L, device)
     if grad_x_dtype is None and grad_pos_dtype is None:
         return None, None
-    BLOCK_R, BLOCK_D = _row_tiles(device, L, D)
+    if tiles is None:
+        tiles = _tiles(device, L, D, ("masking_bwd", N, L, D, K, grad_visible.dtype, grad_visible.stride(),
+                                      grad_x_dtype, grad_pos_dtype, device),
+                       lambda t: masking_backward(grad_visible, ids_restore, L, grad_x_dtype, grad_pos_dtype, t))
+    BLOCK_R, BLOCK_D, warps = tiles
     row_blocks, d_blocks = cdiv(L, BLOCK_R), cdiv(D, BLOCK_D)
     pos_grad = grad_pos_dtype is not None
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device) if pos_grad else (1, N)
@@ -673,7 +706,7 @@ def masking_backward(
         grad_visible, ids_restore, gx if gx is not None else dummy, partials if pos_grad else dummy,
         N, L, D, K, n_per,
         *grad_visible.stride(), *ids_restore.stride(),
-        WRITE_GX=gx is not None, POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+        WRITE_GX=gx is not None, POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
     gpos = None
     if pos_grad:
@@ -687,9 +720,11 @@ def unshuffle_forward(
     ids_restore: torch.Tensor,
     pos: torch.Tensor | None,
     out_dtype: torch.dtype | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Decoder input (N, 1 + L, D) from x (N, 1 + K, D), mask_token (D,), ids_restore (N, L)
-    and an optional (1 + L, D) positional embedding."""
+    and an optional (1 + L, D) positional embedding. ``tiles``: (BLOCK_R, BLOCK_D, num_warps),
+    default the tuner's choice on a GPU (:func:`_tile_candidates`)."""
     _check_tokens("x", x, 3)
     N, K1, D = x.shape
     device = x.device
@@ -712,14 +747,18 @@ def unshuffle_forward(
     out_dtype = out_dtype or x.dtype
     if out_dtype not in TOKEN_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if tiles is None:
+        tiles = _tiles(device, L + 1, D, ("unshuffle_fwd", N, L, D, K, x.dtype, x.stride(), mask_token.dtype,
+                                          None if pos is None else pos.dtype, out_dtype, device),
+                       lambda t: unshuffle_forward(x, mask_token, ids_restore, pos, out_dtype, t))
+    BLOCK_R, BLOCK_D, warps = tiles
     out = torch.empty((N, L + 1, D), dtype=out_dtype, device=device)
-    BLOCK_R, BLOCK_D = _row_tiles(device, L + 1, D)
     _unshuffle_fwd_kernel[(N, cdiv(L + 1, BLOCK_R), cdiv(D, BLOCK_D))](
         x, mask_token, ids_restore, pos if pos is not None else x, out,
         L, D, K,
         *x.stride(), mask_token.stride(0), *ids_restore.stride(),
         *(pos.stride() if pos is not None else (0, 0)),
-        HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+        HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
     return out
 
@@ -731,9 +770,11 @@ def unshuffle_backward(
     grad_x_dtype: torch.dtype,
     grad_mt_dtype: torch.dtype,
     grad_pos_dtype: torch.dtype | None,
+    tiles: tuple[int, int, int] | None = None,
 ):
     """Gradients of :func:`unshuffle_forward`: grad_x (N, 1 + K, D), grad_mask_token (D,) and,
-    when ``grad_pos_dtype`` is given, grad_pos (1 + L, D); sums are deterministic."""
+    when ``grad_pos_dtype`` is given, grad_pos (1 + L, D); sums are deterministic. ``tiles``:
+    as for :func:`unshuffle_forward`."""
     _check_tokens("grad_out", grad_out, 3)
     N, L1, D = grad_out.shape
     L = L1 - 1
@@ -741,7 +782,12 @@ def unshuffle_backward(
     _check_ids(ids_restore, N, L, device)
     if not 1 <= K <= L:
         raise ValueError(f"K must be in [1, L={L}], got {K}")
-    BLOCK_R, BLOCK_D = _row_tiles(device, L1, D)
+    if tiles is None:
+        tiles = _tiles(device, L1, D, ("unshuffle_bwd", N, L, D, K, grad_out.dtype, grad_out.stride(), grad_x_dtype,
+                                       grad_mt_dtype, grad_pos_dtype, device),
+                       lambda t: unshuffle_backward(grad_out, ids_restore, K, grad_x_dtype, grad_mt_dtype,
+                                                    grad_pos_dtype, t))
+    BLOCK_R, BLOCK_D, warps = tiles
     row_blocks, d_blocks = cdiv(L1, BLOCK_R), cdiv(D, BLOCK_D)
     n_per, chunks = _chunking(N, row_blocks * d_blocks, device)
     pos_grad = grad_pos_dtype is not None
@@ -752,7 +798,7 @@ def unshuffle_backward(
         grad_out, ids_restore, gx, mt_partials, pos_partials,
         N, L, D, K, n_per,
         *grad_out.stride(), *ids_restore.stride(),
-        POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+        POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
     gmt = sum_partials(mt_partials, torch.empty((D,), dtype=grad_mt_dtype, device=device))
     gpos = None

@@ -274,3 +274,47 @@ def test_tuning_on_the_gpu(monkeypatch):
         torch.testing.assert_close(o2.float(), ops.attention(q2.float(), H, backend="eager"), rtol=3e-2, atol=3e-2)
     finally:
         tuning.reset()
+
+
+@pytest.mark.parametrize("D", [48, 512, 1280])
+def test_every_masking_tile_candidate_matches_the_default(D, device, monkeypatch):
+    """The row-tile kernels' candidates (GPU tilings, run interpreted): gathers bit for bit the
+    default's, the batch sums (mask token, positional embedding) to rounding."""
+    from mimfast.kernels import masking as M
+
+    monkeypatch.setattr(M, "GPU_TILES_ON_CPU", True)
+    N, L, K = 3, 20, 6
+    ids_restore = torch.argsort(torch.argsort(torch.rand(N, L, device=device), 1), 1)
+    x = torch.randn(N, K + 1, D, device=device)
+    mt, pos = torch.randn(D, device=device), torch.randn(L + 1, D, device=device)
+    g = torch.randn(N, L + 1, D, device=device)
+    gv = torch.randn(N, K, D, device=device)
+    cands = M._tile_candidates(L + 1, D)
+    assert cands[0][1][:2] == M._row_tiles_of(True, L + 1, D) and len(cands) >= 3
+    want_f = M.unshuffle_forward(x, mt, ids_restore, pos)
+    want_b = M.unshuffle_backward(g, ids_restore, K, torch.float32, torch.float32, torch.float32)
+    want_m = M.masking_backward(gv, ids_restore, L, torch.float32, torch.float32)
+    for name, t in cands + M._tile_candidates(L, D):
+        assert torch.equal(M.unshuffle_forward(x, mt, ids_restore, pos, tiles=t), want_f), name
+        gx, gmt, gpos = M.unshuffle_backward(g, ids_restore, K, torch.float32, torch.float32, torch.float32, tiles=t)
+        assert torch.equal(gx, want_b[0]), name
+        torch.testing.assert_close(gmt, want_b[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gpos, want_b[2], rtol=1e-5, atol=1e-5)
+        mx, mpos = M.masking_backward(gv, ids_restore, L, torch.float32, torch.float32, tiles=t)
+        assert torch.equal(mx, want_m[0]), name
+        torch.testing.assert_close(mpos, want_m[1], rtol=1e-5, atol=1e-5)
+
+
+def test_unshuffle_launches_the_tuned_tiles(tuner, device, monkeypatch):
+    from mimfast.kernels import masking as M
+
+    monkeypatch.setattr(M, "GPU_TILES_ON_CPU", True)
+    N, L, K, D = 2, 9, 3, 64
+    cands = dict(M._tile_candidates(L + 1, D))
+    tuner["names"] = {id(c): n for n, c in cands.items()}
+    tuner["times"] = {"half_rows": 0.5}
+    ids_restore = torch.argsort(torch.rand(N, L, device=device), 1).argsort(1)
+    x, mt = torch.randn(N, K + 1, D, device=device), torch.randn(D, device=device)
+    out = M.unshuffle_forward(x, mt, ids_restore, None)
+    assert [c["chosen"] for c in tuning.chosen()] == ["half_rows"]
+    assert torch.equal(out, M.unshuffle_forward(x, mt, ids_restore, None, tiles=cands["default"]))
