@@ -460,7 +460,7 @@ def _tile_candidates(rows: int, D: int) -> tuple[tuple[str, tuple[int, int, int]
              "half_rows": (max(1, block_r // 2), block_d, 4)}
     wide = min(next_power_of_2(D), 1024)
     if wide > block_d:  # whole rows per program, fewer of them
-        cands["whole_rows"] = (max(1, 4096 // wide), wide, 4)
+        cands["whole_rows"] = (max(1, 4096 // wide), wide, 8 if wide >= 1024 else 4)  # 4 warps at 1024 spill
     out, seen = [], set()
     for name, c in cands.items():
         if c not in seen:
