@@ -1,5 +1,6 @@
-"""The block fusions on their own: residual add + LayerNorm (``ops.add_layer_norm``) and the MLP's
-``fc2(gelu(h))`` keeping only h (``ops.gelu_linear``), at the MAE / BEiT block shapes, bf16
+"""The block fusions on their own: residual add + LayerNorm (``ops.add_layer_norm``), the MLP's
+``fc2(gelu(h))`` keeping only h (``ops.gelu_linear``) and the whole MLP (``ops.mlp``), at the
+MAE / BEiT block shapes, bf16
 autocast as training runs them.
 
 - ``add_layer_norm``: x (M, D) bf16 branch output, residual (M, D) fp32, LayerNorm fp32
@@ -11,6 +12,9 @@ autocast as training runs them.
   ``F.linear(F.gelu(h), w, b)``; triton = the op (GELU's backward recomputes gelu(h)).
   ``saved_mib`` is the memory autograd holds between forward and backward (the activation
   cost per MLP), ``peak_mem`` that of one forward + backward.
+- ``mlp``: the whole MLP, x (M, D) bf16, fp32 weights under autocast. Eager = ``fc2(gelu(fc1(x)))``;
+  ``gelu_linear`` = fc1 then the op above; triton = ``ops.mlp`` (as ``gelu_linear``, and fc1's bias
+  gradient summed in GELU's backward pass instead of a separate pass over the hidden gradient).
 
 Every row has ``host_ms`` and, but for ``compile``, ``graph_ms`` and its rates
 (``harness.measure``: the kernels' time without launch overhead).
@@ -141,6 +145,28 @@ def _bench_gelu_linear(ctx, case, N, S, D):
     _rows(ctx, "gelu_linear", case, variants, fwd_bytes, bwd_bytes, fwd_flops=2 * M * Hd * D, saved=True)
 
 
+def _bench_mlp(ctx, case, N, S, D):
+    dev = ctx.device
+    g = torch.Generator(device=dev).manual_seed(2)
+    M, Hd = N * S, 4 * D
+    x = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
+    w1 = (torch.randn(Hd, D, device=dev, generator=g) * D ** -0.5).requires_grad_(True)
+    b1 = (0.1 * torch.randn(Hd, device=dev, generator=g)).requires_grad_(True)
+    w2 = (torch.randn(D, Hd, device=dev, generator=g) * Hd ** -0.5).requires_grad_(True)
+    b2 = torch.zeros(D, device=dev).requires_grad_(True)
+    go = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16)
+    inputs = (x, w1, b1, w2, b2)
+    fns = {"eager": lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+           "gelu_linear": lambda: ops.gelu_linear(F.linear(x, w1, b1), w2, b2, backend="triton"),
+           "triton": lambda: ops.mlp(x, w1, b1, w2, b2, backend="triton")}
+    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (go,))) for k, f in fns.items()}
+    # forward: x, h out, GELU in and out, fc2's input and output, both weights; backward: the
+    # output gradient (twice), da, h, a, dh, dh (fc1's matmuls), x, dx, the weight gradients
+    fwd_bytes = M * Hd * BF16 * 4 + M * D * BF16 * 2 + 2 * D * Hd * BF16
+    bwd_bytes = M * Hd * BF16 * 6 + M * D * BF16 * 4 + 2 * D * Hd * 4
+    _rows(ctx, "mlp", case, variants, fwd_bytes, bwd_bytes, fwd_flops=4 * M * Hd * D, saved=True)
+
+
 def run(ctx: harness.Context) -> None:
     cases = SMOKE_CASES if ctx.smoke else CASES
     names = QUICK if ctx.quick else tuple(cases)
@@ -149,4 +175,5 @@ def run(ctx: harness.Context) -> None:
         label = f"{name} N={N} S={S} D={D}"
         _bench_add_layer_norm(ctx, label, N, S, D)
         _bench_gelu_linear(ctx, label, N, S, D)
+        _bench_mlp(ctx, label, N, S, D)
         harness.empty_cache()

@@ -418,6 +418,9 @@ def cases_gelu():
 
     yield "MLP hidden widths, every dtype", lambda: [K.gelu_bwd_recompute(_e(M, H, dtype=dt), _e(M, H, dtype=dt))
                                                      for M, H in ((256 * 197, 2048), (7, 40)) for dt in FLOATS]
+    yield "MLP hidden widths with fc1's bias gradient (ops.mlp), every dtype", lambda: [
+        K.gelu_bwd_recompute_colsum(_e(M, H, dtype=dt), _e(M, H, dtype=dt))
+        for M, H in ((256 * 197, 2048), (256 * 50, 3072), (256 * 50, 4096), (7, 40), (3, 17)) for dt in FLOATS]
 
 
 CASES = {name: globals()[f"cases_{name}"] for name in FILES}

@@ -12,6 +12,13 @@ write a); here it rides along with GELU's own backward, which reads h anyway:
 
 so the saving costs one extra write of the hidden tensor per MLP backward.
 
+``gelu_bwd_recompute_colsum`` does the same on (M, N) rows and also sums ``dh`` over the rows:
+the first Linear's bias gradient, which autograd would otherwise compute with one more read of
+the whole hidden gradient (``dh.sum(0)``). Each program owns a run of rows and a block of
+columns, keeps the column sums in fp32 registers and writes one partial row; the partials are
+summed in a fixed order afterwards (deterministic, no atomics). The sums add the rounded ``dh``
+(the values written), so they are the sums of what eager's ``dh.sum(0)`` would read, in fp32.
+
 Exact (erf) GELU, ``torch.nn.functional.gelu(approximate="none")``: a = h * Phi(h),
 gelu'(h) = Phi(h) + h * phi(h), computed in fp32 and rounded to h's dtype as PyTorch's kernels
 do. Supports float32 / float16 / bfloat16, contiguous tensors of any shape (flattened);
@@ -24,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import cdiv
+from mimfast.kernels import cdiv, next_power_of_2, sm_count
 
-__all__ = ["gelu_bwd_recompute"]
+__all__ = ["gelu_bwd_recompute", "gelu_bwd_recompute_colsum"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK = 2048
@@ -51,6 +58,37 @@ def _gelu_bwd_recompute_kernel(
     tl.store(dh_ptr + offs, (da * (cdf + h * pdf)).to(dh_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _gelu_bwd_colsum_kernel(
+    h_ptr,  # (M, N) GELU input, contiguous
+    da_ptr,  # (M, N) gradient of the GELU output, contiguous
+    a_ptr,  # (M, N) out: GELU output, h's dtype
+    dh_ptr,  # (M, N) out: gradient of h, h's dtype
+    part_ptr,  # (programs_m, N) fp32 out: per-program column sums of dh
+    M, N, rows_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    row0 = pid_m * rows_per_program
+    row_end = tl.minimum(row0 + rows_per_program, M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r in range(row0, row_end, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        ok = (rows < row_end)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        h = tl.load(h_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        da = tl.load(da_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+        dh = (da * (cdf + h * pdf)).to(dh_ptr.dtype.element_ty)
+        tl.store(a_ptr + offs, (h * cdf).to(a_ptr.dtype.element_ty), mask=ok)
+        tl.store(dh_ptr + offs, dh, mask=ok)
+        acc += dh.to(tl.float32)  # masked elements: da = 0, so dh = 0
+    tl.store(part_ptr + pid_m * N + cols, tl.sum(acc, 0), mask=col_ok)
+
+
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
     """Every output buffer comes from here (tests poison it to catch unwritten elements)."""
     return torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -58,6 +96,15 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 def gelu_bwd_recompute(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gelu(h), da * gelu'(h)) in h's dtype; h and da of one shape, contiguous."""
+    _check_pair(h, da)
+    a, dh = _empty_like(h), _empty_like(h)
+    n = h.numel()
+    if n:
+        _gelu_bwd_recompute_kernel[(cdiv(n, _BLOCK),)](h, da, a, dh, n, BLOCK=_BLOCK, num_warps=8)
+    return a, dh
+
+
+def _check_pair(h, da) -> None:
     if not (isinstance(h, torch.Tensor) and isinstance(da, torch.Tensor) and h.dtype in _FLOAT_DTYPES
             and da.dtype in _FLOAT_DTYPES and h.is_contiguous() and da.is_contiguous()):
         for name, t in (("h", h), ("da", da)):  # which check failed, with its message
@@ -71,8 +118,40 @@ def gelu_bwd_recompute(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor,
         raise ValueError(f"da must have h's shape {tuple(h.shape)}, got {tuple(da.shape)}")
     if da.device != h.device:
         raise ValueError(f"da is on {da.device}, h on {h.device}")
+
+
+def _colsum_tiles(M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, rows a program, programs along M): on a GPU tiles of 4 x 512 values
+    and about 8 programs per SM in all; the interpreter gets few, large programs."""
+    if device.type == "cuda":
+        block_m, block_n = 4, min(512, max(16, next_power_of_2(N)))
+        target = 8 * sm_count(device)
+    else:
+        block_m, block_n = 16, max(16, next_power_of_2(N))
+        target = 4
+    programs = max(1, min(cdiv(M, block_m), target // cdiv(N, block_n)))
+    rows = cdiv(cdiv(M, programs), block_m) * block_m
+    return block_m, block_n, rows, cdiv(M, rows)
+
+
+def gelu_bwd_recompute_colsum(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gelu(h), dh = da * gelu'(h), dh.sum(0) in fp32) for (M, N) contiguous h and da; a and dh
+    in h's dtype."""
+    _check_pair(h, da)
+    if h.dim() != 2:
+        raise ValueError(f"h must be (M, N), got {tuple(h.shape)}")
+    M, N = h.shape
     a, dh = _empty_like(h), _empty_like(h)
-    n = h.numel()
-    if n:
-        _gelu_bwd_recompute_kernel[(cdiv(n, _BLOCK),)](h, da, a, dh, n, BLOCK=_BLOCK, num_warps=8)
-    return a, dh
+    if M == 0 or N == 0:
+        return a, dh, torch.zeros(N, device=h.device, dtype=torch.float32)
+    block_m, block_n, rows, programs = _colsum_tiles(M, N, h.device)
+    part = _empty((programs, N), h.device)
+    _gelu_bwd_colsum_kernel[(programs, cdiv(N, block_n))](
+        h, da, a, dh, part, M, N, rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    return a, dh, (part[0] if programs == 1 else part.sum(0))
+
+
+def _empty(shape, device) -> torch.Tensor:
+    """The fp32 partial sums (every element written by the kernel; tests poison it)."""
+    return torch.empty(shape, device=device, dtype=torch.float32)

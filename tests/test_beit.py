@@ -253,10 +253,10 @@ def test_kernels_on_and_off_same_weights(attention, device, no_tf32, dispatched)
             if isinstance(m, BEiTAttention):
                 m.kernels = "eager"
     loss, grads = _loss_and_grads(model, imgs, bool_masked_pos, labels)
-    # the fused blocks (residual add + LayerNorm, GELU + fc2), the LM head's loss and, unless
+    # the fused blocks (residual add + LayerNorm, the MLP), the LM head's loss and, unless
     # held back, the attention ran their Triton kernels
     assert dispatched == {"attention": {attention}, "linear_cross_entropy": {"triton"},
-                          "add_layer_norm": {"triton"}, "gelu_linear": {"triton"}}
+                          "add_layer_norm": {"triton"}, "mlp": {"triton"}}
 
     assert set(grads) == set(ref_grads) and len(grads) == len(list(model.parameters()))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -295,7 +295,7 @@ def test_pixel_variant(attention, device, no_tf32, dispatched):
     loss, pred = model(imgs, bool_masked_pos)
     loss.backward()
     assert dispatched == {"attention": {attention}, "masked_patch_loss": {"triton"},
-                          "add_layer_norm": {"triton"}, "gelu_linear": {"triton"}}
+                          "add_layer_norm": {"triton"}, "mlp": {"triton"}}
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pred, ref_pred, rtol=1e-5, atol=1e-5)
     for n, p_ in model.named_parameters():

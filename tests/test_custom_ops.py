@@ -82,6 +82,8 @@ def _cases(dtype):
                            (_rand(N, L, D), _rand(N, L, D), _rand(D), _rand(D), _rand(D))),
         "gelu_linear": (lambda h, w, b: ops.gelu_linear(h, w, b, backend="triton"),
                         (_rand(N, L, 4 * D), _rand(D, 4 * D), _rand(D))),
+        "mlp": (lambda x, w1, b1, w2, b2: ops.mlp(x, w1, b1, w2, b2, backend="triton"),
+                (_rand(N, L, D), _rand(4 * D, D), _rand(4 * D), _rand(D, 4 * D), _rand(D))),
     }
 
 

@@ -121,3 +121,135 @@ def test_kernel_alone_and_bad_input():
         ops.gelu_linear(h, w, torch.zeros(3, device=DEVICE), backend="triton")
     with pytest.raises(TypeError, match="float64"):
         ops.gelu_linear(h.double(), w.double(), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# mlp: fc2(gelu(fc1(x))) with fc1's bias gradient summed in GELU's backward pass
+
+
+MLP_SHAPES = [((2, 7), 24, 40, 13), ((5,), 3, 1, 3), ((3, 11), 32, 96, 24), ((1, 50), 64, 256, 64)]
+if DEVICE == "cuda":
+    MLP_SHAPES += [((64, 197), 512, 2048, 512), ((32, 50), 768, 3072, 768)]
+
+
+def _mlp_inputs(lead, d_in, hidden, out, dtype=torch.float32, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(*lead, d_in, device=DEVICE, generator=g).to(dtype)
+    w1 = torch.randn(hidden, d_in, device=DEVICE, generator=g) * d_in ** -0.5
+    b1 = torch.randn(hidden, device=DEVICE, generator=g) * 0.5
+    w2 = torch.randn(out, hidden, device=DEVICE, generator=g) * hidden ** -0.5
+    b2 = torch.randn(out, device=DEVICE, generator=g) * 0.1
+    gout = torch.randn(*lead, out, device=DEVICE, generator=g)
+    return x, [w1, b1, w2, b2], gout
+
+
+def _run_mlp(x, params, gout, backend, cast=None, autocast=None):
+    x = x.detach().clone()
+    params = [p.detach().clone() if p is not None else None for p in params]
+    if cast is not None:
+        x, params = x.to(cast), [p.to(cast) if p is not None else None for p in params]
+    leaves = [t.requires_grad_(True) for t in [x] + params if t is not None]
+    with torch.autocast(DEVICE, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = ops.mlp(x, *params, backend=backend)
+    grads = torch.autograd.grad(out, leaves, gout.to(out.dtype))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("lead,d_in,hidden,out", MLP_SHAPES, ids=str)
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False)], ids=str)
+def test_mlp_fp32_matches_eager_and_float64(lead, d_in, hidden, out, biases):
+    x, (w1, b1, w2, b2), gout = _mlp_inputs(lead, d_in, hidden, out)
+    params = [w1, b1 if biases[0] else None, w2, b2 if biases[1] else None]
+    ot, gt = _run_mlp(x, params, gout, "triton")
+    oe, ge = _run_mlp(x, params, gout, "eager")
+    o64, g64 = _run_mlp(x, params, gout, "eager", cast=torch.float64)
+    assert torch.equal(ot, oe)  # the forward is eager's own calls
+    names = [n for n, p in zip(("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"), [x] + params)
+             if p is not None]
+    assert len(gt) == len(ge) == len(names)
+    for name, a, e, f in zip(names, gt, ge, g64):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert_2x_rule(f"grad {name}", a, e, f, atol=1e-6 * max(1e-2, f.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["autocast", "model_in_dtype"])
+def test_mlp_low_precision(dtype, mode):
+    """Under autocast (fp32 weights; x in the low dtype as forward_blocks gives it) and with the
+    whole MLP in the low dtype: output equal to eager, gradients within the 2x rule of float64."""
+    lead, d_in, hidden, out = ((3, 9), 32, 128, 32) if DEVICE == "cpu" else ((64, 197), 512, 2048, 512)
+    x, params, gout = _mlp_inputs(lead, d_in, hidden, out, dtype=dtype, seed=1)
+    if mode == "autocast":
+        ot, gt = _run_mlp(x, params, gout, "triton", autocast=dtype)
+        oe, ge = _run_mlp(x, params, gout, "eager", autocast=dtype)
+    else:
+        low = [p.to(dtype) for p in params]
+        ot, gt = _run_mlp(x, low, gout, "triton")
+        oe, ge = _run_mlp(x, low, gout, "eager")
+    o64, g64 = _run_mlp(x, params, gout, "eager", cast=torch.float64)
+    assert ot.dtype == oe.dtype and torch.equal(ot, oe)
+    for name, a, e, f in zip(("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"), gt, ge, g64):
+        assert a.dtype == e.dtype, name
+        assert_2x_rule(f"grad {name}", a, e, f, atol=1e-3 * max(1.0, f.abs().max().item()))
+
+
+def test_mlp_saves_only_x_and_the_gelu_input():
+    x, params, gout = _mlp_inputs((4, 10), 16, 64, 16)
+
+    def saved_hidden(backend):
+        seen = []
+
+        def pack(t):
+            seen.append(t)
+            return t
+
+        x_ = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ops.mlp(x_, *[p.clone().requires_grad_(True) for p in params], backend=backend)
+        return sum(1 for t in seen if t.shape[-1] == 64 and t.numel() == 40 * 64)
+
+    assert saved_hidden("eager") == 2
+    assert saved_hidden("triton") == 1
+
+
+@pytest.mark.parametrize("M,N", [(1, 1), (3, 1000), (37, 96), (130, 17)])
+def test_colsum_kernel(M, N):
+    h = torch.randn(M, N, device=DEVICE) * 3
+    da = torch.randn(M, N, device=DEVICE)
+    a, dh, db = K.gelu_bwd_recompute_colsum(h, da)
+    a0, dh0 = K.gelu_bwd_recompute(h, da)
+    assert torch.equal(a, a0) and torch.equal(dh, dh0)  # the same arithmetic as the flat kernel
+    torch.testing.assert_close(db, dh0.double().sum(0).float(), rtol=1e-5, atol=1e-5)
+    hb, dab = h.to(torch.float16), da.to(torch.float16)
+    _, dhb, dbb = K.gelu_bwd_recompute_colsum(hb, dab)
+    assert dhb.dtype == torch.float16 and dbb.dtype == torch.float32
+    torch.testing.assert_close(dbb, dhb.double().sum(0).float(), rtol=1e-5, atol=1e-4)  # sums of the rounded dh
+    with pytest.raises(ValueError, match=r"\(M, N\)"):
+        K.gelu_bwd_recompute_colsum(h.reshape(-1), da.reshape(-1))
+    with pytest.raises(ValueError, match="da must have"):
+        K.gelu_bwd_recompute_colsum(h, da[:, :1].contiguous() if N > 1 else da[:0])
+
+
+def test_colsum_partials_poisoned(monkeypatch):
+    """Every partial the kernel sums is written (a NaN-poisoned buffer leaves no trace)."""
+    monkeypatch.setattr(K, "_empty", lambda shape, device: poison_(torch.empty(shape, device=device)))
+    h, da = torch.randn(70, 33, device=DEVICE), torch.randn(70, 33, device=DEVICE)
+    _, dh, db = K.gelu_bwd_recompute_colsum(h, da)
+    assert torch.isfinite(db).all()
+    torch.testing.assert_close(db, dh.double().sum(0).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_bad_input():
+    x, (w1, b1, w2, b2), _ = _mlp_inputs((2, 3), 8, 16, 4)
+    with pytest.raises(ValueError, match="fc1_weight"):
+        ops.mlp(x, w1[:, :5], b1, w2, b2, backend="triton")
+    with pytest.raises(ValueError, match="fc1_bias"):
+        ops.mlp(x, w1, b1[:3], w2, b2, backend="triton")
+    with pytest.raises(ValueError, match="weight"):
+        ops.mlp(x, w1, b1, w2[:, :3], b2, backend="triton")
+    with pytest.raises(ValueError, match="bias"):
+        ops.mlp(x, w1, b1, w2, b2[:1], backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        ops.mlp(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), backend="triton")
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.mlp(x.long(), w1, b1, w2, b2, backend="triton")

@@ -246,8 +246,8 @@ class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
         kernels: ``"auto"``, ``"eager"`` or ``"triton"`` for every op the model calls.
         fused_norm: where kernels resolve to Triton, run the blocks with each residual add fused
             into the LayerNorm after it (:func:`mimfast.nn.forward_blocks`; same results).
-        fused_mlp: with ``fused_norm``, each MLP keeps only its GELU input for the backward
-            (:func:`mimfast.ops.gelu_linear`: less activation memory).
+        fused_mlp: with ``fused_norm``, each MLP keeps only its GELU input for the backward and
+            sums fc1's bias gradient in GELU's backward pass (:func:`mimfast.ops.mlp`).
     """
 
     def __init__(self, vocab_size: int = 8192, **kwargs) -> None:

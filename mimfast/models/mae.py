@@ -57,8 +57,9 @@ class MaskedAutoencoderViT(FusedBlocksMixin, nn.Module):
             ViT-B/16 step took 57.6 ms without it and 91-127 ms with it (ViT-L/16, B = 128:
             86.7 against 137 ms); it saves about 18% of the step's peak memory
             (benchmarks/results/h200-2026-11-27). BEiT keeps it on (107 against 116 ms there).
-        fused_mlp: with ``fused_norm``, run each MLP's ``fc2(gelu(h))`` keeping only ``h`` for
-            the backward (:func:`mimfast.ops.gelu_linear`: less activation memory).
+        fused_mlp: with ``fused_norm``, run each MLP keeping only ``h = fc1(x)`` for the
+            backward, fc1's bias gradient summed in GELU's backward pass (:func:`mimfast.ops.mlp`:
+            less activation memory, one pass fewer).
     """
 
     def __init__(

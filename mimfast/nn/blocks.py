@@ -10,9 +10,10 @@ block's ``norm2``, the next block's ``norm1``, or the final norm), so the stack 
                      r, y = add_layer_norm(ls2(mlp(y)), r, next norm1 or the final norm)
 
 with the layer scale applied inside the fused op and ``y`` written in the autocast dtype the
-next Linear casts to. With ``fused_mlp`` the MLP's ``fc2(gelu(h))`` runs as
-:func:`mimfast.ops.gelu_linear`, which keeps only ``h`` for the backward (the largest
-activation a block saves drops out; GELU's backward recomputes it). The blocks' own modules and parameters are used: weights, names and
+next Linear casts to. With ``fused_mlp`` the MLP runs as :func:`mimfast.ops.mlp`, which keeps
+only ``h = fc1(y)`` for the backward (the largest activation a block saves drops out; GELU's
+backward recomputes it) and sums fc1's bias gradient inside GELU's backward pass (one read of
+the hidden gradient fewer). The blocks' own modules and parameters are used: weights, names and
 checkpoints are unchanged. Stochastic depth (a training-mode drop path) is applied to the
 branch before the fused add. Blocks that something else drives (a forward hook or pre-hook,
 e.g. an FSDP unit or a user's hook; a subclass with its own forward) make the stack run the
@@ -134,8 +135,8 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
         blocks: sequence of timm ``Block`` or ``BEiTBlock`` modules.
         norm: the final ``nn.LayerNorm``.
         kernels: backend of the fused ops (``"auto"``, ``"eager"``, ``"triton"``).
-        fused_mlp: run each block's ``fc2(gelu(h))`` as :func:`mimfast.ops.gelu_linear` where
-            the MLP allows it (:func:`mlp_fusable`).
+        fused_mlp: run each block's MLP as :func:`mimfast.ops.mlp` where the MLP allows it
+            (:func:`mlp_fusable`).
         attn_kwargs: passed to each block's attention (``rel_pos_bias`` for BEiT blocks).
     """
     kinds = [_block_kind(b) for b in blocks]  # once: the checks walk every block's modules
@@ -157,7 +158,7 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
                                   out_dtype=out_dtype, backend=kernels)
         mlp = blk.mlp
         if fused_mlp and mlp_fusable(mlp):
-            m = ops.gelu_linear(mlp.fc1(y), mlp.fc2.weight, mlp.fc2.bias, backend=kernels)
+            m = ops.mlp(y, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=kernels)
         else:
             m = mlp(y)
         if d2 is not None:

@@ -1,5 +1,6 @@
-"""The Triton branch of :func:`mimfast.ops.gelu_linear`: eager forward, a backward whose GELU
-pass also recomputes the activation (:mod:`mimfast.kernels.gelu`)."""
+"""The Triton branches of :func:`mimfast.ops.gelu_linear` and :func:`mimfast.ops.mlp`: eager
+forward, a backward whose GELU pass also recomputes the activation (and, for ``mlp``, sums
+fc1's bias gradient) (:mod:`mimfast.kernels.gelu`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mimfast.kernels.gelu import gelu_bwd_recompute
+from mimfast.kernels.gelu import gelu_bwd_recompute, gelu_bwd_recompute_colsum
 from mimfast.ops._custom_op import as_dtype, kernel_op
 
-__all__ = ["gelu_linear_triton"]
+__all__ = ["gelu_linear_triton", "mlp_triton"]
 
 
 # The kernel launch as a torch.library custom op (the fake gives shapes only), so
@@ -24,6 +25,16 @@ def _gelu_bwd(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 @_gelu_bwd.register_fake
 def _(h, da):
     return torch.empty_like(h), torch.empty_like(h)
+
+
+@kernel_op("mimfast::gelu_bwd_recompute_colsum")
+def _gelu_bwd_colsum(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gelu_bwd_recompute_colsum(h, da)
+
+
+@_gelu_bwd_colsum.register_fake
+def _(h, da):
+    return torch.empty_like(h), torch.empty_like(h), h.new_empty((h.shape[-1],), dtype=torch.float32)
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -63,3 +74,42 @@ class _GeluLinear(torch.autograd.Function):
 def gelu_linear_triton(h, weight, bias):
     """The Triton backend of ``gelu_linear``."""
     return _GeluLinear.apply(h, weight, bias)
+
+
+class _Mlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = F.linear(x, w1, b1)  # eager's calls (autocast casts inside F.linear as it would there)
+        out = F.linear(F.gelu(h), w2, b2)
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.cdtype = _compute_dtype(x.device.type, x.dtype)
+        ctx.b1_dtype = b1.dtype if b1 is not None else None
+        ctx.b2_dtype = b2.dtype if b2 is not None else None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, h, w1, w2 = ctx.saved_tensors
+        cd = ctx.cdtype
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        g = as_dtype(grad_out.reshape(-1, grad_out.shape[-1]), cd)
+        h2 = h.reshape(-1, h.shape[-1])
+        if not h2.is_contiguous():
+            h2 = h2.contiguous()
+        da = as_dtype(g @ as_dtype(w2, cd), h.dtype)  # gradient of gelu(h), as fc2's backward gives it
+        a, dh, db1 = _gelu_bwd_colsum(h2, da)
+        dw2 = as_dtype(g.t() @ as_dtype(a, cd), w2.dtype) if need_w2 else None
+        db2 = as_dtype(g.sum(0), ctx.b2_dtype) if need_b2 and ctx.b2_dtype is not None else None
+        del a
+        dh = as_dtype(dh, cd)  # fc1's output gradient, in the dtype fc1 computed in
+        x2 = as_dtype(x.reshape(-1, x.shape[-1]), cd)
+        dx = as_dtype(dh @ as_dtype(w1, cd), x.dtype).view(x.shape) if need_x else None
+        dw1 = as_dtype(dh.t() @ x2, w1.dtype) if need_w1 else None
+        db1 = as_dtype(db1, ctx.b1_dtype) if need_b1 and ctx.b1_dtype is not None else None
+        return dx, dw1, db1, dw2, db2
+
+
+def mlp_triton(x, w1, b1, w2, b2):
+    """The Triton backend of ``mlp``."""
+    return _Mlp.apply(x, w1, b1, w2, b2)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mimfast import backend as _backend
 
-__all__ = ["gelu_linear", "gelu_linear_reference"]
+__all__ = ["gelu_linear", "gelu_linear_reference", "mlp", "mlp_reference"]
 
 # imported at the first Triton call (mimfast.backend.lazy_import)
 _triton = _backend.lazy_import("mimfast.ops._gelu_linear_triton")
@@ -61,3 +61,47 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if which == "eager":
         return gelu_linear_reference(h, weight, bias)
     return _triton().gelu_linear_triton(h, weight, bias)
+
+
+def mlp_reference(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
+                  fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None) -> torch.Tensor:
+    """Eager ``F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)``."""
+    return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
+    """A ViT block's MLP ``fc2(gelu(fc1(x)))`` (exact GELU) as :func:`gelu_linear` runs its
+    second half, with fc1 inside the same autograd function: GELU's backward pass
+    (:func:`mimfast.kernels.gelu.gelu_bwd_recompute_colsum`) also sums fc1's bias gradient,
+    which eager autograd computes with one more read of the whole hidden gradient. Forward
+    values are eager's exactly (the same ``linear`` / ``gelu`` calls, autocast included);
+    gradients match eager's up to rounding (fc1's bias gradient is summed in fp32).
+
+    Args:
+        x: (..., in) the block's normalised input.
+        fc1_weight: (hidden, in); fc1_bias: (hidden,) or None.
+        fc2_weight: (out, hidden); fc2_bias: (out,) or None.
+        backend: ``"auto"``, ``"eager"`` or ``"triton"`` (float64 runs eager under ``"auto"``).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a (..., in) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if not isinstance(fc1_weight, torch.Tensor) or fc1_weight.dim() != 2 or fc1_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"fc1_weight must be (hidden, {x.shape[-1]}), "
+                         f"got {getattr(fc1_weight, 'shape', type(fc1_weight).__name__)}")
+    if fc1_bias is not None and (not isinstance(fc1_bias, torch.Tensor) or fc1_bias.shape != (fc1_weight.shape[0],)):
+        raise ValueError(f"fc1_bias must be ({fc1_weight.shape[0]},) or None, "
+                         f"got {getattr(fc1_bias, 'shape', type(fc1_bias).__name__)}")
+    for name, t in (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    # fc2's checks are gelu_linear's, on a stand-in of the hidden width
+    _check(x.new_empty((0, fc1_weight.shape[0])), fc2_weight, fc2_bias)
+    if x.dtype == torch.float64 and backend == "triton":
+        raise TypeError("mlp: the Triton kernel has no float64 path; use backend='eager'")
+    which = "eager" if x.dtype == torch.float64 else _backend.resolve(backend, x, op="mlp")
+    if which == "eager":
+        return mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return _triton().mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
