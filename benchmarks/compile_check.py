@@ -162,6 +162,7 @@ def _cuda_mode():
     """Force the CUDA branch of every launcher that asks the device type."""
     from mimfast.kernels import attention as ka
     from mimfast.kernels import augment as kg
+    from mimfast.kernels import gelu as ke
     from mimfast.kernels import masking as km
     from mimfast.kernels import patch_loss as kl
 
@@ -169,6 +170,7 @@ def _cuda_mode():
     real_config = kl._config
     kl._config = lambda block_p, interpreted: real_config(block_p, False)
     kg._blocks = lambda size, size2, device: (kg._BLOCK_H, kg._BLOCK_W)
+    ke._colsum_tiles = lambda M, N, device: ke._colsum_tiles_of(M, N, True, H100_SMS)
 
     def bias_batches(cfg, B, programs_per_group, device):
         if cfg.bias_batches:

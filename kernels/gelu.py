@@ -121,11 +121,17 @@ def _check_pair(h, da) -> None:
 
 
 def _colsum_tiles(M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, rows a program, programs along M): on a GPU tiles of 4 x 512 values
-    and about 8 programs per SM in all; the interpreter gets few, large programs."""
-    if device.type == "cuda":
+    """(BLOCK_M, BLOCK_N, rows a program, programs along M) for ``device``."""
+    gpu = device.type == "cuda"
+    return _colsum_tiles_of(M, N, gpu, sm_count(device) if gpu else 0)
+
+
+def _colsum_tiles_of(M: int, N: int, gpu: bool, sms: int) -> tuple[int, int, int, int]:
+    """On a GPU tiles of 4 x 512 values and about 8 programs per SM in all; the interpreter
+    gets few, large programs."""
+    if gpu:
         block_m, block_n = 4, min(512, max(16, next_power_of_2(N)))
-        target = 8 * sm_count(device)
+        target = 8 * sms
     else:
         block_m, block_n = 16, max(16, next_power_of_2(N))
         target = 4
