@@ -532,16 +532,13 @@ def _tuning_candidates(S: int, head_dim: int, has_bias: bool, dtype: torch.dtype
     candidate on the default) or the backward (every other field), default first."""
     cands = candidate_configs(S, head_dim, has_bias, dtype)
     base = cands["default"]
-    out, seen = [], set()
-    for name, cfg in cands.items():
+
+    def own_part(cfg):
         if part == "fwd":
-            cfg = replace(base, **{f: getattr(cfg, f) for f in _FWD_FIELDS})
-        else:
-            cfg = replace(cfg, **{f: getattr(base, f) for f in _FWD_FIELDS})
-        if cfg not in seen:
-            seen.add(cfg)
-            out.append((name, cfg))
-    return tuple(out)
+            return replace(base, **{f: getattr(cfg, f) for f in _FWD_FIELDS})
+        return replace(cfg, **{f: getattr(base, f) for f in _FWD_FIELDS})
+
+    return tuning.distinct((name, own_part(cfg)) for name, cfg in cands.items())
 
 
 def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:

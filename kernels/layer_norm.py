@@ -244,12 +244,7 @@ def _candidates(D: int, backward: bool) -> tuple[tuple[str, tuple[int, int, int,
         if block_m > 1:  # half the rows a program: twice the programs
             cands["half_rows"] = (block_m // 2, block_d, max(1, warps // 2), 1)
         cands["other_warps"] = (block_m, block_d, 4 if warps == 8 else 8, 1)
-    out, seen = [], set()
-    for name, c in cands.items():
-        if c not in seen:
-            seen.add(c)
-            out.append((name, c))
-    return tuple(out)
+    return tuning.distinct(cands.items())
 
 
 def _check_rows(name: str, t: torch.Tensor, D: int) -> None:

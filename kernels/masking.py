@@ -461,12 +461,7 @@ def _tile_candidates(rows: int, D: int) -> tuple[tuple[str, tuple[int, int, int]
     wide = min(next_power_of_2(D), 1024)
     if wide > block_d:  # whole rows per program, fewer of them
         cands["whole_rows"] = (max(1, 4096 // wide), wide, 8 if wide >= 1024 else 4)  # 4 warps at 1024 spill
-    out, seen = [], set()
-    for name, c in cands.items():
-        if c not in seen:
-            seen.add(c)
-            out.append((name, c))
-    return tuple(out)
+    return tuning.distinct(cands.items())
 
 
 def _tiles(device: torch.device, rows: int, D: int, key: tuple, run) -> tuple[int, int, int]:

@@ -197,12 +197,7 @@ def _candidates(block_r: int, tiles: int, num_warps: int, img_order: int) -> tup
     if block_r > 1:
         cands["half_rows_8w"] = (block_r // 2, tiles * 2, 8, img_order)
         cands["half_rows_4w"] = (block_r // 2, tiles * 2, 4, img_order)
-    out, seen = [], set()
-    for name, c in cands.items():
-        if c not in seen:
-            seen.add(c)
-            out.append((name, c))
-    return tuple(out)
+    return tuning.distinct(cands.items())
 
 
 def _check(pred, imgs, mask, patch_size, loss, eps, grad):

@@ -35,7 +35,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
-__all__ = ["applies", "choose", "chosen", "enabled", "reset"]
+__all__ = ["applies", "choose", "chosen", "distinct", "enabled", "reset"]
 
 ENV = "MIMFAST_AUTOTUNE"
 ROUNDS = 3
@@ -63,6 +63,17 @@ def reset() -> None:
 def chosen() -> list[dict]:
     """The choices made in this process: key, the chosen candidate's name, ms per candidate."""
     return [dict(r) for r in _report]
+
+
+def distinct(candidates) -> tuple[tuple[str, Any], ...]:
+    """(name, config) pairs with each config once, the first name kept, in order (a launcher
+    builds its alternatives by rule; some coincide with the default at some shapes)."""
+    out, seen = [], set()
+    for name, cfg in candidates:
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append((name, cfg))
+    return tuple(out)
 
 
 def _measure(run: Callable[[Any], None], candidate: Any, device: torch.device) -> float:

@@ -80,24 +80,26 @@ def test_low_precision(dtype, mode):
         assert_2x_rule(f"grad {name}", a, e, f, atol=1e-3 * max(1.0, f.abs().max().item()))
 
 
+def _saved(fn, numel: int) -> int:
+    """How many tensors of ``numel`` elements autograd saves for the backward of ``fn()``."""
+    seen = []
+
+    def pack(t):
+        seen.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(1 for t in seen if t.numel() == numel)
+
+
 def test_saves_only_the_gelu_input():
     """Autograd keeps h and the weight, not gelu(h): one hidden-width tensor fewer than eager."""
     h, w, b, gout = _inputs((4, 10), 64, 16)
-
-    def saved_hidden(backend):
-        seen = []
-
-        def pack(t):
-            seen.append(t)
-            return t
-
-        h_ = h.clone().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            ops.gelu_linear(h_, w.requires_grad_(True), b, backend=backend)
-        return sum(1 for t in seen if t.numel() == h.numel())
-
-    assert saved_hidden("eager") == 2
-    assert saved_hidden("triton") == 1
+    for backend, n in (("eager", 2), ("triton", 1)):
+        fn = lambda: ops.gelu_linear(h.clone().requires_grad_(True), w.requires_grad_(True), b,  # noqa: E731
+                                     backend=backend)
+        assert _saved(fn, h.numel()) == n, backend
 
 
 def test_kernel_alone_and_bad_input():
@@ -195,21 +197,10 @@ def test_mlp_low_precision(dtype, mode):
 
 def test_mlp_saves_only_x_and_the_gelu_input():
     x, params, gout = _mlp_inputs((4, 10), 16, 64, 16)
-
-    def saved_hidden(backend):
-        seen = []
-
-        def pack(t):
-            seen.append(t)
-            return t
-
-        x_ = x.clone().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            ops.mlp(x_, *[p.clone().requires_grad_(True) for p in params], backend=backend)
-        return sum(1 for t in seen if t.shape[-1] == 64 and t.numel() == 40 * 64)
-
-    assert saved_hidden("eager") == 2
-    assert saved_hidden("triton") == 1
+    for backend, n in (("eager", 2), ("triton", 1)):  # hidden-width tensors: h and gelu(h), or h
+        fn = lambda: ops.mlp(x.clone().requires_grad_(True),  # noqa: E731
+                             *[p.clone().requires_grad_(True) for p in params], backend=backend)
+        assert _saved(fn, 40 * 64) == n, backend
 
 
 @pytest.mark.parametrize("M,N", [(1, 1), (3, 1000), (37, 96), (130, 17)])
