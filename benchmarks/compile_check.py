@@ -170,7 +170,8 @@ def _cuda_mode():
     real_config = kl._config
     kl._config = lambda block_p, interpreted: real_config(block_p, False)
     kg._blocks = lambda size, size2, device: (kg._BLOCK_H, kg._BLOCK_W)
-    ke._colsum_tiles = lambda M, N, device: ke._colsum_tiles_of(M, N, True, H100_SMS)
+    colsum_tiles = ke._colsum_tiles
+    ke._colsum_tiles = lambda M, N, gpu, sms, config=None: colsum_tiles(M, N, True, H100_SMS, config)
 
     def bias_batches(cfg, B, programs_per_group, device):
         if cfg.bias_batches:
@@ -420,9 +421,10 @@ def cases_gelu():
 
     yield "MLP hidden widths, every dtype", lambda: [K.gelu_bwd_recompute(_e(M, H, dtype=dt), _e(M, H, dtype=dt))
                                                      for M, H in ((256 * 197, 2048), (7, 40)) for dt in FLOATS]
-    yield "MLP hidden widths with fc1's bias gradient (ops.mlp), every dtype", lambda: [
-        K.gelu_bwd_recompute_colsum(_e(M, H, dtype=dt), _e(M, H, dtype=dt))
-        for M, H in ((256 * 197, 2048), (256 * 50, 3072), (256 * 50, 4096), (7, 40), (3, 17)) for dt in FLOATS]
+    yield "MLP hidden widths with fc1's bias gradient (ops.mlp), every dtype, every tuning candidate", lambda: [
+        K.gelu_bwd_recompute_colsum(_e(M, H, dtype=dt), _e(M, H, dtype=dt), cfg)
+        for M, H in ((256 * 197, 2048), (256 * 50, 3072), (256 * 50, 4096), (7, 40), (3, 17)) for dt in FLOATS
+        for _, cfg in K._COLSUM_CANDIDATES]
 
 
 CASES = {name: globals()[f"cases_{name}"] for name in FILES}

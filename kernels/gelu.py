@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import cdiv, next_power_of_2, sm_count
+from mimfast.kernels import cdiv, next_power_of_2, sm_count, tuning
 
 __all__ = ["gelu_bwd_recompute", "gelu_bwd_recompute_colsum"]
 
@@ -120,29 +120,34 @@ def _check_pair(h, da) -> None:
         raise ValueError(f"da is on {da.device}, h on {h.device}")
 
 
-def _colsum_tiles(M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, rows a program, programs along M) for ``device``."""
-    gpu = device.type == "cuda"
-    return _colsum_tiles_of(M, N, gpu, sm_count(device) if gpu else 0)
-
-
-def _colsum_tiles_of(M: int, N: int, gpu: bool, sms: int) -> tuple[int, int, int, int]:
-    """On a GPU tiles of 4 x 512 values and about 8 programs per SM in all; the interpreter
-    gets few, large programs."""
+def _colsum_tiles(M: int, N: int, gpu: bool, sms: int, config=None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, rows a program, programs along M, num_warps). ``config``: (BLOCK_M,
+    BLOCK_N, programs per SM, num_warps), one of :func:`_colsum_candidates`; default on a GPU
+    tiles of 4 x 512 values and about 8 programs per SM in all. The interpreter gets few, large
+    programs."""
     if gpu:
-        block_m, block_n = 4, min(512, max(16, next_power_of_2(N)))
-        target = 8 * sms
+        block_m, block_n, per_sm, warps = config or (4, 512, 8, 4)
+        block_n = min(block_n, max(16, next_power_of_2(N)))
+        target = per_sm * sms
     else:
-        block_m, block_n = 16, max(16, next_power_of_2(N))
+        block_m, block_n, warps = 16, max(16, next_power_of_2(N)), 4
         target = 4
     programs = max(1, min(cdiv(M, block_m), target // cdiv(N, block_n)))
     rows = cdiv(cdiv(M, programs), block_m) * block_m
-    return block_m, block_n, rows, cdiv(M, rows)
+    return block_m, block_n, rows, cdiv(M, rows), warps
 
 
-def gelu_bwd_recompute_colsum(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# (BLOCK_M, BLOCK_N, programs per SM, num_warps) a GPU launch may choose among (kernels.tuning)
+_COLSUM_CANDIDATES = (("default", (4, 512, 8, 4)), ("rows_8", (8, 512, 8, 8)), ("narrow", (8, 256, 8, 4)),
+                      ("fewer_programs", (4, 512, 4, 4)), ("more_programs", (4, 512, 16, 4)))
+
+
+def gelu_bwd_recompute_colsum(h: torch.Tensor, da: torch.Tensor,
+                              config: tuple[int, int, int, int] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gelu(h), dh = da * gelu'(h), dh.sum(0) in fp32) for (M, N) contiguous h and da; a and dh
-    in h's dtype."""
+    in h's dtype. ``config``: one of ``_COLSUM_CANDIDATES`` (default: the tuner's choice on a
+    GPU)."""
     _check_pair(h, da)
     if h.dim() != 2:
         raise ValueError(f"h must be (M, N), got {tuple(h.shape)}")
@@ -150,10 +155,14 @@ def gelu_bwd_recompute_colsum(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.
     a, dh = _empty_like(h), _empty_like(h)
     if M == 0 or N == 0:
         return a, dh, torch.zeros(N, device=h.device, dtype=torch.float32)
-    block_m, block_n, rows, programs = _colsum_tiles(M, N, h.device)
+    gpu = h.device.type == "cuda"
+    if config is None and tuning.applies(h.device):
+        config = tuning.choose(("gelu_bwd_colsum", M, N, h.dtype, da.dtype, h.device), _COLSUM_CANDIDATES,
+                               lambda c: gelu_bwd_recompute_colsum(h, da, c), h.device)
+    block_m, block_n, rows, programs, warps = _colsum_tiles(M, N, gpu, sm_count(h.device) if gpu else 0, config)
     part = _empty((programs, N), h.device)
     _gelu_bwd_colsum_kernel[(programs, cdiv(N, block_n))](
-        h, da, a, dh, part, M, N, rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        h, da, a, dh, part, M, N, rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return a, dh, (part[0] if programs == 1 else part.sum(0))
 

@@ -318,3 +318,18 @@ def test_unshuffle_launches_the_tuned_tiles(tuner, device, monkeypatch):
     out = M.unshuffle_forward(x, mt, ids_restore, None)
     assert [c["chosen"] for c in tuning.chosen()] == ["half_rows"]
     assert torch.equal(out, M.unshuffle_forward(x, mt, ids_restore, None, tiles=cands["default"]))
+
+
+def test_every_gelu_colsum_candidate_matches_the_default(device, monkeypatch):
+    """The GELU + column-sum kernel's candidates with their GPU tilings (run interpreted)."""
+    from mimfast.kernels import gelu as G
+
+    real = G._colsum_tiles
+    monkeypatch.setattr(G, "_colsum_tiles", lambda M, N, gpu, sms, config=None: real(M, N, True, 2, config))
+    h, da = torch.randn(45, 700, device=device), torch.randn(45, 700, device=device)
+    want = G.gelu_bwd_recompute_colsum(h, da)
+    assert G._COLSUM_CANDIDATES[0][0] == "default"
+    for name, cfg in G._COLSUM_CANDIDATES:
+        a, dh, db = G.gelu_bwd_recompute_colsum(h, da, cfg)
+        assert torch.equal(a, want[0]) and torch.equal(dh, want[1]), name
+        torch.testing.assert_close(db, want[2], rtol=1e-5, atol=1e-5)
