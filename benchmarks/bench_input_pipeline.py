@@ -15,6 +15,9 @@ Pipelines, each delivering a normalised (B, 3, 224, 224) float32 batch on the GP
 - ``gpu_pipeline_hybrid``: the same with all cores as workers, which decode a share
   (``HYBRID_CPU_FRACTION``) of the images themselves while nvjpeg decodes the rest (full runs:
   also ``gpu_pipeline_hybrid_0.25``, a quarter);
+- ``gpu_pipeline_adaptive``: the same with the share adjusted as it runs
+  (``mimfast.data.gpu_pipeline.DecodeShare``, from 0.5; ``cpu_decode_share_end`` is where it
+  ended, ``cpu_decode_share_path`` its last values);
 - ``gpu_decode_augment_inmem``: the same without the loader (bytes already in memory): the
   ceiling of the GPU side;
 - ``nvjpeg_decode`` and ``augment_kernel``: the two GPU stages alone (kernel: GB/s of the
@@ -220,7 +223,7 @@ def _cpu_loaders(folder: Path, files, batch: int, workers: int, size: int, n_bat
 
 
 def _gpu_loader(folder: Path, batch: int, workers: int, sz: _Sizes, n_batches: int,
-                cpu_decode_fraction: float = 0.0):
+                cpu_decode_fraction=0.0):
     from mimfast.data.gpu_pipeline import EncodedImages, GpuAugment, GpuLoader
 
     augment = GpuAugment(sz.img_size, scale=SCALE, seed=0, device=sz.device)
@@ -245,6 +248,19 @@ def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int, s
     if sz.full:
         yield (f"gpu_pipeline_hybrid_{HYBRID_CPU_FRACTION_FULL}", cpu_workers, warm, timed,
                _gpu_loader(folder, batch, cpu_workers, sz, warm + timed, HYBRID_CPU_FRACTION_FULL))
+    # the share adjusted as the loader runs (from 0.5; the row records where it ended)
+    from mimfast.data.gpu_pipeline import DecodeShare
+
+    share = DecodeShare(0.5, window=max(4, cpu_workers // 2))
+    yield "gpu_pipeline_adaptive", cpu_workers, warm, timed, _gpu_loader(folder, batch, cpu_workers, sz,
+                                                                          warm + timed, share)
+
+
+def _share_cols(loader) -> dict:
+    """The workers' decode share a loader ended with, where it adjusts one."""
+    share = getattr(getattr(getattr(loader, "loader", None), "dataset", None), "decode_share", None)
+    return {} if share is None else {"cpu_decode_share_end": round(share.get(), 2),
+                                     "cpu_decode_share_path": "-".join(f"{v:.2f}" for v in share.history[-8:])}
 
 
 def _all_loaders(folder: Path, files, batch: int, sz: _Sizes, gpu_workers: int, warmup: int, measured: int):
@@ -326,7 +342,7 @@ def _step_rows(ctx, folder: Path, files, workers: int, batch: int, steps: int, s
             ctx.fail(BENCH, case, name, e, workers=n_workers)
         else:
             ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=n_workers, timed_batches=timed,
-                    overhead_vs_no_data_pct=round(100 * (ms / base_ms - 1), 1))
+                    overhead_vs_no_data_pct=round(100 * (ms / base_ms - 1), 1), **_share_cols(loader))
         del loader
     ctx.speedups(BENCH, case, over="no_data")
 
@@ -358,7 +374,7 @@ def run(ctx: harness.Context) -> None:
                 ctx.fail(BENCH, case, name, e, workers=workers)
             else:
                 ctx.add(BENCH, case, name, ms, images_per_s=round(ips), workers=workers, timed_batches=timed,
-                        mean_jpeg_kb=round(mean_kb))
+                        mean_jpeg_kb=round(mean_kb), **_share_cols(loader))
             del loader
         ctx.speedups(BENCH, case, over="torchvision_cpu_pil")
         ctx.speedups(BENCH, case, over="mimfast_cpu")

@@ -243,13 +243,18 @@ def test_gpu_pipeline_cpu_decode_flag():
         config_from_args(build_parser().parse_args(["--gpu-pipeline", "--gpu-pipeline-cpu-decode", "1.5"]))
     with pytest.raises(SystemExit, match="add --gpu-pipeline"):
         config_from_args(build_parser().parse_args(["--gpu-pipeline-cpu-decode", "0.3"]))
+    cfg = config_from_args(build_parser().parse_args(["--gpu-pipeline", "--gpu-pipeline-adaptive-decode"]))
+    assert cfg.gpu_pipeline_adaptive_decode
+    with pytest.raises(SystemExit, match="adaptive-decode adjusts"):
+        config_from_args(build_parser().parse_args(["--gpu-pipeline-adaptive-decode"]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU input pipeline needs CUDA")
-@pytest.mark.parametrize("cpu_decode", [0.0, 0.5])
-def test_gpu_pipeline_pretrains(tmp_path, cpu_decode):
+@pytest.mark.parametrize("cpu_decode,adaptive", [(0.0, False), (0.5, False), (0.0, True)])
+def test_gpu_pipeline_pretrains(tmp_path, cpu_decode, adaptive):
     summary = pretrain(_cfg(tmp_path, gpu_pipeline=True, kernels="auto", builtin_size=64, epochs=2,
-                            num_workers=2, gpu_pipeline_cpu_decode=cpu_decode))
+                            num_workers=2, gpu_pipeline_cpu_decode=cpu_decode,
+                            gpu_pipeline_adaptive_decode=adaptive))
     assert summary["status"] == "done" and summary["steps"] == 16
     assert math.isfinite(summary["last_loss"])
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ __all__ = [
     "gpu_random_resized_crop",
     "decode_images",
     "EncodedImages",
+    "DecodeShare",
     "collate_encoded",
     "ItemBatch",
     "GpuAugment",
@@ -386,6 +388,58 @@ def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
 # datasets and loaders
 
 
+class DecodeShare:
+    """The share of images the DataLoader workers decode themselves, in shared memory (each
+    worker reads it per item, the main process sets it), and the rule that adjusts it.
+
+    The best share depends on the machine: nvjpeg's rate, the cores, the image sizes, and how
+    much GPU time the training step leaves to decoding. The loader reports, per batch, how long
+    it waited for the workers and how long the batch took in all (:meth:`observe`); every
+    ``window`` batches the share moves by ``step``: down when the waits took more than ``high``
+    of the time (the workers are the bottleneck: give nvjpeg more), up when they took less than
+    ``low`` (the workers keep up: take decoding off the GPU, which the training step needs).
+    It settles where the workers just keep up: on a training run, as much CPU decoding as the
+    cores sustain; on the pipeline alone, where the workers' and nvjpeg's rates meet. Windows
+    of many batches (at least the number of workers: a new share reaches the batches the
+    workers start next, behind the ones in flight) keep it from chasing that lag.
+    """
+
+    def __init__(self, initial: float = 0.5, window: int = 8, step: float = 0.05, low: float = 0.01,
+                 high: float = 0.05):
+        if not 0.0 <= float(initial) <= 1.0:
+            raise ValueError(f"initial must be in [0, 1], got {initial}")
+        if window < 1 or not 0.0 < step <= 1.0 or not 0.0 <= low < high:
+            raise ValueError(f"need window >= 1, 0 < step <= 1, 0 <= low < high; got {window}, {step}, {low}, "
+                             f"{high}")
+        self._value = torch.full((1,), float(initial), dtype=torch.float64).share_memory_()
+        self.window, self.step, self.low, self.high = int(window), float(step), float(low), float(high)
+        self._waited = self._spent = 0.0
+        self._batches = 0
+        self.history: list[float] = [float(initial)]  # the share after each adjustment
+
+    def get(self) -> float:
+        return float(self._value[0])
+
+    def set(self, value: float) -> None:
+        self._value[0] = min(1.0, max(0.0, float(value)))
+
+    def observe(self, waited_s: float, batch_s: float) -> None:
+        """One batch: ``waited_s`` seconds for the workers out of ``batch_s`` in all."""
+        self._waited += max(0.0, waited_s)
+        self._spent += max(waited_s, batch_s)
+        self._batches += 1
+        if self._batches < self.window:
+            return
+        frac = self._waited / self._spent if self._spent > 0 else 0.0
+        if frac > self.high:
+            self.set(self.get() - self.step)
+        elif frac < self.low:
+            self.set(self.get() + self.step)
+        self.history.append(self.get())
+        self._waited = self._spent = 0.0
+        self._batches = 0
+
+
 class EncodedImages(Dataset):
     """Items ``(data, label, epoch, index)`` where ``data`` is the file's bytes as a 1-D uint8
     tensor: the worker does no decoding. Keys are ``index`` or ``(epoch, index)`` (see
@@ -395,31 +449,34 @@ class EncodedImages(Dataset):
     dataset of ``((3, H, W) uint8 image, label)`` items such as the built-in shapes (those
     images pass through decoded).
 
-    ``cpu_decode_fraction``: the workers decode this share of the images themselves (a fixed
-    subset, chosen by a hash of the index; libjpeg-turbo through ``torchvision.io``) and send
-    them decoded, so idle CPU cores add to the GPU decoder's throughput. The kernel treats
+    ``cpu_decode_fraction``: the workers decode this share of the images themselves (a subset
+    chosen by a hash of the index; libjpeg-turbo through ``torchvision.io``) and send them
+    decoded, so idle CPU cores add to the GPU decoder's throughput; a :class:`DecodeShare`
+    instead lets the loader adjust the share as it runs. The kernel treats
     both alike. nvjpeg (as torchvision calls it) and libjpeg-turbo differ by a few levels: IDCT
     rounding, and the chroma of 4:2:0 JPEGs, which nvjpeg upsamples nearest-neighbour where
     libjpeg-turbo (and PIL) interpolate.
     """
 
-    def __init__(self, source, cpu_decode_fraction: float = 0.0):
+    def __init__(self, source, cpu_decode_fraction: float | DecodeShare = 0.0):
         if isinstance(source, (str, os.PathLike)):
             source = ImageFiles(Path(source))
-        if not 0.0 <= float(cpu_decode_fraction) <= 1.0:
-            raise ValueError(f"cpu_decode_fraction must be in [0, 1], got {cpu_decode_fraction}")
+        self.decode_share = cpu_decode_fraction if isinstance(cpu_decode_fraction, DecodeShare) else None
+        if self.decode_share is None and not 0.0 <= float(cpu_decode_fraction) <= 1.0:
+            raise ValueError(f"cpu_decode_fraction must be in [0, 1] or a DecodeShare, got {cpu_decode_fraction}")
         self.source = source
         self.files = source.samples if isinstance(source, ImageFiles) else None
-        self.cpu_decode_fraction = float(cpu_decode_fraction)
+        self.cpu_decode_fraction = 0.0 if self.decode_share is not None else float(cpu_decode_fraction)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _decode_here(self, index: int) -> bool:
-        if self.cpu_decode_fraction <= 0.0:
+        share = self.decode_share.get() if self.decode_share is not None else self.cpu_decode_fraction
+        if share <= 0.0:
             return False
         h = _splitmix64(_as_u64(index) ^ np.uint64(0x5EED))[0]
-        return float(h >> np.uint64(11)) * 2.0**-53 < self.cpu_decode_fraction
+        return float(h >> np.uint64(11)) * 2.0**-53 < share
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -605,9 +662,27 @@ class GpuLoader:
         views = self.augment(items, epochs, indices)
         return (views, labels, epochs, indices) if self.with_keys else (views, labels)
 
+    def _batches(self):
+        """The loader's batches; with a :class:`DecodeShare` on the dataset, each batch's wait for
+        the workers and its whole time (to the request of the next) are reported to it."""
+        share = getattr(getattr(self.loader, "dataset", None), "decode_share", None)
+        if share is None:
+            yield from self.loader
+            return
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - t0
+            yield batch
+            share.observe(waited, time.perf_counter() - t0)
+
     def __iter__(self):
         if self.prefetch == 0 or self.augment.device.type != "cuda":
-            for batch in self.loader:
+            for batch in self._batches():
                 yield self._batch(batch)
             return
         yield from self._threaded()
@@ -631,7 +706,7 @@ class GpuLoader:
         def produce():
             try:
                 with torch.cuda.device(device), torch.cuda.stream(side):
-                    for batch in self.loader:
+                    for batch in self._batches():
                         out = self._batch(batch)
                         event = torch.cuda.Event()
                         event.record(side)

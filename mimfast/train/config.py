@@ -88,6 +88,9 @@ class PretrainConfig:
     # with --gpu-pipeline: the share of images the DataLoader workers decode themselves (libjpeg-turbo,
     # a fixed subset by index) while nvjpeg decodes the rest, so idle CPU cores add to the GPU decoder
     gpu_pipeline_cpu_decode: float = 0.0
+    # with --gpu-pipeline: adjust that share as training runs (mimfast.data.gpu_pipeline.DecodeShare),
+    # from --gpu-pipeline-cpu-decode (0: from 0.5) towards what the workers sustain
+    gpu_pipeline_adaptive_decode: bool = False
     compile: bool = False  # torch.compile the model (the ops are custom ops: no graph breaks)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     # capture the training step into a CUDA graph once and replay it (no torch.compile; one process,
@@ -335,6 +338,9 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"--gpu-pipeline-cpu-decode must be in [0, 1], got {cfg.gpu_pipeline_cpu_decode}")
     elif cfg.gpu_pipeline_cpu_decode and not cfg.gpu_pipeline:
         problems.append("--gpu-pipeline-cpu-decode is the --gpu-pipeline's split of decoding: add --gpu-pipeline")
+    if cfg.gpu_pipeline_adaptive_decode and not cfg.gpu_pipeline:
+        problems.append("--gpu-pipeline-adaptive-decode adjusts the --gpu-pipeline's split of decoding: add "
+                        "--gpu-pipeline")
     if cfg.cuda_graph:
         from mimfast.train.cuda_graph import config_problems
 

@@ -342,12 +342,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if not hasattr(task, "gpu_augment"):
             raise SystemExit(f"--gpu-pipeline is not available for --method {cfg.method}")
         from mimfast.data.builtin import ShapesDataset
-        from mimfast.data.gpu_pipeline import EncodedImages, GpuLoader
+        from mimfast.data.gpu_pipeline import DecodeShare, EncodedImages, GpuLoader
 
         source = cfg.data
         if cfg.data == "builtin":
             source = ShapesDataset(cfg.builtin_size, img_size=cfg.builtin_resolution or img_size, seed=cfg.seed)
-        dataset = EncodedImages(source, cpu_decode_fraction=cfg.gpu_pipeline_cpu_decode)
+        share = cfg.gpu_pipeline_cpu_decode
+        if cfg.gpu_pipeline_adaptive_decode:  # windows of at least a batch per worker: the lag of a new share
+            share = DecodeShare(initial=cfg.gpu_pipeline_cpu_decode or 0.5, window=max(8, workers))
+        dataset = EncodedImages(source, cpu_decode_fraction=share)
     else:
         dataset = build_dataset(cfg.data, img_size, task.transform(img_size), seed=cfg.seed,
                                 builtin_size=cfg.builtin_size, builtin_resolution=cfg.builtin_resolution)
