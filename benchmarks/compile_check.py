@@ -425,6 +425,9 @@ def cases_gelu():
         K.gelu_bwd_recompute_colsum(_e(M, H, dtype=dt), _e(M, H, dtype=dt), cfg)
         for M, H in ((256 * 197, 2048), (256 * 50, 3072), (256 * 50, 4096), (7, 40), (3, 17)) for dt in FLOATS
         for _, cfg in K._COLSUM_CANDIDATES]
+    yield "bias gradients (column sums) at MAE / BEiT widths, every tuning candidate", lambda: [
+        K.column_sum(_e(M, N, dtype=dt), cfg) for M, N in ((256 * 50, 768), (256 * 197, 512), (256 * 50, 2304), (7, 3))
+        for dt in FLOATS for _, cfg in K._COLSUM_CANDIDATES]
 
 
 CASES = {name: globals()[f"cases_{name}"] for name in FILES}

@@ -244,3 +244,22 @@ def test_mlp_bad_input():
         ops.mlp(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), backend="triton")
     with pytest.raises(TypeError, match="floating-point"):
         ops.mlp(x.long(), w1, b1, w2, b2, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N", [(1, 1), (5, 1000), (37, 96), (300, 17)])
+def test_column_sum(M, N, dtype, monkeypatch):
+    real = K._colsum_tiles  # the GPU tilings, interpreted on the CPU too
+    monkeypatch.setattr(K, "_colsum_tiles", lambda M, N, gpu, sms, config=None: real(M, N, True, 2, config))
+    x = (torch.randn(M, N, device=DEVICE) * 4).to(dtype)
+    got = K.column_sum(x)
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    torch.testing.assert_close(got, x.double().sum(0).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(K.column_sum(x.t().contiguous().t()), got, rtol=0, atol=0)  # strided: copied
+    assert torch.equal(K.column_sum(x), got)  # fixed order
+    for name, cfg in K._COLSUM_CANDIDATES:
+        torch.testing.assert_close(K.column_sum(x, cfg), got, rtol=1e-5, atol=1e-4, msg=name)
+    with pytest.raises(ValueError, match=r"\(M, N\)"):
+        K.column_sum(x.reshape(-1))
+    with pytest.raises(TypeError, match="float32"):
+        K.column_sum(x.to(torch.int32))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mimfast.kernels.gelu import gelu_bwd_recompute, gelu_bwd_recompute_colsum
+from mimfast.kernels.gelu import column_sum, gelu_bwd_recompute, gelu_bwd_recompute_colsum
 from mimfast.ops._custom_op import as_dtype, kernel_op
 
 __all__ = ["gelu_linear_triton", "mlp_triton"]
@@ -35,6 +35,16 @@ def _gelu_bwd_colsum(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, t
 @_gelu_bwd_colsum.register_fake
 def _(h, da):
     return torch.empty_like(h), torch.empty_like(h), h.new_empty((h.shape[-1],), dtype=torch.float32)
+
+
+@kernel_op("mimfast::column_sum")
+def _column_sum(x: torch.Tensor) -> torch.Tensor:
+    return column_sum(x)
+
+
+@_column_sum.register_fake
+def _(x):
+    return x.new_empty((x.shape[-1],), dtype=torch.float32)
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -67,7 +77,7 @@ class _GeluLinear(torch.autograd.Function):
         da = as_dtype(g @ as_dtype(weight, cd), h.dtype)  # gradient of gelu(h), as linear's backward gives it
         a, dh = _gelu_bwd(h2, da)
         dw = as_dtype(g.t() @ as_dtype(a, cd), weight.dtype) if need_w else None
-        db = as_dtype(g.sum(0), ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        db = as_dtype(_column_sum(g), ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         return (dh.view(h.shape) if need_h else None), dw, db
 
 
@@ -100,7 +110,7 @@ class _Mlp(torch.autograd.Function):
         da = as_dtype(g @ as_dtype(w2, cd), h.dtype)  # gradient of gelu(h), as fc2's backward gives it
         a, dh, db1 = _gelu_bwd_colsum(h2, da)
         dw2 = as_dtype(g.t() @ as_dtype(a, cd), w2.dtype) if need_w2 else None
-        db2 = as_dtype(g.sum(0), ctx.b2_dtype) if need_b2 and ctx.b2_dtype is not None else None
+        db2 = as_dtype(_column_sum(g), ctx.b2_dtype) if need_b2 and ctx.b2_dtype is not None else None
         del a
         dh = as_dtype(dh, cd)  # fc1's output gradient, in the dtype fc1 computed in
         x2 = as_dtype(x.reshape(-1, x.shape[-1]), cd)
