@@ -62,14 +62,14 @@ def _gelu_bwd_recompute_kernel(
 
 
 @triton.jit
-def _gelu_bwd_colsum_kernel(
-    h_ptr,  # (M, N) GELU input, contiguous
-    da_ptr,  # (M, N) gradient of the GELU output, contiguous
-    a_ptr,  # (M, N) out: GELU output, h's dtype
-    dh_ptr,  # (M, N) out: gradient of h, h's dtype
-    part_ptr,  # (programs_m, N) fp32 out: per-program column sums of dh
+def _colsum_kernel(
+    x_ptr,  # (M, N) contiguous: the GELU input h (GELU), else the tensor to sum
+    da_ptr,  # (M, N) gradient of the GELU output, contiguous (GELU only)
+    a_ptr,  # (M, N) out: GELU output, h's dtype (GELU only)
+    dh_ptr,  # (M, N) out: gradient of h, h's dtype (GELU only)
+    part_ptr,  # (programs_m, N) fp32 out: per-program column sums of dh (GELU), else of x
     M, N, rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,34 +81,17 @@ def _gelu_bwd_colsum_kernel(
         rows = r + tl.arange(0, BLOCK_M)
         ok = (rows < row_end)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        h = tl.load(h_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        da = tl.load(da_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
-        dh = (da * (cdf + h * pdf)).to(dh_ptr.dtype.element_ty)
-        tl.store(a_ptr + offs, (h * cdf).to(a_ptr.dtype.element_ty), mask=ok)
-        tl.store(dh_ptr + offs, dh, mask=ok)
-        acc += dh.to(tl.float32)  # masked elements: da = 0, so dh = 0
-    tl.store(part_ptr + pid_m * N + cols, tl.sum(acc, 0), mask=col_ok)
-
-
-@triton.jit
-def _column_sum_kernel(
-    x_ptr,  # (M, N) contiguous
-    part_ptr,  # (programs_m, N) fp32 out: per-program column sums
-    M, N, rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    row0 = pid_m * rows_per_program
-    row_end = tl.minimum(row0 + rows_per_program, M)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for r in range(row0, row_end, BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
-        ok = (rows < row_end)[:, None] & col_ok[None, :]
-        acc += tl.load(x_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if GELU:
+            da = tl.load(da_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+            dh = (da * (cdf + x * pdf)).to(dh_ptr.dtype.element_ty)
+            tl.store(a_ptr + offs, (x * cdf).to(a_ptr.dtype.element_ty), mask=ok)
+            tl.store(dh_ptr + offs, dh, mask=ok)
+            acc += dh.to(tl.float32)  # masked elements: da = 0, so dh = 0
+        else:
+            acc += x
     tl.store(part_ptr + pid_m * N + cols, tl.sum(acc, 0), mask=col_ok)
 
 
@@ -184,8 +167,8 @@ def gelu_bwd_recompute_colsum(h: torch.Tensor, da: torch.Tensor,
                                lambda c: gelu_bwd_recompute_colsum(h, da, c), h.device)
     block_m, block_n, rows, programs, warps = _colsum_tiles(M, N, gpu, sm_count(h.device) if gpu else 0, config)
     part = _empty((programs, N), h.device)
-    _gelu_bwd_colsum_kernel[(programs, cdiv(N, block_n))](
-        h, da, a, dh, part, M, N, rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    _colsum_kernel[(programs, cdiv(N, block_n))](
+        h, da, a, dh, part, M, N, rows, GELU=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return a, dh, (part[0] if programs == 1 else part.sum(0))
 
@@ -208,8 +191,8 @@ def column_sum(x: torch.Tensor, config: tuple[int, int, int, int] | None = None)
                                lambda c: column_sum(x, c), x.device)
     block_m, block_n, rows, programs, warps = _colsum_tiles(M, N, gpu, sm_count(x.device) if gpu else 0, config)
     part = _empty((programs, N), x.device)
-    _column_sum_kernel[(programs, cdiv(N, block_n))](x, part, M, N, rows, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                     num_warps=warps)
+    _colsum_kernel[(programs, cdiv(N, block_n))](x, x, x, x, part, M, N, rows, GELU=False, BLOCK_M=block_m,
+                                                 BLOCK_N=block_n, num_warps=warps)
     return part[0] if programs == 1 else part.sum(0)
 
 
