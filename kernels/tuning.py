@@ -11,9 +11,14 @@ of the process; later calls with the key cost one dict lookup.
 Timing: one launch of a candidate first (it compiles, or loads from Triton's cache, and warms),
 then ``ROUNDS`` rounds of ``REPS`` launches between CUDA events, each round queued behind a short
 GPU busy-wait so that the launches run back to back (the kernels' time, not the host's); a
-candidate's time is its median round. A candidate replaces the default only when it is at least ``MARGIN``
-faster, so that noise between near-equal candidates leaves the default in place. A candidate
-that raises (e.g. Triton's OutOfResources for a tile too large for the card) is dropped.
+candidate's time is its median round. The fastest replaces the default only when it is at least
+``MARGIN`` faster, so that noise between near-equal candidates leaves the default in place. A
+candidate that raises (e.g. Triton's OutOfResources for a tile too large for the card) is
+dropped.
+
+Launchers that tune: attention (forward and backward separately), add + LayerNorm (forward,
+backward), the masked patch loss, the un-shuffle (forward, backward) and the masking gather's
+backward, GELU's backward with fc1's bias gradient, and the bias-gradient column sum.
 
 Not tuned, the default (the first candidate) or the choice already made is used instead:
 off CUDA (Triton's interpreter); while a CUDA graph is being captured (a capture must not
