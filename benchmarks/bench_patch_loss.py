@@ -7,7 +7,8 @@ public op with ``backend="triton"``). GB/s counts the bytes that must move: for 
 only, pred read + pixels read + gradient written, plus the mask; ``gbps_incl_zero_grad`` adds
 the zero gradient of the visible rows, which the kernel also writes (autograd wants a dense
 gradient). The ``triton`` row launches the tiling the launcher chose on the device among its
-candidates (``mimfast.kernels.tuning``); full runs time each candidate alone too. Peak memory is what one forward + backward allocates above the inputs. Every row
+candidates (``mimfast.kernels.tuning``); full runs time each candidate alone too. Peak memory
+is what one forward + backward allocates above the inputs. Every row
 also has ``host_ms`` and, but for ``torch.compile``, ``graph_ms`` (one CUDA graph replay: the
 kernels without launch overhead) with ``graph_gbps`` / ``graph_pct_copy_bw`` /
 ``graph_gbps_incl_zero_grad`` (``harness.measure``).

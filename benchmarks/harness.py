@@ -695,8 +695,9 @@ def markdown_table(payload: dict) -> str:
         lines += [f"- {s['bench']} / {s['case']} / {s['variant']}: {s['reason']}" for s in columns]
     if payload.get("tuning"):
         lines += ["", "## Launch configurations chosen on the device (mimfast.kernels.tuning)", ""]
-        lines += [f"- {t['key']}: **{t['chosen']}** of " + ", ".join(
-            f"{n} {'failed' if ms is None else f'{ms:.4g} ms'}" for n, ms in t["ms"].items()) for t in payload["tuning"]]
+        for t in payload["tuning"]:
+            times = ", ".join(f"{n} {'failed' if ms is None else f'{ms:.4g} ms'}" for n, ms in t["ms"].items())
+            lines.append(f"- {t['key']}: **{t['chosen']}** of {times}")
     if payload.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in payload["errors"]]
     return "\n".join(lines) + "\n"

@@ -15,12 +15,13 @@ so the saving costs one extra write of the hidden tensor per MLP backward.
 ``gelu_bwd_recompute_colsum`` does the same on (M, N) rows and also sums ``dh`` over the rows:
 the first Linear's bias gradient, which autograd would otherwise compute with one more read of
 the whole hidden gradient (``dh.sum(0)``). ``column_sum`` is the same reduction alone, for the
-bias gradients of other Linears (fc2's): one read of the (M, N) gradient at full width, where
+bias gradients of other Linears (fc2's, the LM head's): one read of the (M, N) gradient, where
 ``torch.sum(g, 0)``'s column reduction reached about 40% of the copy bandwidth in the H200
-profile of the MAE step (aten::sum, 3.8 ms for about 5.9 GB of bias gradients). Each program owns a run of rows and a block of
-columns, keeps the column sums in fp32 registers and writes one partial row; the partials are
-summed in a fixed order afterwards (deterministic, no atomics). The sums add the rounded ``dh``
-(the values written), so they are the sums of what eager's ``dh.sum(0)`` would read, in fp32.
+profile of the eager MAE step (aten::sum: 3.8 ms for about 5.9 GB of bias gradients). Each
+program owns a run of rows and a block of columns, keeps the column sums in fp32 registers and
+writes one partial row; the partials are summed in a fixed order afterwards (deterministic, no
+atomics). The sums add the rounded ``dh`` (the values written), so they are the sums of what
+eager's ``dh.sum(0)`` would read, in fp32.
 
 Exact (erf) GELU, ``torch.nn.functional.gelu(approximate="none")``: a = h * Phi(h),
 gelu'(h) = Phi(h) + h * phi(h), computed in fp32 and rounded to h's dtype as PyTorch's kernels

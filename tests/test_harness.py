@@ -129,6 +129,12 @@ def test_device_info_on_cuda(monkeypatch):
     md = harness.markdown_table({"info": info, "copy_gbps": 3000.0, "matmul_tflops": 790.0, "ceilings": "measured",
                                  "rows": [], "errors": ["bench_x: RuntimeError: boom"]})
     assert "copy bandwidth 3000 GB/s" in md and "## Errors" in md and "bench_x" in md
+    tuned = [{"key": "('attention_fwd', 256)", "chosen": "fwd_half_rows", "ms": {"default": 0.2, "fwd_half_rows": 0.1,
+                                                                                  "split_bwd": None}}]
+    md = harness.markdown_table({"info": info, "copy_gbps": 3000.0, "matmul_tflops": 790.0, "ceilings": "measured",
+                                 "rows": [], "errors": [], "tuning": tuned})
+    assert ("- ('attention_fwd', 256): **fwd_half_rows** of default 0.2 ms, fwd_half_rows 0.1 ms, split_bwd failed"
+            in md)
 
 
 def test_fail_records_a_row_and_marks_out_of_memory(on_cuda):
