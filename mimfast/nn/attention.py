@@ -84,9 +84,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _one_op(self) -> bool:
+        """Plain Linears (no hooks), no q / k / output norms, no gate: the branch runs as
+        :func:`mimfast.ops.self_attention` (both bias gradients summed in one pass each)."""
+        return (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear and _no_hooks(self.qkv)
+                and _no_hooks(self.proj) and self.gate is None and type(self.q_norm) is nn.Identity
+                and type(self.k_norm) is nn.Identity and type(self.norm) is nn.Identity)
+
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("mimfast.nn.Attention supports neither attn_mask nor is_causal")
+        if self._one_op():
+            x = ops.self_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                                   self.num_heads, scale=self.scale, backend=self.kernels)
+            return self.proj_drop(x)
         B, S, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x)  # (B, S, 3 * H * Dh)
@@ -101,6 +112,12 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, kernels={self.kernels!r}"
+
+
+def _no_hooks(m: nn.Module) -> bool:
+    """A module nothing hooks into (its forward may then be bypassed for its parameters)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_forward_hooks_with_kwargs", None))
 
 
 def _timm_attention_classes() -> tuple[type, ...]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import check_backend_name
+from mimfast.nn.attention import _no_hooks
 
 __all__ = ["BEiTAttention", "RelativePositionBias", "relative_position_index"]
 
@@ -127,14 +128,18 @@ class BEiTAttention(nn.Module):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B, S, 3 * H * Dh)
-
         bias = rel_pos_bias
         if self.relative_position_bias_table is not None:
             s = self.window_size[0] * self.window_size[1] + 1
             own = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(s, s, -1)
             own = own.permute(2, 0, 1).contiguous()  # (H, S, S)
             bias = own if bias is None else own + bias
+        if type(self.proj) is nn.Linear and _no_hooks(self.proj) and _no_hooks(self.qkv):
+            # qkv Linear, attention and proj as one op (both bias gradients summed in one pass each)
+            x = ops.self_attention(x, self.qkv.weight, qkv_bias, self.proj.weight, self.proj.bias, self.num_heads,
+                                   bias=bias, scale=self.scale, backend=self.kernels)
+            return self.proj_drop(x)
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B, S, 3 * H * Dh)
         x = ops.attention(qkv, self.num_heads, bias=bias, scale=self.scale, backend=self.kernels)  # (B, S, H * Dh)
         x = self.proj(x)
         return self.proj_drop(x)

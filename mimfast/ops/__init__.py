@@ -5,7 +5,7 @@ eager reference beside it (``<op>_reference``), which is the ground truth and th
 """
 
 from mimfast.backend import BackendUnavailableError, use_backend
-from mimfast.ops.attention import attention, attention_reference
+from mimfast.ops.attention import attention, attention_reference, self_attention, self_attention_reference
 from mimfast.ops.gelu_linear import gelu_linear, gelu_linear_reference, mlp, mlp_reference
 from mimfast.ops.layer_norm import add_layer_norm, add_layer_norm_reference
 from mimfast.ops.linear_ce import linear_cross_entropy, linear_cross_entropy_reference
@@ -24,6 +24,8 @@ __all__ = [
     "use_backend",
     "attention",
     "attention_reference",
+    "self_attention",
+    "self_attention_reference",
     "add_layer_norm",
     "add_layer_norm_reference",
     "gelu_linear",

@@ -7,9 +7,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.attention import AttentionConfig, attention_backward, attention_forward
-from mimfast.ops._custom_op import kernel_op
+import torch.nn.functional as F
 
-__all__ = ["attention_triton", "allow_tf32"]
+from mimfast.ops._custom_op import as_dtype, compute_dtype, kernel_op
+from mimfast.ops._gelu_linear_triton import _column_sum
+
+__all__ = ["attention_triton", "self_attention_triton", "allow_tf32"]
 
 
 def allow_tf32() -> bool:
@@ -90,3 +93,46 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | Non
     picks (benchmarks use it to compare tilings).
     """
     return _Attention.apply(qkv, bias, num_heads, scale, config)
+
+
+class _SelfAttention(torch.autograd.Function):
+    """qkv Linear -> attention -> proj Linear; see :func:`mimfast.ops.self_attention`."""
+
+    @staticmethod
+    def forward(ctx, x, wq, bq, wp, bp, bias, num_heads, scale):
+        cd = compute_dtype(x.device.type, x.dtype)
+        xc = as_dtype(x, cd)  # the cast autocast makes inside F.linear, kept for the weight gradient
+        qkv = F.linear(xc, wq, bq)
+        tf32 = qkv.dtype == torch.float32 and allow_tf32()
+        out, lse = _attention_fwd(qkv, bias, num_heads, scale, tf32)
+        y = F.linear(out, wp, bp)
+        ctx.save_for_backward(xc, wq, wp, bias, qkv, out, lse)
+        ctx.cd, ctx.x_dtype, ctx.tf32, ctx.num_heads, ctx.scale = cd, x.dtype, tf32, num_heads, scale
+        ctx.bq_dtype = bq.dtype if bq is not None else None
+        ctx.bp_dtype = bp.dtype if bp is not None else None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        xc, wq, wp, bias, qkv, out, lse = ctx.saved_tensors
+        cd = ctx.cd
+        need_x, need_wq, need_bq, need_wp, need_bp, need_bias = ctx.needs_input_grad[:6]
+        g = as_dtype(grad_y.reshape(-1, grad_y.shape[-1]), cd)
+        out2 = out.view(-1, out.shape[-1])
+        dwp = as_dtype(g.t() @ out2, wp.dtype) if need_wp else None
+        dbp = as_dtype(_column_sum(g), ctx.bp_dtype) if need_bp and ctx.bp_dtype is not None else None
+        d_out = (g @ as_dtype(wp, cd)).view(out.shape)  # in cd, the attention output's dtype
+        need_bias_grad = bias is not None and need_bias
+        dqkv, dbias = _attention_bwd(qkv, out, lse, d_out, bias, ctx.num_heads, ctx.scale, need_bias_grad, ctx.tf32)
+        del d_out
+        dqkv2 = dqkv.view(-1, dqkv.shape[-1])
+        dbq = as_dtype(_column_sum(dqkv2), ctx.bq_dtype) if need_bq and ctx.bq_dtype is not None else None
+        dwq = as_dtype(dqkv2.t() @ xc.reshape(-1, xc.shape[-1]), wq.dtype) if need_wq else None
+        dx = as_dtype(dqkv2 @ as_dtype(wq, cd), ctx.x_dtype).view(xc.shape) if need_x else None
+        return dx, dwq, dbq, dwp, dbp, (dbias if need_bias_grad else None), None, None
+
+
+def self_attention_triton(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, bias=None, scale=None):
+    """The Triton backend of :func:`mimfast.ops.self_attention`."""
+    return _SelfAttention.apply(x, qkv_weight, qkv_bias, proj_weight, proj_bias, bias, num_heads, scale)

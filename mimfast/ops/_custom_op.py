@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kernel_op", "ALWAYS_DISPATCH", "as_dtype"]
+__all__ = ["kernel_op", "ALWAYS_DISPATCH", "as_dtype", "compute_dtype"]
 
 # True: every call goes through the registered op, as before this module existed
 # (benchmarks.host_overhead's "triton_dispatch" rows measure what skipping it saves).
@@ -62,6 +62,14 @@ def kernel_op(name: str, *, mutates_args=()):
         return call
 
     return register
+
+
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``F.linear`` computes in for an input of ``dtype``: the autocast dtype when
+    autocast is on (the Functions' backwards run without autocast and cast as it did)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.gelu import column_sum, gelu_bwd_recompute, gelu_bwd_recompute_colsum
-from mimfast.ops._custom_op import as_dtype, kernel_op
+from mimfast.ops._custom_op import as_dtype, compute_dtype, kernel_op
 
 __all__ = ["gelu_linear_triton", "mlp_triton"]
 
@@ -47,20 +47,13 @@ def _(x):
     return x.new_empty((x.shape[-1],), dtype=torch.float32)
 
 
-def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype F.linear computes in here: the autocast dtype when autocast is on."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
-
-
 class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias):
         # the same calls as eager (autocast, when on, casts inside F.linear as it would there)
         out = F.linear(F.gelu(h), weight, bias)
         ctx.save_for_backward(h, weight)
-        ctx.cdtype = _compute_dtype(h.device.type, h.dtype)
+        ctx.cdtype = compute_dtype(h.device.type, h.dtype)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
@@ -92,7 +85,7 @@ class _Mlp(torch.autograd.Function):
         h = F.linear(x, w1, b1)  # eager's calls (autocast casts inside F.linear as it would there)
         out = F.linear(F.gelu(h), w2, b2)
         ctx.save_for_backward(x, h, w1, w2)
-        ctx.cdtype = _compute_dtype(x.device.type, x.dtype)
+        ctx.cdtype = compute_dtype(x.device.type, x.dtype)
         ctx.b1_dtype = b1.dtype if b1 is not None else None
         ctx.b2_dtype = b2.dtype if b2 is not None else None
         return out

@@ -10,10 +10,11 @@ without it).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mimfast import backend as _backend
 
-__all__ = ["attention", "attention_reference"]
+__all__ = ["attention", "attention_reference", "self_attention", "self_attention_reference"]
 
 # imported at the first Triton call (mimfast.backend.lazy_import)
 _triton = _backend.lazy_import("mimfast.ops._attention_triton")
@@ -75,3 +76,47 @@ def attention(qkv, num_heads, bias=None, scale=None, backend="auto"):
     if which == "eager":
         return attention_reference(qkv, num_heads, bias, scale)
     return _triton().attention_triton(qkv, num_heads, bias, scale)
+
+
+def self_attention_reference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, bias=None, scale=None):
+    """Eager: ``proj(attention(qkv(x)))`` with ``F.linear`` and :func:`attention_reference`."""
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    return F.linear(attention_reference(qkv, num_heads, bias, scale), proj_weight, proj_bias)
+
+
+def self_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, bias=None, scale=None,
+                   backend="auto"):
+    """A ViT block's attention branch, ``proj(attention(qkv(x)))``, as one autograd function.
+
+    Forward values are those of the three calls (the same ``F.linear`` calls, autocast included,
+    and :func:`attention`). The backward computes both Linears' bias gradients with the one-pass
+    column sum (:func:`mimfast.kernels.gelu.column_sum`) instead of autograd's ``sum`` over the
+    (B*S, width) gradients, and saves the qkv Linear's input in the dtype it computed in.
+
+    Args:
+        x: (B, S, C) tokens.
+        qkv_weight: (3 * H * Dh, C); qkv_bias: (3 * H * Dh,) or None.
+        proj_weight: (C_out, H * Dh); proj_bias: (C_out,) or None.
+        num_heads: H. bias, scale: as for :func:`attention`.
+        backend: ``"auto"``, ``"eager"`` or ``"triton"``.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be (B, S, C), got {getattr(x, 'shape', type(x).__name__)}")
+    for name, w, b, width in (("qkv", qkv_weight, qkv_bias, x.shape[-1]),
+                              ("proj", proj_weight, proj_bias, None)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or (width is not None and w.shape[1] != width):
+            raise ValueError(f"{name}_weight must be (out, {width if width is not None else 'in'}), "
+                             f"got {getattr(w, 'shape', type(w).__name__)}")
+        if b is not None and (not isinstance(b, torch.Tensor) or b.shape != (w.shape[0],)):
+            raise ValueError(f"{name}_bias must be ({w.shape[0]},) or None, got {getattr(b, 'shape', type(b).__name__)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 \
+            or qkv_weight.shape[0] % (3 * num_heads):
+        raise ValueError(f"qkv_weight has {qkv_weight.shape[0]} rows: not 3 * num_heads * head_dim with "
+                         f"num_heads={num_heads!r}")
+    if proj_weight.shape[1] != qkv_weight.shape[0] // 3:
+        raise ValueError(f"proj_weight must take the {qkv_weight.shape[0] // 3} attention outputs, "
+                         f"got {tuple(proj_weight.shape)}")
+    which = _backend.resolve(backend, x, op="self_attention")
+    if which == "eager":
+        return self_attention_reference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, bias, scale)
+    return _triton().self_attention_triton(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, bias, scale)
