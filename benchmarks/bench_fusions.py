@@ -12,6 +12,10 @@ autocast as training runs them.
   ``F.linear(F.gelu(h), w, b)``; triton = the op (GELU's backward recomputes gelu(h)).
   ``saved_mib`` is the memory autograd holds between forward and backward (the activation
   cost per MLP), ``peak_mem`` that of one forward + backward.
+- ``self_attention``: the attention branch, x (N, S, D) bf16, H = D / 64 heads, fp32 weights
+  under autocast. Eager = ``ops.self_attention(backend="eager")`` (the reference math);
+  ``three_ops`` = qkv Linear, ``ops.attention``, proj Linear (what the blocks ran before);
+  triton = ``ops.self_attention`` (both bias gradients summed in one pass each).
 - ``mlp``: the whole MLP, x (M, D) bf16, fp32 weights under autocast. Eager = ``fc2(gelu(fc1(x)))``;
   ``gelu_linear`` = fc1 then the op above; triton = ``ops.mlp`` (as ``gelu_linear``, and fc1's bias
   gradient summed in GELU's backward pass instead of a separate pass over the hidden gradient).
@@ -167,6 +171,29 @@ def _bench_mlp(ctx, case, N, S, D):
     _rows(ctx, "mlp", case, variants, fwd_bytes, bwd_bytes, fwd_flops=4 * M * Hd * D, saved=True)
 
 
+def _bench_self_attention(ctx, case, N, S, D):
+    dev = ctx.device
+    g = torch.Generator(device=dev).manual_seed(3)
+    M, H = N * S, max(1, D // 64)
+    x = torch.randn(N, S, D, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
+    wq = (torch.randn(3 * D, D, device=dev, generator=g) * D ** -0.5).requires_grad_(True)
+    bq = (0.1 * torch.randn(3 * D, device=dev, generator=g)).requires_grad_(True)
+    wp = (torch.randn(D, D, device=dev, generator=g) * D ** -0.5).requires_grad_(True)
+    bp = torch.zeros(D, device=dev).requires_grad_(True)
+    go = torch.randn(N, S, D, device=dev, generator=g).to(torch.bfloat16)
+    inputs = (x, wq, bq, wp, bp)
+    fns = {"eager": lambda: ops.self_attention(x, wq, bq, wp, bp, H, backend="eager"),
+           "three_ops": lambda: F.linear(ops.attention(F.linear(x, wq, bq), H, backend="triton"), wp, bp),
+           "triton": lambda: ops.self_attention(x, wq, bq, wp, bp, H, backend="triton")}
+    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (go,))) for k, f in fns.items()}
+    # forward: x, qkv out and in, the attention output out and in, y; the weights; backward about
+    # twice that plus the bias-gradient reads (the attention's own traffic is counted once)
+    fwd_bytes = M * D * BF16 * (1 + 3 + 3 + 1 + 1 + 1) + 4 * D * D * BF16
+    bwd_bytes = 2 * fwd_bytes
+    _rows(ctx, "self_attention", case, variants, fwd_bytes, bwd_bytes,
+          fwd_flops=2 * M * 4 * D * D + 4 * N * H * S * S * (D // H))
+
+
 def run(ctx: harness.Context) -> None:
     cases = SMOKE_CASES if ctx.smoke else CASES
     names = QUICK if ctx.quick else tuple(cases)
@@ -176,4 +203,5 @@ def run(ctx: harness.Context) -> None:
         _bench_add_layer_norm(ctx, label, N, S, D)
         _bench_gelu_linear(ctx, label, N, S, D)
         _bench_mlp(ctx, label, N, S, D)
+        _bench_self_attention(ctx, label, N, S, D)
         harness.empty_cache()

@@ -93,6 +93,7 @@ def _cases(device: str, smoke: bool):
     qkv = leaf(B, S, 3 * D)
     h, w2, b2 = leaf(B, S, 4 * D), leaf(D, 4 * D), leaf(D)
     w1, b1 = leaf(4 * D, D), leaf(4 * D)
+    wq, bq, wp, bp = leaf(3 * D, D), leaf(3 * D), leaf(D, D), leaf(D)
     tok, pos = leaf(B, L, D), torch.randn(1, L, D, device=device, dtype=dt)
     noise = torch.rand(B, L, device=device)
     K = int(L * 0.25)
@@ -107,6 +108,7 @@ def _cases(device: str, smoke: bool):
     return {
         "add_layer_norm": lambda be: ops.add_layer_norm(x, res, w, b, 1e-6, out_dtype=dt, backend=be),
         "attention": lambda be: (ops.attention(qkv, H, backend=be),),
+        "self_attention": lambda be: (ops.self_attention(x, wq, bq, wp, bp, H, backend=be),),
         "gelu_linear": lambda be: (ops.gelu_linear(h, w2, b2, backend=be),),
         "mlp": lambda be: (ops.mlp(x, w1, b1, w2, b2, backend=be),),
         "random_masking": lambda be: ops.random_masking(tok, 0.75, pos, noise, backend=be)[:1],
