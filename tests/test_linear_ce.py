@@ -210,3 +210,23 @@ def test_row_kernel_both_paths(block_v, dtype, device):
     tol = {torch.float32: 2e-7, torch.float16: 1e-4, torch.bfloat16: 8e-4}[dtype]  # > half an ulp of 1/6
     assert max_err(logits, ref_grad) < tol
     assert torch.all(logits[2] == 0)
+
+
+def test_fp32_accumulation():
+    """grad_W's chunk partials are accumulated in fp32: by the GEMM itself on CUDA (beta = 1,
+    fp32 output), by an add elsewhere; both equal the fp32 sum of the products."""
+    from mimfast.ops import _linear_ce_triton as T
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    acc = torch.randn(40, 24, device=dev, generator=g)
+    want = acc.clone()
+    for _ in range(3):
+        a = torch.randn(40, 300, device=dev, generator=g).to(dt)
+        b = torch.randn(300, 24, device=dev, generator=g).to(dt)
+        want += a.double().matmul(b.double()).float()
+        T._accumulate_f32(acc, a, b)
+    torch.testing.assert_close(acc, want, rtol=1e-4, atol=1e-3)
+    if dev == "cuda":
+        assert T._addmm_f32_ok  # the GEMM accumulated, no fallback

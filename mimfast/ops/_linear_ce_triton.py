@@ -6,7 +6,8 @@ Forward, for each chunk of rows (a few thousand rows, about 64 MiB of logits):
     logits = hidden_c @ W^T + b                      # cuBLAS, into one reused chunk buffer
     loss_c, logits <- dlogits                        # mimfast.kernels.linear_ce, in place
     grad_hidden[c] = dlogits @ W                     # cuBLAS
-    grad_W += dlogits^T @ hidden_c; grad_b += sum(dlogits)   # fp32 accumulators
+    grad_W += dlogits^T @ hidden_c; grad_b += sum(dlogits)   # fp32 accumulators (the GEMM
+                                                             # accumulates grad_W itself on CUDA)
 
 so the gradients exist when the forward returns and the backward only scales them by the
 incoming gradient (in place). Peak extra memory: one logits chunk + grad buffers the size of
@@ -47,6 +48,23 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, fp32_out: bool = True) -> torch.Te
         except (RuntimeError, AttributeError, TypeError, NotImplementedError):
             _mm_f32_ok = False
     return torch.mm(a, b)
+
+
+_addmm_f32_ok = True  # aten::addmm.dtype_out into an fp32 accumulator on CUDA; off at the first failure
+
+
+def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp32_out: bool = True) -> None:
+    """``acc += a @ b`` for an fp32 ``acc``: half / bf16 operands on CUDA with ``fp32_out`` are
+    accumulated by the GEMM itself (beta = 1, fp32 output: no (V, D) partial, no second pass);
+    otherwise the product from :func:`_mm_f32` is added."""
+    global _addmm_f32_ok
+    if fp32_out and a.dtype != torch.float32 and a.is_cuda and _addmm_f32_ok:
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+            _addmm_f32_ok = False
+    acc.add_(_mm_f32(a, b, fp32_out))
 
 
 def _compute_dtype(hidden, weight, bias):
@@ -103,7 +121,7 @@ def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, n
                 else:
                     gh[c0:c1].copy_(_mm_f32(dlogits, w, fp32_gemm_out))
             if gw is not None:
-                gw.add_(_mm_f32(dlogits.t(), h_c, fp32_gemm_out))
+                _accumulate_f32(gw, dlogits.t(), h_c, fp32_gemm_out)
             if gb is not None:
                 gb.add_(column_sum(dlogits))  # fp32 column sums in one pass (kernels.gelu)
         del buf
