@@ -228,5 +228,9 @@ def test_fp32_accumulation():
         want += a.double().matmul(b.double()).float()
         T._accumulate_f32(acc, a, b)
     torch.testing.assert_close(acc, want, rtol=1e-4, atol=1e-3)
+    out = torch.full((80, 24), float("nan"), device=dev)
+    T._mm_f32_into(out[40:], a, b)  # a row slice of the hidden gradient, written in place
+    torch.testing.assert_close(out[40:], a.double().matmul(b.double()).float(), rtol=1e-4, atol=1e-3)
+    assert out[:40].isnan().all()
     if dev == "cuda":
-        assert T._addmm_f32_ok  # the GEMM accumulated, no fallback
+        assert T._addmm_f32_ok and T._mm_f32_ok  # the GEMMs wrote fp32, no fallback

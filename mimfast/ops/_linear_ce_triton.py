@@ -67,6 +67,19 @@ def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp32_ou
     acc.add_(_mm_f32(a, b, fp32_out))
 
 
+def _mm_f32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp32_out: bool = True) -> None:
+    """``out[:] = a @ b`` for a contiguous fp32 ``out``: written by the GEMM on CUDA (half / bf16
+    operands, ``fp32_out``), else the product from :func:`_mm_f32` copied in."""
+    global _mm_f32_ok
+    if fp32_out and a.dtype != torch.float32 and a.is_cuda and _mm_f32_ok and out.is_contiguous():
+        try:
+            torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+            return
+        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+            _mm_f32_ok = False
+    out.copy_(_mm_f32(a, b, fp32_out))
+
+
 def _compute_dtype(hidden, weight, bias):
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -119,7 +132,7 @@ def _linear_ce_forward(hidden, weight, bias, labels, ignore_index, chunk_rows, n
                 if gh.dtype == cdt:
                     torch.mm(dlogits, w, out=gh[c0:c1])
                 else:
-                    gh[c0:c1].copy_(_mm_f32(dlogits, w, fp32_gemm_out))
+                    _mm_f32_into(gh[c0:c1], dlogits, w, fp32_gemm_out)
             if gw is not None:
                 _accumulate_f32(gw, dlogits.t(), h_c, fp32_gemm_out)
             if gb is not None:
