@@ -82,10 +82,12 @@ def gelu_linear_triton(h, weight, bias):
 class _Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        h = F.linear(x, w1, b1)  # eager's calls (autocast casts inside F.linear as it would there)
+        cd = compute_dtype(x.device.type, x.dtype)
+        xc = as_dtype(x, cd)  # the cast autocast makes inside F.linear, kept for fc1's weight gradient
+        h = F.linear(xc, w1, b1)  # eager's calls (autocast casts the weights inside F.linear)
         out = F.linear(F.gelu(h), w2, b2)
-        ctx.save_for_backward(x, h, w1, w2)
-        ctx.cdtype = compute_dtype(x.device.type, x.dtype)
+        ctx.save_for_backward(xc, h, w1, w2)
+        ctx.cdtype, ctx.x_dtype = cd, x.dtype
         ctx.b1_dtype = b1.dtype if b1 is not None else None
         ctx.b2_dtype = b2.dtype if b2 is not None else None
         return out
@@ -93,7 +95,7 @@ class _Mlp(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, h, w1, w2 = ctx.saved_tensors
+        xc, h, w1, w2 = ctx.saved_tensors
         cd = ctx.cdtype
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         g = as_dtype(grad_out.reshape(-1, grad_out.shape[-1]), cd)
@@ -106,9 +108,8 @@ class _Mlp(torch.autograd.Function):
         db2 = as_dtype(_column_sum(g), ctx.b2_dtype) if need_b2 and ctx.b2_dtype is not None else None
         del a
         dh = as_dtype(dh, cd)  # fc1's output gradient, in the dtype fc1 computed in
-        x2 = as_dtype(x.reshape(-1, x.shape[-1]), cd)
-        dx = as_dtype(dh @ as_dtype(w1, cd), x.dtype).view(x.shape) if need_x else None
-        dw1 = as_dtype(dh.t() @ x2, w1.dtype) if need_w1 else None
+        dx = as_dtype(dh @ as_dtype(w1, cd), ctx.x_dtype).view(xc.shape) if need_x else None
+        dw1 = as_dtype(dh.t() @ xc.reshape(-1, xc.shape[-1]), w1.dtype) if need_w1 else None
         db1 = as_dtype(db1, ctx.b1_dtype) if need_b1 and ctx.b1_dtype is not None else None
         return dx, dw1, db1, dw2, db2
 
