@@ -108,7 +108,8 @@ def self_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, b
             raise ValueError(f"{name}_weight must be (out, {width if width is not None else 'in'}), "
                              f"got {getattr(w, 'shape', type(w).__name__)}")
         if b is not None and (not isinstance(b, torch.Tensor) or b.shape != (w.shape[0],)):
-            raise ValueError(f"{name}_bias must be ({w.shape[0]},) or None, got {getattr(b, 'shape', type(b).__name__)}")
+            raise ValueError(f"{name}_bias must be ({w.shape[0]},) or None, "
+                             f"got {getattr(b, 'shape', type(b).__name__)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 \
             or qkv_weight.shape[0] % (3 * num_heads):
         raise ValueError(f"qkv_weight has {qkv_weight.shape[0]} rows: not 3 * num_heads * head_dim with "
