@@ -201,6 +201,14 @@ def test_mlp_saves_only_x_and_the_gelu_input():
         fn = lambda: ops.mlp(x.clone().requires_grad_(True),  # noqa: E731
                              *[p.clone().requires_grad_(True) for p in params], backend=backend)
         assert _saved(fn, 40 * 64) == n, backend
+    # under autocast x and both weights are kept as autocast cast them (nothing cast again later)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            ops.mlp(x.clone().requires_grad_(True), *[p.clone().requires_grad_(True) for p in params],
+                    backend="triton")
+    kept = [t for t in seen if t.shape in (x.shape, params[0].shape, params[2].shape)]
+    assert len(kept) == 3 and all(t.dtype == torch.float16 for t in kept)
 
 
 @pytest.mark.parametrize("M,N", [(1, 1), (3, 1000), (37, 96), (130, 17)])

@@ -79,6 +79,9 @@ def test_saves_the_input_in_the_compute_dtype():
             ops.self_attention(x, *[t.requires_grad_(True) for t in tensors[1:5]], 2, backend="triton")
     inputs = [t for t in seen if t.shape == x.shape]
     assert len(inputs) == 1 and inputs[0].dtype == torch.float16
+    # the weights as autocast cast them (the backward casts nothing again)
+    weights = [t for t in seen if t.shape in (tensors[1].shape, tensors[3].shape)]
+    assert len(weights) == 2 and all(t.dtype == torch.float16 for t in weights)
 
 
 def test_modules_run_it_and_fall_back():

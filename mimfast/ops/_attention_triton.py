@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 from mimfast.kernels.attention import AttentionConfig, attention_backward, attention_forward
 import torch.nn.functional as F
 
-from mimfast.ops._custom_op import as_dtype, compute_dtype, kernel_op
+from mimfast.ops._custom_op import as_dtype, autocast_operands, kernel_op
 from mimfast.ops._gelu_linear_triton import _column_sum
 
 __all__ = ["attention_triton", "self_attention_triton", "allow_tf32"]
@@ -100,14 +100,17 @@ class _SelfAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wq, bq, wp, bp, bias, num_heads, scale):
-        cd = compute_dtype(x.device.type, x.dtype)
-        xc = as_dtype(x, cd)  # the cast autocast makes inside F.linear, kept for the weight gradient
-        qkv = F.linear(xc, wq, bq)
+        # under autocast, the casts F.linear would make, made here and kept for the backward (as
+        # eager's autograd keeps autocast's copies): no weight is cast again there
+        xc, wqc, wpc = autocast_operands(x, wq, wp)
+        cd = xc.dtype
+        qkv = F.linear(xc, wqc, bq)
         tf32 = qkv.dtype == torch.float32 and allow_tf32()
         out, lse = _attention_fwd(qkv, bias, num_heads, scale, tf32)
-        y = F.linear(out, wp, bp)
-        ctx.save_for_backward(xc, wq, wp, bias, qkv, out, lse)
+        y = F.linear(out, wpc, bp)
+        ctx.save_for_backward(xc, wqc, wpc, bias, qkv, out, lse)
         ctx.cd, ctx.x_dtype, ctx.tf32, ctx.num_heads, ctx.scale = cd, x.dtype, tf32, num_heads, scale
+        ctx.wq_dtype, ctx.wp_dtype = wq.dtype, wp.dtype
         ctx.bq_dtype = bq.dtype if bq is not None else None
         ctx.bp_dtype = bp.dtype if bp is not None else None
         return y
@@ -120,7 +123,7 @@ class _SelfAttention(torch.autograd.Function):
         need_x, need_wq, need_bq, need_wp, need_bp, need_bias = ctx.needs_input_grad[:6]
         g = as_dtype(grad_y.reshape(-1, grad_y.shape[-1]), cd)
         out2 = out.view(-1, out.shape[-1])
-        dwp = as_dtype(g.t() @ out2, wp.dtype) if need_wp else None
+        dwp = as_dtype(g.t() @ out2, ctx.wp_dtype) if need_wp else None
         dbp = as_dtype(_column_sum(g), ctx.bp_dtype) if need_bp and ctx.bp_dtype is not None else None
         d_out = (g @ as_dtype(wp, cd)).view(out.shape)  # in cd, the attention output's dtype
         need_bias_grad = bias is not None and need_bias
@@ -128,7 +131,7 @@ class _SelfAttention(torch.autograd.Function):
         del d_out
         dqkv2 = dqkv.view(-1, dqkv.shape[-1])
         dbq = as_dtype(_column_sum(dqkv2), ctx.bq_dtype) if need_bq and ctx.bq_dtype is not None else None
-        dwq = as_dtype(dqkv2.t() @ xc.reshape(-1, xc.shape[-1]), wq.dtype) if need_wq else None
+        dwq = as_dtype(dqkv2.t() @ xc.reshape(-1, xc.shape[-1]), ctx.wq_dtype) if need_wq else None
         dx = as_dtype(dqkv2 @ as_dtype(wq, cd), ctx.x_dtype).view(xc.shape) if need_x else None
         return dx, dwq, dbq, dwp, dbp, (dbias if need_bias_grad else None), None, None
 

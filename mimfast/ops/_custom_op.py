@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kernel_op", "ALWAYS_DISPATCH", "as_dtype", "compute_dtype"]
+__all__ = ["kernel_op", "ALWAYS_DISPATCH", "as_dtype", "autocast_operands", "compute_dtype"]
 
 # True: every call goes through the registered op, as before this module existed
 # (benchmarks.host_overhead's "triton_dispatch" rows measure what skipping it saves).
@@ -70,6 +70,17 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype
+
+
+def autocast_operands(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``x`` and ``weights`` in the autocast dtype where autocast is on for ``x``'s device (the
+    casts ``F.linear`` makes), else as they are (mixed dtypes then fail in ``F.linear`` as in
+    eager)."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return (x, *weights)
+    cd = torch.get_autocast_dtype(kind)
+    return tuple(as_dtype(t, cd) for t in (x, *weights))
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

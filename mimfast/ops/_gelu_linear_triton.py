@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.gelu import column_sum, gelu_bwd_recompute, gelu_bwd_recompute_colsum
-from mimfast.ops._custom_op import as_dtype, compute_dtype, kernel_op
+from mimfast.ops._custom_op import as_dtype, autocast_operands, compute_dtype, kernel_op
 
 __all__ = ["gelu_linear_triton", "mlp_triton"]
 
@@ -82,12 +82,13 @@ def gelu_linear_triton(h, weight, bias):
 class _Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        cd = compute_dtype(x.device.type, x.dtype)
-        xc = as_dtype(x, cd)  # the cast autocast makes inside F.linear, kept for fc1's weight gradient
-        h = F.linear(xc, w1, b1)  # eager's calls (autocast casts the weights inside F.linear)
-        out = F.linear(F.gelu(h), w2, b2)
-        ctx.save_for_backward(xc, h, w1, w2)
-        ctx.cdtype, ctx.x_dtype = cd, x.dtype
+        # under autocast, the casts F.linear would make, made here and kept for the backward (as
+        # eager's autograd keeps autocast's copies): no weight is cast again there
+        xc, w1c, w2c = autocast_operands(x, w1, w2)
+        h = F.linear(xc, w1c, b1)  # eager's calls
+        out = F.linear(F.gelu(h), w2c, b2)
+        ctx.save_for_backward(xc, h, w1c, w2c)
+        ctx.cdtype, ctx.x_dtype, ctx.w1_dtype, ctx.w2_dtype = xc.dtype, x.dtype, w1.dtype, w2.dtype
         ctx.b1_dtype = b1.dtype if b1 is not None else None
         ctx.b2_dtype = b2.dtype if b2 is not None else None
         return out
@@ -104,12 +105,12 @@ class _Mlp(torch.autograd.Function):
             h2 = h2.contiguous()
         da = as_dtype(g @ as_dtype(w2, cd), h.dtype)  # gradient of gelu(h), as fc2's backward gives it
         a, dh, db1 = _gelu_bwd_colsum(h2, da)
-        dw2 = as_dtype(g.t() @ as_dtype(a, cd), w2.dtype) if need_w2 else None
+        dw2 = as_dtype(g.t() @ as_dtype(a, cd), ctx.w2_dtype) if need_w2 else None
         db2 = as_dtype(_column_sum(g), ctx.b2_dtype) if need_b2 and ctx.b2_dtype is not None else None
         del a
         dh = as_dtype(dh, cd)  # fc1's output gradient, in the dtype fc1 computed in
         dx = as_dtype(dh @ as_dtype(w1, cd), ctx.x_dtype).view(xc.shape) if need_x else None
-        dw1 = as_dtype(dh.t() @ xc.reshape(-1, xc.shape[-1]), w1.dtype) if need_w1 else None
+        dw1 = as_dtype(dh.t() @ xc.reshape(-1, xc.shape[-1]), ctx.w1_dtype) if need_w1 else None
         db1 = as_dtype(db1, ctx.b1_dtype) if need_b1 and ctx.b1_dtype is not None else None
         return dx, dw1, db1, dw2, db2
 
