@@ -388,6 +388,9 @@ def decode_images(items, device) -> tuple[list[torch.Tensor], list[int]]:
 # datasets and loaders
 
 
+HISTORY = 512  # DecodeShare.history keeps at least this many of the latest values
+
+
 class DecodeShare:
     """The share of images the DataLoader workers decode themselves, in shared memory (each
     worker reads it per item, the main process sets it), and the rule that adjusts it.
@@ -415,7 +418,7 @@ class DecodeShare:
         self.window, self.step, self.low, self.high = int(window), float(step), float(low), float(high)
         self._waited = self._spent = 0.0
         self._batches = 0
-        self.history: list[float] = [float(initial)]  # the share after each adjustment
+        self.history: list[float] = [float(initial)]  # the share after each adjustment (the last HISTORY+)
 
     def get(self) -> float:
         return float(self._value[0])
@@ -436,6 +439,8 @@ class DecodeShare:
         elif frac < self.low:
             self.set(self.get() + self.step)
         self.history.append(self.get())
+        if len(self.history) > 2 * HISTORY:  # a long run: keep the recent values
+            del self.history[:-HISTORY]
         self._waited = self._spent = 0.0
         self._batches = 0
 

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.attention import AttentionConfig, attention_backward, attention_forward
-import torch.nn.functional as F
-
 from mimfast.ops._custom_op import as_dtype, autocast_operands, kernel_op
-from mimfast.ops._gelu_linear_triton import _column_sum
+from mimfast.ops._linear_triton import linear_grads
 
 __all__ = ["attention_triton", "self_attention_triton", "allow_tf32"]
 
@@ -122,18 +121,17 @@ class _SelfAttention(torch.autograd.Function):
         cd = ctx.cd
         need_x, need_wq, need_bq, need_wp, need_bp, need_bias = ctx.needs_input_grad[:6]
         g = as_dtype(grad_y.reshape(-1, grad_y.shape[-1]), cd)
-        out2 = out.view(-1, out.shape[-1])
-        dwp = as_dtype(g.t() @ out2, ctx.wp_dtype) if need_wp else None
-        dbp = as_dtype(_column_sum(g), ctx.bp_dtype) if need_bp and ctx.bp_dtype is not None else None
-        d_out = (g @ as_dtype(wp, cd)).view(out.shape)  # in cd, the attention output's dtype
+        # proj: the attention output's gradient in cd, the dtype the attention ran in
+        d_out, dwp, dbp = linear_grads(g, out.view(-1, out.shape[-1]), wp, (cd, ctx.wp_dtype, ctx.bp_dtype),
+                                       (True, need_wp, need_bp))
         need_bias_grad = bias is not None and need_bias
-        dqkv, dbias = _attention_bwd(qkv, out, lse, d_out, bias, ctx.num_heads, ctx.scale, need_bias_grad, ctx.tf32)
+        dqkv, dbias = _attention_bwd(qkv, out, lse, d_out.view(out.shape), bias, ctx.num_heads, ctx.scale,
+                                     need_bias_grad, ctx.tf32)
         del d_out
-        dqkv2 = dqkv.view(-1, dqkv.shape[-1])
-        dbq = as_dtype(_column_sum(dqkv2), ctx.bq_dtype) if need_bq and ctx.bq_dtype is not None else None
-        dwq = as_dtype(dqkv2.t() @ xc.reshape(-1, xc.shape[-1]), ctx.wq_dtype) if need_wq else None
-        dx = as_dtype(dqkv2 @ as_dtype(wq, cd), ctx.x_dtype).view(xc.shape) if need_x else None
-        return dx, dwq, dbq, dwp, dbp, (dbias if need_bias_grad else None), None, None
+        dx, dwq, dbq = linear_grads(dqkv.view(-1, dqkv.shape[-1]), xc.reshape(-1, xc.shape[-1]), wq,
+                                    (ctx.x_dtype, ctx.wq_dtype, ctx.bq_dtype), (need_x, need_wq, need_bq))
+        return ((dx.view(xc.shape) if dx is not None else None), dwq, dbq, dwp, dbp,
+                (dbias if need_bias_grad else None), None, None)
 
 
 def self_attention_triton(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, bias=None, scale=None):

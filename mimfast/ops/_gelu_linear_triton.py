@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mimfast.kernels.gelu import column_sum, gelu_bwd_recompute, gelu_bwd_recompute_colsum
+from mimfast.kernels.gelu import gelu_bwd_recompute, gelu_bwd_recompute_colsum
 from mimfast.ops._custom_op import as_dtype, autocast_operands, compute_dtype, kernel_op
+from mimfast.ops._linear_triton import linear_grads
 
 __all__ = ["gelu_linear_triton", "mlp_triton"]
 
@@ -37,16 +38,6 @@ def _(h, da):
     return torch.empty_like(h), torch.empty_like(h), h.new_empty((h.shape[-1],), dtype=torch.float32)
 
 
-@kernel_op("mimfast::column_sum")
-def _column_sum(x: torch.Tensor) -> torch.Tensor:
-    return column_sum(x)
-
-
-@_column_sum.register_fake
-def _(x):
-    return x.new_empty((x.shape[-1],), dtype=torch.float32)
-
-
 class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias):
@@ -67,10 +58,11 @@ class _GeluLinear(torch.autograd.Function):
         if not h2.is_contiguous():
             h2 = h2.contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad
-        da = as_dtype(g @ as_dtype(weight, cd), h.dtype)  # gradient of gelu(h), as linear's backward gives it
+        w = as_dtype(weight, cd)
+        da = as_dtype(g @ w, h.dtype)  # gradient of gelu(h), as linear's backward gives it
         a, dh = _gelu_bwd(h2, da)
-        dw = as_dtype(g.t() @ as_dtype(a, cd), weight.dtype) if need_w else None
-        db = as_dtype(_column_sum(g), ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        _, dw, db = linear_grads(g, as_dtype(a, cd), w, (None, weight.dtype, ctx.bias_dtype),
+                                 (False, need_w, need_b))
         return (dh.view(h.shape) if need_h else None), dw, db
 
 
@@ -103,16 +95,16 @@ class _Mlp(torch.autograd.Function):
         h2 = h.reshape(-1, h.shape[-1])
         if not h2.is_contiguous():
             h2 = h2.contiguous()
-        da = as_dtype(g @ as_dtype(w2, cd), h.dtype)  # gradient of gelu(h), as fc2's backward gives it
-        a, dh, db1 = _gelu_bwd_colsum(h2, da)
-        dw2 = as_dtype(g.t() @ as_dtype(a, cd), ctx.w2_dtype) if need_w2 else None
-        db2 = as_dtype(_column_sum(g), ctx.b2_dtype) if need_b2 and ctx.b2_dtype is not None else None
+        da = as_dtype(g @ w2, h.dtype)  # gradient of gelu(h), as fc2's backward gives it
+        a, dh, db1 = _gelu_bwd_colsum(h2, da)  # fc1's bias gradient summed in the same pass
+        _, dw2, db2 = linear_grads(g, as_dtype(a, cd), w2, (None, ctx.w2_dtype, ctx.b2_dtype),
+                                   (False, need_w2, need_b2))
         del a
         dh = as_dtype(dh, cd)  # fc1's output gradient, in the dtype fc1 computed in
-        dx = as_dtype(dh @ as_dtype(w1, cd), ctx.x_dtype).view(xc.shape) if need_x else None
-        dw1 = as_dtype(dh.t() @ xc.reshape(-1, xc.shape[-1]), ctx.w1_dtype) if need_w1 else None
+        dx, dw1, _ = linear_grads(dh, xc.reshape(-1, xc.shape[-1]), w1, (ctx.x_dtype, ctx.w1_dtype, None),
+                                  (need_x, need_w1, False))
         db1 = as_dtype(db1, ctx.b1_dtype) if need_b1 and ctx.b1_dtype is not None else None
-        return dx, dw1, db1, dw2, db2
+        return (dx.view(xc.shape) if dx is not None else None), dw1, db1, dw2, db2
 
 
 def mlp_triton(x, w1, b1, w2, b2):

@@ -20,7 +20,7 @@ import torch
 from mimfast.kernels import masking as _km
 from mimfast.kernels import patch_embed as _kp
 from mimfast.ops._custom_op import as_dtype, kernel_op
-from mimfast.ops._gelu_linear_triton import _column_sum
+from mimfast.ops._linear_triton import column_sum_op
 from mimfast.ops._masking_triton import _masking_bwd, _promote_dtypes
 from mimfast.ops.masking import num_kept
 
@@ -123,7 +123,7 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
                     g_patches = torch.mm(gc, w2).contiguous()  # (N*K, C*p*p)
                     g_imgs = _scatter_patches(g_patches, ids_keep, p, list(imgs_shape), imgs_dtype)
         if need_b:
-            g_b = as_dtype(_column_sum(grad_out.reshape(N * K, D)), bias_dtype)  # fp32, one pass
+            g_b = as_dtype(column_sum_op(grad_out.reshape(N * K, D)), bias_dtype)  # fp32, one pass
         if need_pos:
             _, g_pos = _masking_bwd(grad_out, ids_restore, L, None, pos_dtype)
             g_pos = g_pos.unsqueeze(0)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mimfast import backend as _backend
+from mimfast.ops.gelu_linear import check_linear
 
 __all__ = ["attention", "attention_reference", "self_attention", "self_attention_reference"]
 
@@ -102,14 +103,8 @@ def self_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, b
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be (B, S, C), got {getattr(x, 'shape', type(x).__name__)}")
-    for name, w, b, width in (("qkv", qkv_weight, qkv_bias, x.shape[-1]),
-                              ("proj", proj_weight, proj_bias, None)):
-        if not isinstance(w, torch.Tensor) or w.dim() != 2 or (width is not None and w.shape[1] != width):
-            raise ValueError(f"{name}_weight must be (out, {width if width is not None else 'in'}), "
-                             f"got {getattr(w, 'shape', type(w).__name__)}")
-        if b is not None and (not isinstance(b, torch.Tensor) or b.shape != (w.shape[0],)):
-            raise ValueError(f"{name}_bias must be ({w.shape[0]},) or None, "
-                             f"got {getattr(b, 'shape', type(b).__name__)}")
+    check_linear(qkv_weight, qkv_bias, x.shape[-1], x, prefix="qkv_")
+    check_linear(proj_weight, proj_bias, None, x, prefix="proj_")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 \
             or qkv_weight.shape[0] % (3 * num_heads):
         raise ValueError(f"qkv_weight has {qkv_weight.shape[0]} rows: not 3 * num_heads * head_dim with "

@@ -28,21 +28,27 @@ def gelu_linear_reference(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return F.linear(F.gelu(h), weight, bias)
 
 
+def check_linear(weight, bias, in_width: int | None, x: torch.Tensor, prefix: str = "", x_name: str = "x") -> None:
+    """A Linear's ``weight`` (out, ``in_width``; any width when None) and ``bias`` ((out,) or
+    None) on ``x``'s device, or the error naming ``prefix + "weight"`` / ``prefix + "bias"``."""
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 2
+            or (in_width is not None and weight.shape[1] != in_width)):
+        raise ValueError(f"{prefix}weight must be (out, {'in' if in_width is None else in_width}), "
+                         f"got {getattr(weight, 'shape', type(weight).__name__)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"{prefix}bias must be ({weight.shape[0]},) or None, "
+                         f"got {getattr(bias, 'shape', type(bias).__name__)}")
+    for name, t in ((f"{prefix}weight", weight), (f"{prefix}bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, {x_name} on {x.device}")
+
+
 def _check(h, weight, bias):
     if not isinstance(h, torch.Tensor) or h.dim() < 1:
         raise ValueError(f"h must be a (..., hidden) tensor, got {getattr(h, 'shape', type(h).__name__)}")
     if h.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
-        raise ValueError(f"weight must be (out, {h.shape[-1]}), got {getattr(weight, 'shape', type(weight).__name__)}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"bias must be ({weight.shape[0]},) or None, "
-                         f"got {getattr(bias, 'shape', type(bias).__name__)}")
-    device = h.device
-    if weight.device != device:
-        raise ValueError(f"weight is on {weight.device}, h on {device}")
-    if bias is not None and bias.device != device:
-        raise ValueError(f"bias is on {bias.device}, h on {device}")
+    check_linear(weight, bias, h.shape[-1], h, x_name="h")
 
 
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -88,17 +94,8 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None
         raise ValueError(f"x must be a (..., in) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if not isinstance(fc1_weight, torch.Tensor) or fc1_weight.dim() != 2 or fc1_weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"fc1_weight must be (hidden, {x.shape[-1]}), "
-                         f"got {getattr(fc1_weight, 'shape', type(fc1_weight).__name__)}")
-    if fc1_bias is not None and (not isinstance(fc1_bias, torch.Tensor) or fc1_bias.shape != (fc1_weight.shape[0],)):
-        raise ValueError(f"fc1_bias must be ({fc1_weight.shape[0]},) or None, "
-                         f"got {getattr(fc1_bias, 'shape', type(fc1_bias).__name__)}")
-    for name, t in (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    # fc2's checks are gelu_linear's, on a stand-in of the hidden width
-    _check(x.new_empty((0, fc1_weight.shape[0])), fc2_weight, fc2_bias)
+    check_linear(fc1_weight, fc1_bias, x.shape[-1], x, prefix="fc1_")
+    check_linear(fc2_weight, fc2_bias, fc1_weight.shape[0], x, prefix="fc2_")
     if x.dtype == torch.float64 and backend == "triton":
         raise TypeError("mlp: the Triton kernel has no float64 path; use backend='eager'")
     which = "eager" if x.dtype == torch.float64 else _backend.resolve(backend, x, op="mlp")
