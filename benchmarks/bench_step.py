@@ -5,7 +5,7 @@ memory and MFU against the device's data-sheet dense bf16 peak (FLOPs counted in
 
 Variants, side by side in one run:
   (a) eager   — the reference math everywhere, explicit attention (as the official MAE code
-                ran with timm 0.3.2): ``kernels="eager"``
+                ran with timm 0.3.2): ``kernels="eager"``, timm's own ``Mlp`` in every block
   (b) timm-sdpa — modern timm ``Attention`` (SDPA) in every block, eager masking and loss;
                 for BEiT, its attention on SDPA with the relative position bias as the mask,
                 as timm's ``Beit`` runs it
@@ -32,7 +32,8 @@ fused by default, so its ablations switch fusions off:
   mimfast-no-fused-blocks — (d) with ``fused_norm=False`` (plain blocks: residual add, LayerNorm
                 and MLP as timm runs them; attention, masking and loss still on kernels)
 MAE runs them unfused by default (the H200 run measured it faster so), so its ablations switch
-them on:
+them on (and its MLP, :class:`mimfast.nn.Mlp` on ``ops.mlp`` in the unfused blocks too, off):
+  mimfast-no-fused-mlp — (d) with ``fused_mlp=False``
   mimfast+fused-blocks — (d) with ``fused_norm=True`` (residual add + LayerNorm and the MLP fused)
   mimfast+fused-norm-only — (d) with ``fused_norm=True, fused_mlp=False``
 
@@ -87,7 +88,8 @@ SMOKE_BEIT_MASKED = 6  # of 16 patches
 # (variant, kernels, timm SDPA, compile, model kwargs): (d) with one block fusion off
 BEIT_ABLATIONS = [("mimfast-no-fused-mlp", "auto", False, False, {"fused_mlp": False}),
                   ("mimfast-no-fused-blocks", "auto", False, False, {"fused_norm": False})]
-MAE_ABLATIONS = [("mimfast+fused-blocks", "auto", False, False, {"fused_norm": True}),
+MAE_ABLATIONS = [("mimfast-no-fused-mlp", "auto", False, False, {"fused_mlp": False}),
+                 ("mimfast+fused-blocks", "auto", False, False, {"fused_norm": True}),
                  ("mimfast+fused-norm-only", "auto", False, False, {"fused_norm": True, "fused_mlp": False})]
 
 
@@ -152,6 +154,19 @@ def _to_timm_sdpa(model) -> int:
                 setattr(parent, name, new.to(child.qkv.weight.device))
                 swapped += 1
     return swapped
+
+
+def _to_timm_mlp(model) -> int:
+    """Turn each :class:`mimfast.nn.Mlp` back into timm's ``Mlp`` (same modules and weights), so
+    the reference variants run timm's MLP as their users do."""
+    from timm.layers import Mlp as TimmMlp
+
+    from mimfast.nn import Mlp
+
+    mlps = [m for m in model.modules() if type(m) is Mlp]
+    for m in mlps:
+        m.__class__ = TimmMlp
+    return len(mlps)
 
 
 def _beit_sdpa_forward(self, x, rel_pos_bias=None):
@@ -317,6 +332,8 @@ def _mae_cases(ctx, compile_spent):
                 continue
             model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides, **extra).to(dev)
             model.load_state_dict(state)
+            if kernels == "eager":
+                _to_timm_mlp(model)
             if sdpa:
                 _to_timm_sdpa(model)
             t0 = time.time()
@@ -374,6 +391,8 @@ def _beit_cases(ctx, compile_spent):
                 continue
             model = create_model(name, kernels=kernels, **overrides, **extra).to(dev)
             model.load_state_dict(state)
+            if kernels == "eager":
+                _to_timm_mlp(model)
             if sdpa:
                 _beit_to_sdpa(model)
             t0 = time.time()

@@ -367,8 +367,9 @@ def test_forward_blocks_beit_with_bias_layer_scale_and_drop_path(drop_path):
 
 
 def test_mae_fused_norm_on_and_off():
-    """The tiny MAE with Triton kernels: fused residual + LayerNorm on and off give the same loss
-    and gradients (and the model's parameters and state_dict keys do not change)."""
+    """The tiny MAE with Triton kernels: fused residual + LayerNorm and the MLP as ops.mlp, each on
+    and off, give the same loss and gradients (and the model's parameters and state_dict keys do
+    not change)."""
     from mimfast.models import mae_vit_tiny_patch16
 
     torch.manual_seed(0)
@@ -377,7 +378,7 @@ def test_mae_fused_norm_on_and_off():
     imgs = torch.randn(2, 3, 32, 32, device=DEVICE)
     noise = torch.rand(2, 4, device=DEVICE)
     out = []
-    for fused, fused_mlp in ((False, False), (True, False), (True, True)):
+    for fused, fused_mlp in ((False, False), (False, True), (True, False), (True, True)):
         model.set_kernels("triton", fused_norm=fused, fused_mlp=fused_mlp)
         loss, pred, _ = model(imgs, 0.5, noise=noise)
         params = [p for p in model.parameters() if p.requires_grad]

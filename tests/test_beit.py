@@ -245,7 +245,7 @@ def test_kernels_on_and_off_same_weights(attention, device, no_tf32, dispatched)
 
     model.set_kernels("eager")
     ref_loss, ref_grads = _loss_and_grads(model, imgs, bool_masked_pos, labels)
-    assert dispatched == {"self_attention": {"eager"}, "linear_cross_entropy": {"eager"}}
+    assert dispatched == {"self_attention": {"eager"}, "linear_cross_entropy": {"eager"}, "mlp": {"eager"}}
     dispatched.clear()
     model.set_kernels("triton")
     if attention == "eager":
@@ -283,7 +283,7 @@ def test_pixel_variant(attention, device, no_tf32, dispatched):
     l1 = F.l1_loss(imgs, pixel_pred, reduction="none")
     simmim = (l1 * mask).sum() / (mask.sum() + 1e-5) / 3
     torch.testing.assert_close(ref_loss.detach(), simmim, rtol=1e-5, atol=1e-6)
-    assert dispatched == {"self_attention": {"eager"}, "masked_patch_loss": {"eager"}}
+    assert dispatched == {"self_attention": {"eager"}, "masked_patch_loss": {"eager"}, "mlp": {"eager"}}
     dispatched.clear()
 
     model.set_kernels("triton")

@@ -23,7 +23,7 @@ import re
 from functools import partial
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed
+from timm.layers import DropPath, PatchEmbed
 from timm.layers import trunc_normal_ as _timm_trunc_normal_
 from torch import nn
 
@@ -32,6 +32,7 @@ from mimfast.backend import check_backend_name
 from mimfast.ops.linear_ce import same_row_count
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias, table_grid
 from mimfast.nn.blocks import FusedBlocksMixin
+from mimfast.nn.mlp import Mlp
 
 __all__ = [
     "BEiTBlock",
@@ -68,7 +69,8 @@ class BEiTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         # dropout after fc2 only, as the reference's Mlp (timm's drop=p would also drop after the GELU)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=(0.0, drop))
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=(0.0, drop),
+                       kernels=kernels)
         if init_values is not None and init_values > 0:
             self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
             self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
@@ -246,8 +248,9 @@ class VisionTransformerForMaskedImageModeling(_BEiTEncoder):
         kernels: ``"auto"``, ``"eager"`` or ``"triton"`` for every op the model calls.
         fused_norm: where kernels resolve to Triton, run the blocks with each residual add fused
             into the LayerNorm after it (:func:`mimfast.nn.forward_blocks`; same results).
-        fused_mlp: with ``fused_norm``, each MLP keeps only its GELU input for the backward and
-            sums fc1's bias gradient in GELU's backward pass (:func:`mimfast.ops.mlp`).
+        fused_mlp: each MLP (:class:`mimfast.nn.Mlp`, with or without ``fused_norm``) keeps
+            only its GELU input for the backward and sums fc1's bias gradient in GELU's backward
+            pass (:func:`mimfast.ops.mlp`).
     """
 
     def __init__(self, vocab_size: int = 8192, **kwargs) -> None:

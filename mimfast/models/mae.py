@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block
 from mimfast import ops
 from mimfast.backend import check_backend_name
 from mimfast.models.pos_embed import get_2d_sincos_pos_embed
-from mimfast.nn import Attention
+from mimfast.nn import Attention, Mlp
 from mimfast.nn.blocks import FusedBlocksMixin
 
 __all__ = [
@@ -57,9 +57,10 @@ class MaskedAutoencoderViT(FusedBlocksMixin, nn.Module):
             ViT-B/16 step took 57.6 ms without it and 91-127 ms with it (ViT-L/16, B = 128:
             86.7 against 137 ms); it saves about 18% of the step's peak memory
             (benchmarks/results/h200-2026-11-27). BEiT keeps it on (107 against 116 ms there).
-        fused_mlp: with ``fused_norm``, run each MLP keeping only ``h = fc1(x)`` for the
-            backward, fc1's bias gradient summed in GELU's backward pass (:func:`mimfast.ops.mlp`:
-            less activation memory, one pass fewer).
+        fused_mlp: run each MLP (:class:`mimfast.nn.Mlp`, with or without ``fused_norm``) as
+            :func:`mimfast.ops.mlp`: it keeps only ``h = fc1(x)`` for the backward, not
+            ``gelu(h)`` (about a fifth of a block's activation memory), and sums fc1's bias
+            gradient in GELU's backward pass (one pass fewer); forward values are eager's.
     """
 
     def __init__(
@@ -97,7 +98,8 @@ class MaskedAutoencoderViT(FusedBlocksMixin, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention,
+                  mlp_layer=Mlp)
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
@@ -110,7 +112,7 @@ class MaskedAutoencoderViT(FusedBlocksMixin, nn.Module):
         )
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                  attn_layer=Attention)
+                  attn_layer=Attention, mlp_layer=Mlp)
             for _ in range(decoder_depth)
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)

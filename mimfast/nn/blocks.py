@@ -25,6 +25,8 @@ Supported blocks: timm's ``Block`` (``ls1``/``ls2`` identity or ``LayerScale``) 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -63,11 +65,19 @@ def _dropout_off(m) -> bool:
     return type(m) is nn.Identity or (type(m) is nn.Dropout and (m.p == 0 or not m.training))
 
 
-def mlp_fusable(mlp) -> bool:
-    """A timm ``Mlp`` with exact GELU, no dropout at work, no hidden norm and no hooks."""
+@functools.cache
+def _mlp_classes() -> tuple[type, ...]:
     from timm.layers import Mlp
 
-    return (type(mlp) is Mlp and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+    from mimfast.nn.mlp import Mlp as MimfastMlp
+
+    return (Mlp, MimfastMlp)
+
+
+def mlp_fusable(mlp) -> bool:
+    """A timm ``Mlp`` (or :class:`mimfast.nn.Mlp`) with exact GELU, no dropout at work, no
+    hidden norm and no hooks."""
+    return (type(mlp) in _mlp_classes() and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
             and type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear and type(mlp.norm) is nn.Identity
             and _dropout_off(mlp.drop1) and _dropout_off(mlp.drop2)
             and all(_plain(m) for m in (mlp, mlp.fc1, mlp.act, mlp.fc2)))
@@ -83,11 +93,16 @@ class FusedBlocksMixin:
     fused_mlp: bool = True
 
     def _set_fusions(self, fused_norm: bool | None, fused_mlp: bool | None) -> None:
-        """Each switch unchanged when None."""
+        """Each switch unchanged when None; the model's :class:`mimfast.nn.Mlp` modules follow
+        ``fused_mlp`` and the model's ``kernels``."""
         if fused_norm is not None:
             self.fused_norm = bool(fused_norm)
         if fused_mlp is not None:
             self.fused_mlp = bool(fused_mlp)
+        mlp_class = _mlp_classes()[1]
+        for m in self.modules():
+            if type(m) is mlp_class:
+                m.fused, m.kernels = self.fused_mlp, self.kernels
 
     def run_blocks(self, x: torch.Tensor, blocks, norm: nn.Module, **attn_kwargs) -> torch.Tensor:
         """``norm(blocks(x))``, fused where kernels resolve to Triton and ``fused_norm`` is on."""

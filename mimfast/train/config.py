@@ -34,7 +34,7 @@ class PretrainConfig:
     # with Triton kernels, fuse each residual add into the LayerNorm after it; None: the model's own
     # default (off for MAE, on for BEiT: what the H200 step benchmark measured faster)
     fused_norm: bool | None = None
-    fused_mlp: bool = True  # with --fused-norm, MLPs keep only the GELU input for the backward
+    fused_mlp: bool = True  # MLPs keep only the GELU input for the backward (mimfast.ops.mlp)
     # data
     data: str = "builtin"  # builtin or a folder (ImageFolder tree or flat folder)
     builtin_size: int = 4096  # images in the built-in dataset
