@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -126,13 +127,12 @@ def measure(device: str = "cpu", smoke: bool = False, cases: tuple[str, ...] | N
                 for n in BATCHES:
                     call = _step_input(model, beit, n, device, masked)
                     with torch.autocast(device, dtype=torch.bfloat16):
-                        kept.append(saved_bytes(lambda: call(model), params))
+                        kept.append(saved_bytes(functools.partial(call, model), params))
                 per_sample = (kept[1] - kept[0]) / (BATCHES[1] - BATCHES[0])
                 rows.append(dict(case=case, variant=variant, per_sample_bytes=per_sample,
                                  per_sample_mib=round(per_sample / 2**20, 3),
                                  fixed_mib=round((kept[0] - BATCHES[0] * per_sample) / 2**20, 2), device=device,
                                  stubbed=device == "cpu", smoke=smoke))
-                del model
             base = next((r for r in rows if r["case"] == case and r["variant"] == "timm-sdpa"), None)
             for r in rows:
                 if r["case"] == case and base and base["per_sample_mib"] > 0:
