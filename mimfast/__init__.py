@@ -7,8 +7,8 @@ Layers (each imports only from those below it): ``mimfast.kernels`` (Triton) ->
 
 from mimfast import ops
 from mimfast.backend import BackendUnavailableError, use_backend
-from mimfast.nn import patch_timm
+from mimfast.nn import patch_timm, patch_timm_mlp
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "patch_timm", "use_backend", "BackendUnavailableError", "__version__"]
+__all__ = ["ops", "patch_timm", "patch_timm_mlp", "use_backend", "BackendUnavailableError", "__version__"]

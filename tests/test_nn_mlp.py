@@ -125,6 +125,9 @@ def test_patch_timm_mlp_on_a_vit():
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert patch_timm_mlp(model) == 0  # already switched
+    import mimfast
+
+    assert mimfast.patch_timm_mlp is patch_timm_mlp
 
 
 def test_block_takes_it_as_mlp_layer():
