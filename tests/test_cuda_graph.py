@@ -196,6 +196,68 @@ def test_beit_loss_gathered_by_count_is_the_models():
         model(imgs, mask, labels=tokens, num_masked=0)
 
 
+class _HostReads:
+    """Records the ops that make a CUDA host wait for the device: reading a value
+    (``.item()``, ``bool(t)``, ``torch.equal``), ``nonzero`` and what calls it inside one op
+    (boolean-mask indexing, ``masked_select``, ``unique``)."""
+
+    WAITS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique", "_unique2")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0]
+                if name in _HostReads.WAITS or (name == "index" and any(
+                        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if
+                        i is not None)):
+                    seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("case", ["mae", "mae_fused_blocks", "beit", "beit_pixel"])
+def test_training_steps_never_wait_for_the_device(case):
+    """What a captured step needs and a launch-bound step wants: the models' forward and backward
+    with kernels on (MAE's blocks fused or not; BEiT told its masked count) read nothing back
+    from the device. The test's own probe (``loss.item()``) is seen, so the check can fail."""
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32)
+    if case.startswith("mae"):
+        model = create_model("mae_vit_tiny_patch16", kernels="triton", norm_pix_loss=True,
+                             fused_norm=case == "mae_fused_blocks", **_MAE)
+        noise = torch.rand(2, model.patch_embed.num_patches)
+
+        def step():
+            return model(imgs, 0.75, noise)[0]
+    else:
+        name = "beit_base_patch16_224_pixel" if case == "beit_pixel" else "beit_base_patch16_224_8k_vocab"
+        kw = {k: v for k, v in _BEIT.items() if case != "beit_pixel" or k != "vocab_size"}
+        model = create_model(name, kernels="triton", **kw)
+        mask = torch.zeros(2, model.patch_embed.num_patches, dtype=torch.bool)
+        mask[0, [1, 5, 7]] = mask[1, [0, 2, 15]] = True
+        if case == "beit_pixel":
+            def step():
+                return model(imgs, mask)[0]
+        else:
+            labels = torch.randint(0, 64, (6,))
+
+            def step():
+                return model(imgs, mask, labels=labels, num_masked=3)
+    reads = _HostReads()
+    with reads.mode:
+        loss = step()
+        loss.backward()
+    assert reads.seen == [], reads.seen
+    with reads.mode:
+        loss.item()
+    assert reads.seen == ["aten._local_scalar_dense.default"]
+
+
 def test_bench_graph_variant_runs_eagerly_off_cuda():
     """CPU inputs (a smoke run's, on any machine): the variant's step runs eagerly."""
     from benchmarks import bench_step, harness
