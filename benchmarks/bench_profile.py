@@ -9,8 +9,13 @@ the total. Kernels that no operator claims show as one row, ``(kernels outside a
 
     python -m benchmarks.run --out DIR --only profile
 
+Each case also has a ``(step wall time)`` row (steps back to back, no profiler) and an
+``(all kernels)`` row (the GPU time of all of a step's kernels): their gap is the time the GPU
+waits for the host.
+
 Cases: the MAE step with kernels on, with its blocks fused too (residual add + LayerNorm, GELU +
-Linear: off by default for MAE since the H200 run) and, in full runs, eager; and BEiT-B's LM-head loss
+Linear: off by default for MAE since the H200 run) and, in full runs, eager; BEiT-B's step with
+kernels on (B = 256, 75 masked patches); and BEiT-B's LM-head loss
 (linear + cross-entropy, forward and backward, M = 19200 rows, D = 768, V = 8192, bf16 autocast)
 on its Triton path and eager: where that op's time goes (its matmuls, the cross-entropy kernel,
 the fp32 gradient accumulation) beside eager's.
@@ -20,7 +25,7 @@ While profiling, every kernel launch of the ops goes through its ``torch.library
 Triton kernel (a direct launch has no operator event to claim it). That adds host time, not GPU
 time: the rows are GPU time.
 
-Smoke mode (``ctx.smoke``, CPU): a one-block MAE of 32 px images, B = 2, and an LM head of
+Smoke mode (``ctx.smoke``, CPU): a one-block MAE and BEiT of 32 px images, B = 2, and an LM head of
 M = 64, D = 32, V = 128, one warm-up and one profiled step, CPU activities only; rows rank the
 self CPU time instead.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import torch
 from torch.autograd import DeviceType
@@ -43,6 +49,9 @@ BENCH = "profile"
 MODEL = ("mae_vit_base_patch16", 256, {})  # name, batch, overrides
 SMOKE_MODEL = ("mae_vit_tiny_patch16", 2, dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
                                                decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2))
+BEIT = ("beit_base_patch16_224_8k_vocab", 256, {}, 75)  # name, batch, overrides, masked patches
+SMOKE_BEIT = ("beit_base_patch16_224_8k_vocab", 2,
+              dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=64), 6)
 LM_HEAD = (256 * 75, 768, 8192)  # BEiT-B: rows (B x masked patches), width, vocabulary
 SMOKE_LM_HEAD = (64, 32, 128)
 
@@ -78,20 +87,59 @@ def _profile(ctx, case: str, kernels: str, top: int = 25, **model_kwargs) -> Non
     _profile_steps(ctx, case, step, top)
 
 
+def _profile_beit(ctx, case: str, kernels: str, top: int = 25) -> None:
+    """BEiT-B's pretraining step (75 of 196 patches masked, bf16 autocast, fused AdamW), its
+    masked tokens gathered by count where kernels are on (as the step benchmark runs it)."""
+    from mimfast.data.masking_generators import BlockwiseMaskingGenerator
+
+    dev = ctx.device
+    name, n, overrides, masked = SMOKE_BEIT if ctx.smoke else BEIT
+    model = create_model(name, kernels=kernels, **overrides).to(dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    size, grid = model.img_size, tuple(model.patch_embed.grid_size)
+    imgs = torch.randn(n, 3, size, size, device=dev, generator=g)
+    masks = torch.from_numpy(BlockwiseMaskingGenerator(grid, masked)(n)).to(dev).bool()
+    labels = torch.randint(0, model.lm_head.out_features, (n * masked,), device=dev, generator=g)
+    count = {} if kernels == "eager" else {"num_masked": masked}
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = model(imgs, masks, labels=labels, **count)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    _profile_steps(ctx, case, step, top)
+
+
 def _profile_steps(ctx, case: str, step, top: int) -> None:
-    """Warm-up steps, then the profiled ones; one row per top consumer, in ms per step."""
+    """Warm-up steps, the timed ones, then the profiled ones; one row per top consumer, in ms per
+    step, and two rows that say whether the step is launch-bound: ``(step wall time)`` (the
+    steps run back to back without the profiler, as training runs them; launches made directly,
+    not through the custom ops) and ``(all kernels)`` (the GPU time of every kernel of a step:
+    where it is well below the wall time, the GPU waits for the host)."""
     on_cuda = ctx.device == "cuda"
+    steps = 1 if ctx.smoke else 3
+    for _ in range(1 if ctx.smoke else 3):
+        step()
+    harness.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    harness.sync()
+    ctx.add(BENCH, case, "(step wall time)", (time.perf_counter() - t0) * 1e3 / steps)
     with _named_launches():
-        for _ in range(1 if ctx.smoke else 3):
-            step()
+        step()  # the launches through the custom ops: a first call of each takes the slow path
         harness.sync()
-        steps = 1 if ctx.smoke else 3
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 step()
             harness.sync()
-    for key, self_us, count, share in top_consumers(prof.key_averages(), on_cuda, top):
+    consumers, total = top_consumers(prof.key_averages(), on_cuda, top, with_total=True)
+    ctx.add(BENCH, case, "(all kernels)" if on_cuda else "(all operators, CPU)", total / 1e3 / steps)
+    for key, self_us, count, share in consumers:
         ctx.add(BENCH, case, key[:80], self_us / 1e3 / steps,  # profiler times are in microseconds
                 calls_per_step=count // steps, share_pct=round(share, 1))
 
@@ -115,8 +163,9 @@ def _profile_lm_head(ctx, case: str, backend: str, top: int = 15) -> None:
     _profile_steps(ctx, case, step, top)
 
 
-def top_consumers(events, on_cuda: bool, top: int) -> list:
-    """(key, self time in us, calls, % of the total) of the ``top`` largest operators.
+def top_consumers(events, on_cuda: bool, top: int, with_total: bool = False):
+    """(key, self time in us, calls, % of the total) of the ``top`` largest operators (and the
+    total in us, with ``with_total``).
 
     On CUDA: operators (CPU-side events) ranked by the GPU time of the kernels each launched
     itself, against the total of the kernel events (user annotations on the GPU timeline left
@@ -135,13 +184,15 @@ def top_consumers(events, on_cuda: bool, top: int) -> list:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
         total = sum(r[1] for r in rows)
     rows.sort(key=lambda r: r[1], reverse=True)
-    return [(k, t, n, 100 * t / (total or 1.0)) for k, t, n in rows[:top]]
+    out = [(k, t, n, 100 * t / (total or 1.0)) for k, t, n in rows[:top]]
+    return (out, total) if with_total else out
 
 
 def run(ctx: harness.Context) -> None:
     _profile(ctx, "mae_vit_b16_mimfast", "auto")
     # the blocks fused (residual add + LayerNorm, GELU + Linear): where their kernels stand
     _profile(ctx, "mae_vit_b16_mimfast_fused_blocks", "auto", fused_norm=True)
+    _profile_beit(ctx, "beit_b16_mimfast", "auto")
     _profile_lm_head(ctx, "beit_lm_head_triton", "triton" if ctx.device == "cuda" or ctx.smoke else "eager")
     _profile_lm_head(ctx, "beit_lm_head_eager", "eager")
     if not ctx.quick:

@@ -12,7 +12,11 @@ def test_profile_smoke_names_the_ops_and_restores_direct_launches():
                           quick=True)
     bench_profile.run(ctx)
     cases = {r["case"] for r in ctx.rows}
-    assert {"mae_vit_b16_mimfast", "beit_lm_head_triton", "beit_lm_head_eager"} <= cases, cases
+    assert {"mae_vit_b16_mimfast", "beit_b16_mimfast", "beit_lm_head_triton", "beit_lm_head_eager"} <= cases, cases
+    for case in cases:  # each case says whether its step waits for the host: wall time beside operator time
+        variants = {r["variant"]: r["ms"] for r in ctx.rows if r["case"] == case}
+        assert variants["(step wall time)"] > 0 and variants["(all operators, CPU)"] > 0, case
+    assert any(r["variant"].startswith("mimfast::") for r in ctx.rows if r["case"] == "beit_b16_mimfast")
     triton_ops = {r["variant"] for r in ctx.rows if r["case"] == "beit_lm_head_triton"}
     eager_ops = {r["variant"] for r in ctx.rows if r["case"] == "beit_lm_head_eager"}
     # the Triton path's matmuls and its cross-entropy kernel run inside its autograd Function
