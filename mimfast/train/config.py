@@ -35,6 +35,9 @@ class PretrainConfig:
     # default (off for MAE, on for BEiT: what the H200 step benchmark measured faster)
     fused_norm: bool | None = None
     fused_mlp: bool = True  # MLPs keep only the GELU input for the backward (mimfast.ops.mlp)
+    # with Triton kernels and no --fused-norm / --no-fused-norm: time this many steps with the blocks
+    # fused and as many unfused (after a warm-up) and keep the faster; 0: the model's default form
+    fusion_trial_steps: int = 3
     # data
     data: str = "builtin"  # builtin or a folder (ImageFolder tree or flat folder)
     builtin_size: int = 4096  # images in the built-in dataset
@@ -334,6 +337,8 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"--data folder {cfg.data!r} does not exist (or use --data builtin)")
     if cfg.save_every < 0:
         problems.append(f"--save-every must be >= 0, got {cfg.save_every}")
+    if cfg.fusion_trial_steps < 0:
+        problems.append(f"--fusion-trial-steps must be >= 0, got {cfg.fusion_trial_steps}")
     if not 0.0 <= cfg.gpu_pipeline_cpu_decode <= 1.0:
         problems.append(f"--gpu-pipeline-cpu-decode must be in [0, 1], got {cfg.gpu_pipeline_cpu_decode}")
     elif cfg.gpu_pipeline_cpu_decode and not cfg.gpu_pipeline:

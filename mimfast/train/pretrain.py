@@ -17,6 +17,10 @@ device tensor set in place, a non-finite loss skips the update on the device (th
 ``found_inf``), and the loss logged is the graph's output. Every step is one training step, as
 without the graph (the warm-up steps included), so the run trains as an eager one does. Off CUDA
 the step runs eagerly through the same code.
+
+``--fusion-trial-steps N`` (:mod:`mimfast.train.fusion_trial`): where the kernels run on Triton and
+no ``--fused-norm`` / ``--no-fused-norm`` is given, the first steps time the model's blocks fused
+and unfused (N steps each, after a warm-up) and the run keeps the faster form.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from mimfast.train.cuda_graph import (
     make_capturable,
     skip_nonfinite_steps,
 )
+from mimfast.train.fusion_trial import FusionTrial
 from mimfast.train.pretrained import init_from_checkpoint
 from mimfast.train.progress import Progress
 from mimfast.train.sharding import full_state_dicts, grad_scaler, load_full_state_dicts, shard_model
@@ -126,6 +131,24 @@ def _model_kwargs(cfg: PretrainConfig) -> dict:
     if cfg.method == "mae":
         kw["norm_pix_loss"] = cfg.norm_pix_loss
     return kw
+
+
+def _fusion_trial(cfg: PretrainConfig, model, device: torch.device, *, graphed: bool, sharded: bool,
+                  mean) -> FusionTrial | None:
+    """A :class:`FusionTrial` where one can choose the block form: the model has both forms, its
+    kernels run on Triton here, the run did not name a form, and nothing fixes the step's code
+    after the first steps (a CUDA graph, torch.compile) or runs the blocks through other forwards
+    (FSDP units); one optimizer step per batch (each step timed whole)."""
+    from mimfast.backend import resolve
+    from mimfast.nn.blocks import FusedBlocksMixin, can_fuse_blocks
+
+    if (cfg.fusion_trial_steps <= 0 or cfg.fused_norm is not None or graphed or cfg.compile or sharded
+            or cfg.accum_iter != 1 or not isinstance(model, FusedBlocksMixin)
+            or not can_fuse_blocks(model.blocks, model.norm)):
+        return None
+    if resolve(model.kernels, torch.empty(0, device=device), op="add_layer_norm") != "triton":
+        return None
+    return FusionTrial(model, cfg.fusion_trial_steps, mean=mean)
 
 
 def _autocast(cfg: PretrainConfig, device: torch.device):
@@ -444,6 +467,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         graph_step = GraphedStep(train_step, optimizer=optimizer, warmup=GRAPH_WARMUP_STEPS,
                                  enabled=device.type == "cuda", scaler=scaler)
 
+    trial = _fusion_trial(cfg, model, device, graphed=graphed, sharded=sharded, mean=d.mean)
+
     if d.main:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"mimfast pretrain: {cfg.model} ({n_params / 1e6:.1f}M trainable), {img_size}px, data "
@@ -512,6 +537,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 if sharded:  # FSDP2's no_sync: no reduce-scatter while the micro-batches accumulate
                     model.set_requires_gradient_sync(sync)
                 ctx = ddp_model.no_sync() if (d.enabled and not sharded and not sync) else nullcontext()
+                if trial is not None:
+                    trial.before_step()
                 with ctx:
                     with autocast():
                         loss = task.loss(ddp_model, batch)
@@ -540,6 +567,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 step_time += time.time() - t_step
+                if trial is not None:
+                    decision = trial.after_step(time.time() - t_step)
+                    if decision and d.main:
+                        print(decision)
                 last_loss = d.mean(loss_value) if finite else float("nan")
                 if first_loss is None and finite:
                     first_loss = last_loss
@@ -584,6 +615,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         save(step, start_in_epoch, epoch)
         picture("reconstruction.png")
     summary = {"steps": step, "epochs": epoch, "first_loss": first_loss, "last_loss": last_loss,
+               "fused_norm": bool(getattr(model, "fused_norm", False)),
                "nonfinite_steps": nonfinite_total, "seconds": round(time.time() - t_start, 1),
                "output_dir": str(out), "status": stop_reason}
     if d.main:
