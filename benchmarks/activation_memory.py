@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -156,8 +157,7 @@ def main(argv=None) -> list[dict]:
         print(f"{r['case']:12s} {r['variant']:26s} {r['per_sample_mib']:11.2f} {r['fixed_mib']:10.1f} "
               f"{r.get('ratio_vs_timm_sdpa', float('nan')):13.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 
