@@ -63,6 +63,22 @@ def test_times_are_averaged_over_processes_first():
     assert seen == [0.1, 0.05] and trial.choice is False
 
 
+def test_a_failing_step_in_the_other_form_says_how_to_train_without_the_trial():
+    model = _Model(False)
+    trial = FusionTrial(model, steps=1, warmup=1)
+    trial.before_step()
+    with pytest.raises(ValueError, match="boom"):  # the model's own form: the error as it is
+        with trial.guard():
+            raise ValueError("boom")
+    trial.after_step(0.1)
+    trial.before_step()
+    assert model.fused_norm is True
+    with pytest.raises(RuntimeError, match="fused failed .*--fusion-trial-steps 0") as info:
+        with trial.guard():
+            raise ValueError("boom")
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="steps"):
         FusionTrial(_Model(False), steps=0)

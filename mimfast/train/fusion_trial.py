@@ -17,6 +17,7 @@ times are averaged over them first (``mean``), so every rank keeps the same form
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from typing import Callable
 
@@ -81,6 +82,21 @@ class FusionTrial:
         return (f"block form: {name(self.choice)} (median step {1e3 * min(mine, other):.1f} ms; "
                 f"{name(self.start)} {1e3 * mine:.1f} ms, {name(not self.start)} {1e3 * other:.1f} ms "
                 f"over {self.steps} steps each)")
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Around a step: an error raised while the trial runs the form the model was not built
+        with says so, and how to train without the trial (the model's own form is unaffected)."""
+        other = not self.decided and self.calls < len(self.schedule) and self.schedule[self.calls][0] != self.start
+        try:
+            yield
+        except Exception as e:
+            if not other:
+                raise
+            form = "fused" if not self.start else "unfused"
+            raise RuntimeError(f"the block-form trial's step with the blocks {form} failed ({type(e).__name__}: "
+                               f"{e}); train in the model's own form with --fusion-trial-steps 0 (or choose one "
+                               f"with --fused-norm / --no-fused-norm)") from e
 
     def _set(self, fused: bool) -> None:
         if bool(self.model.fused_norm) != fused:

@@ -539,7 +539,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 ctx = ddp_model.no_sync() if (d.enabled and not sharded and not sync) else nullcontext()
                 if trial is not None:
                     trial.before_step()
-                with ctx:
+                with ctx, (trial.guard() if trial is not None else nullcontext()):
                     with autocast():
                         loss = task.loss(ddp_model, batch)
                     scaler.scale(loss / cfg.accum_iter).backward()
