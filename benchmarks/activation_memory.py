@@ -78,16 +78,10 @@ def saved_bytes(fn, exclude=()) -> int:
 
 
 def _model(name: str, overrides: dict, kernels: str, sdpa: bool, extra: dict, device: str, beit: bool):
-    from benchmarks.bench_step import _beit_to_sdpa, _to_timm_mlp, _to_timm_sdpa
-    from mimfast.models import create_model
+    from benchmarks.bench_step import variant_model
 
     kw = {} if beit else {"norm_pix_loss": True}
-    model = create_model(name, kernels=kernels, **kw, **overrides, **extra).to(device)
-    if kernels == "eager":
-        _to_timm_mlp(model)
-    if sdpa:
-        (_beit_to_sdpa if beit else _to_timm_sdpa)(model)
-    return model
+    return variant_model(name, kernels, sdpa, device, **kw, **overrides, **extra)
 
 
 def _step_input(model, beit: bool, n: int, device: str, masked: int):

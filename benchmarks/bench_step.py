@@ -169,6 +169,21 @@ def _to_timm_mlp(model) -> int:
     return len(mlps)
 
 
+def variant_model(name: str, kernels: str, sdpa: bool, device, state: dict | None = None, **model_kwargs):
+    """A fresh model of one step variant (with ``state``'s weights where given): the reference
+    variants (``kernels="eager"``) on timm's own ``Mlp``, and with ``sdpa`` their attention on
+    SDPA (timm's ``Attention`` in MAE blocks, timm ``Beit``'s way in BEiT blocks)."""
+    model = create_model(name, kernels=kernels, **model_kwargs).to(device)
+    if state is not None:
+        model.load_state_dict(state)
+    if kernels == "eager":
+        _to_timm_mlp(model)
+    if sdpa:
+        _to_timm_sdpa(model)  # each swaps its own kind of attention module only
+        _beit_to_sdpa(model)
+    return model
+
+
 def _beit_sdpa_forward(self, x, rel_pos_bias=None):
     """BEiTAttention's forward as timm's ``Beit`` attention runs it with fused attention: q, k, v
     split from the qkv projection (permute), ``F.scaled_dot_product_attention`` with the bias as
@@ -330,12 +345,7 @@ def _mae_cases(ctx, compile_spent):
         for variant, kernels, sdpa, comp, extra in variants:
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
-            model = create_model(name, norm_pix_loss=True, kernels=kernels, **overrides, **extra).to(dev)
-            model.load_state_dict(state)
-            if kernels == "eager":
-                _to_timm_mlp(model)
-            if sdpa:
-                _to_timm_sdpa(model)
+            model = variant_model(name, kernels, sdpa, dev, state, norm_pix_loss=True, **overrides, **extra)
             t0 = time.time()
             try:
                 if variant.startswith(GRAPH_VARIANT):
@@ -389,12 +399,7 @@ def _beit_cases(ctx, compile_spent):
         for variant, kernels, sdpa, comp, extra in variants:
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
-            model = create_model(name, kernels=kernels, **overrides, **extra).to(dev)
-            model.load_state_dict(state)
-            if kernels == "eager":
-                _to_timm_mlp(model)
-            if sdpa:
-                _beit_to_sdpa(model)
+            model = variant_model(name, kernels, sdpa, dev, state, **overrides, **extra)
             t0 = time.time()
             try:
                 if variant == GRAPH_VARIANT:

@@ -109,6 +109,32 @@ def test_timm_sdpa_baseline_is_sdpa_whatever_the_environment(monkeypatch):
     assert len(swapped) == 3 and all(m.fused_attn for m in swapped)
 
 
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch16", "beit_base_patch16_224_8k_vocab"])
+def test_step_variants_reference_on_timm_modules_mimfast_on_its_own(name):
+    """The reference variants run timm's Mlp (and with SDPA their attention on it); mimfast's
+    run mimfast.nn.Mlp; all with the same weights."""
+    import types
+
+    from timm.layers import Attention as TimmAttention
+    from timm.layers import Mlp as TimmMlp
+
+    from mimfast.nn import Mlp
+
+    kw = dict(_MAE, norm_pix_loss=True) if name.startswith("mae") else dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=64)
+    state = create_model(name, kernels="eager", **kw).state_dict()
+    ref = bench_step.variant_model(name, "eager", True, "cpu", state, **kw)
+    ours = bench_step.variant_model(name, "auto", False, "cpu", state, **kw)
+    mlps = [m for m in ref.modules() if isinstance(m, TimmMlp)]
+    assert mlps and all(type(m) is TimmMlp for m in mlps)
+    assert all(type(m) is Mlp for m in ours.modules() if isinstance(m, TimmMlp))
+    sdpa = [m for m in ref.modules() if isinstance(m, TimmAttention) or isinstance(m.forward, types.MethodType)
+            and m.forward.__func__ is bench_step._beit_sdpa_forward]
+    assert len(sdpa) == 2 + (1 if name.startswith("mae") else 0)
+    for a, b in zip(ref.state_dict().values(), ours.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_pipeline_window_takes_whole_worker_rounds():
     assert bip._window(16, 2, 6) == (16, 16)
     assert bip._window(16, 16, 32) == (16, 32)
