@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.attention import AttentionConfig, attention_backward, attention_forward
 from mimfast.ops._custom_op import as_dtype, autocast_operands, kernel_op
-from mimfast.ops._linear_triton import linear_grads
+from mimfast.ops._linear_triton import linear_grads, param_dtypes
 
 __all__ = ["attention_triton", "self_attention_triton", "allow_tf32"]
 
@@ -109,9 +109,7 @@ class _SelfAttention(torch.autograd.Function):
         y = F.linear(out, wpc, bp)
         ctx.save_for_backward(xc, wqc, wpc, bias, qkv, out, lse)
         ctx.cd, ctx.x_dtype, ctx.tf32, ctx.num_heads, ctx.scale = cd, x.dtype, tf32, num_heads, scale
-        ctx.wq_dtype, ctx.wp_dtype = wq.dtype, wp.dtype
-        ctx.bq_dtype = bq.dtype if bq is not None else None
-        ctx.bp_dtype = bp.dtype if bp is not None else None
+        ctx.qkv_dtypes, ctx.proj_dtypes = param_dtypes(wq, bq), param_dtypes(wp, bp)
         return y
 
     @staticmethod
@@ -122,14 +120,14 @@ class _SelfAttention(torch.autograd.Function):
         need_x, need_wq, need_bq, need_wp, need_bp, need_bias = ctx.needs_input_grad[:6]
         g = as_dtype(grad_y.reshape(-1, grad_y.shape[-1]), cd)
         # proj: the attention output's gradient in cd, the dtype the attention ran in
-        d_out, dwp, dbp = linear_grads(g, out.view(-1, out.shape[-1]), wp, (cd, ctx.wp_dtype, ctx.bp_dtype),
+        d_out, dwp, dbp = linear_grads(g, out.view(-1, out.shape[-1]), wp, (cd, *ctx.proj_dtypes),
                                        (True, need_wp, need_bp))
         need_bias_grad = bias is not None and need_bias
         dqkv, dbias = _attention_bwd(qkv, out, lse, d_out.view(out.shape), bias, ctx.num_heads, ctx.scale,
                                      need_bias_grad, ctx.tf32)
         del d_out
         dx, dwq, dbq = linear_grads(dqkv.view(-1, dqkv.shape[-1]), xc.reshape(-1, xc.shape[-1]), wq,
-                                    (ctx.x_dtype, ctx.wq_dtype, ctx.bq_dtype), (need_x, need_wq, need_bq))
+                                    (ctx.x_dtype, *ctx.qkv_dtypes), (need_x, need_wq, need_bq))
         return ((dx.view(xc.shape) if dx is not None else None), dwq, dbq, dwp, dbp,
                 (dbias if need_bias_grad else None), None, None)
 

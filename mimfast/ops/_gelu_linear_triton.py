@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.gelu import gelu_bwd_recompute, gelu_bwd_recompute_colsum
 from mimfast.ops._custom_op import as_dtype, autocast_operands, compute_dtype, kernel_op
-from mimfast.ops._linear_triton import linear_grads
+from mimfast.ops._linear_triton import linear_grads, param_dtypes
 
 __all__ = ["gelu_linear_triton", "mlp_triton"]
 
@@ -45,7 +45,7 @@ class _GeluLinear(torch.autograd.Function):
         out = F.linear(F.gelu(h), weight, bias)
         ctx.save_for_backward(h, weight)
         ctx.cdtype = compute_dtype(h.device.type, h.dtype)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.dtypes = param_dtypes(weight, bias)
         return out
 
     @staticmethod
@@ -61,7 +61,7 @@ class _GeluLinear(torch.autograd.Function):
         w = as_dtype(weight, cd)
         da = as_dtype(g @ w, h.dtype)  # gradient of gelu(h), as linear's backward gives it
         a, dh = _gelu_bwd(h2, da)
-        _, dw, db = linear_grads(g, as_dtype(a, cd), w, (None, weight.dtype, ctx.bias_dtype),
+        _, dw, db = linear_grads(g, as_dtype(a, cd), w, (None, *ctx.dtypes),
                                  (False, need_w, need_b))
         return (dh.view(h.shape) if need_h else None), dw, db
 
@@ -80,9 +80,8 @@ class _Mlp(torch.autograd.Function):
         h = F.linear(xc, w1c, b1)  # eager's calls
         out = F.linear(F.gelu(h), w2c, b2)
         ctx.save_for_backward(xc, h, w1c, w2c)
-        ctx.cdtype, ctx.x_dtype, ctx.w1_dtype, ctx.w2_dtype = xc.dtype, x.dtype, w1.dtype, w2.dtype
-        ctx.b1_dtype = b1.dtype if b1 is not None else None
-        ctx.b2_dtype = b2.dtype if b2 is not None else None
+        ctx.cdtype, ctx.x_dtype = xc.dtype, x.dtype
+        ctx.fc1_dtypes, ctx.fc2_dtypes = param_dtypes(w1, b1), param_dtypes(w2, b2)
         return out
 
     @staticmethod
@@ -97,13 +96,14 @@ class _Mlp(torch.autograd.Function):
             h2 = h2.contiguous()
         da = as_dtype(g @ w2, h.dtype)  # gradient of gelu(h), as fc2's backward gives it
         a, dh, db1 = _gelu_bwd_colsum(h2, da)  # fc1's bias gradient summed in the same pass
-        _, dw2, db2 = linear_grads(g, as_dtype(a, cd), w2, (None, ctx.w2_dtype, ctx.b2_dtype),
+        _, dw2, db2 = linear_grads(g, as_dtype(a, cd), w2, (None, *ctx.fc2_dtypes),
                                    (False, need_w2, need_b2))
         del a
         dh = as_dtype(dh, cd)  # fc1's output gradient, in the dtype fc1 computed in
-        dx, dw1, _ = linear_grads(dh, xc.reshape(-1, xc.shape[-1]), w1, (ctx.x_dtype, ctx.w1_dtype, None),
+        dx, dw1, _ = linear_grads(dh, xc.reshape(-1, xc.shape[-1]), w1, (ctx.x_dtype, ctx.fc1_dtypes[0], None),
                                   (need_x, need_w1, False))
-        db1 = as_dtype(db1, ctx.b1_dtype) if need_b1 and ctx.b1_dtype is not None else None
+        b1_dtype = ctx.fc1_dtypes[1]
+        db1 = as_dtype(db1, b1_dtype) if need_b1 and b1_dtype is not None else None
         return (dx.view(xc.shape) if dx is not None else None), dw1, db1, dw2, db2
 
 

@@ -11,7 +11,7 @@ import torch
 from mimfast.kernels.gelu import column_sum
 from mimfast.ops._custom_op import as_dtype, kernel_op
 
-__all__ = ["column_sum_op", "linear_grads"]
+__all__ = ["column_sum_op", "linear_grads", "param_dtypes"]
 
 
 # a torch.library custom op (the fake gives the shape only): torch.compile(fullgraph=True)
@@ -24,6 +24,12 @@ def column_sum_op(x: torch.Tensor) -> torch.Tensor:
 @column_sum_op.register_fake
 def _(x):
     return x.new_empty((x.shape[-1],), dtype=torch.float32)
+
+
+def param_dtypes(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """(weight's dtype, bias's dtype or None): what a Linear's parameter gradients are returned in
+    (the ``dtypes`` of :func:`linear_grads` after the input's)."""
+    return weight.dtype, (bias.dtype if bias is not None else None)
 
 
 def linear_grads(g: torch.Tensor, inp: torch.Tensor | None, weight: torch.Tensor, dtypes, needs):
