@@ -17,6 +17,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import check_backend_name
+from mimfast.nn.blocks import no_hooks
 
 __all__ = ["Attention", "patch_timm"]
 
@@ -87,8 +88,8 @@ class Attention(nn.Module):
     def _one_op(self) -> bool:
         """Plain Linears (no hooks), no q / k / output norms, no gate: the branch runs as
         :func:`mimfast.ops.self_attention` (both bias gradients summed in one pass each)."""
-        return (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear and _no_hooks(self.qkv)
-                and _no_hooks(self.proj) and self.gate is None and type(self.q_norm) is nn.Identity
+        return (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear and no_hooks(self.qkv)
+                and no_hooks(self.proj) and self.gate is None and type(self.q_norm) is nn.Identity
                 and type(self.k_norm) is nn.Identity and type(self.norm) is nn.Identity)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -112,12 +113,6 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, kernels={self.kernels!r}"
-
-
-def _no_hooks(m: nn.Module) -> bool:
-    """A module nothing hooks into (its forward may then be bypassed for its parameters)."""
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_forward_hooks_with_kwargs", None))
 
 
 def _timm_attention_classes() -> tuple[type, ...]:

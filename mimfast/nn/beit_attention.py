@@ -18,7 +18,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import check_backend_name
-from mimfast.nn.attention import _no_hooks
+from mimfast.nn.blocks import no_hooks
 
 __all__ = ["BEiTAttention", "RelativePositionBias", "relative_position_index"]
 
@@ -134,7 +134,7 @@ class BEiTAttention(nn.Module):
             own = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(s, s, -1)
             own = own.permute(2, 0, 1).contiguous()  # (H, S, S)
             bias = own if bias is None else own + bias
-        if type(self.proj) is nn.Linear and _no_hooks(self.proj) and _no_hooks(self.qkv):
+        if type(self.proj) is nn.Linear and no_hooks(self.proj) and no_hooks(self.qkv):
             # qkv Linear, attention and proj as one op (both bias gradients summed in one pass each)
             x = ops.self_attention(x, self.qkv.weight, qkv_bias, self.proj.weight, self.proj.bias, self.num_heads,
                                    bias=bias, scale=self.scale, backend=self.kernels)

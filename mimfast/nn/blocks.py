@@ -40,9 +40,11 @@ def _is_layer_norm(m) -> bool:
     return type(m) is nn.LayerNorm and len(m.normalized_shape) == 1
 
 
-def _plain(m) -> bool:
-    """No hooks on the module (FSDP units and user hooks need the module's own forward)."""
-    return not (m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+def no_hooks(m: nn.Module) -> bool:
+    """Nothing hooks into the module (FSDP units and user hooks need the module's own call), so
+    its forward may be bypassed for its parameters."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None) or getattr(m, "_forward_hooks_with_kwargs", None))
 
 
 def _block_kind(blk) -> str | None:
@@ -50,7 +52,7 @@ def _block_kind(blk) -> str | None:
 
     from mimfast.models.beit import BEiTBlock
 
-    if not (_plain(blk) and _is_layer_norm(blk.norm1) and _is_layer_norm(blk.norm2)):
+    if not (no_hooks(blk) and _is_layer_norm(blk.norm1) and _is_layer_norm(blk.norm2)):
         return None
     if type(blk) is Block:
         if all(type(ls) is nn.Identity or (type(ls) is LayerScale and not ls.inplace) for ls in (blk.ls1, blk.ls2)):
@@ -80,7 +82,7 @@ def mlp_fusable(mlp) -> bool:
     return (type(mlp) in _mlp_classes() and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
             and type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear and type(mlp.norm) is nn.Identity
             and _dropout_off(mlp.drop1) and _dropout_off(mlp.drop2)
-            and all(_plain(m) for m in (mlp, mlp.fc1, mlp.act, mlp.fc2)))
+            and all(no_hooks(m) for m in (mlp, mlp.fc1, mlp.act, mlp.fc2)))
 
 
 class FusedBlocksMixin:
@@ -115,7 +117,7 @@ class FusedBlocksMixin:
 
 def can_fuse_blocks(blocks, norm) -> bool:
     """Whether :func:`forward_blocks` fuses this stack (else it runs the plain loop)."""
-    return len(blocks) > 0 and _is_layer_norm(norm) and _plain(norm) and all(_block_kind(b) for b in blocks)
+    return len(blocks) > 0 and _is_layer_norm(norm) and no_hooks(norm) and all(_block_kind(b) for b in blocks)
 
 
 def _parts(blk, kind):
@@ -155,7 +157,7 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
         attn_kwargs: passed to each block's attention (``rel_pos_bias`` for BEiT blocks).
     """
     kinds = [_block_kind(b) for b in blocks]  # once: the checks walk every block's modules
-    if not (kinds and all(kinds) and _is_layer_norm(norm) and _plain(norm)):  # can_fuse_blocks
+    if not (kinds and all(kinds) and _is_layer_norm(norm) and no_hooks(norm)):  # can_fuse_blocks
         for blk in blocks:
             x = blk(x, **attn_kwargs)
         return norm(x)
