@@ -101,6 +101,18 @@ def _grad(fwd, inputs, grads):
     return run
 
 
+def _variants(device, fns, inputs, grads):
+    """{name: (forward, forward + backward)} of each ``fns`` entry under bf16 autocast."""
+    return {k: (_autocast(device, f), _grad(_autocast(device, f), inputs, grads)) for k, f in fns.items()}
+
+
+def _linear_params(out_features, in_features, g, device):
+    """A Linear's weight (fan-in scaled) and bias, fp32 leaves that take gradients."""
+    w = torch.randn(out_features, in_features, device=device, generator=g) * in_features ** -0.5
+    b = 0.1 * torch.randn(out_features, device=device, generator=g)
+    return w.requires_grad_(True), b.requires_grad_(True)
+
+
 def _bench_add_layer_norm(ctx, case, N, S, D):
     dev = ctx.device
     g = torch.Generator(device=dev).manual_seed(0)
@@ -124,7 +136,7 @@ def _bench_add_layer_norm(ctx, case, N, S, D):
     comp = harness.try_compile(eager)
     if comp is not None:
         variants["compile"] = comp
-    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (dr, dy))) for k, f in variants.items()}
+    variants = _variants(dev, variants, inputs, (dr, dy))
     # outputs are (r, y): the gradient of r comes first
     fwd_bytes = M * D * (BF16 + 4 + 4 + BF16)
     bwd_bytes = M * D * (4 + BF16 + 4 + 4 + BF16)
@@ -136,13 +148,12 @@ def _bench_gelu_linear(ctx, case, N, S, D):
     g = torch.Generator(device=dev).manual_seed(1)
     M, Hd = N * S, 4 * D
     h = torch.randn(M, Hd, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
-    w = (torch.randn(D, Hd, device=dev, generator=g) * Hd ** -0.5).requires_grad_(True)
-    b = torch.zeros(D, device=dev).requires_grad_(True)
+    w, b = _linear_params(D, Hd, g, dev)
     go = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16)
     inputs = (h, w, b)
     fns = {"eager": lambda: F.linear(F.gelu(h), w, b),
            "triton": lambda: ops.gelu_linear(h, w, b, backend="triton")}
-    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (go,))) for k, f in fns.items()}
+    variants = _variants(dev, fns, inputs, (go,))
     # GELU in (h) and out, the matmul's operands and output; backward: da, h, a, dh and the matmuls'
     fwd_bytes = M * Hd * BF16 * 3 + M * D * BF16 + D * Hd * BF16
     bwd_bytes = M * Hd * BF16 * 4 + M * D * BF16 * 2 + D * Hd * 4
@@ -154,16 +165,14 @@ def _bench_mlp(ctx, case, N, S, D):
     g = torch.Generator(device=dev).manual_seed(2)
     M, Hd = N * S, 4 * D
     x = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
-    w1 = (torch.randn(Hd, D, device=dev, generator=g) * D ** -0.5).requires_grad_(True)
-    b1 = (0.1 * torch.randn(Hd, device=dev, generator=g)).requires_grad_(True)
-    w2 = (torch.randn(D, Hd, device=dev, generator=g) * Hd ** -0.5).requires_grad_(True)
-    b2 = torch.zeros(D, device=dev).requires_grad_(True)
+    w1, b1 = _linear_params(Hd, D, g, dev)
+    w2, b2 = _linear_params(D, Hd, g, dev)
     go = torch.randn(M, D, device=dev, generator=g).to(torch.bfloat16)
     inputs = (x, w1, b1, w2, b2)
     fns = {"eager": lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
            "gelu_linear": lambda: ops.gelu_linear(F.linear(x, w1, b1), w2, b2, backend="triton"),
            "triton": lambda: ops.mlp(x, w1, b1, w2, b2, backend="triton")}
-    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (go,))) for k, f in fns.items()}
+    variants = _variants(dev, fns, inputs, (go,))
     # forward: x, h out, GELU in and out, fc2's input and output, both weights; backward: the
     # output gradient (twice), da, h, a, dh, dh (fc1's matmuls), x, dx, the weight gradients
     fwd_bytes = M * Hd * BF16 * 4 + M * D * BF16 * 2 + 2 * D * Hd * BF16
@@ -176,16 +185,14 @@ def _bench_self_attention(ctx, case, N, S, D):
     g = torch.Generator(device=dev).manual_seed(3)
     M, H = N * S, max(1, D // 64)
     x = torch.randn(N, S, D, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
-    wq = (torch.randn(3 * D, D, device=dev, generator=g) * D ** -0.5).requires_grad_(True)
-    bq = (0.1 * torch.randn(3 * D, device=dev, generator=g)).requires_grad_(True)
-    wp = (torch.randn(D, D, device=dev, generator=g) * D ** -0.5).requires_grad_(True)
-    bp = torch.zeros(D, device=dev).requires_grad_(True)
+    wq, bq = _linear_params(3 * D, D, g, dev)
+    wp, bp = _linear_params(D, D, g, dev)
     go = torch.randn(N, S, D, device=dev, generator=g).to(torch.bfloat16)
     inputs = (x, wq, bq, wp, bp)
     fns = {"eager": lambda: ops.self_attention(x, wq, bq, wp, bp, H, backend="eager"),
            "three_ops": lambda: F.linear(ops.attention(F.linear(x, wq, bq), H, backend="triton"), wp, bp),
            "triton": lambda: ops.self_attention(x, wq, bq, wp, bp, H, backend="triton")}
-    variants = {k: (_autocast(dev, f), _grad(_autocast(dev, f), inputs, (go,))) for k, f in fns.items()}
+    variants = _variants(dev, fns, inputs, (go,))
     # forward: x, qkv out and in, the attention output out and in, y; the weights; backward about
     # twice that plus the bias-gradient reads (the attention's own traffic is counted once)
     fwd_bytes = M * D * BF16 * (1 + 3 + 3 + 1 + 1 + 1) + 4 * D * D * BF16
