@@ -566,9 +566,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 step += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                step_time += time.time() - t_step
+                step_seconds = time.time() - t_step
+                step_time += step_seconds
                 if trial is not None:
-                    decision = trial.after_step(time.time() - t_step)
+                    decision = trial.after_step(step_seconds)
                     if decision and d.main:
                         print(decision)
                 last_loss = d.mean(loss_value) if finite else float("nan")
