@@ -89,7 +89,9 @@ def _cases(device: str, smoke: bool):
     def leaf(*shape, dtype=dt):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(True)
 
-    x, res, w, b = leaf(B, S, D), leaf(B, S, D), leaf(D, dtype=torch.float32), leaf(D, dtype=torch.float32)
+    # the blocks' dtypes under autocast: a bf16 branch output added to the fp32 residual stream
+    f32 = torch.float32
+    x, res, w, b = leaf(B, S, D), leaf(B, S, D, dtype=f32), leaf(D, dtype=f32), leaf(D, dtype=f32)
     qkv = leaf(B, S, 3 * D)
     h, w2, b2 = leaf(B, S, 4 * D), leaf(D, 4 * D), leaf(D)
     w1, b1 = leaf(4 * D, D), leaf(4 * D)

@@ -181,12 +181,33 @@ TF32_FACTOR = 8.0
 
 @pytest.mark.skipif(not CUDA, reason="TF32 only exists on a GPU")
 def test_fp32_honours_allow_tf32(device):
+    """The kernel under ``allow_tf32`` against eager fp32 attention with TF32 matmuls. Eager's TF32 is
+    modelled (every matmul operand rounded to TF32 in float64, as cuBLAS rounds), not run: cuBLAS
+    takes the switch where the call happens, and autograd's backward runs on its own thread (the
+    H200 run's eager bias gradient had fp32's error, 1.6e-6, beside its TF32 forward)."""
+    from test_gpu_fixes_tf32_model import eager_tf32
+
+    B, S, H, Dh = 2, 197, 3, 64
+    qkv, b = _inputs(B, S, H, Dh, torch.float32, device, bias=True)
     previous = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        check_against_reference(2, 197, 3, 64, torch.float32, device, bias=True, factor=TF32_FACTOR)
+        out, grads, g = _grads(lambda q, bb: ops.attention(q, H, bias=bb, backend="triton"), qkv, b)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+    ref64, grads64, _ = _grads(lambda q, bb: attention_reference(q, H, bb), qkv.double(), b.double(), g.double())
+
+    def heads(t):  # (B, S, H * Dh) -> (B, H, S, Dh), float64 on the CPU
+        return t.detach().cpu().double().reshape(B, S, H, Dh).transpose(1, 2)
+
+    q, k, v = (heads(t) for t in qkv.cpu().chunk(3, dim=-1))
+    low = eager_tf32(q, k, v, heads(g), b.detach().cpu().double(), Dh ** -0.5)
+    out_low = low[0].transpose(1, 2).reshape(B, S, H * Dh)
+    dqkv_low = torch.cat([t.transpose(1, 2).reshape(B, S, H * Dh) for t in low[1:4]], dim=-1)
+    atol = 2e-6
+    assert_2x_rule("out tf32", out, out_low, ref64.cpu(), atol=atol, factor=TF32_FACTOR)
+    assert_2x_rule("dqkv tf32", grads[0], dqkv_low, grads64[0].cpu(), atol=atol * 4, factor=TF32_FACTOR)
+    assert_2x_rule("dbias tf32", grads[1], low[4], grads64[1].cpu(), atol=atol * 4 * B, factor=TF32_FACTOR)
 
 
 def test_tf32_switch_reaches_the_dot(no_tf32):

@@ -3,10 +3,17 @@ custom ops while profiling, so the profiler can name the op of each Triton kerne
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from benchmarks import bench_profile, harness
 from mimfast.ops import _custom_op
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"),
+                    reason="the smoke profile runs the kernels under Triton's interpreter; the GPU suite runs "
+                           "bench_profile itself")
 def test_profile_smoke_names_the_ops_and_restores_direct_launches():
     ctx = harness.Context(copy_gbps=100.0, matmul_tflops=1.0, device="cpu", smoke=True, ceilings="placeholder",
                           quick=True)

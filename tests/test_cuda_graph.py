@@ -221,30 +221,30 @@ class _HostReads:
 
 
 @pytest.mark.parametrize("case", ["mae", "mae_fused_blocks", "beit", "beit_pixel"])
-def test_training_steps_never_wait_for_the_device(case):
+def test_training_steps_never_wait_for_the_device(case, device):
     """What a captured step needs and a launch-bound step wants: the models' forward and backward
     with kernels on (MAE's blocks fused or not; BEiT told its masked count) read nothing back
     from the device. The test's own probe (``loss.item()``) is seen, so the check can fail."""
     torch.manual_seed(0)
-    imgs = torch.randn(2, 3, 32, 32)
+    imgs = torch.randn(2, 3, 32, 32, device=device)
     if case.startswith("mae"):
         model = create_model("mae_vit_tiny_patch16", kernels="triton", norm_pix_loss=True,
-                             fused_norm=case == "mae_fused_blocks", **_MAE)
-        noise = torch.rand(2, model.patch_embed.num_patches)
+                             fused_norm=case == "mae_fused_blocks", **_MAE).to(device)
+        noise = torch.rand(2, model.patch_embed.num_patches, device=device)
 
         def step():
             return model(imgs, 0.75, noise)[0]
     else:
         name = "beit_base_patch16_224_pixel" if case == "beit_pixel" else "beit_base_patch16_224_8k_vocab"
         kw = {k: v for k, v in _BEIT.items() if case != "beit_pixel" or k != "vocab_size"}
-        model = create_model(name, kernels="triton", **kw)
-        mask = torch.zeros(2, model.patch_embed.num_patches, dtype=torch.bool)
+        model = create_model(name, kernels="triton", **kw).to(device)
+        mask = torch.zeros(2, model.patch_embed.num_patches, dtype=torch.bool, device=device)
         mask[0, [1, 5, 7]] = mask[1, [0, 2, 15]] = True
         if case == "beit_pixel":
             def step():
                 return model(imgs, mask)[0]
         else:
-            labels = torch.randint(0, 64, (6,))
+            labels = torch.randint(0, 64, (6,), device=device)
 
             def step():
                 return model(imgs, mask, labels=labels, num_masked=3)

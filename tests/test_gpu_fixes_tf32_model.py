@@ -30,6 +30,19 @@ def _f32(x):
     return x.float().double()
 
 
+def eager_tf32(q, k, v, do, bias, sc, truncate=False):
+    """Eager attention's (out, dq, dk, dv, dbias) in fp32 with every matmul operand cut to TF32
+    (rounded to nearest, as cuBLAS does, unless ``truncate``), modelled in float64. q, k, v, do:
+    (B, H, S, Dh) float64 holding fp32 values; bias (H, S, S) or None."""
+    kT, vT = k.transpose(-1, -2), v.transpose(-1, -2)
+    logits = _mm(_f32(q * sc), kT, truncate)
+    pe = _f32((logits if bias is None else logits + bias).softmax(-1))
+    dpe = _mm(do, vT, truncate)
+    dse = _f32(pe * _f32(dpe - _f32((pe * dpe).sum(-1, keepdim=True))))
+    return (_mm(pe, v, truncate), _f32(_mm(dse, k, truncate) * sc), _mm(dse.transpose(-1, -2), _f32(q * sc), truncate),
+            _mm(pe.transpose(-1, -2), do, truncate), dse.sum(0))
+
+
 def _errors(seed: int, B=2, S=197, H=3, Dh=64):
     """Max errors against float64 of (out, dq, dk, dv, dbias): eager with rounding, the kernel's
     algorithm with truncation, the kernel's algorithm with rounding."""
@@ -43,13 +56,6 @@ def _errors(seed: int, B=2, S=197, H=3, Dh=64):
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     truth = (p @ v, ds @ k * sc, ds.transpose(-1, -2) @ q * sc, p.transpose(-1, -2) @ do, ds.sum(0))
 
-    def eager(t):
-        pe = _f32((_mm(_f32(q * sc), kT, t) + bias).softmax(-1))
-        dpe = _mm(do, vT, t)
-        dse = _f32(pe * _f32(dpe - _f32((pe * dpe).sum(-1, keepdim=True))))
-        return (_mm(pe, v, t), _f32(_mm(dse, k, t) * sc), _mm(dse.transpose(-1, -2), _f32(q * sc), t),
-                _mm(pe.transpose(-1, -2), do, t), dse.sum(0))
-
     def flash(t):
         pf = _f32((_mm(q, kT, t) * sc + bias).softmax(-1))
         o = _mm(pf, v, t)
@@ -61,7 +67,7 @@ def _errors(seed: int, B=2, S=197, H=3, Dh=64):
         e = [(a - b).abs().max().item() for a, b in zip(res, truth)]
         return {"out": e[0], "dqkv": max(e[1:4]), "dbias": e[4]}
 
-    return err(eager(False)), err(flash(True)), err(flash(False))
+    return err(eager_tf32(q, k, v, do, bias, sc)), err(flash(True)), err(flash(False))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -167,8 +167,10 @@ def test_attention_launches_the_tuned_choice(tuner, device):
 
 @pytest.mark.parametrize("D", [80, 768])
 def test_every_layer_norm_candidate_matches_the_default(D, device):
-    """The add + LayerNorm launchers' candidates: rows bit for bit the default's (each row's
-    arithmetic does not depend on the tiling), the weight / bias / scale sums to rounding."""
+    """The add + LayerNorm launchers' candidates: forward rows bit for bit the default's (each row's
+    arithmetic does not depend on the tiling); backward rows and the weight / bias / scale sums to
+    rounding (a candidate with fewer warps sums a row's two dot products in another order: the H200
+    run's 8_per_thread differed in the last bits)."""
     from mimfast.kernels import layer_norm as LN
 
     M = 37
@@ -190,7 +192,8 @@ def test_every_layer_norm_candidate_matches_the_default(D, device):
     dx0, dres0, sums0 = LN.add_layer_norm_bwd(*args)
     for name, cfg in bwd:
         dx, dres, sums = LN.add_layer_norm_bwd(*args, config=cfg)
-        assert torch.equal(dx, dx0) and torch.equal(dres, dres0), name
+        torch.testing.assert_close(dx, dx0, rtol=2e-3, atol=2e-3, msg=name)  # fp16: an ulp
+        torch.testing.assert_close(dres, dres0, rtol=1e-5, atol=1e-5, msg=name)
         torch.testing.assert_close(sums, sums0, rtol=1e-5, atol=1e-4)
 
 
@@ -223,16 +226,16 @@ def test_layer_norm_and_patch_loss_launch_the_tuned_choice(tuner, device):
     pred = torch.randn(N, (H // p) * (W // p), p * p * C, device=device)
     imgs = torch.randn(N, C, H, W, device=device)
     mask = torch.ones(N, pred.shape[1], device=device)
-    # the candidates the tuner times: around the heuristic's tiling, on the CPU the interpreter's
-    pl_cpu = dict(PL._candidates(*PL._config(1024, interpreted=True), 1))
-    tuner["names"] = {id(c): n for d in (fwd, bwd, pl_cpu) for n, c in d.items()}
+    # the candidates the tuner times: around the heuristic's tiling (on the CPU the interpreter's)
+    pl_cands = dict(PL._candidates(*PL._config(1024, interpreted=device == "cpu"), 1))
+    tuner["names"] = {id(c): n for d in (fwd, bwd, pl_cands) for n, c in d.items()}
     tuner["times"] = {"half_rows": 0.1, "two_waves": 0.1, "one_tile": 0.1}
     r, y, mean, rstd = LN.add_layer_norm_fwd(x, res, w, None, None, 1e-6, torch.float32)
     LN.add_layer_norm_bwd(torch.randn_like(y), None, r, x, w, None, mean, rstd, torch.float32, torch.float32,
                           True, True, True, False, False)
     loss, grad = PL.patch_loss_fwd(pred, imgs, mask, p)
     assert [c["chosen"] for c in tuning.chosen()] == ["half_rows", "two_waves", "one_tile"]
-    want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p, config=pl_cpu["one_tile"])
+    want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p, config=pl_cands["one_tile"])
     assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
     assert torch.equal(y, LN.add_layer_norm_fwd(x, res, w, None, None, 1e-6, torch.float32, fwd["half_rows"])[1])
 
