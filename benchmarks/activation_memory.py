@@ -52,12 +52,10 @@ CASES = {
 }
 SMOKE_BEIT_MASKED = 6  # of 16 patches
 # (variant, kernels, SDPA attention, model kwargs)
-MAE_VARIANTS = [("eager", "eager", False, {}), ("timm-sdpa", "eager", True, {}), ("mimfast", "auto", False, {}),
-                ("mimfast-no-fused-mlp", "auto", False, {"fused_mlp": False}),
-                ("mimfast+fused-blocks", "auto", False, {"fused_norm": True})]
 BEIT_VARIANTS = [("eager", "eager", False, {}), ("timm-sdpa", "eager", True, {}), ("mimfast", "auto", False, {}),
                  ("mimfast-no-fused-mlp", "auto", False, {"fused_mlp": False}),
                  ("mimfast-no-fused-blocks", "auto", False, {"fused_norm": False})]
+MAE_VARIANTS = BEIT_VARIANTS  # both models run their blocks fused by default
 
 
 def saved_bytes(fn, exclude=()) -> int:

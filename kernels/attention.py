@@ -225,9 +225,11 @@ def _bwd_dq_batch(
     stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     """delta and dq of one query block of one (batch, head); returns the updated register bias
-    gradient (ONE_N_BLOCK) or updates the in-memory strip."""
+    gradient (ONE_N_BLOCK) or writes it to the in-memory strip: added to it where the program
+    sums several batches (``ACCUMULATE``), stored where the strip is this batch's alone."""
     q_mask = mask_m[:, None] & mask_d[None, :]
     # row offsets depend on the batch, so no (BLOCK, DH_PAD) offset tile is loop-invariant
     od_rows = (b64 * S + offs_m[:, None]) * (H * HEAD_DIM)
@@ -265,8 +267,11 @@ def _bwd_dq_batch(
                 dbias += ds
             else:  # this program is the only one touching these addresses (padded keys: ds = 0)
                 dptr = dbias_rows + offs_n[None, :]
-                tl.store(dptr, tl.load(dptr, mask=bias_mask, other=0.0) + ds, mask=bias_mask)
-                tl.debug_barrier()  # the next batch re-reads these from other threads
+                if ACCUMULATE:
+                    tl.store(dptr, tl.load(dptr, mask=bias_mask, other=0.0) + ds, mask=bias_mask)
+                    tl.debug_barrier()  # the next batch re-reads these from other threads
+                else:  # one batch per strip: written once, nothing read (no zero fill either)
+                    tl.store(dptr, ds, mask=bias_mask)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(DQKV + q_rows + q_cols[None, :], (dq * scale).to(DQKV.dtype.element_ty), mask=q_mask)
@@ -327,12 +332,14 @@ def _attn_bwd_dq(
             dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
                                   offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
                                   stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
-                                  HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION)
+                                  HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION,
+                                  True)
     else:
         dbias = _bwd_dq_batch(g.to(tl.int64), h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
                               offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
                               stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
-                              HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION)
+                              HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION,
+                              False)
 
     if ONE_N_BLOCK:
         if NEED_DBIAS:
@@ -515,6 +522,10 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         alts["bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
         alts["bias_grad_regs_m16"] = replace(base, dq_block_m=16, dq_block_n=s_pad, dq_warps=8)
         alts["bias_one_batch"] = replace(base, bias_batches=1)
+        # the no-bias tiling (key tiles of 64: no all-keys register tiles), each batch's bias
+        # gradient stored to its own fp32 strip (no read-modify-write, no barrier) and summed over the
+        # batch after: a transient B x H x S x S fp32 buffer (BEiT-B, B = 256: about 0.5 GB)
+        alts["bias_grad_per_batch"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, bias_batches=1)
     if seq_len > 64:
         # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
         # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
@@ -788,7 +799,8 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         per = _bias_batches(cfg, B, H * num_m, device) if need_dbias else 1
         groups = cdiv(B, per)
         if need_dbias:
-            alloc = _empty if one_n_block else torch.zeros  # tiles update their strip in place
+            # tiles summing several batches update their strip in place; one batch's tiles write it
+            alloc = torch.zeros if not one_n_block and per > 1 else _empty
             dbias_part = alloc(groups, H, S, S_B, device=device, dtype=torch.float32)
         else:
             dbias_part = out

@@ -221,13 +221,17 @@ def test_tf32_switch_reaches_the_dot(no_tf32):
 
 def test_configs_agree(device):
     """Every backward variant on one shape: fused, split with the bias gradient in registers,
-    split with the tiled (in-memory) bias gradient, several batch groups, an all-keys forward."""
+    split with the tiled (in-memory) bias gradient summed over several batches or stored per batch,
+    an all-keys forward."""
     cfgs = [
         K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="fused", fused_block=32, bias_batches=2),
         K.AttentionConfig(fwd_block_m=16, fwd_block_n=16, bwd="split", dq_block_m=16, dq_block_n=32,
                           dkdv_block_m=32, dkdv_block_n=16, bias_batches=1),
         K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="split", dq_block_m=32, dq_block_n=16,
                           dkdv_block_m=16, dkdv_block_n=32, bias_batches=2),
+        # tiled, one batch per strip: each tile stored once into the (poisoned) per-batch buffer
+        K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="split", dq_block_m=16, dq_block_n=16,
+                          dkdv_block_m=16, dkdv_block_n=32, bias_batches=1),
     ]
     for cfg in cfgs:
         check_against_reference(3, 21, 1, 16, torch.float32, device, bias=True, config=cfg)

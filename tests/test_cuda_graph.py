@@ -163,6 +163,9 @@ def test_cuda_graph_flag_conflicts_fail_at_start(argv, match):
     from mimfast.train.config import config_from_args
 
     assert config_from_args(build_parser().parse_args(["pretrain", "--cuda-graph"])).cuda_graph
+    # the default: decided by the run (on where a CUDA device and the settings allow it)
+    assert config_from_args(build_parser().parse_args(["pretrain"])).cuda_graph is None
+    assert config_from_args(build_parser().parse_args(["pretrain", "--no-cuda-graph"])).cuda_graph is False
     with pytest.raises(SystemExit, match=match):
         config_from_args(build_parser().parse_args(["pretrain", "--cuda-graph", *argv]))
 
@@ -295,6 +298,7 @@ def test_pretrain_cuda_graph_off_cuda_trains_as_a_plain_run(tmp_path, capsys):
     graphed = pretrain(_tiny_cfg(tmp_path / "graph", epochs=1, cuda_graph=True))
     assert "the step runs eagerly" in capsys.readouterr().out
     assert graphed["steps"] == plain["steps"] == 4
+    assert plain["cuda_graph"] is graphed["cuda_graph"] is False  # off CUDA nothing is captured
     # fused (graph mode) vs the plain run's single-tensor AdamW: the same update up to rounding
     assert _losses(tmp_path / "graph") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-5)
     ckpt = torch.load(tmp_path / "graph" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
@@ -476,8 +480,12 @@ def test_pretrain_cuda_graph_on_cuda_trains_as_a_plain_run(tmp_path):
     from test_pretrain import _cfg
 
     kw = dict(epochs=2, kernels="auto", precision="bf16", device="cuda")
-    pretrain(_cfg(tmp_path / "plain", fusion_trial_steps=0, **kw))  # the model's own block form, as captured
+    plain = pretrain(_cfg(tmp_path / "plain", cuda_graph=False, fusion_trial_steps=0, **kw))  # the model's form
     summary = pretrain(_cfg(tmp_path / "graph", cuda_graph=True, **kw))
     assert summary["status"] == "done" and summary["steps"] == 8  # 3 eager, the capture, 4 replays
+    assert summary["cuda_graph"] and not plain["cuda_graph"]
+    # the default: captured on CUDA where the run allows it; not with --accum-iter 2
+    assert pretrain(_cfg(tmp_path / "default", max_steps=4, **kw))["cuda_graph"]
+    assert not pretrain(_cfg(tmp_path / "accum", max_steps=2, accum_iter=2, **kw))["cuda_graph"]
     # the plain run's AdamW is fused too, its lr a float (the graph's a float32 tensor): close, not equal
     assert _losses(tmp_path / "graph") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-3)

@@ -101,7 +101,7 @@ def test_pretrain_runs_the_trial_with_triton_kernels(tmp_path, capsys):
     for kw in (dict(kernels="triton", fused_norm=True), dict(kernels="eager")):
         summary = pretrain(PretrainConfig(**TINY, **kw, output_dir=str(tmp_path / str(len(kw)))))
         assert "block form: " not in capsys.readouterr().out
-    assert summary["fused_norm"] is False  # eager: MAE's default form
+    assert summary["fused_norm"] is False  # eager kernels: the blocks ran unfused (MAE's default is fused)
 
 
 def test_negative_trial_steps_are_refused(tmp_path):

@@ -53,10 +53,10 @@ class MaskedAutoencoderViT(FusedBlocksMixin, nn.Module):
         kernels: ``"auto"``, ``"eager"`` or ``"triton"`` for every op the model calls.
         fused_norm: where kernels resolve to Triton, run the encoder and decoder blocks with
             each residual add fused into the LayerNorm after it (:func:`mimfast.nn.forward_blocks`;
-            same parameters, same results). Off by default: on an H200 (bf16, B = 256) the MAE
-            ViT-B/16 step took 57.6 ms without it and 91-127 ms with it (ViT-L/16, B = 128:
-            86.7 against 137 ms); it saves about 18% of the step's peak memory
-            (benchmarks/results/h200-2026-11-27). BEiT keeps it on (107 against 116 ms there).
+            same parameters, same results). On by default: on an H200 (bf16, B = 256, fused
+            MLPs) the MAE ViT-B/16 step took 49.4 ms with it and 66.1 ms without it (45.1 against
+            56.1 ms captured in a CUDA graph; benchmarks/results/h200-2026-11-27-2). The first H200
+            run had it off (57.6 against 91-127 ms, before the launches skipped the dispatcher).
         fused_mlp: run each MLP (:class:`mimfast.nn.Mlp`, with or without ``fused_norm``) as
             :func:`mimfast.ops.mlp`: it keeps only ``h = fc1(x)`` for the backward, not
             ``gelu(h)`` (about a fifth of a block's activation memory), and sums fc1's bias
@@ -79,7 +79,7 @@ class MaskedAutoencoderViT(FusedBlocksMixin, nn.Module):
         norm_pix_loss: bool = False,
         loss: str = "mse",
         kernels: str = "auto",
-        fused_norm: bool = False,
+        fused_norm: bool = True,
         fused_mlp: bool = True,
     ) -> None:
         super().__init__()

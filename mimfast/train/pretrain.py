@@ -9,8 +9,9 @@ A checkpoint also records the epoch position as a global sample count with the l
 size, batch size, accumulation) that saved it, so a run resumed in another layout starts at
 the same place in the epoch's order (position-exact, not bit-exact).
 
-``--cuda-graph`` (:mod:`mimfast.train.cuda_graph`): the step (forward, backward, gradient clip,
-AdamW) is captured into a CUDA graph after ``GRAPH_WARMUP_STEPS`` eager steps and replayed for
+``--cuda-graph`` (:mod:`mimfast.train.cuda_graph`; on by default on a CUDA device where the run
+allows it: one process, ``--accum-iter 1``, not fp16, not ``--compile`` or ``--fsdp``; ``--no-cuda-graph``
+turns it off): the step (forward, backward, gradient clip, AdamW) is captured into a CUDA graph after ``GRAPH_WARMUP_STEPS`` eager steps and replayed for
 every later one; each batch's device tensors (the task's ``inputs``: images and mask noise, or
 images, masks and BEiT's tokens) are made outside the graph and copied into its inputs. The learning rate is a
 device tensor set in place, a non-finite loss skips the update on the device (the fused AdamW's
@@ -149,6 +150,15 @@ def _fusion_trial(cfg: PretrainConfig, model, device: torch.device, *, graphed: 
     if resolve(model.kernels, torch.empty(0, device=device), op="add_layer_norm") != "triton":
         return None
     return FusionTrial(model, cfg.fusion_trial_steps, mean=mean)
+
+
+def _blocks_fused(model, device: torch.device) -> bool:
+    """Whether the model's blocks ran fused: its ``fused_norm`` set and its kernels on Triton here."""
+    from mimfast.backend import resolve
+
+    if not getattr(model, "fused_norm", False):
+        return False
+    return resolve(model.kernels, torch.empty(0, device=device), op="add_layer_norm") == "triton"
 
 
 def _autocast(cfg: PretrainConfig, device: torch.device):
@@ -409,9 +419,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     schedule = dict(schedule=cfg.lr_schedule, milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma,
                     warmup_lr=cfg.warmup_lr)
     graphed = cfg.cuda_graph
-    if graphed:
-        problems = config_problems(world_size=d.world_size, accum_iter=cfg.accum_iter,
-                                   precision=_autocast(cfg, device)[0], compile=cfg.compile)
+    problems = config_problems(world_size=d.world_size, accum_iter=cfg.accum_iter,
+                               precision=_autocast(cfg, device)[0], compile=cfg.compile)
+    if graphed is None:  # the default: captured where it can be, on a CUDA device
+        graphed = device.type == "cuda" and not cfg.fsdp and not problems
+        if graphed and d.main:
+            print("the training step is captured in a CUDA graph and replayed (--no-cuda-graph: run it eagerly)")
+    elif graphed:
         if problems:
             raise SystemExit("--cuda-graph: " + "; ".join(problems))
         if device.type != "cuda" and d.main:
@@ -616,7 +630,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         save(step, start_in_epoch, epoch)
         picture("reconstruction.png")
     summary = {"steps": step, "epochs": epoch, "first_loss": first_loss, "last_loss": last_loss,
-               "fused_norm": bool(getattr(model, "fused_norm", False)),
+               "fused_norm": _blocks_fused(model, device),
+               "cuda_graph": bool(graph_step is not None and graph_step.enabled),
                "nonfinite_steps": nonfinite_total, "seconds": round(time.time() - t_start, 1),
                "output_dir": str(out), "status": stop_reason}
     if d.main:
