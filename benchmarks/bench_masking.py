@@ -8,6 +8,9 @@ Ops, at MAE ViT-B/16, ViT-L/16 and ViT-H/14 shapes with N = 256, mask ratio 0.75
   (bf16; pos frozen, mask token trained). ViT-B and ViT-L share the decoder shape.
 - ``masked_patch_embed``: fp32 images, fp32 parameters under ``torch.autocast(bfloat16)``,
   as MAE trains; eager = the reference model's patch_embed (all L patches) + random_masking.
+- ``patch_embed``: every patch embedded (BEiT's and SimMIM's encoder input), same dtypes; eager =
+  timm ``PatchEmbed``'s stride-p convolution (cuDNN), Triton = the pixels gathered in one pass and
+  one cuBLAS product with the bias in its epilogue (``ops.patch_embed``).
 
 Rows ``fwd`` time the forward with gradient tracking on (the training setting); rows
 ``fwd+bwd`` add ``torch.autograd.grad`` of the output (no gradient accumulation). GB/s count
@@ -191,6 +194,34 @@ def _bench_masked_patch_embed(ctx, case, N, L, D, p):
     _measure(ctx, "masked_patch_embed", case, variants, fwd_bytes, bwd_bytes, flops, flops)
 
 
+def _bench_patch_embed(ctx, case, N, L, D, p):
+    dev = ctx.device
+    C = 3
+    H = W = int(round(L ** 0.5)) * p
+    P = C * p * p
+    imgs = torch.randn(N, C, H, W, device=dev)
+    w = (torch.randn(D, C, p, p, device=dev) * P ** -0.5).requires_grad_(True)
+    b = torch.zeros(D, device=dev, requires_grad=True)
+    g = torch.randn(N, L, D, device=dev, dtype=torch.bfloat16)
+    ref = ops.patch_embed_reference
+    comp = _try_compile(ref)
+
+    def variant(f):
+        def fwd():
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                return f(imgs, w, b)
+
+        return fwd, _grad_fn(fwd, (w, b), g)
+
+    variants = {"eager": variant(ref), "triton": variant(lambda *a: ops.patch_embed(*a, backend="triton"))}
+    if comp is not None:
+        variants["compile"] = variant(comp)
+    fwd_bytes = N * L * P * 4 + D * P * 4 + N * L * D * BF16  # fp32 pixels and weight in, bf16 rows out
+    bwd_bytes = N * L * D * BF16 + N * L * P * BF16 + D * P * 4  # grad in, patches in, grad_w out
+    flops = 2 * N * L * P * D
+    _measure(ctx, "patch_embed", case, variants, fwd_bytes, bwd_bytes, flops, flops)
+
+
 def run(ctx: harness.Context) -> None:
     _start[0] = time.time()
     n, dec_d, models = (SMOKE_N, SMOKE_DEC_D, SMOKE_MODELS) if ctx.smoke else (N, DEC_D, MODELS)
@@ -200,4 +231,6 @@ def run(ctx: harness.Context) -> None:
         if name != "vit_l":  # ViT-L's decoder shape is ViT-B's
             _bench_unshuffle(ctx, f"{name} N={n} L={L} Dd={dec_d}", n, L, dec_d)
         _bench_masked_patch_embed(ctx, f"{name} N={n} L={L} D={D} p={p}", n, L, D, p)
+        if name == "vit_b":  # BEiT-B's shape
+            _bench_patch_embed(ctx, f"beit_b N={n} L={L} D={D} p={p}", n, L, D, p)
         harness.empty_cache()

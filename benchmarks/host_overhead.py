@@ -118,6 +118,7 @@ def _cases(device: str, smoke: bool):
                                                                                backend=be),),
         "masked_patch_loss": lambda be: (ops.masked_patch_loss(pred, imgs, mask, s["p"], backend=be),),
         "masked_patch_embed": lambda be: ops.masked_patch_embed(pe_imgs, pw, pb, 0.75, pe_pos, noise, backend=be)[:1],
+        "patch_embed": lambda be: (ops.patch_embed(pe_imgs.to(dt), pw.to(dt), pb.to(dt), backend=be),),
     }
 
 

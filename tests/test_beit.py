@@ -245,7 +245,8 @@ def test_kernels_on_and_off_same_weights(attention, device, no_tf32, dispatched)
 
     model.set_kernels("eager")
     ref_loss, ref_grads = _loss_and_grads(model, imgs, bool_masked_pos, labels)
-    assert dispatched == {"self_attention": {"eager"}, "linear_cross_entropy": {"eager"}, "mlp": {"eager"}}
+    assert dispatched == {"self_attention": {"eager"}, "linear_cross_entropy": {"eager"}, "mlp": {"eager"},
+                          "patch_embed": {"eager"}}
     dispatched.clear()
     model.set_kernels("triton")
     if attention == "eager":
@@ -253,10 +254,10 @@ def test_kernels_on_and_off_same_weights(attention, device, no_tf32, dispatched)
             if isinstance(m, BEiTAttention):
                 m.kernels = "eager"
     loss, grads = _loss_and_grads(model, imgs, bool_masked_pos, labels)
-    # the fused blocks (residual add + LayerNorm, the MLP), the LM head's loss and, unless
-    # held back, the attention ran their Triton kernels
+    # the patch embedding, the fused blocks (residual add + LayerNorm, the MLP), the LM head's loss
+    # and, unless held back, the attention ran their Triton kernels
     assert dispatched == {"self_attention": {attention}, "linear_cross_entropy": {"triton"},
-                          "add_layer_norm": {"triton"}, "mlp": {"triton"}}
+                          "add_layer_norm": {"triton"}, "mlp": {"triton"}, "patch_embed": {"triton"}}
 
     assert set(grads) == set(ref_grads) and len(grads) == len(list(model.parameters()))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -283,7 +284,8 @@ def test_pixel_variant(attention, device, no_tf32, dispatched):
     l1 = F.l1_loss(imgs, pixel_pred, reduction="none")
     simmim = (l1 * mask).sum() / (mask.sum() + 1e-5) / 3
     torch.testing.assert_close(ref_loss.detach(), simmim, rtol=1e-5, atol=1e-6)
-    assert dispatched == {"self_attention": {"eager"}, "masked_patch_loss": {"eager"}, "mlp": {"eager"}}
+    assert dispatched == {"self_attention": {"eager"}, "masked_patch_loss": {"eager"}, "mlp": {"eager"},
+                          "patch_embed": {"eager"}}
     dispatched.clear()
 
     model.set_kernels("triton")
@@ -295,7 +297,7 @@ def test_pixel_variant(attention, device, no_tf32, dispatched):
     loss, pred = model(imgs, bool_masked_pos)
     loss.backward()
     assert dispatched == {"self_attention": {attention}, "masked_patch_loss": {"triton"},
-                          "add_layer_norm": {"triton"}, "mlp": {"triton"}}
+                          "add_layer_norm": {"triton"}, "mlp": {"triton"}, "patch_embed": {"triton"}}
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pred, ref_pred, rtol=1e-5, atol=1e-5)
     for n, p_ in model.named_parameters():

@@ -203,3 +203,82 @@ def test_gpu_tiling_under_the_interpreter(device, monkeypatch):
     vis_64.backward(g.double())
     for name, a, b, c in zip(("imgs", "weight", "bias", "pos_embed"), lt, lr, l64):
         _check(f"grad {name}", a.grad, b.grad, c.grad, torch.float32)
+
+
+# --- ops.patch_embed: every patch (BEiT's, SimMIM's embedding) as one matrix product
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("N,C,H,W,p,D,with_bias", [(2, 3, 32, 32, 8, 32, True), (3, 3, 24, 40, 8, 80, False),
+                                                   (2, 1, 28, 28, 14, 48, True)])
+def test_patch_embed_matches_the_convolution(device, dtype, N, C, H, W, p, D, with_bias):
+    imgs, weight, bias, _, _ = _inputs(N, C, H, W, p, D, device, dtype)
+    bias = bias if with_bias else None
+
+    def run(backend, *args):
+        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in args]
+        return leaves, ops.patch_embed(*leaves, backend=backend)
+
+    lt, out = run("triton", imgs, weight, bias)
+    lr, ref = run("eager", imgs, weight, bias)
+    l64, ref64 = run("eager", imgs.double(), weight.double(), bias.double() if bias is not None else None)
+    assert out.shape == (N, (H // p) * (W // p), D) and out.dtype == ref.dtype == dtype
+    _check("patch_embed", out, ref, ref64, dtype)
+    g = torch.randn_like(out)
+    for o, gg in ((out, g), (ref, g), (ref64, g.double())):
+        o.backward(gg)
+    for name, a, b, c in zip(("imgs", "weight", "bias"), lt, lr, l64):
+        if a is not None:
+            _check(f"patch_embed grad {name}", a.grad, b.grad, c.grad, dtype)
+
+
+def test_patch_embed_under_autocast_runs_in_the_autocast_dtype(device):
+    lowp = torch.bfloat16 if device == "cpu" else torch.float16
+    imgs, weight, bias, _, _ = _inputs(2, 3, 32, 48, 8, 80, device, torch.float32)
+    g = torch.randn(2, 24, 80, device=device)
+    outs = {}
+    for backend in ("triton", "eager"):
+        w, b = (t.detach().clone().requires_grad_(True) for t in (weight, bias))
+        with torch.autocast(device, dtype=lowp):
+            out = ops.patch_embed(imgs, w, b, backend=backend)
+        assert out.dtype == lowp
+        out.float().backward(g)
+        outs[backend] = (out, w.grad, b.grad)
+    w64, b64 = (t.detach().double().requires_grad_(True) for t in (weight, bias))
+    out64 = ops.patch_embed(imgs.double(), w64, b64, backend="eager")
+    out64.backward(g.double())
+    assert_2x_rule("patch_embed (autocast)", outs["triton"][0], outs["eager"][0], out64, atol=1e-3)
+    for name, i, f64 in (("weight", 1, w64.grad), ("bias", 2, b64.grad)):
+        assert outs["triton"][i].dtype == torch.float32
+        assert_2x_rule(f"patch_embed grad {name} (autocast)", outs["triton"][i], outs["eager"][i], f64,
+                       atol=1e-3 * f64.abs().max().item())
+
+
+def test_patch_embed_bad_input_names_the_argument(device):
+    imgs = torch.randn(2, 3, 32, 32, device=device)
+    with pytest.raises(ValueError, match="weight has 1 input channels"):
+        ops.patch_embed(imgs, torch.randn(8, 1, 8, 8, device=device), None, backend="triton")
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        ops.patch_embed(imgs[..., :30], torch.randn(8, 3, 8, 8, device=device), None, backend="triton")
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.patch_embed(imgs, torch.randn(8, 3, 8, 8, device=device), torch.randn(7, device=device), backend="triton")
+    with pytest.raises(TypeError, match="weight dtype"):
+        ops.patch_embed(imgs, torch.randn(8, 3, 8, 8, device=device, dtype=torch.float16), None, backend="triton")
+
+
+def test_beit_embeds_through_the_op_where_the_module_is_the_plain_convolution(device, monkeypatch):
+    from mimfast.models import create_model
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=64)
+    model = create_model("beit_base_patch16_224_8k_vocab", kernels="triton", **kw).to(device)
+    imgs = torch.randn(2, 3, 32, 32, device=device)
+    calls = []
+    real = ops.patch_embed
+    monkeypatch.setattr(ops, "patch_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = model._embed_patches(imgs)
+    handle = model.patch_embed.register_forward_hook(lambda *a: None)  # a hook needs the module's call
+    hooked = model._embed_patches(imgs)
+    handle.remove()
+    assert calls == [1]
+    torch.testing.assert_close(got, model.patch_embed(imgs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hooked, got, rtol=1e-5, atol=1e-5)

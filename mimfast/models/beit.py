@@ -31,7 +31,7 @@ from mimfast import ops
 from mimfast.backend import check_backend_name
 from mimfast.ops.linear_ce import same_row_count
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias, table_grid
-from mimfast.nn.blocks import FusedBlocksMixin
+from mimfast.nn.blocks import FusedBlocksMixin, no_hooks
 from mimfast.nn.mlp import Mlp
 
 __all__ = [
@@ -204,9 +204,20 @@ class _BEiTEncoder(FusedBlocksMixin, nn.Module):
             raise ValueError(f"bool_masked_pos is on {bool_masked_pos.device}, imgs on {imgs.device}")
         return bool_masked_pos.flatten(1).to(torch.bool)
 
+    def _embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``patch_embed(imgs)``; as :func:`mimfast.ops.patch_embed` (the pixels gathered, one matrix
+        product) where the kernels run on Triton and the module is the plain convolution."""
+        pe = self.patch_embed
+        plain = (isinstance(pe.norm, nn.Identity) and getattr(pe, "flatten", False)
+                 and not getattr(pe, "dynamic_img_pad", False) and no_hooks(pe) and no_hooks(pe.proj)
+                 and tuple(pe.proj.stride) == tuple(pe.proj.kernel_size) and tuple(pe.proj.padding) == (0, 0))
+        if plain:
+            return ops.patch_embed(imgs, pe.proj.weight, pe.proj.bias, backend=self.kernels)
+        return pe(imgs)
+
     def forward_features(self, imgs: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """imgs (N, C, H, W), bool_masked_pos (N, L) bool -> (N, 1 + L, D) after the final norm."""
-        x = self.patch_embed(imgs)  # (N, L, D)
+        x = self._embed_patches(imgs)  # (N, L, D)
         batch_size, seq_len, _ = x.size()
         cls_tokens = self.cls_token.expand(batch_size, -1, -1)
         mask_token = self.mask_token.expand(batch_size, seq_len, -1)

@@ -16,7 +16,7 @@ from mimfast.ops.masking import (
     unshuffle_with_mask_token,
     unshuffle_with_mask_token_reference,
 )
-from mimfast.ops.patch_embed import masked_patch_embed, masked_patch_embed_reference
+from mimfast.ops.patch_embed import masked_patch_embed, masked_patch_embed_reference, patch_embed, patch_embed_reference
 from mimfast.ops.patch_loss import masked_patch_loss, masked_patch_loss_reference, patchify, unpatchify
 
 __all__ = [
@@ -41,6 +41,8 @@ __all__ = [
     "unshuffle_with_mask_token_reference",
     "masked_patch_embed",
     "masked_patch_embed_reference",
+    "patch_embed",
+    "patch_embed_reference",
     "masked_patch_loss",
     "masked_patch_loss_reference",
     "patchify",

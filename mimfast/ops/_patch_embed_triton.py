@@ -24,7 +24,7 @@ from mimfast.ops._linear_triton import column_sum_op
 from mimfast.ops._masking_triton import _masking_bwd, _promote_dtypes
 from mimfast.ops.masking import num_kept
 
-__all__ = ["masked_patch_embed_triton"]
+__all__ = ["masked_patch_embed_triton", "patch_embed_triton"]
 
 # Kernel launches as torch.library custom ops (fake implementations give shapes only), so
 # torch.compile(fullgraph=True) traces the Function without entering Triton's launcher
@@ -130,8 +130,56 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         return g_imgs, g_w, g_b, g_pos, None, None, None
 
 
-def masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise):
-    """Triton masked patch embedding; arguments validated by :func:`mimfast.ops.masked_patch_embed`."""
+class PatchEmbedFn(torch.autograd.Function):
+    """Every patch: the gathered pixels (N*L, C*p*p) times the projection, the bias in cuBLAS's
+    epilogue; backward: grad_weight = g^T @ patches, grad_bias an fp32 column sum, grad_imgs
+    (only if asked) = g @ weight scattered back into the patches."""
+
+    @staticmethod
+    def forward(ctx, imgs, weight, bias, compute_dtype):
+        N, C, H, W = imgs.shape
+        D, _, p, _ = weight.shape
+        L = (H // p) * (W // p)
+        ids = _all_patches(N, L, imgs.device)
+        patches = _gather_patches(imgs, ids, p, compute_dtype)  # (N*L, C*p*p), (c, i, j) order
+        w2 = as_dtype(weight.reshape(D, -1), compute_dtype)
+        with _no_autocast(imgs.device.type):
+            if bias is None:
+                y = torch.mm(patches, w2.t())
+            else:  # the bias in fp32 inside the product's epilogue, one rounding to the output dtype
+                y = torch.addmm(as_dtype(bias, compute_dtype), patches, w2.t())
+        ctx.save_for_backward(patches, w2, ids)
+        ctx.meta = (imgs.shape, imgs.dtype, weight.dtype, p, compute_dtype, bias.dtype if bias is not None else None)
+        return y.view(N, L, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        patches, w2, ids = ctx.saved_tensors
+        imgs_shape, imgs_dtype, w_dtype, p, compute_dtype, bias_dtype = ctx.meta
+        need_imgs, need_w, need_b = ctx.needs_input_grad[:3]
+        N, L, D = grad_out.shape
+        g_imgs = g_w = g_b = None
+        if need_w or need_imgs:
+            gc = as_dtype(grad_out.reshape(N * L, D), compute_dtype)
+            if not gc.is_contiguous():
+                gc = gc.contiguous()
+            with _no_autocast(grad_out.device.type):
+                if need_w:
+                    g_w = as_dtype(torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p), w_dtype)
+                if need_imgs:
+                    g_imgs = _scatter_patches(torch.mm(gc, w2).contiguous(), ids, p, list(imgs_shape), imgs_dtype)
+        if need_b:
+            g_b = as_dtype(column_sum_op(grad_out.reshape(N * L, D)), bias_dtype)  # fp32, one pass
+        return g_imgs, g_w, g_b, None
+
+
+def _all_patches(N: int, L: int, device: torch.device) -> torch.Tensor:
+    """(N, L) int32 patch ids 0..L-1 in every row: the gather's index of every patch."""
+    return torch.arange(L, device=device, dtype=torch.int32).expand(N, L).contiguous()
+
+
+def _compute_dtype(imgs, weight):
+    """The projection's dtype and the weight to use: autocast's, or the images' outside it."""
     device_type = imgs.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -142,5 +190,17 @@ def masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise):
         compute_dtype = imgs.dtype
     if compute_dtype not in _kp.FLOAT_DTYPES:
         raise TypeError(f"imgs must be float32, float16 or bfloat16 on the Triton path, got {compute_dtype}")
+    return compute_dtype, weight
+
+
+def masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise):
+    """Triton masked patch embedding; arguments validated by :func:`mimfast.ops.masked_patch_embed`."""
+    compute_dtype, weight = _compute_dtype(imgs, weight)
     L = noise.shape[1]
     return MaskedPatchEmbedFn.apply(imgs, weight, bias, pos_embed, noise, num_kept(L, mask_ratio), compute_dtype)
+
+
+def patch_embed_triton(imgs, weight, bias):
+    """Triton patch embedding of every patch; arguments validated by :func:`mimfast.ops.patch_embed`."""
+    compute_dtype, weight = _compute_dtype(imgs, weight)
+    return PatchEmbedFn.apply(imgs, weight, bias, compute_dtype)

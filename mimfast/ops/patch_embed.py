@@ -1,5 +1,6 @@
 """MAE's encoder input from the images: patch embedding + random masking + gather, with the
-patch projection run only on the kept patches.
+patch projection run only on the kept patches; and the plain patch embedding of every patch
+(BEiT's, SimMIM's) as one matrix product.
 
 The eager reference is the reference model's two steps (facebookresearch/mae ``models_mae.py``
 ``forward_encoder``): ``patch_embed`` (a stride-p convolution, flattened to (N, L, D)), then
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from mimfast import backend as _backend
 from mimfast.ops.masking import _check_masking_rest, random_masking_reference
 
-__all__ = ["masked_patch_embed", "masked_patch_embed_reference"]
+__all__ = ["masked_patch_embed", "masked_patch_embed_reference", "patch_embed", "patch_embed_reference"]
 
 # imported at the first Triton call (mimfast.backend.lazy_import)
 _triton = _backend.lazy_import("mimfast.ops._patch_embed_triton")
@@ -86,3 +87,35 @@ def masked_patch_embed(imgs, weight, bias, mask_ratio, pos_embed=None, noise=Non
     if noise is None:
         noise = torch.rand(N, L, device=imgs.device)
     return _triton().masked_patch_embed_triton(imgs, weight, bias, mask_ratio, pos_embed, noise)
+
+
+def patch_embed_reference(imgs, weight, bias):
+    """Eager: timm ``PatchEmbed`` without a norm, ``conv2d(imgs, weight, bias, stride=p)`` to (N, L, D)."""
+    return F.conv2d(imgs, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+
+
+def patch_embed(imgs, weight, bias, backend="auto"):
+    """Every patch of ``imgs`` embedded: the stride-p convolution of timm's ``PatchEmbed``.
+
+    The Triton path reads the patches' pixels straight from ``imgs`` into an (N*L, C*p*p) matrix
+    in the compute dtype (one pass) and runs the projection as one cuBLAS matrix product with the
+    bias in its epilogue: a stride-p, p x p convolution is that product, and cuDNN ran it at 28
+    TFLOP/s in BEiT-B's H200 step profile (2.1 ms forward, 1.1 ms backward).
+
+    Args:
+        imgs: (N, C, H, W) images; H and W multiples of p.
+        weight: (D, C, p, p) patch projection (``patch_embed.proj.weight``).
+        bias: optional (D,) projection bias.
+        backend: ``"auto"``, ``"eager"`` or ``"triton"``.
+
+    Under autocast the projection runs in the autocast dtype, as the convolution would.
+
+    Returns:
+        (N, L, D) patch embeddings, row l the patch at (l // (W / p), l % (W / p)); in the autocast
+        dtype under autocast, else in the images' dtype.
+    """
+    _check_patch_embed_args(imgs, weight, bias)
+    which = _backend.resolve(backend, imgs, op="patch_embed")
+    if which == "eager" or imgs.dtype == torch.float64:
+        return patch_embed_reference(imgs, weight, bias)
+    return _triton().patch_embed_triton(imgs, weight, bias)
