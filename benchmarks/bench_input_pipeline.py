@@ -15,9 +15,12 @@ Pipelines, each delivering a normalised (B, 3, 224, 224) float32 batch on the GP
 - ``gpu_pipeline_hybrid``: the same with all cores as workers, which decode a share
   (``HYBRID_CPU_FRACTION``) of the images themselves while nvjpeg decodes the rest (full runs:
   also ``gpu_pipeline_hybrid_0.25``, a quarter);
+- ``gpu_pipeline_cpu_decode``: the same with the workers decoding every image (libjpeg-turbo),
+  the GPU only augmenting: nvjpeg takes no GPU time from a training step;
 - ``gpu_pipeline_adaptive``: the same with the share adjusted as it runs
-  (``mimfast.data.gpu_pipeline.DecodeShare``, from 0.5; ``cpu_decode_share_end`` is where it
-  ended, ``cpu_decode_share_path`` its last values);
+  (``mimfast.data.gpu_pipeline.DecodeShare``, from 1 as ``mimfast pretrain
+  --gpu-pipeline-adaptive-decode`` starts; ``cpu_decode_share_end`` is where it ended,
+  ``cpu_decode_share_path`` its last values);
 - ``gpu_decode_augment_inmem``: the same without the loader (bytes already in memory): the
   ceiling of the GPU side;
 - ``nvjpeg_decode`` and ``augment_kernel``: the two GPU stages alone (kernel: GB/s of the
@@ -248,10 +251,13 @@ def _gpu_loaders(folder: Path, batch: int, gpu_workers: int, cpu_workers: int, s
     if sz.full:
         yield (f"gpu_pipeline_hybrid_{HYBRID_CPU_FRACTION_FULL}", cpu_workers, warm, timed,
                _gpu_loader(folder, batch, cpu_workers, sz, warm + timed, HYBRID_CPU_FRACTION_FULL))
-    # the share adjusted as the loader runs (from 0.5; the row records where it ended)
+    # every image decoded by the workers: the GPU only augments
+    yield "gpu_pipeline_cpu_decode", cpu_workers, warm, timed, _gpu_loader(folder, batch, cpu_workers, sz,
+                                                                            warm + timed, 1.0)
+    # the share adjusted as the loader runs (from 1, as the trainer starts; the row records where it ended)
     from mimfast.data.gpu_pipeline import DecodeShare
 
-    share = DecodeShare(0.5, window=max(4, cpu_workers // 2))
+    share = DecodeShare(1.0, window=max(4, cpu_workers // 2))
     yield "gpu_pipeline_adaptive", cpu_workers, warm, timed, _gpu_loader(folder, batch, cpu_workers, sz,
                                                                           warm + timed, share)
 

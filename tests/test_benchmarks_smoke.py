@@ -139,7 +139,7 @@ def test_run_main_smoke(tmp_path, capsys):
     assert run.main(["--out", str(tmp_path), "--smoke", "--quick", "--only", "masking"]) == 0
     payload = _read_results(tmp_path, len(json.loads((tmp_path / "results.json").read_text())["rows"]))
     assert payload["errors"] == []
-    assert {r["bench"] for r in payload["rows"]} == {"random_masking", "unshuffle", "masked_patch_embed"}
+    assert {r["bench"] for r in payload["rows"]} == {"random_masking", "unshuffle", "masked_patch_embed", "patch_embed"}
     assert "crude cpu estimate" in payload["ceilings"]
     assert payload["copy_gbps"] > 0 and payload["matmul_tflops"] > 0
     assert "Smoke run" in capsys.readouterr().out

@@ -16,20 +16,26 @@ def test_rule_moves_towards_what_the_workers_sustain():
         s.observe(0.01, 0.1)  # waited 10% of the time: the workers are the bottleneck
     assert s.get() == 0.5  # not before a whole window
     s.observe(0.01, 0.1)
-    assert s.get() == pytest.approx(0.4)
+    assert s.get() == pytest.approx(0.3)  # waits twice the high mark: two steps down
     for _ in range(4):
         s.observe(0.0, 0.1)  # no wait: the workers keep up, take decoding off the GPU
-    assert s.get() == pytest.approx(0.5)
+    assert s.get() == pytest.approx(0.4)
     for _ in range(4):
         s.observe(0.003, 0.1)  # between low and high: stays
-    assert s.get() == pytest.approx(0.5)
+    assert s.get() == pytest.approx(0.4)
+    for _ in range(4):
+        s.observe(0.06, 0.1)  # far past the high mark: at most four steps down
+    assert s.get() == pytest.approx(0.0)
+    for _ in range(4):
+        s.observe(0.0, 0.1)
+    assert s.get() == pytest.approx(0.1)
     for _ in range(40):
         s.observe(0.0, 0.1)
     assert s.get() == 1.0  # bounded
     for _ in range(80):
         s.observe(0.2, 0.1)  # a wait longer than the batch counts as the batch's time
     assert s.get() == 0.0
-    assert s.history[0] == 0.5 and len(s.history) == 1 + (4 + 4 + 4 + 40 + 80) // 4
+    assert s.history[0] == 0.5 and len(s.history) == 1 + (4 + 4 + 4 + 4 + 4 + 40 + 80) // 4
 
 
 def test_bad_settings():

@@ -398,9 +398,11 @@ class DecodeShare:
     The best share depends on the machine: nvjpeg's rate, the cores, the image sizes, and how
     much GPU time the training step leaves to decoding. The loader reports, per batch, how long
     it waited for the workers and how long the batch took in all (:meth:`observe`); every
-    ``window`` batches the share moves by ``step``: down when the waits took more than ``high``
-    of the time (the workers are the bottleneck: give nvjpeg more), up when they took less than
-    ``low`` (the workers keep up: take decoding off the GPU, which the training step needs).
+    ``window`` batches the share moves: down when the waits took more than ``high`` of the time
+    (the workers are the bottleneck: give nvjpeg more), by ``step`` times how far past ``high``
+    the waits were (up to 4 steps: a share far too high is left in a few windows), up by ``step``
+    when they took less than ``low`` (the workers keep up: take decoding off the GPU, which the
+    training step needs).
     It settles where the workers just keep up: on a training run, as much CPU decoding as the
     cores sustain; on the pipeline alone, where the workers' and nvjpeg's rates meet. Windows
     of many batches (at least the number of workers: a new share reaches the batches the
@@ -435,7 +437,7 @@ class DecodeShare:
             return
         frac = self._waited / self._spent if self._spent > 0 else 0.0
         if frac > self.high:
-            self.set(self.get() - self.step)
+            self.set(self.get() - self.step * min(4.0, frac / self.high))
         elif frac < self.low:
             self.set(self.get() + self.step)
         self.history.append(self.get())

@@ -10,10 +10,11 @@ size, batch size, accumulation) that saved it, so a run resumed in another layou
 the same place in the epoch's order (position-exact, not bit-exact).
 
 ``--cuda-graph`` (:mod:`mimfast.train.cuda_graph`; on by default on a CUDA device where the run
-allows it: one process, ``--accum-iter 1``, not fp16, not ``--compile`` or ``--fsdp``; ``--no-cuda-graph``
-turns it off): the step (forward, backward, gradient clip, AdamW) is captured into a CUDA graph after ``GRAPH_WARMUP_STEPS`` eager steps and replayed for
-every later one; each batch's device tensors (the task's ``inputs``: images and mask noise, or
-images, masks and BEiT's tokens) are made outside the graph and copied into its inputs. The learning rate is a
+allows it: one process, ``--accum-iter 1``, not fp16, not ``--compile`` or ``--fsdp``;
+``--no-cuda-graph`` turns it off): the step (forward, backward, gradient clip, AdamW) is
+captured into a CUDA graph after ``GRAPH_WARMUP_STEPS`` eager steps and replayed for every later
+one; each batch's device tensors (the task's ``inputs``: images and mask noise, or images, masks
+and BEiT's tokens) are made outside the graph and copied into its inputs. The learning rate is a
 device tensor set in place, a non-finite loss skips the update on the device (the fused AdamW's
 ``found_inf``), and the loss logged is the graph's output. Every step is one training step, as
 without the graph (the warm-up steps included), so the run trains as an eager one does. Off CUDA
@@ -382,7 +383,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             source = ShapesDataset(cfg.builtin_size, img_size=cfg.builtin_resolution or img_size, seed=cfg.seed)
         share = cfg.gpu_pipeline_cpu_decode
         if cfg.gpu_pipeline_adaptive_decode:  # windows of at least a batch per worker: the lag of a new share
-            share = DecodeShare(initial=cfg.gpu_pipeline_cpu_decode or 0.5, window=max(8, workers))
+            share = DecodeShare(initial=cfg.gpu_pipeline_cpu_decode or 1.0, window=max(8, workers))
         dataset = EncodedImages(source, cpu_decode_fraction=share)
     else:
         dataset = build_dataset(cfg.data, img_size, task.transform(img_size), seed=cfg.seed,
