@@ -212,7 +212,9 @@ def cases_attention():
     yield "tests: fp32 bias on fp16 qkv", lambda: fwd_bwd(2, 23, 2, 32, F16, True, bias_dtype=F32)
     yield "models: frozen bias (no bias gradient)", lambda: [fwd_bwd(2, S, 12, 64, BF16, True, need_bias_grad=False)
                                                              for S in (50, 197)]
-    yield "models: fp32 bias under bf16 autocast", lambda: fwd_bwd(8, 197, 12, 64, BF16, True, bias_dtype=F32)
+    yield "models: fp32 bias under bf16 autocast, every tuning candidate", lambda: [
+        fwd_bwd(8, 197, 12, 64, BF16, True, bias_dtype=F32, config=cfg)
+        for cfg in K.candidate_configs(197, 64, True, BF16).values()]
     yield "models: tiny test models (Dh 8, 16, 32)", lambda: [fwd_bwd(2, S, H, Dh, dt, bias)
                                                               for S in (5, 17, 50, 65)
                                                               for H, Dh in ((2, 8), (3, 16), (2, 32))

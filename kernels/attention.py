@@ -526,6 +526,14 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # gradient stored to its own fp32 strip (no read-modify-write, no barrier) and summed over the
         # batch after: a transient B x H x S x S fp32 buffer (BEiT-B, B = 256: about 0.5 GB)
         alts["bias_grad_per_batch"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, bias_batches=1)
+    if not has_bias and seq_len > 128:
+        # the split backward's tiles doubled (fewer programs, each loaded key / query block reused
+        # twice as long) or halved (twice the programs): MAE's decoder (S 197, Dh 32) took 0.60 ms
+        # a layer in the backward against 0.20 ms in the forward on the H200
+        alts["bwd_tiles_128"] = replace(base, dq_block_m=128, dq_block_n=64, dq_warps=8, dkdv_block_m=64,
+                                        dkdv_block_n=128, dkdv_warps=8)
+        alts["bwd_tiles_32"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, dkdv_block_m=64,
+                                       dkdv_block_n=32, dkdv_warps=4)
     if seq_len > 64:
         # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
         # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
