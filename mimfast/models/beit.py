@@ -28,7 +28,7 @@ from timm.layers import trunc_normal_ as _timm_trunc_normal_
 from torch import nn
 
 from mimfast import ops
-from mimfast.backend import check_backend_name
+from mimfast.backend import check_backend_name, resolve
 from mimfast.ops.linear_ce import same_row_count
 from mimfast.nn.beit_attention import BEiTAttention, RelativePositionBias, table_grid
 from mimfast.nn.blocks import FusedBlocksMixin, no_hooks
@@ -222,8 +222,13 @@ class _BEiTEncoder(FusedBlocksMixin, nn.Module):
         cls_tokens = self.cls_token.expand(batch_size, -1, -1)
         mask_token = self.mask_token.expand(batch_size, seq_len, -1)
         # replace the masked visual tokens by mask_token
-        w = bool_masked_pos.unsqueeze(-1).type_as(mask_token)
-        x = x * (1 - w) + mask_token * w
+        if resolve(self.kernels, x, op="mask_token") == "triton":
+            # one pass instead of four: x * (1 - w) + mask_token * w is x or mask_token exactly (finite
+            # values), in the same promoted dtype, with the same gradients up to summation order
+            x = torch.where(bool_masked_pos.unsqueeze(-1), mask_token, x)
+        else:
+            w = bool_masked_pos.unsqueeze(-1).type_as(mask_token)
+            x = x * (1 - w) + mask_token * w
         x = torch.cat((cls_tokens, x), dim=1)  # (N, 1 + L, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed
