@@ -110,20 +110,9 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         patches, w2, ids_keep, ids_restore = ctx.saved_tensors
         imgs_shape, imgs_dtype, w_dtype, p, L, compute_dtype, bias_dtype, pos_dtype = ctx.meta
         need_imgs, need_w, need_b, need_pos = ctx.needs_input_grad[:4]
-        N, K, D = grad_out.shape
-        g_imgs = g_w = g_b = g_pos = None
-        if need_w or need_imgs:
-            gc = as_dtype(grad_out.reshape(N * K, D), compute_dtype)  # the conv output's grad dtype
-            if not gc.is_contiguous():
-                gc = gc.contiguous()
-            with _no_autocast(grad_out.device.type):
-                if need_w:
-                    g_w = as_dtype(torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p), w_dtype)
-                if need_imgs:
-                    g_patches = torch.mm(gc, w2).contiguous()  # (N*K, C*p*p)
-                    g_imgs = _scatter_patches(g_patches, ids_keep, p, list(imgs_shape), imgs_dtype)
-        if need_b:
-            g_b = as_dtype(column_sum_op(grad_out.reshape(N * K, D)), bias_dtype)  # fp32, one pass
+        g_imgs, g_w, g_b = _projection_grads(grad_out, patches, w2, ids_keep, imgs_shape, imgs_dtype, w_dtype, p,
+                                             bias_dtype, (need_imgs, need_w, need_b))
+        g_pos = None
         if need_pos:
             _, g_pos = _masking_bwd(grad_out, ids_restore, L, None, pos_dtype)
             g_pos = g_pos.unsqueeze(0)
@@ -149,28 +138,36 @@ class PatchEmbedFn(torch.autograd.Function):
             else:  # the bias in fp32 inside the product's epilogue, one rounding to the output dtype
                 y = torch.addmm(as_dtype(bias, compute_dtype), patches, w2.t())
         ctx.save_for_backward(patches, w2, ids)
-        ctx.meta = (imgs.shape, imgs.dtype, weight.dtype, p, compute_dtype, bias.dtype if bias is not None else None)
+        ctx.meta = (imgs.shape, imgs.dtype, weight.dtype, p, bias.dtype if bias is not None else None)
         return y.view(N, L, D)
 
     @staticmethod
     def backward(ctx, grad_out):
         patches, w2, ids = ctx.saved_tensors
-        imgs_shape, imgs_dtype, w_dtype, p, compute_dtype, bias_dtype = ctx.meta
-        need_imgs, need_w, need_b = ctx.needs_input_grad[:3]
-        N, L, D = grad_out.shape
-        g_imgs = g_w = g_b = None
-        if need_w or need_imgs:
-            gc = as_dtype(grad_out.reshape(N * L, D), compute_dtype)
-            if not gc.is_contiguous():
-                gc = gc.contiguous()
-            with _no_autocast(grad_out.device.type):
-                if need_w:
-                    g_w = as_dtype(torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p), w_dtype)
-                if need_imgs:
-                    g_imgs = _scatter_patches(torch.mm(gc, w2).contiguous(), ids, p, list(imgs_shape), imgs_dtype)
-        if need_b:
-            g_b = as_dtype(column_sum_op(grad_out.reshape(N * L, D)), bias_dtype)  # fp32, one pass
-        return g_imgs, g_w, g_b, None
+        imgs_shape, imgs_dtype, w_dtype, p, bias_dtype = ctx.meta
+        return (*_projection_grads(grad_out, patches, w2, ids, imgs_shape, imgs_dtype, w_dtype, p, bias_dtype,
+                                   ctx.needs_input_grad[:3]), None)
+
+
+def _projection_grads(grad_out, patches, w2, ids, imgs_shape, imgs_dtype, w_dtype, p, bias_dtype, needs):
+    """(grad_imgs, grad_weight, grad_bias) of the patch projection for ``grad_out`` (N, K, D), the
+    rows of patches ``ids`` (N, K) gathered into ``patches`` (in the compute dtype, as is ``w2``);
+    each in its input's dtype, None where ``needs`` says it is not needed."""
+    need_imgs, need_w, need_b = needs
+    N, K, D = grad_out.shape
+    g_imgs = g_w = g_b = None
+    if need_w or need_imgs:
+        gc = as_dtype(grad_out.reshape(N * K, D), patches.dtype)  # the conv output's grad dtype
+        if not gc.is_contiguous():
+            gc = gc.contiguous()
+        with _no_autocast(grad_out.device.type):
+            if need_w:
+                g_w = as_dtype(torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p), w_dtype)
+            if need_imgs:  # (N*K, C*p*p) scattered back into the patches of a zero image
+                g_imgs = _scatter_patches(torch.mm(gc, w2).contiguous(), ids, p, list(imgs_shape), imgs_dtype)
+    if need_b:
+        g_b = as_dtype(column_sum_op(grad_out.reshape(N * K, D)), bias_dtype)  # fp32, one pass
+    return g_imgs, g_w, g_b
 
 
 def _all_patches(N: int, L: int, device: torch.device) -> torch.Tensor:
