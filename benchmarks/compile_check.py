@@ -275,6 +275,8 @@ def cases_masking():
                                 _e(L + 1, D, dtype=dt), dt, tiles=t)
             K.unshuffle_backward(_e(N, L + 1, D, dtype=dt), _e(N, L, dtype=torch.int64), K_, dt, dt, dt, tiles=t)
             K.masking_backward(_e(N, K_, D, dtype=dt), _e(N, L, dtype=torch.int64), L, dt, dt, tiles=t)
+        for _, t in K._unshuffle_bwd_candidates(L + 1, D):  # more programs: the same kernels, another grid
+            K.unshuffle_backward(_e(N, L + 1, D, dtype=dt), _e(N, L, dtype=torch.int64), K_, dt, dt, dt, tiles=t)
 
     yield "tuning candidates (kernels.tuning) at MAE widths", lambda: [
         tiles(256, L, D, dt) for L, D in ((196, 512), (196, 768), (196, 1024), (256, 1280), (256, 512))

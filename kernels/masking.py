@@ -464,10 +464,21 @@ def _tile_candidates(rows: int, D: int) -> tuple[tuple[str, tuple[int, int, int]
     return tuning.distinct(cands.items())
 
 
-def _tiles(device: torch.device, rows: int, D: int, key: tuple, run) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=256)
+def _unshuffle_bwd_candidates(rows: int, D: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The row-tile candidates, and for the un-shuffle backward (whose programs each loop over a
+    chunk of the batch for the mask token's partial sums) the same tiles with four times the
+    programs, each looping over a quarter as many samples: fewer dependent trips a program
+    (``(BLOCK_R, BLOCK_D, num_warps, programs factor)``)."""
+    cands = _tile_candidates(rows, D)
+    more = [(f"{name}_x4_programs", (*t, 4)) for name, t in cands if name in ("default", "whole_rows")]
+    return tuning.distinct(list(cands) + more)
+
+
+def _tiles(device: torch.device, rows: int, D: int, key: tuple, run, candidates=None) -> tuple[int, ...]:
     """(BLOCK_R, BLOCK_D, num_warps) of a row-tile launch: the tuner's choice on a GPU."""
     if tuning.applies(device):
-        return tuning.choose(key, _tile_candidates(rows, D), run, device)
+        return tuning.choose(key, candidates or _tile_candidates(rows, D), run, device)
     return (*_row_tiles(device, rows, D), 4)
 
 
@@ -478,9 +489,10 @@ def _target_programs(device: torch.device) -> int:
     return 8 if GPU_TILES_ON_CPU else 1
 
 
-def _chunking(N: int, base_programs: int, device: torch.device) -> tuple[int, int]:
-    """(samples per program, number of chunks) so that the grid has about the target size."""
-    chunks = max(1, min(N, cdiv(_target_programs(device), base_programs)))
+def _chunking(N: int, base_programs: int, device: torch.device, factor: int = 1) -> tuple[int, int]:
+    """(samples per program, number of chunks) so that the grid has about ``factor`` times the
+    target size."""
+    chunks = max(1, min(N, cdiv(_target_programs(device) * factor, base_programs)))
     n_per = cdiv(N, chunks)
     return n_per, cdiv(N, n_per)
 
@@ -765,11 +777,12 @@ def unshuffle_backward(
     grad_x_dtype: torch.dtype,
     grad_mt_dtype: torch.dtype,
     grad_pos_dtype: torch.dtype | None,
-    tiles: tuple[int, int, int] | None = None,
+    tiles: tuple[int, ...] | None = None,
 ):
     """Gradients of :func:`unshuffle_forward`: grad_x (N, 1 + K, D), grad_mask_token (D,) and,
     when ``grad_pos_dtype`` is given, grad_pos (1 + L, D); sums are deterministic. ``tiles``:
-    as for :func:`unshuffle_forward`."""
+    as for :func:`unshuffle_forward`, optionally with a fourth value, the factor on the number of
+    programs (:func:`_unshuffle_bwd_candidates`)."""
     _check_tokens("grad_out", grad_out, 3)
     N, L1, D = grad_out.shape
     L = L1 - 1
@@ -781,10 +794,10 @@ def unshuffle_backward(
         tiles = _tiles(device, L1, D, ("unshuffle_bwd", N, L, D, K, grad_out.dtype, grad_out.stride(), grad_x_dtype,
                                        grad_mt_dtype, grad_pos_dtype, device),
                        lambda t: unshuffle_backward(grad_out, ids_restore, K, grad_x_dtype, grad_mt_dtype,
-                                                    grad_pos_dtype, t))
-    BLOCK_R, BLOCK_D, warps = tiles
+                                                    grad_pos_dtype, t), _unshuffle_bwd_candidates(L1, D))
+    BLOCK_R, BLOCK_D, warps, *factor = tiles
     row_blocks, d_blocks = cdiv(L1, BLOCK_R), cdiv(D, BLOCK_D)
-    n_per, chunks = _chunking(N, row_blocks * d_blocks, device)
+    n_per, chunks = _chunking(N, row_blocks * d_blocks, device, factor[0] if factor else 1)
     pos_grad = grad_pos_dtype is not None
     gx = torch.empty((N, K + 1, D), dtype=grad_x_dtype, device=device)
     mt_partials = torch.empty((chunks * row_blocks, D), dtype=torch.float32, device=device)

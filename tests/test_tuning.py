@@ -306,6 +306,14 @@ def test_every_masking_tile_candidate_matches_the_default(D, device, monkeypatch
         mx, mpos = M.masking_backward(gv, ids_restore, L, torch.float32, torch.float32, tiles=t)
         assert torch.equal(mx, want_m[0]), name
         torch.testing.assert_close(mpos, want_m[1], rtol=1e-5, atol=1e-5)
+    # the un-shuffle backward's own candidates: more programs, each summing fewer samples
+    bwd_cands = M._unshuffle_bwd_candidates(L + 1, D)
+    assert any(len(t) == 4 and t[3] > 1 for _, t in bwd_cands)
+    for name, t in bwd_cands:
+        gx, gmt, gpos = M.unshuffle_backward(g, ids_restore, K, torch.float32, torch.float32, torch.float32, tiles=t)
+        assert torch.equal(gx, want_b[0]), name
+        torch.testing.assert_close(gmt, want_b[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gpos, want_b[2], rtol=1e-5, atol=1e-5)
 
 
 def test_unshuffle_launches_the_tuned_tiles(tuner, device, monkeypatch):
