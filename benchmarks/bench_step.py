@@ -35,6 +35,8 @@ fusions off:
                 masking and loss still on kernels)
   mimfast-no-block-fusions — (MAE) (d) with ``fused_norm=False, fused_mlp=False`` (timm's blocks
                 with mimfast's attention)
+--quick runs measure MAE ViT-B/16 and BEiT-B with every variant, then MAE ViT-L/16 with (b), (d),
+(g) and, while the compile budget lasts, (c) (``QUICK_L_VARIANTS``).
 
     python -m benchmarks.run --out DIR --only step
 
@@ -67,6 +69,8 @@ MASK_RATIO = 0.75
 # the case that runs mimfast+cudagraphs in --quick runs too (its launch-bound shape)
 QUICK_CUDAGRAPHS_CASE = "mae_vit_b16"
 GRAPH_VARIANT = "mimfast+graph"  # (d) captured whole by GraphedStep (no torch.compile)
+# --quick runs measure MAE ViT-L/16 last (after BEiT-B), with these variants only
+QUICK_L_VARIANTS = ("timm-sdpa", "mimfast", GRAPH_VARIANT, "timm-sdpa+compile")
 GRAPH_UNFUSED_VARIANT = "mimfast+graph+unfused-blocks"  # MAE: the same with fused_norm=False
 GRAPH_NOTE = "not measured: the CUDA graph's memory pool is held from the capture on, outside the replay's counts"
 BEIT_MASKED = 75  # of 196 patches, as BEiT pretrains
@@ -315,11 +319,13 @@ def _skip_compile(ctx, case, variant, compile_spent) -> bool:
     return True
 
 
-def _mae_cases(ctx, compile_spent):
+def _mae_cases(ctx, compile_spent, names=None, only=None):
+    """The MAE step cases (``names``: those of them; default all, ViT-B/16 alone in --quick runs),
+    each with every variant (``only``: those of them)."""
     dev = ctx.device
     all_cases = SMOKE_MAE_CASES if ctx.smoke else MAE_CASES
-    cases = {"mae_vit_b16": all_cases["mae_vit_b16"]} if ctx.quick else all_cases
-    for case, (name, n, overrides) in cases.items():
+    names = names or (["mae_vit_b16"] if ctx.quick else list(all_cases))
+    for case, (name, n, overrides) in ((c, all_cases[c]) for c in names):
         base = create_model(name, norm_pix_loss=True, kernels="eager", **overrides).to(dev)
         state = base.state_dict()
         flops = mae_step_flops(base, n, MASK_RATIO)
@@ -340,6 +346,8 @@ def _mae_cases(ctx, compile_spent):
                                                                   {"fused_norm": False})]
         if not ctx.quick or case == QUICK_CUDAGRAPHS_CASE:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
+        if only is not None:
+            variants = [v for v in variants if v[0] in only]
         for variant, kernels, sdpa, comp, extra in variants:
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
@@ -419,3 +427,5 @@ def run(ctx: harness.Context) -> None:
     compile_spent = [0.0]
     _mae_cases(ctx, compile_spent)
     _beit_cases(ctx, compile_spent)
+    if ctx.quick:  # issue 9's ratios for MAE ViT-L/16 too: (b), (c) while the compile budget lasts, (d)
+        _mae_cases(ctx, compile_spent, ["mae_vit_l16"], QUICK_L_VARIANTS)
