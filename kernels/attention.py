@@ -411,6 +411,67 @@ def _attn_bwd_dkdv(
     tl.store(DQKV + kv_rows + v_cols[None, :], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.jit
+def _attn_bwd_onepass(
+    QKV,  # (B, S, 3*H*HEAD_DIM)
+    OUT,  # (B, S, H*HEAD_DIM) contiguous, the forward output
+    DOUT,  # (B, S, H*HEAD_DIM) contiguous, gradient of the output
+    LSE,  # (B, H, S) fp32
+    DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; q, k and v parts written here
+    stride_qb, stride_qs, stride_qc,
+    S, H, scale, qk_scale2,
+    HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The whole backward of one (batch, head) without a bias, every key in one tile
+    (BLOCK_N >= S): the query blocks in a loop, each one's dq finished in it (all keys are here,
+    so nothing is summed across programs), dk and dv accumulated over the loop. Five products a
+    query block against the split kernels' seven (they recompute q k^T and dO v^T each)."""
+    pid = tl.program_id(0)
+    b64 = (pid // H).to(tl.int64)
+    h = pid % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DH_PAD)
+    mask_n = offs_n < S
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    kv_rows = b64 * stride_qb + offs_n[:, None] * stride_qs
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    od_cols = h * HEAD_DIM + offs_d
+    k = tl.load(QKV + kv_rows + k_cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, DH_PAD)
+    v = tl.load(QKV + kv_rows + v_cols[None, :], mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
+    for start_m in range(0, S, BLOCK_M):
+        offs_m = start_m + offs_m0
+        mask_m = offs_m < S
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q_rows = b64 * stride_qb + offs_m[:, None] * stride_qs
+        od_rows = (b64 * S + offs_m[:, None]) * (H * HEAD_DIM)
+        q = tl.load(QKV + q_rows + q_cols[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DOUT + od_rows + od_cols[None, :], mask=q_mask, other=0.0)
+        o = tl.load(OUT + od_rows + od_cols[None, :], mask=q_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,) rowsum(o * do)
+        # +inf logsumexp on padded query rows makes their probabilities exactly 0
+        lse2 = tl.load(LSE + (b64 * H + h) * S + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
+        pT = tl.exp2(sT - lse2[None, :])
+        pT = tl.where(mask_n[:, None], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds16 = (pT * (dpT - delta[None, :])).to(q.dtype)  # d loss / d (scale * q k^T), transposed
+        dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
+        dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale
+        tl.store(DQKV + q_rows + q_cols[None, :], dq.to(DQKV.dtype.element_ty), mask=q_mask)
+
+    tl.store(DQKV + kv_rows + k_cols[None, :], (dk * scale).to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(DQKV + kv_rows + v_cols[None, :], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +482,9 @@ class AttentionConfig:
     """Block sizes and launch choices; :func:`default_config` picks them from the shape.
 
     ``fwd_block_n >= S`` gives the one-program-holds-all-keys forward. ``bwd="fused"`` needs
-    S <= ``fused_block`` (one tile per head); ``"split"`` runs the dq kernel then the dk/dv kernel.
+    S <= ``fused_block`` (one tile per head); ``"split"`` runs the dq kernel then the dk/dv kernel;
+    ``"onepass"`` (no bias) one program per (batch, head) holding every key, its query blocks
+    (``dq_block_m`` rows, ``dq_warps`` warps) in a loop.
     ``dq_block_n >= S`` keeps the bias gradient in registers; smaller tiles update a private
     fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
     (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
@@ -526,6 +589,11 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # gradient stored to its own fp32 strip (no read-modify-write, no barrier) and summed over the
         # batch after: a transient B x H x S x S fp32 buffer (BEiT-B, B = 256: about 0.5 GB)
         alts["bias_grad_per_batch"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, bias_batches=1)
+    if not has_bias and 64 < seq_len <= 256 and _pow2(head_dim) <= 32:
+        # every key in one program, the query blocks in a loop: five products a block, not seven
+        # (MAE's decoder: S 197, Dh 32)
+        alts["bwd_onepass"] = replace(base, bwd="onepass", dq_block_m=32, dq_warps=8)
+        alts["bwd_onepass_m16"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=8)
     if not has_bias and seq_len > 128:
         # the split backward's tiles doubled (fewer programs, each loaded key / query block reused
         # twice as long) or halved (twice the programs): MAE's decoder (S 197, Dh 32) took 0.60 ms
@@ -696,6 +764,10 @@ def _bwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
                      NEED_DBIAS=need_dbias, DOT_PRECISION=precision, num_warps=cfg.fused_warps,
                      num_stages=cfg.bwd_stages)
         dkdv = {}
+    elif cfg.bwd == "onepass":  # no batch loop: one program per (batch, head)
+        first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=_pow2(S),
+                     DOT_PRECISION=precision, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+        return cfg, (first, first), {}
     else:
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
                      HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=cfg.dq_block_n >= S,
@@ -821,8 +893,14 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
             qkv, bias_arg, grad_out, lse, delta, dqkv, *common,
             S, S_B, H, scale, scale * LOG2E, **dkdv_meta,
         )
+    elif cfg.bwd == "onepass":
+        if has_bias:
+            raise ValueError("config.bwd='onepass' takes no bias (use 'split' or 'fused')")
+        _attn_bwd_onepass[(B * H,)](
+            qkv, out, grad_out, lse, dqkv, *qkv.stride(), S, H, scale, scale * LOG2E, **first_meta[0],
+        )
     else:
-        raise ValueError(f"config.bwd must be 'fused' or 'split', got {cfg.bwd!r}")
+        raise ValueError(f"config.bwd must be 'fused', 'split' or 'onepass', got {cfg.bwd!r}")
 
     dbias = None
     if need_dbias:
