@@ -414,19 +414,23 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_onepass(
     QKV,  # (B, S, 3*H*HEAD_DIM)
+    BIAS,  # (H, S, S) (unused unless HAS_BIAS)
     OUT,  # (B, S, H*HEAD_DIM) contiguous, the forward output
     DOUT,  # (B, S, H*HEAD_DIM) contiguous, gradient of the output
     LSE,  # (B, H, S) fp32
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; q, k and v parts written here
+    DBIAS,  # (B, H, S, S_B) fp32: each batch's bias gradient, stored once (unused unless NEED_DBIAS)
     stride_qb, stride_qs, stride_qc,
-    S, H, scale, qk_scale2,
+    stride_bh, stride_bi, stride_bj,
+    S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The whole backward of one (batch, head) without a bias, every key in one tile
-    (BLOCK_N >= S): the query blocks in a loop, each one's dq finished in it (all keys are here,
-    so nothing is summed across programs), dk and dv accumulated over the loop. Five products a
-    query block against the split kernels' seven (they recompute q k^T and dO v^T each)."""
+    """The whole backward of one (batch, head), every key in one tile (BLOCK_N >= S): the query
+    blocks in a loop, each one's dq finished in it (all keys are here, so nothing is summed
+    across programs), dk and dv accumulated over the loop. Five products a query block against
+    the split kernels' seven (they recompute q k^T and dO v^T each). With a bias gradient, each
+    (batch, head)'s dS is stored to its own strip, summed over the batch after."""
     pid = tl.program_id(0)
     b64 = (pid // H).to(tl.int64)
     h = pid % H
@@ -459,11 +463,19 @@ def _attn_bwd_onepass(
         # +inf logsumexp on padded query rows makes their probabilities exactly 0
         lse2 = tl.load(LSE + (b64 * H + h) * S + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
+        bias_mask = (offs_n < S_B)[:, None] & mask_m[None, :]  # padded bias columns: vector access
+        if HAS_BIAS:
+            biasT = tl.load(BIAS + h * stride_bh + offs_m[None, :] * stride_bi + offs_n[:, None] * stride_bj,
+                            mask=bias_mask, other=0.0)
+            sT += biasT.to(tl.float32) * 1.4426950408889634
         pT = tl.exp2(sT - lse2[None, :])
         pT = tl.where(mask_n[:, None], pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds16 = (pT * (dpT - delta[None, :])).to(q.dtype)  # d loss / d (scale * q k^T), transposed
+        dsT = pT * (dpT - delta[None, :])  # d loss / d (scale * q k^T + bias), transposed
+        if NEED_DBIAS:  # this (batch, head)'s strip, written once (padded keys: dS = 0)
+            tl.store(DBIAS + ((b64 * H + h) * S + offs_m[None, :]) * S_B + offs_n[:, None], dsT, mask=bias_mask)
+        ds16 = dsT.to(q.dtype)
         dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
         dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale
         tl.store(DQKV + q_rows + q_cols[None, :], dq.to(DQKV.dtype.element_ty), mask=q_mask)
@@ -483,8 +495,9 @@ class AttentionConfig:
 
     ``fwd_block_n >= S`` gives the one-program-holds-all-keys forward. ``bwd="fused"`` needs
     S <= ``fused_block`` (one tile per head); ``"split"`` runs the dq kernel then the dk/dv kernel;
-    ``"onepass"`` (no bias) one program per (batch, head) holding every key, its query blocks
-    (``dq_block_m`` rows, ``dq_warps`` warps) in a loop.
+    ``"onepass"`` one program per (batch, head) holding every key, its query blocks
+    (``dq_block_m`` rows, ``dq_warps`` warps) in a loop (a bias gradient: one fp32 partial per
+    batch, summed after).
     ``dq_block_n >= S`` keeps the bias gradient in registers; smaller tiles update a private
     fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
     (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
@@ -589,11 +602,15 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # gradient stored to its own fp32 strip (no read-modify-write, no barrier) and summed over the
         # batch after: a transient B x H x S x S fp32 buffer (BEiT-B, B = 256: about 0.5 GB)
         alts["bias_grad_per_batch"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, bias_batches=1)
-    if not has_bias and 64 < seq_len <= 256 and _pow2(head_dim) <= 32:
+    if 64 < seq_len <= 256 and _pow2(head_dim) <= 64:
         # every key in one program, the query blocks in a loop: five products a block, not seven
-        # (MAE's decoder: S 197, Dh 32)
-        alts["bwd_onepass"] = replace(base, bwd="onepass", dq_block_m=32, dq_warps=8)
-        alts["bwd_onepass_m16"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=8)
+        # (MAE's decoder: S 197, Dh 32; BEiT-B with its bias: Dh 64). Tiles that compile for sm_90
+        # without spills (benchmarks/compile_check.py): Dh 32 up to 32 query rows, Dh 64 16 rows
+        # on 16 warps (128 registers)
+        if _pow2(head_dim) <= 32:
+            alts["bwd_onepass"] = replace(base, bwd="onepass", dq_block_m=32, dq_warps=8)
+            alts["bwd_onepass_w16"] = replace(base, bwd="onepass", dq_block_m=32, dq_warps=16)
+        alts["bwd_onepass_m16"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16)
     if not has_bias and seq_len > 128:
         # the split backward's tiles doubled (fewer programs, each loaded key / query block reused
         # twice as long) or halved (twice the programs): MAE's decoder (S 197, Dh 32) took 0.60 ms
@@ -765,8 +782,9 @@ def _bwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
                      num_stages=cfg.bwd_stages)
         dkdv = {}
     elif cfg.bwd == "onepass":  # no batch loop: one program per (batch, head)
-        first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=_pow2(S),
-                     DOT_PRECISION=precision, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+        first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=_pow2(S), HAS_BIAS=has_bias,
+                     NEED_DBIAS=need_dbias, DOT_PRECISION=precision, num_warps=cfg.dq_warps,
+                     num_stages=cfg.bwd_stages)
         return cfg, (first, first), {}
     else:
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
@@ -894,10 +912,12 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
             S, S_B, H, scale, scale * LOG2E, **dkdv_meta,
         )
     elif cfg.bwd == "onepass":
-        if has_bias:
-            raise ValueError("config.bwd='onepass' takes no bias (use 'split' or 'fused')")
+        # each batch's bias gradient stored once, summed below (every element written: rows < S,
+        # columns < S_B <= the key tile)
+        dbias_part = _empty(B, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
         _attn_bwd_onepass[(B * H,)](
-            qkv, out, grad_out, lse, dqkv, *qkv.stride(), S, H, scale, scale * LOG2E, **first_meta[0],
+            qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
+            S, S_B, H, scale, scale * LOG2E, **first_meta[0],
         )
     else:
         raise ValueError(f"config.bwd must be 'fused', 'split' or 'onepass', got {cfg.bwd!r}")

@@ -98,7 +98,7 @@ def test_cpu_is_never_tuned(monkeypatch):
 
 
 @pytest.mark.parametrize("S,Dh,bias", [(33, 16, False), (50, 64, True), (65, 16, True), (65, 80, False),
-                                       (130, 32, True), (140, 32, False)])
+                                       (130, 32, True), (140, 32, False), (100, 64, True)])
 def test_every_attention_candidate_matches_the_reference(S, Dh, bias, device):
     """Each configuration the launchers may choose, at the shape it is offered for (fp16: the
     interpreter's bf16 dot is wrong)."""
