@@ -61,6 +61,7 @@ __all__ = ["AttentionConfig", "default_config", "candidate_configs", "attention_
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128  # larger heads need other tilings (shared memory); not built
+ONEPASS_MAX_S = 256  # the one-pass backward holds every key of a head in one program
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,7 +603,7 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # gradient stored to its own fp32 strip (no read-modify-write, no barrier) and summed over the
         # batch after: a transient B x H x S x S fp32 buffer (BEiT-B, B = 256: about 0.5 GB)
         alts["bias_grad_per_batch"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, bias_batches=1)
-    if 64 < seq_len <= 256 and _pow2(head_dim) <= 64:
+    if 64 < seq_len <= ONEPASS_MAX_S and _pow2(head_dim) <= 64:
         # every key in one program, the query blocks in a loop: five products a block, not seven
         # (MAE's decoder: S 197, Dh 32; BEiT-B with its bias: Dh 64). Tiles that compile for sm_90
         # without spills (benchmarks/compile_check.py): Dh 32 up to 32 query rows, Dh 64 16 rows
@@ -912,6 +913,8 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
             S, S_B, H, scale, scale * LOG2E, **dkdv_meta,
         )
     elif cfg.bwd == "onepass":
+        if S > ONEPASS_MAX_S:
+            raise ValueError(f"config.bwd='onepass' holds every key in one program: S <= {ONEPASS_MAX_S}, got S={S}")
         # each batch's bias gradient stored once, summed below (every element written: rows < S,
         # columns < S_B <= the key tile)
         dbias_part = _empty(B, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out

@@ -240,6 +240,8 @@ def test_configs_agree(device):
     onepass = K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16, dq_warps=4)
     for bias in (False, True):
         check_against_reference(3, 21, 2, 16, torch.float32, device, bias=bias, config=onepass)
+    with pytest.raises(ValueError, match="S <= 256, got S=257"):
+        check_against_reference(1, 257, 1, 16, torch.float32, device, config=onepass)
 
 
 def test_custom_scale_and_fp32_bias_on_half(device):
