@@ -348,6 +348,24 @@ def _attn_bwd_dq(
 
 
 @triton.jit
+def _kv_block(QKV, b64, h, offs_n, S, H, stride_qb, stride_qs, stride_qc,
+              HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr):
+    """A key block's setup in the backward kernels that hold one: the head-dimension offsets and
+    mask, the rows' mask and offsets, the q / k / v column offsets of head h, and the block's k
+    and v tiles (BLOCK_N, DH_PAD)."""
+    offs_d = tl.arange(0, DH_PAD)
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = (offs_n < S)[:, None] & mask_d[None, :]
+    kv_rows = b64 * stride_qb + offs_n[:, None] * stride_qs
+    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
+    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    k = tl.load(QKV + kv_rows + k_cols[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(QKV + kv_rows + v_cols[None, :], mask=kv_mask, other=0.0)
+    return offs_d, mask_d, kv_mask, kv_rows, q_cols, k_cols, v_cols, k, v
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     QKV,  # (B, S, 3*H*HEAD_DIM)
     BIAS,  # (H, S, S)
@@ -372,17 +390,9 @@ def _attn_bwd_dkdv(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DH_PAD)
-    mask_n = offs_n < S
-    mask_d = offs_d < HEAD_DIM
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    kv_rows = b64 * stride_qb + offs_n[:, None] * stride_qs
-    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
-    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
+    offs_d, mask_d, kv_mask, kv_rows, q_cols, k_cols, v_cols, k, v = _kv_block(
+        QKV, b64, h, offs_n, S, H, stride_qb, stride_qs, stride_qc, HEAD_DIM, DH_PAD)
     do_cols = h * HEAD_DIM + offs_d
-    k = tl.load(QKV + kv_rows + k_cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, DH_PAD)
-    v = tl.load(QKV + kv_rows + v_cols[None, :], mask=kv_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
@@ -437,17 +447,10 @@ def _attn_bwd_onepass(
     h = pid % H
     offs_n = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DH_PAD)
     mask_n = offs_n < S
-    mask_d = offs_d < HEAD_DIM
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    kv_rows = b64 * stride_qb + offs_n[:, None] * stride_qs
-    q_cols = (h * HEAD_DIM + offs_d) * stride_qc
-    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
+    offs_d, mask_d, kv_mask, kv_rows, q_cols, k_cols, v_cols, k, v = _kv_block(
+        QKV, b64, h, offs_n, S, H, stride_qb, stride_qs, stride_qc, HEAD_DIM, DH_PAD)
     od_cols = h * HEAD_DIM + offs_d
-    k = tl.load(QKV + kv_rows + k_cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, DH_PAD)
-    v = tl.load(QKV + kv_rows + v_cols[None, :], mask=kv_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
