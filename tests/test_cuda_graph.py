@@ -489,3 +489,27 @@ def test_pretrain_cuda_graph_on_cuda_trains_as_a_plain_run(tmp_path):
     assert not pretrain(_cfg(tmp_path / "accum", max_steps=2, accum_iter=2, **kw))["cuda_graph"]
     # the plain run's AdamW is fused too, its lr a float (the graph's a float32 tensor): close, not equal
     assert _losses(tmp_path / "graph") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-3)
+
+
+@gpu_only
+def test_pretrain_default_graph_runs_eagerly_where_the_step_cannot_be_captured(tmp_path, monkeypatch, capsys):
+    """The default (not asked for) capture gives way: a step that reads the device from the host
+    fails the capture, and the run goes on eagerly from that step, the same number of steps."""
+    from mimfast.train import pretrain as P
+
+    from test_pretrain import _cfg
+
+    real = P.MAETask.loss_of
+
+    def syncing(self, model, imgs, noise):
+        loss = real(self, model, imgs, noise)
+        float(loss.detach())  # a host read: nothing of this can be captured
+        return loss
+
+    monkeypatch.setattr(P.MAETask, "loss_of", syncing)
+    summary = P.pretrain(_cfg(tmp_path, epochs=2, kernels="auto", precision="bf16", device="cuda"))
+    assert summary["status"] == "done" and summary["steps"] == 8 and summary["cuda_graph"] is False
+    assert "could not be captured" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="could not be captured"):  # asked for: the failure stands
+        P.pretrain(_cfg(tmp_path / "asked", epochs=2, kernels="auto", precision="bf16", device="cuda",
+                        cuda_graph=True))

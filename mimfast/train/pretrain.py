@@ -420,6 +420,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     schedule = dict(schedule=cfg.lr_schedule, milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma,
                     warmup_lr=cfg.warmup_lr)
     graphed = cfg.cuda_graph
+    auto_graph = graphed is None  # the default, not asked for: a step that cannot be captured runs eagerly
     problems = config_problems(world_size=d.world_size, accum_iter=cfg.accum_iter,
                                precision=_autocast(cfg, device)[0], compile=cfg.compile)
     if graphed is None:  # the default: captured where it can be, on a CUDA device
@@ -547,7 +548,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
             if graphed:  # one whole step (accum_iter 1): captured after the warm-up, then replayed
                 with autocast():  # the tokenizer runs under autocast, as in task.loss
                     inputs = graph_inputs(batch)
-                loss_value = graph_step(*inputs).item()
+                try:
+                    loss_value = graph_step(*inputs).item()
+                except RuntimeError as e:
+                    if not (auto_graph and graph_step.enabled and not graph_step.captured
+                            and "could not be captured" in str(e)):
+                        raise
+                    # nothing of the failed capture ran: this step again, eagerly, and every later one
+                    if d.main:
+                        print(f"{e}\nthe steps run eagerly from here (--no-cuda-graph does so from the start)")
+                    graph_step.enabled = False
+                    loss_value = graph_step(*inputs).item()
             else:
                 if sharded:  # FSDP2's no_sync: no reduce-scatter while the micro-batches accumulate
                     model.set_requires_gradient_sync(sync)
