@@ -276,6 +276,8 @@ def cases_masking():
             K.unshuffle_backward(_e(N, L + 1, D, dtype=dt), _e(N, L, dtype=torch.int64), K_, dt, dt, dt, tiles=t)
             K.masking_backward(_e(N, K_, D, dtype=dt), _e(N, L, dtype=torch.int64), L, dt, dt, tiles=t)
         for _, t in K._unshuffle_bwd_candidates(L + 1, D):  # more programs: the same kernels, another grid
+            if len(t) < 4:  # the row tiles' own: launched above
+                continue
             K.unshuffle_backward(_e(N, L + 1, D, dtype=dt), _e(N, L, dtype=torch.int64), K_, dt, dt, dt, tiles=t)
 
     yield "tuning candidates (kernels.tuning) at MAE widths", lambda: [

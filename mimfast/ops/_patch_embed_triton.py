@@ -20,7 +20,7 @@ import torch
 from mimfast.kernels import masking as _km
 from mimfast.kernels import patch_embed as _kp
 from mimfast.ops._custom_op import as_dtype, kernel_op
-from mimfast.ops._linear_triton import column_sum_op
+from mimfast.ops._linear_triton import column_sum_op, linear_grads
 from mimfast.ops._masking_triton import _masking_bwd, _promote_dtypes
 from mimfast.ops.masking import num_kept
 
@@ -161,12 +161,14 @@ def _projection_grads(grad_out, patches, w2, ids, imgs_shape, imgs_dtype, w_dtyp
         if not gc.is_contiguous():
             gc = gc.contiguous()
         with _no_autocast(grad_out.device.type):
-            if need_w:
-                g_w = as_dtype(torch.mm(gc.t(), patches).view(D, imgs_shape[1], p, p), w_dtype)
-            if need_imgs:  # (N*K, C*p*p) scattered back into the patches of a zero image
-                g_imgs = _scatter_patches(torch.mm(gc, w2).contiguous(), ids, p, list(imgs_shape), imgs_dtype)
-    if need_b:
-        g_b = as_dtype(column_sum_op(grad_out.reshape(N * K, D)), bias_dtype)  # fp32, one pass
+            g_patches, g_w, _ = linear_grads(gc, patches, w2, (patches.dtype, w_dtype, None),
+                                             (need_imgs, need_w, False))
+        if need_w:
+            g_w = g_w.view(D, imgs_shape[1], p, p)
+        if need_imgs:  # (N*K, C*p*p) scattered back into the patches of a zero image
+            g_imgs = _scatter_patches(g_patches, ids, p, list(imgs_shape), imgs_dtype)
+    if need_b:  # from the incoming gradient itself (fp32 where the output was), one pass
+        g_b = as_dtype(column_sum_op(grad_out.reshape(N * K, D)), bias_dtype)
     return g_imgs, g_w, g_b
 
 

@@ -3,8 +3,9 @@
 A model's blocks run two ways with the same parameters and results (:mod:`mimfast.nn.blocks`):
 the residual adds fused into the LayerNorms after them (fewer passes over the activations, more
 launches through Python) or as timm runs them. Which is faster depends on the GPU, the host and
-the shapes: on the H200 run the MAE ViT-B/16 step was faster unfused and BEiT-B's fused. The
-models default to what that run measured; a training run can instead time a few of its own steps
+the shapes: on the first H200 run the MAE ViT-B/16 step was faster unfused, on the second (after
+the launches skipped the dispatcher) fused, as BEiT-B's was in both. The models default to what the
+latest run measured; a training run can instead time a few of its own steps
 each way and keep the faster (``mimfast pretrain --fusion-trial-steps N``, on by default where the
 kernels run on Triton). The steps of the trial are ordinary training steps: the two forms compute
 the same loss and gradients up to rounding.

@@ -141,25 +141,25 @@ def _fusion_trial(cfg: PretrainConfig, model, device: torch.device, *, graphed: 
     kernels run on Triton here, the run did not name a form, and nothing fixes the step's code
     after the first steps (a CUDA graph, torch.compile) or runs the blocks through other forwards
     (FSDP units); one optimizer step per batch (each step timed whole)."""
-    from mimfast.backend import resolve
     from mimfast.nn.blocks import FusedBlocksMixin, can_fuse_blocks
 
     if (cfg.fusion_trial_steps <= 0 or cfg.fused_norm is not None or graphed or cfg.compile or sharded
             or cfg.accum_iter != 1 or not isinstance(model, FusedBlocksMixin)
-            or not can_fuse_blocks(model.blocks, model.norm)):
-        return None
-    if resolve(model.kernels, torch.empty(0, device=device), op="add_layer_norm") != "triton":
+            or not can_fuse_blocks(model.blocks, model.norm) or not _blocks_on_triton(model, device)):
         return None
     return FusionTrial(model, cfg.fusion_trial_steps, mean=mean)
 
 
-def _blocks_fused(model, device: torch.device) -> bool:
-    """Whether the model's blocks ran fused: its ``fused_norm`` set and its kernels on Triton here."""
+def _blocks_on_triton(model, device: torch.device) -> bool:
+    """Whether the model's block kernels (add + LayerNorm) run on Triton on ``device``."""
     from mimfast.backend import resolve
 
-    if not getattr(model, "fused_norm", False):
-        return False
     return resolve(model.kernels, torch.empty(0, device=device), op="add_layer_norm") == "triton"
+
+
+def _blocks_fused(model, device: torch.device) -> bool:
+    """Whether the model's blocks ran fused: its ``fused_norm`` set and its kernels on Triton here."""
+    return bool(getattr(model, "fused_norm", False)) and _blocks_on_triton(model, device)
 
 
 def _autocast(cfg: PretrainConfig, device: torch.device):
