@@ -513,3 +513,32 @@ def test_pretrain_default_graph_runs_eagerly_where_the_step_cannot_be_captured(t
     with pytest.raises(RuntimeError, match="could not be captured"):  # asked for: the failure stands
         P.pretrain(_cfg(tmp_path / "asked", epochs=2, kernels="auto", precision="bf16", device="cuda",
                         cuda_graph=True))
+    # the failed capture left the device's generator usable (the next test draws from it)
+    assert torch.rand(8, device="cuda").isfinite().all()
+
+
+@gpu_only
+def test_failed_capture_leaves_random_draws_working():
+    """A capture that fails in capture_end must not leave the default generator in capture mode:
+    the eager fall-back's dropout (BEiT's drop-path) and every later draw use it."""
+    model = torch.nn.Linear(16, 16).cuda()
+    opt = _adamw(model)
+
+    def step(x):
+        loss = torch.nn.functional.dropout(model(x), 0.5).square().mean()
+        loss.backward()
+        opt.step()
+        float(loss.detach())  # a host read: the capture fails
+        return loss.detach()
+
+    graphed = GraphedStep(step, optimizer=opt, warmup=1)
+    x = torch.randn(4, 16, device="cuda")
+    graphed(x)  # the warm-up, eager
+    with pytest.raises(RuntimeError, match="could not be captured"):
+        graphed(x)
+    graphed.enabled = False
+    assert math.isfinite(graphed(x).item())  # eager again, dropout drawing from the same generator
+    torch.manual_seed(5)
+    a = torch.rand(64, device="cuda")
+    torch.manual_seed(5)
+    assert torch.equal(a, torch.rand(64, device="cuda"))

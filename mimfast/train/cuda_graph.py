@@ -284,11 +284,13 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         prev = torch.cuda.current_stream()
         kw = {} if self.pool is None else {"pool": self.pool}
+        rng = _saved_generator_state()
         try:
             with torch.cuda.graph(graph, stream=self._stream, capture_error_mode=self.capture_error_mode, **kw):
                 out = self.fn(*self.static_inputs)
         except Exception as e:
             torch.cuda.set_stream(prev)  # a failing capture_end skips the stream context's exit
+            _restore_generator_state(rng)
             try:
                 graph.reset()
             except Exception:
@@ -337,3 +339,26 @@ class GraphedStep:
 def _describe(sig: tuple) -> str:
     shape, dtype, device = sig
     return f"{list(shape)} {str(dtype).replace('torch.', '')} on {device}"
+
+
+def _saved_generator_state():
+    """The current device's default CUDA generator and a clone of its state, taken before a capture.
+
+    ``torch.cuda.graph`` puts that generator in capture mode and takes it out in ``capture_end``; a
+    capture that fails there (a host read inside the step invalidates it) leaves it in capture mode,
+    and every later random draw on the device raises "Offset increment outside graph capture
+    encountered unexpectedly": an eager fall-back with dropout or drop-path, the next model's
+    initialisation. (None, None) where this torch has no graph-safe generator states."""
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    try:
+        return gen, gen.clone_state()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None, None
+
+
+def _restore_generator_state(saved) -> None:
+    """Put the generator back as it was before the failed capture (nothing of the capture ran, so its
+    offset is the one saved)."""
+    gen, state = saved
+    if gen is not None:
+        gen.graphsafe_set_state(state)
