@@ -533,7 +533,12 @@ def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def _sum_partials_launch(gpu: bool, R: int, M: int) -> tuple[tuple[int], dict]:
     """(grid, compile-time kwargs) of sum_partials (read only: shared by every call of this key)."""
     if gpu:
-        BLOCK_M, BLOCK_R = min(next_power_of_2(M), 256), min(next_power_of_2(R), 16)
+        # each program's loop over R is latency-bound (one tile in flight at a time): narrow column
+        # strips for many programs (about 128 where M allows), tall tiles of ~4096 elements for few
+        # trips. (256 columns x 16 rows left the mask token's 512 columns to 2 programs of ~30 trips
+        # each: most of the un-shuffle backward's time on the H200.)
+        BLOCK_M = max(16, min(256, next_power_of_2(cdiv(M, 128))))
+        BLOCK_R = max(1, min(next_power_of_2(R), 4096 // BLOCK_M))
     else:
         BLOCK_M = min(next_power_of_2(M), 65536)
         BLOCK_R = max(1, min(next_power_of_2(R), 262144 // BLOCK_M))

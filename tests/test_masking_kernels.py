@@ -553,3 +553,27 @@ def test_sort_variant_bad_arguments(device):
 
     with pytest.raises(ValueError, match="method must be"):
         random_masking_triton(x, 0.5, None, noise, method="Sort")
+
+
+@pytest.mark.parametrize("gpu_tiles", [False, True])
+@pytest.mark.parametrize("R,M", [(1, 1), (5, 17), (481, 512), (37, 1000), (3, 4099)])
+def test_sum_partials_sums_every_row_in_a_fixed_order(device, monkeypatch, gpu_tiles, R, M):
+    """The second pass of the deterministic reductions (the mask token's and the positional
+    embedding's gradients): every row summed in fp32, tails in R and M, poisoned outputs
+    overwritten, the same bits twice."""
+    monkeypatch.setattr(km, "GPU_TILES_ON_CPU", gpu_tiles)
+    partials = torch.randn(R, M, device=device, dtype=torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((M,), float("nan"), device=device, dtype=dtype)
+        got = km.sum_partials(partials, out)
+        assert got is out
+        want = partials.double().sum(0)
+        # fp32 sums of R terms: the 2x rule against an fp32 reference's error (DESIGN.md)
+        ref_err = (partials.sum(0).double() - want).abs().max().item()
+        bound = 2 * ref_err + R * 1e-6 * partials.abs().max().item() if dtype == torch.float32 else 1e-2 * R ** 0.5
+        assert (got.double() - want).abs().max().item() <= bound
+        assert torch.equal(km.sum_partials(partials, torch.empty_like(out)), got)
+    with pytest.raises(ValueError, match="partials"):
+        km.sum_partials(partials.double(), torch.empty(M, device=device))
+    with pytest.raises(ValueError, match="out"):
+        km.sum_partials(partials, torch.empty(M + 1, device=device))
