@@ -597,7 +597,6 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
     if 64 < seq_len <= 256:
         alts["allkeys_fwd"] = replace(base, fwd_block_m=32 if wide else 64, fwd_block_n=s_pad, fwd_warps=8)
         alts["fwd_128x64"] = replace(base, fwd_block_m=128, fwd_block_n=32 if wide else 64, fwd_warps=8)
-        alts["fwd_32x64"] = replace(base, fwd_block_m=32, fwd_block_n=32 if wide else 64, fwd_warps=4)  # 2x programs
     if has_bias and seq_len > 64:
         alts["bias_grad_tiled"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4)
         alts["bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
@@ -607,23 +606,21 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # gradient stored to its own fp32 strip (no read-modify-write, no barrier) and summed over the
         # batch after: a transient B x H x S x S fp32 buffer (BEiT-B, B = 256: about 0.5 GB)
         alts["bias_grad_per_batch"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, bias_batches=1)
-    if 64 < seq_len <= ONEPASS_MAX_S and _pow2(head_dim) <= 64:
-        # every key in one program, the query blocks in a loop: five products a block, not seven
-        # (MAE's decoder: S 197, Dh 32; BEiT-B with its bias: Dh 64). Tiles that compile for sm_90
-        # without spills (benchmarks/compile_check.py): Dh 32 up to 32 query rows, Dh 64 16 rows
-        # on 16 warps (128 registers)
-        if _pow2(head_dim) <= 32:
-            alts["bwd_onepass"] = replace(base, bwd="onepass", dq_block_m=32, dq_warps=8)
-            alts["bwd_onepass_w16"] = replace(base, bwd="onepass", dq_block_m=32, dq_warps=16)
+    if has_bias and 64 < seq_len <= ONEPASS_MAX_S and _pow2(head_dim) <= 64:
+        # every key in one program, the query blocks in a loop: five products a block, not seven,
+        # and each batch's bias gradient stored once. 16 query rows on 16 warps compile for sm_90
+        # without spills at Dh 64 (128 registers). The third H200 run: BEiT-B's backward 1.42 ms
+        # against the default's 1.60 (chosen); without a bias it lost everywhere (MAE's decoder,
+        # Dh 32: 0.72 ms with 32 rows, 1.19 with 16, against the split kernels' 0.61), so it is
+        # offered with a bias only
         alts["bwd_onepass_m16"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16)
     if not has_bias and seq_len > 128:
         # the split backward's tiles doubled (fewer programs, each loaded key / query block reused
-        # twice as long) or halved (twice the programs): MAE's decoder (S 197, Dh 32) took 0.60 ms
-        # a layer in the backward against 0.20 ms in the forward on the H200
+        # twice as long): MAE's decoder (S 197, Dh 32) took 0.60 ms a layer in the backward against
+        # 0.20 ms in the forward on the H200. (Halved tiles, and the forward's 32-row tiles, lost by
+        # 1.2-2.2x at every shape of the third run and are no longer offered.)
         alts["bwd_tiles_128"] = replace(base, dq_block_m=128, dq_block_n=64, dq_warps=8, dkdv_block_m=64,
                                         dkdv_block_n=128, dkdv_warps=8)
-        alts["bwd_tiles_32"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4, dkdv_block_m=64,
-                                       dkdv_block_n=32, dkdv_warps=4)
     if seq_len > 64:
         # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
         # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
