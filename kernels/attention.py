@@ -423,28 +423,16 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _attn_bwd_onepass(
-    QKV,  # (B, S, 3*H*HEAD_DIM)
-    BIAS,  # (H, S, S) (unused unless HAS_BIAS)
-    OUT,  # (B, S, H*HEAD_DIM) contiguous, the forward output
-    DOUT,  # (B, S, H*HEAD_DIM) contiguous, gradient of the output
-    LSE,  # (B, H, S) fp32
-    DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; q, k and v parts written here
-    DBIAS,  # (B, H, S, S_B) fp32: each batch's bias gradient, stored once (unused unless NEED_DBIAS)
+def _onepass_batch(
+    QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, b64, h, g64, accumulate,
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
     S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, MAY_ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The whole backward of one (batch, head), every key in one tile (BLOCK_N >= S): the query
-    blocks in a loop, each one's dq finished in it (all keys are here, so nothing is summed
-    across programs), dk and dv accumulated over the loop. Five products a query block against
-    the split kernels' seven (they recompute q k^T and dO v^T each). With a bias gradient, each
-    (batch, head)'s dS is stored to its own strip, summed over the batch after."""
-    pid = tl.program_id(0)
-    b64 = (pid // H).to(tl.int64)
-    h = pid % H
+    """The backward of batch ``b64``, head ``h``; its bias gradient goes to strip ``g64`` of
+    DBIAS, stored (``accumulate`` False, or ``MAY_ACCUMULATE`` off) or added to what is there."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     mask_n = offs_n < S
@@ -477,8 +465,13 @@ def _attn_bwd_onepass(
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])  # d loss / d (scale * q k^T + bias), transposed
-        if NEED_DBIAS:  # this (batch, head)'s strip, written once (padded keys: dS = 0)
-            tl.store(DBIAS + ((b64 * H + h) * S + offs_m[None, :]) * S_B + offs_n[:, None], dsT, mask=bias_mask)
+        if NEED_DBIAS:  # the program's own strip (padded keys: dS = 0); the same thread reads what it wrote
+            dbias_ptr = DBIAS + ((g64 * H + h) * S + offs_m[None, :]) * S_B + offs_n[:, None]
+            if MAY_ACCUMULATE:
+                dsT_sum = dsT + tl.load(dbias_ptr, mask=bias_mask & accumulate, other=0.0)
+                tl.store(dbias_ptr, dsT_sum, mask=bias_mask)
+            else:  # stored once: no load (fewer registers than a load masked off at run time)
+                tl.store(dbias_ptr, dsT, mask=bias_mask)
         ds16 = dsT.to(q.dtype)
         dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
         dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale
@@ -486,6 +479,47 @@ def _attn_bwd_onepass(
 
     tl.store(DQKV + kv_rows + k_cols[None, :], (dk * scale).to(DQKV.dtype.element_ty), mask=kv_mask)
     tl.store(DQKV + kv_rows + v_cols[None, :], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_onepass(
+    QKV,  # (B, S, 3*H*HEAD_DIM)
+    BIAS,  # (H, S, S) (unused unless HAS_BIAS)
+    OUT,  # (B, S, H*HEAD_DIM) contiguous, the forward output
+    DOUT,  # (B, S, H*HEAD_DIM) contiguous, gradient of the output
+    LSE,  # (B, H, S) fp32
+    DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; q, k and v parts written here
+    DBIAS,  # (G, H, S, S_B) fp32: each batch group's bias gradient (unused unless NEED_DBIAS)
+    stride_qb, stride_qs, stride_qc,
+    stride_bh, stride_bi, stride_bj,
+    B, PER, S, S_B, H, scale, qk_scale2,
+    HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The whole backward of one head of one batch (``BATCH_LOOP`` off) or of ``PER`` batches
+    in turn (on), every key in one tile (BLOCK_N >= S): the query blocks in a loop, each one's dq
+    finished in it (all keys are here, so nothing is summed across programs), dk and dv
+    accumulated over the loop. Five products a query block against the split kernels' seven
+    (they recompute q k^T and dO v^T each). The bias gradient: one fp32 strip per (batch group,
+    head), stored by the group's first batch and added to by the others (the batch loop: PER
+    times fewer partials to write and sum), summed over the groups after."""
+    pid = tl.program_id(0)
+    g = pid // H
+    h = pid % H
+    g64 = g.to(tl.int64)
+    if BATCH_LOOP:
+        b_start = g64 * PER
+        for i in range(0, tl.minimum(PER, B - g * PER)):
+            b64 = b_start + i  # int64 (a tensor under the interpreter too)
+            _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, b64, h, g64, b64 > b_start,
+                           stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
+                           S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,
+                           HAS_BIAS, NEED_DBIAS, True, DOT_PRECISION)
+    else:  # one batch a program: its strip is its own, stored once
+        _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, g64, h, g64, g64 < 0,
+                       stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
+                       S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,
+                       HAS_BIAS, NEED_DBIAS, False, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,8 +534,8 @@ class AttentionConfig:
     ``fwd_block_n >= S`` gives the one-program-holds-all-keys forward. ``bwd="fused"`` needs
     S <= ``fused_block`` (one tile per head); ``"split"`` runs the dq kernel then the dk/dv kernel;
     ``"onepass"`` one program per (batch, head) holding every key, its query blocks
-    (``dq_block_m`` rows, ``dq_warps`` warps) in a loop (a bias gradient: one fp32 partial per
-    batch, summed after).
+    (``dq_block_m`` rows, ``dq_warps`` warps) in a loop (with a bias gradient, ``bias_batches``
+    batches a program in turn, one fp32 partial per group, summed after).
     ``dq_block_n >= S`` keeps the bias gradient in registers; smaller tiles update a private
     fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
     (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
@@ -613,7 +647,11 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # against the default's 1.60 (chosen); without a bias it lost everywhere (MAE's decoder,
         # Dh 32: 0.72 ms with 32 rows, 1.19 with 16, against the split kernels' 0.61), so it is
         # offered with a bias only
-        alts["bwd_onepass_m16"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16)
+        alts["bwd_onepass_m16"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16, bias_batches=1)
+        # the same with a batch loop (batches per program from the SM count): each group's bias
+        # gradient summed in place, so a few partials to write and sum instead of B (BEiT-B,
+        # B = 256: 0.5 GB written and read again)
+        alts["bwd_onepass_m16_batch_loop"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16, bias_batches=0)
     if not has_bias and seq_len > 128:
         # the split backward's tiles doubled (fewer programs, each loaded key / query block reused
         # twice as long): MAE's decoder (S 197, Dh 32) took 0.60 ms a layer in the backward against
@@ -783,11 +821,11 @@ def _bwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
                      NEED_DBIAS=need_dbias, DOT_PRECISION=precision, num_warps=cfg.fused_warps,
                      num_stages=cfg.bwd_stages)
         dkdv = {}
-    elif cfg.bwd == "onepass":  # no batch loop: one program per (batch, head)
+    elif cfg.bwd == "onepass":
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=_pow2(S), HAS_BIAS=has_bias,
                      NEED_DBIAS=need_dbias, DOT_PRECISION=precision, num_warps=cfg.dq_warps,
                      num_stages=cfg.bwd_stages)
-        return cfg, (first, first), {}
+        dkdv = {}
     else:
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
                      HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=cfg.dq_block_n >= S,
@@ -916,12 +954,14 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     elif cfg.bwd == "onepass":
         if S > ONEPASS_MAX_S:
             raise ValueError(f"config.bwd='onepass' holds every key in one program: S <= {ONEPASS_MAX_S}, got S={S}")
-        # each batch's bias gradient stored once, summed below (every element written: rows < S,
-        # columns < S_B <= the key tile)
-        dbias_part = _empty(B, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
-        _attn_bwd_onepass[(B * H,)](
+        # each batch group's bias gradient stored by its first batch, summed below (every element
+        # written: rows < S, columns < S_B <= the key tile)
+        per = _bias_batches(cfg, B, H, device) if need_dbias else 1
+        groups = cdiv(B, per)
+        dbias_part = _empty(groups, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
+        _attn_bwd_onepass[(groups * H,)](
             qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
-            S, S_B, H, scale, scale * LOG2E, **first_meta[0],
+            B, per, S, S_B, H, scale, scale * LOG2E, **first_meta[per > 1],
         )
     else:
         raise ValueError(f"config.bwd must be 'fused', 'split' or 'onepass', got {cfg.bwd!r}")

@@ -34,7 +34,8 @@ def _check(kind: str, ptrs, mask) -> None:
         return
     addr = ptrs.data
     if mask is not None:
-        addr = addr[np.broadcast_to(mask.data, addr.shape)]
+        # as bool: a mask combined with a scalar condition can hold 0 / 1 integers, which would index
+        addr = addr[np.broadcast_to(mask.data, addr.shape).astype(bool)]
     if addr.size == 0:
         return
     width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)

@@ -236,10 +236,16 @@ def test_configs_agree(device):
     for cfg in cfgs:
         check_against_reference(3, 21, 1, 16, torch.float32, device, bias=True, config=cfg)
     # one pass: every key in one program, query blocks of 16 in a loop (two, the second padded);
-    # with the bias, each batch's gradient stored once into the (poisoned) per-batch buffer
-    onepass = K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16, dq_warps=4)
+    # with the bias, each batch's gradient stored once into the (poisoned) per-batch buffer, or
+    # (batch loop) two batches a program: stored by the first, added to by the second, and a
+    # last group of one batch
+    onepass = K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16, dq_warps=4,
+                                bias_batches=1)
     for bias in (False, True):
         check_against_reference(3, 21, 2, 16, torch.float32, device, bias=bias, config=onepass)
+    check_against_reference(3, 21, 2, 16, torch.float32, device, bias=True,
+                            config=K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16,
+                                                     dq_warps=4, bias_batches=2))
     with pytest.raises(ValueError, match="S <= 256, got S=257"):
         check_against_reference(1, 257, 1, 16, torch.float32, device, config=onepass)
 

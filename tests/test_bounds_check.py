@@ -23,6 +23,27 @@ if INTERPRETED:
         tl.store(dst_ptr + DST_SHIFT, tl.load(src_ptr + SRC_SHIFT))  # no mask: create_load / create_store
 
 
+    @triton.jit
+    def _copy_if(src_ptr, dst_ptr, n, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+        # a mask combined with a run-time scalar condition: 0 / 1 integers in the interpreter
+        cond = tl.program_id(0) < FLAG
+        offs = tl.arange(0, BLOCK)
+        ok = (offs < n) & cond
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=ok, other=-1.0), mask=offs < n)
+
+
+def test_masks_combined_with_a_scalar_condition_count_as_masks():
+    """Every lane masked off by a scalar False is not an access; with True, lanes past n are still
+    off (the mask is read as booleans, not as integer indices)."""
+    src, dst = torch.arange(10.0), torch.empty(10)
+    _copy_if[(1,)](src[:3], dst, 10, FLAG=0, BLOCK=16)  # lanes 3..9 would read past src: masked off
+    assert torch.equal(dst, torch.full((10,), -1.0))
+    _copy_if[(1,)](src, dst, 10, FLAG=1, BLOCK=16)
+    assert torch.equal(dst, src)
+    with pytest.raises(Exception, match="load of 4 bytes .* outside every tensor"):
+        _copy_if[(1,)](src[:3], dst, 10, FLAG=1, BLOCK=16)
+
+
 def test_in_bounds_and_masked_off_accesses_pass():
     src = torch.arange(10.0)
     dst = torch.empty(10)
