@@ -11,7 +11,10 @@ the total. Kernels that no operator claims show as one row, ``(kernels outside a
 
 Each case also has a ``(step wall time)`` row (steps back to back, no profiler) and an
 ``(all kernels)`` row (the GPU time of all of a step's kernels): their gap is the time the GPU
-waits for the host.
+waits for the host. Rows with ``by_shape`` split the generic operators (``BY_SHAPE``: matmuls,
+casts, sums, adds, GELU) by their inputs' shapes, the largest five of each: which of a step's
+matmuls run slowly, which tensors are cast (the third H200 run's MAE step spent 1.2 ms in
+``aten::copy_`` from call sites it could not name).
 
 Cases: the MAE step with kernels on (its blocks fused: residual add + LayerNorm, the MLP), with its
 blocks unfused too (timm's residual adds and LayerNorms) and, in full runs, eager; BEiT-B's step with
@@ -133,7 +136,7 @@ def _profile_steps(ctx, case: str, step, top: int) -> None:
         step()  # the launches through the custom ops: a first call of each takes the slow path
         harness.sync()
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(steps):
                 step()
             harness.sync()
@@ -142,6 +145,11 @@ def _profile_steps(ctx, case: str, step, top: int) -> None:
     for key, self_us, count, share in consumers:
         ctx.add(BENCH, case, key[:80], self_us / 1e3 / steps,  # profiler times are in microseconds
                 calls_per_step=count // steps, share_pct=round(share, 1))
+    # the generic operators split by their inputs' shapes: which matmuls, casts and sums they are
+    for key, shapes, self_us, count, share in by_input_shape(prof.key_averages(group_by_input_shape=True),
+                                                             on_cuda, total):
+        ctx.add(BENCH, case, f"{key} {shapes}"[:160], self_us / 1e3 / steps, calls_per_step=count // steps,
+                share_pct=round(share, 1), by_shape=True)
 
 
 def _profile_lm_head(ctx, case: str, backend: str, top: int = 15) -> None:
@@ -186,6 +194,32 @@ def top_consumers(events, on_cuda: bool, top: int, with_total: bool = False):
     rows.sort(key=lambda r: r[1], reverse=True)
     out = [(k, t, n, 100 * t / (total or 1.0)) for k, t, n in rows[:top]]
     return (out, total) if with_total else out
+
+
+# operators whose rows say little without their shapes (several call sites each)
+BY_SHAPE = ("aten::mm", "aten::addmm", "aten::copy_", "aten::sum", "aten::add", "aten::gelu")
+BY_SHAPE_TOP = 5  # largest shapes of each
+
+
+def by_input_shape(events, on_cuda: bool, total: float, names=BY_SHAPE, top: int = BY_SHAPE_TOP):
+    """(operator, input shapes, self time in us, calls, % of ``total``) of the ``top`` largest
+    input-shape groups of each operator in ``names`` (events from ``key_averages(
+    group_by_input_shape=True)`` of a profile that recorded shapes): GPU time on CUDA, self CPU
+    time otherwise; per operator in ``names``' order, largest first."""
+    out = []
+    for name in names:
+        rows = []
+        for e in events:
+            if e.key != name or (on_cuda and e.device_type != DeviceType.CPU):
+                continue
+            t = e.self_device_time_total if on_cuda else e.self_cpu_time_total
+            if t > 0:
+                shapes = "x".join(str(s) for s in e.input_shapes[0]) if e.input_shapes and e.input_shapes[0] else ""
+                rest = [("x".join(map(str, s)) or "()") for s in e.input_shapes[1:] if s] if e.input_shapes else []
+                rows.append((name, "[" + ", ".join([shapes or "()"] + rest) + "]", t, e.count))
+        rows.sort(key=lambda r: r[2], reverse=True)
+        out += [(k, sh, t, n, 100 * t / (total or 1.0)) for k, sh, t, n in rows[:top]]
+    return out
 
 
 def run(ctx: harness.Context) -> None:

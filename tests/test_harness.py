@@ -269,6 +269,36 @@ def test_profile_counts_each_kernel_once():
     assert sum(r[3] for r in cpu_rows) == pytest.approx(100.0)
 
 
+def test_profile_splits_generic_operators_by_input_shape():
+    from torch.autograd import DeviceType
+
+    from benchmarks.bench_profile import by_input_shape
+
+    def ev(key, shapes, self_dev, count=1, device_type=DeviceType.CPU, self_cpu=0):
+        return types.SimpleNamespace(key=key, input_shapes=shapes, self_device_time_total=self_dev, count=count,
+                                     device_type=device_type, self_cpu_time_total=self_cpu)
+
+    events = [
+        ev("aten::mm", [[12800, 768], [768, 3072]], 400, count=12),
+        ev("aten::mm", [[3072, 12800], [12800, 768]], 900, count=12),
+        ev("aten::mm", [[4, 4], [4, 4]], 0, self_cpu=5),  # no GPU time: not a row on CUDA
+        ev("aten::copy_", [[256, 50, 768], [256, 50, 768], []], 300, count=24),
+        ev("aten::copy_", [[768], [768]], 2, count=100),
+        ev("sm90_gemm", [], 1300, device_type=DeviceType.CUDA),  # a kernel event: not an operator
+        ev("aten::gelu", [], 50),  # shapes not recorded
+    ]
+    rows = by_input_shape(events, on_cuda=True, total=2000.0, names=("aten::mm", "aten::copy_", "aten::gelu"), top=1)
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("aten::mm", "[3072x12800, 12800x768]", 900, 12),
+        ("aten::copy_", "[256x50x768, 256x50x768]", 300, 24),
+        ("aten::gelu", "[()]", 50, 1),
+    ]
+    assert rows[0][4] == pytest.approx(45.0)
+    assert len(by_input_shape(events, on_cuda=True, total=2000.0, names=("aten::mm",), top=5)) == 2
+    cpu = by_input_shape(events, on_cuda=False, total=5.0, names=("aten::mm",))
+    assert [(r[1], r[2]) for r in cpu] == [("[4x4, 4x4]", 5)]
+
+
 def test_results_json_takes_numpy_and_torch_scalars(tmp_path, monkeypatch):
     import numpy as np
 
