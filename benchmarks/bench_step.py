@@ -35,8 +35,9 @@ fusions off:
                 masking and loss still on kernels)
   mimfast-no-block-fusions — (MAE) (d) with ``fused_norm=False, fused_mlp=False`` (timm's blocks
                 with mimfast's attention)
---quick runs measure MAE ViT-B/16 and BEiT-B with every variant, then MAE ViT-L/16 with (b), (d),
-(g) and, while the compile budget lasts, (c) (``QUICK_L_VARIANTS``).
+--quick runs measure issue 9's comparison first: MAE ViT-B/16 and BEiT-B with (a), (b), (c), (d)
+and (g) (``QUICK_CORE``), MAE ViT-L/16 with (b), (d), (g) and (c) (``QUICK_L_VARIANTS``; every (c)
+while the compile budget lasts), then the other variants of ViT-B/16 and BEiT-B.
 
     python -m benchmarks.run --out DIR --only step
 
@@ -69,7 +70,9 @@ MASK_RATIO = 0.75
 # the case that runs mimfast+cudagraphs in --quick runs too (its launch-bound shape)
 QUICK_CUDAGRAPHS_CASE = "mae_vit_b16"
 GRAPH_VARIANT = "mimfast+graph"  # (d) captured whole by GraphedStep (no torch.compile)
-# --quick runs measure MAE ViT-L/16 last (after BEiT-B), with these variants only
+# --quick runs: these variants of MAE ViT-B/16 and BEiT-B first (issue 9's comparison), then MAE
+# ViT-L/16 with QUICK_L_VARIANTS, then the other variants of ViT-B/16 and BEiT-B
+QUICK_CORE = ("eager", "timm-sdpa", "timm-sdpa+compile", "mimfast", GRAPH_VARIANT)
 QUICK_L_VARIANTS = ("timm-sdpa", "mimfast", GRAPH_VARIANT, "timm-sdpa+compile")
 GRAPH_UNFUSED_VARIANT = "mimfast+graph+unfused-blocks"  # MAE: the same with fused_norm=False
 GRAPH_NOTE = "not measured: the CUDA graph's memory pool is held from the capture on, outside the replay's counts"
@@ -319,9 +322,14 @@ def _skip_compile(ctx, case, variant, compile_spent) -> bool:
     return True
 
 
-def _mae_cases(ctx, compile_spent, names=None, only=None):
+def _keep(variants, only, exclude):
+    """The variants named in ``only`` (all when None) and not in ``exclude``."""
+    return [v for v in variants if (only is None or v[0] in only) and v[0] not in exclude]
+
+
+def _mae_cases(ctx, compile_spent, names=None, only=None, exclude=()):
     """The MAE step cases (``names``: those of them; default all, ViT-B/16 alone in --quick runs),
-    each with every variant (``only``: those of them)."""
+    each with every variant (``only``: those of them; ``exclude``: not those)."""
     dev = ctx.device
     all_cases = SMOKE_MAE_CASES if ctx.smoke else MAE_CASES
     names = names or (["mae_vit_b16"] if ctx.quick else list(all_cases))
@@ -346,9 +354,7 @@ def _mae_cases(ctx, compile_spent, names=None, only=None):
                                                                   {"fused_norm": False})]
         if not ctx.quick or case == QUICK_CUDAGRAPHS_CASE:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
-        if only is not None:
-            variants = [v for v in variants if v[0] in only]
-        for variant, kernels, sdpa, comp, extra in variants:
+        for variant, kernels, sdpa, comp, extra in _keep(variants, only, exclude):
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
             model = variant_model(name, kernels, sdpa, dev, state, norm_pix_loss=True, **overrides, **extra)
@@ -370,7 +376,8 @@ def _mae_cases(ctx, compile_spent, names=None, only=None):
         ctx.speedups(BENCH, case, "timm-sdpa+compile")
 
 
-def _beit_cases(ctx, compile_spent):
+def _beit_cases(ctx, compile_spent, only=None, exclude=()):
+    """The BEiT step cases with every variant (``only``: those of them; ``exclude``: not those)."""
     from mimfast.data.masking_generators import BlockwiseMaskingGenerator
 
     dev = ctx.device
@@ -402,7 +409,7 @@ def _beit_cases(ctx, compile_spent):
                     ("timm-sdpa+compile", "eager", True, True, {}), ("mimfast", "auto", False, False, {}),
                     ("mimfast+compile", "auto", False, True, {})] + BEIT_ABLATIONS
         variants.append((GRAPH_VARIANT, "auto", False, False, {}))
-        for variant, kernels, sdpa, comp, extra in variants:
+        for variant, kernels, sdpa, comp, extra in _keep(variants, only, exclude):
             if comp and _skip_compile(ctx, case, variant, compile_spent):
                 continue
             model = variant_model(name, kernels, sdpa, dev, state, **overrides, **extra)
@@ -425,7 +432,15 @@ def _beit_cases(ctx, compile_spent):
 
 def run(ctx: harness.Context) -> None:
     compile_spent = [0.0]
-    _mae_cases(ctx, compile_spent)
-    _beit_cases(ctx, compile_spent)
-    if ctx.quick:  # issue 9's ratios for MAE ViT-L/16 too: (b), (c) while the compile budget lasts, (d)
-        _mae_cases(ctx, compile_spent, ["mae_vit_l16"], QUICK_L_VARIANTS)
+    if not ctx.quick:
+        _mae_cases(ctx, compile_spent)
+        _beit_cases(ctx, compile_spent)
+        return
+    # issue 9's comparison for each model first ((a), (b), (c) while the compile budget lasts,
+    # (d) eager and captured), the ablations after: the third H200 run spent its budget on MAE's
+    # ablations and left BEiT's and MAE ViT-L/16's (c) out
+    _mae_cases(ctx, compile_spent, ["mae_vit_b16"], QUICK_CORE)
+    _beit_cases(ctx, compile_spent, QUICK_CORE)
+    _mae_cases(ctx, compile_spent, ["mae_vit_l16"], QUICK_L_VARIANTS)
+    _mae_cases(ctx, compile_spent, ["mae_vit_b16"], exclude=QUICK_CORE)
+    _beit_cases(ctx, compile_spent, exclude=QUICK_CORE)
