@@ -659,6 +659,9 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # 1.2-2.2x at every shape of the third run and are no longer offered.)
         alts["bwd_tiles_128"] = replace(base, dq_block_m=128, dq_block_n=64, dq_warps=8, dkdv_block_m=64,
                                         dkdv_block_n=128, dkdv_warps=8)
+        # each program's rows as they are, its inner loop over the other side in steps of 32: the
+        # last step of S = 197 then carries 5 of 32 rows, not 5 of 64 (224 padded rows, not 256)
+        alts["bwd_inner_32"] = replace(base, dq_block_n=32, dkdv_block_m=32)
     if seq_len > 64:
         # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
         # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
