@@ -631,6 +631,8 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
     if 64 < seq_len <= 256:
         alts["allkeys_fwd"] = replace(base, fwd_block_m=32 if wide else 64, fwd_block_n=s_pad, fwd_warps=8)
         alts["fwd_128x64"] = replace(base, fwd_block_m=128, fwd_block_n=32 if wide else 64, fwd_warps=8)
+        if base.fwd_block_n > 32:  # the key loop in steps of 32: S = 197 pads to 224 keys, not 256
+            alts["fwd_inner_32"] = replace(base, fwd_block_n=32)
     if has_bias and seq_len > 64:
         alts["bias_grad_tiled"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4)
         alts["bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
