@@ -20,6 +20,7 @@ import torch
 
 from mimfast.models import create_model
 from mimfast.train.cuda_graph import (
+    GraphedAccumulation,
     GraphedStep,
     check_optimizer,
     config_problems,
@@ -147,14 +148,12 @@ def test_nonfinite_loss_skips_the_fused_step():
 
 def test_config_problems_name_the_conflicting_option():
     assert config_problems() == []
-    assert "--accum-iter 2" in config_problems(accum_iter=2)[0]
     assert "--precision bf16" in config_problems(precision="fp16")[0]
     assert "--compile" in config_problems(compile=True)[0]
     assert "one process" in config_problems(world_size=2)[0]
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--accum-iter", "2"], "accum-iter 2"),
     (["--compile"], "--compile"),
     (["--precision", "fp16"], "GradScaler"),
 ])
@@ -168,6 +167,8 @@ def test_cuda_graph_flag_conflicts_fail_at_start(argv, match):
     assert config_from_args(build_parser().parse_args(["pretrain", "--no-cuda-graph"])).cuda_graph is False
     with pytest.raises(SystemExit, match=match):
         config_from_args(build_parser().parse_args(["pretrain", "--cuda-graph", *argv]))
+    # gradient accumulation is captured too (two graphs)
+    assert config_from_args(build_parser().parse_args(["pretrain", "--cuda-graph", "--accum-iter", "2"])).cuda_graph
 
 
 def test_beit_loss_gathered_by_count_is_the_models():
@@ -484,7 +485,7 @@ def test_pretrain_cuda_graph_on_cuda_trains_as_a_plain_run(tmp_path):
     summary = pretrain(_cfg(tmp_path / "graph", cuda_graph=True, **kw))
     assert summary["status"] == "done" and summary["steps"] == 8  # 3 eager, the capture, 4 replays
     assert summary["cuda_graph"] and not plain["cuda_graph"]
-    # the default: captured on CUDA where the run allows it; not with --accum-iter 2
+    # the default: captured on CUDA where the run allows it; not with --accum-iter 2 unless asked for
     assert pretrain(_cfg(tmp_path / "default", max_steps=4, **kw))["cuda_graph"]
     assert not pretrain(_cfg(tmp_path / "accum", max_steps=2, accum_iter=2, **kw))["cuda_graph"]
     # the plain run's AdamW is fused too, its lr a float (the graph's a float32 tensor): close, not equal
@@ -542,3 +543,118 @@ def test_failed_capture_leaves_random_draws_working():
     a = torch.rand(64, device="cuda")
     torch.manual_seed(5)
     assert torch.equal(a, torch.rand(64, device="cuda"))
+
+
+def _accum_pair(accum, enabled):
+    """A linear model trained by GraphedAccumulation and the plain loop's reference copy."""
+    torch.manual_seed(0)
+    dev = "cuda" if enabled else "cpu"
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(dev)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(dev)
+    model.load_state_dict(ref.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (ref, model)]
+    make_capturable(opts[1])
+    found_inf = skip_nonfinite_steps(opts[1])
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
+    params = list(model.parameters())
+
+    def micro(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        (loss / accum).backward()
+        loss = loss.detach()
+        bad.logical_or_(~torch.isfinite(loss))
+        return loss
+
+    def step():
+        found_inf.copy_(bad)
+        opts[1].step()
+        torch._foreach_zero_([p.grad for p in params])
+        bad.zero_()
+
+    acc = GraphedAccumulation(micro, step, optimizer=opts[1], accum_iter=accum, warmup=1, enabled=enabled)
+    return ref, model, opts[0], acc
+
+
+def _plain_window(ref, opt, batches, accum):
+    for x, y in batches:
+        (torch.nn.functional.mse_loss(ref(x), y) / accum).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_graphed_accumulation_off_cuda_is_the_plain_loop():
+    accum = 3
+    ref, model, opt, acc = _accum_pair(accum, enabled=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        batches = [(torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)) for _ in range(accum)]
+        _plain_window(ref, opt, batches, accum)
+        for x, y in batches:
+            acc(x, y)
+        acc.step()
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())  # zeroed in place
+    assert not acc.captured and acc.windows == 3
+    _assert_same_params(ref, model)
+    with pytest.raises(RuntimeError, match="each window is 3 micro-batches"):
+        acc.step()
+    with pytest.raises(ValueError, match="accum_iter"):
+        GraphedAccumulation(lambda: None, lambda: None, optimizer=opt, accum_iter=0)
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedAccumulation(lambda: None, lambda: None, optimizer=opt, accum_iter=2, warmup=0)
+
+
+def test_pretrain_cuda_graph_with_accumulation_off_cuda_trains_as_a_plain_run(tmp_path, capsys):
+    from mimfast.train.pretrain import pretrain
+
+    plain = pretrain(_tiny_cfg(tmp_path / "plain", epochs=2, accum_iter=2))
+    graphed = pretrain(_tiny_cfg(tmp_path / "graph", epochs=2, accum_iter=2, cuda_graph=True))
+    assert "the step runs eagerly" in capsys.readouterr().out
+    assert graphed["steps"] == plain["steps"] == 4
+    # fused (graph mode) vs the plain run's single-tensor AdamW: the same update up to rounding
+    assert _losses(tmp_path / "graph") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-5)
+
+
+@gpu_only
+def test_graphed_accumulation_equals_the_plain_loop():
+    """Two windows eager (warm-up), then the micro-batch graph and the step graph captured and
+    replayed: the weights follow the plain loop's; a non-finite micro-batch loss skips its window's
+    update on the device; the learning rate set in place between windows takes effect."""
+    accum = 2
+    ref, model, opt, acc = _accum_pair(accum, enabled=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for w in range(5):
+        batches = [(torch.randn(5, 8, device="cuda", generator=g), torch.randn(5, 4, device="cuda", generator=g))
+                   for _ in range(accum)]
+        if w == 3:
+            set_lr_(acc.optimizer, 5e-3)
+            for group in opt.param_groups:
+                group["lr"] = 5e-3
+        _plain_window(ref, opt, batches, accum)
+        for x, y in batches:
+            acc(x, y)
+        acc.step()
+        torch.cuda.synchronize()
+        _assert_same_params(ref, model)
+    assert acc.captured
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(5, 8, device="cuda"), torch.randn(5, 4, device="cuda")
+    acc(x, y)
+    acc(x * float("nan"), y)  # the window's second loss is NaN: no update
+    acc.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+@gpu_only
+def test_pretrain_cuda_graph_with_accumulation_on_cuda_trains_as_a_plain_run(tmp_path):
+    from mimfast.train.pretrain import pretrain
+
+    from test_pretrain import _cfg
+
+    kw = dict(epochs=2, kernels="auto", precision="bf16", device="cuda", accum_iter=2, fusion_trial_steps=0)
+    plain = pretrain(_cfg(tmp_path / "plain", cuda_graph=False, **kw))
+    summary = pretrain(_cfg(tmp_path / "graph", cuda_graph=True, **kw))
+    assert summary["status"] == "done" and summary["steps"] == plain["steps"] == 4
+    assert summary["cuda_graph"] and not plain["cuda_graph"]
+    assert _losses(tmp_path / "graph") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-3)

@@ -352,7 +352,7 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.cuda_graph:
         from mimfast.train.cuda_graph import config_problems
 
-        problems += config_problems(accum_iter=cfg.accum_iter, precision=cfg.precision, compile=cfg.compile)
+        problems += config_problems(precision=cfg.precision, compile=cfg.compile)
     if problems:
         raise SystemExit("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -1,4 +1,5 @@
-"""Whole-step CUDA-graph capture without ``torch.compile``: :class:`GraphedStep`.
+"""Whole-step CUDA-graph capture without ``torch.compile``: :class:`GraphedStep` (and
+:class:`GraphedAccumulation` for gradient accumulation).
 
 A pretraining step of a ViT-B with mimfast's Triton kernels is launch-bound on an H100/H200:
 each op's Python wrapper and Triton launch costs tens to hundreds of microseconds on the host,
@@ -24,8 +25,9 @@ What the captured step needs, checked before capture (:func:`check_optimizer`, a
   groups (set by :func:`make_capturable`; AdamW fused or not);
 - the learning rate as a device tensor per group, changed in place between replays
   (:func:`set_lr_`): a float is baked into the graph at capture;
-- no ``GradScaler`` (fp16 loss scaling reads the inf check on the host), no gradient
-  accumulation inside the graph, one process (no DDP);
+- no ``GradScaler`` (fp16 loss scaling reads the inf check on the host), one process (no DDP);
+  gradient accumulation takes two graphs (:class:`GraphedAccumulation`: each micro-batch's
+  forward and backward adding to the gradients in place, and the window's optimizer step);
 - no host synchronisation inside the step: ``.item()``, ``.cpu()``, ``nonzero`` and boolean-mask
   indexing (``x[mask]``), Python branches on tensor values. Random numbers drawn with torch's
   CUDA generator (mask noise, drop path) are graph-safe: each replay draws new ones.
@@ -49,7 +51,7 @@ import torch
 
 from mimfast.train.schedule import set_lr
 
-__all__ = ["GraphedStep", "check_optimizer", "config_problems", "make_capturable",
+__all__ = ["GraphedAccumulation", "GraphedStep", "check_optimizer", "config_problems", "make_capturable",
            "set_lr_", "skip_nonfinite_steps"]
 
 
@@ -129,8 +131,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, scaler=None) -> None:
                                      f"{p.device}: a captured step needs it on the device (capturable or fused)")
 
 
-def config_problems(*, world_size: int = 1, accum_iter: int = 1, precision: str = "bf16",
-                    compile: bool = False) -> list[str]:
+def config_problems(*, world_size: int = 1, precision: str = "bf16", compile: bool = False) -> list[str]:
     """What in a training run's settings rules out capturing its step (``mimfast pretrain
     --cuda-graph``), one line per conflicting option; [] when none. Off CUDA nothing conflicts:
     the step then runs eagerly (:class:`GraphedStep`'s fallback)."""
@@ -138,9 +139,6 @@ def config_problems(*, world_size: int = 1, accum_iter: int = 1, precision: str 
     if world_size > 1:
         problems.append(f"--cuda-graph runs one process; this run has {world_size} (DDP / FSDP all-reduces are "
                         f"not captured)")
-    if accum_iter != 1:
-        problems.append(f"--cuda-graph captures one whole optimizer step; --accum-iter {accum_iter} accumulates "
-                        f"gradients over several (use --accum-iter 1)")
     if precision == "fp16":
         problems.append("--cuda-graph cannot capture fp16's GradScaler (its inf check reads the GPU from the host): "
                         "use --precision bf16")
@@ -276,35 +274,10 @@ class GraphedStep:
 
     def _capture(self) -> None:
         check_optimizer(self.optimizer, self.scaler)  # after the warm-up: the state exists now
-        if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
-            raise ValueError("GraphedStep captured under an enclosing autocast with its weight cache on: enter "
-                             "autocast inside the step function (or use cache_enabled=False)")
+        _check_autocast_cache("GraphedStep")
         self._zero_grad()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        prev = torch.cuda.current_stream()
-        kw = {} if self.pool is None else {"pool": self.pool}
-        rng = _saved_generator_state()
-        try:
-            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode=self.capture_error_mode, **kw):
-                out = self.fn(*self.static_inputs)
-        except Exception as e:
-            torch.cuda.set_stream(prev)  # a failing capture_end skips the stream context's exit
-            _restore_generator_state(rng)
-            try:
-                graph.reset()
-            except Exception:
-                pass
-            raise RuntimeError(
-                f"the step could not be captured into a CUDA graph ({type(e).__name__}: {e}). Inside a captured "
-                f"step nothing may synchronise with the host: no .item() / .cpu() / .tolist(), no nonzero or "
-                f"boolean-mask indexing (x[mask]), no Python branch on a tensor's value, no GradScaler, no "
-                f"collective (DDP)") from e
-        if not _outputs_are_tensors(out):
-            graph.reset()
-            raise TypeError(f"a captured step must return tensors (or a tuple / list of them), got "
-                            f"{type(out).__name__}")
-        self.graph, self.static_outputs = graph, out
+        self.graph, self.static_outputs = _capture_graph(self.fn, self.static_inputs, self._stream, self.pool,
+                                                         self.capture_error_mode)
 
     # --- a call
     def __call__(self, *inputs: torch.Tensor):
@@ -336,9 +309,126 @@ class GraphedStep:
         self.calls = 0
 
 
+
+class GraphedAccumulation(GraphedStep):
+    """Gradient accumulation in two CUDA graphs: each micro-batch's forward and backward
+    (``micro_fn``, its gradients added to the parameters' ``.grad`` in place) and the optimizer
+    step that ends a window of ``accum_iter`` micro-batches (``step_fn``), each captured after
+    the warm-up and replayed.
+
+    Args:
+        micro_fn: one micro-batch's forward and backward (``loss / accum_iter`` backpropagated);
+            returns tensors (the loss, detached). It must not zero the gradients.
+        step_fn: the window's optimizer step, no inputs. It must leave every gradient zero in place
+            (``torch._foreach_zero_``), never None: the captured backward adds to those tensors.
+        optimizer, enabled, pool, capture_error_mode: as for :class:`GraphedStep`.
+        accum_iter: micro-batches a window.
+        warmup: whole windows run eagerly on the side stream before the captures (at least 1: the
+            gradients and the optimizer's state must exist before the micro-batch graph is taken).
+
+    Call :meth:`__call__` once per micro-batch and :meth:`step` after every ``accum_iter``-th. The
+    first micro-batch after the warm-up captures ``micro_fn`` (gradients exist and are zero then,
+    so the captured backward accumulates in place: autograd adds to an existing ``.grad`` without
+    reallocating it), the first :meth:`step` after that captures ``step_fn``. Off CUDA (or with
+    ``enabled=False``) both run eagerly, the gradients accumulating as in a plain loop.
+    """
+
+    def __init__(self, micro_fn: Callable, step_fn: Callable, *, optimizer: torch.optim.Optimizer,
+                 accum_iter: int, warmup: int = 1, enabled: bool | None = None, pool=None,
+                 capture_error_mode: str = "thread_local") -> None:
+        if isinstance(accum_iter, bool) or not isinstance(accum_iter, int) or accum_iter < 1:
+            raise ValueError(f"accum_iter must be a positive int, got {accum_iter!r}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 whole window (the gradients and the optimizer's state are "
+                             f"created by eager ones), got {warmup}")
+        super().__init__(micro_fn, optimizer=optimizer, warmup=warmup * accum_iter, enabled=enabled, pool=pool,
+                         capture_error_mode=capture_error_mode)
+        self.step_fn = step_fn
+        self.accum_iter = accum_iter
+        self.windows = 0  # step() calls so far
+        self.step_graph = None
+        self.step_outputs = None
+
+    def _zero_grad(self) -> None:
+        pass  # the gradients persist across micro-batches: step_fn zeroes them in place
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None and self.step_graph is not None
+
+    def step(self):
+        """The window's optimizer step: eager while the micro-batches run eagerly, captured at the
+        first call after the micro-batch graph was, replayed after. Returns ``step_fn``'s outputs."""
+        if self.calls != (self.windows + 1) * self.accum_iter:
+            raise RuntimeError(f"GraphedAccumulation.step() after {self.calls} micro-batches: each window is "
+                               f"{self.accum_iter} micro-batches, then one step() ({self.windows} done)")
+        self.windows += 1
+        if self.graph is None:  # this window's micro-batches ran eagerly (warm-up, or not on CUDA)
+            if self._stream is None:
+                return self.step_fn()
+            current = torch.cuda.current_stream()
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                out = self.step_fn()
+            current.wait_stream(self._stream)
+            return out
+        if self.step_graph is None:
+            check_optimizer(self.optimizer, self.scaler)
+            _check_autocast_cache("GraphedAccumulation")
+            self.step_graph, self.step_outputs = _capture_graph(self.step_fn, (), self._stream, self.pool,
+                                                                self.capture_error_mode)
+        self.step_graph.replay()
+        return self.step_outputs
+
+    def reset(self) -> None:
+        """Drop both graphs and their memory pools; the next micro-batch warms up again (the
+        gradients are left as they are: zero between windows)."""
+        if self.step_graph is not None:
+            self.step_graph.reset()
+        self.step_graph = self.step_outputs = None
+        self.windows = 0
+        super().reset()
+
+
 def _describe(sig: tuple) -> str:
     shape, dtype, device = sig
     return f"{list(shape)} {str(dtype).replace('torch.', '')} on {device}"
+
+
+def _check_autocast_cache(who: str) -> None:
+    if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+        raise ValueError(f"{who} captured under an enclosing autocast with its weight cache on: enter "
+                         f"autocast inside the step function (or use cache_enabled=False)")
+
+
+def _capture_graph(fn: Callable, inputs: Sequence, stream, pool, capture_error_mode: str):
+    """(graph, outputs): ``fn(*inputs)`` captured on ``stream`` (nothing of it runs). A failed
+    capture puts the device's random generator back and raises RuntimeError saying what a captured
+    step may not do; outputs that are not tensors raise TypeError."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    prev = torch.cuda.current_stream()
+    kw = {} if pool is None else {"pool": pool}
+    rng = _saved_generator_state()
+    try:
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode=capture_error_mode, **kw):
+            out = fn(*inputs)
+    except Exception as e:
+        torch.cuda.set_stream(prev)  # a failing capture_end skips the stream context's exit
+        _restore_generator_state(rng)
+        try:
+            graph.reset()
+        except Exception:
+            pass
+        raise RuntimeError(
+            f"the step could not be captured into a CUDA graph ({type(e).__name__}: {e}). Inside a captured "
+            f"step nothing may synchronise with the host: no .item() / .cpu() / .tolist(), no nonzero or "
+            f"boolean-mask indexing (x[mask]), no Python branch on a tensor's value, no GradScaler, no "
+            f"collective (DDP)") from e
+    if not _outputs_are_tensors(out):
+        graph.reset()
+        raise TypeError(f"a captured step must return tensors (or a tuple / list of them), got {type(out).__name__}")
+    return graph, out
 
 
 def _saved_generator_state():

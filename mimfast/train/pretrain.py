@@ -18,7 +18,11 @@ and BEiT's tokens) are made outside the graph and copied into its inputs. The le
 device tensor set in place, a non-finite loss skips the update on the device (the fused AdamW's
 ``found_inf``), and the loss logged is the graph's output. Every step is one training step, as
 without the graph (the warm-up steps included), so the run trains as an eager one does. Off CUDA
-the step runs eagerly through the same code.
+the step runs eagerly through the same code. With ``--accum-iter N`` (asked for with
+``--cuda-graph``; not the default until a GPU run has measured it) the window takes two graphs
+(:class:`~mimfast.train.cuda_graph.GraphedAccumulation`): each micro-batch's forward and backward,
+its gradients added in place, and the optimizer step, which zeroes them in place; a non-finite
+loss in any of the window's micro-batches skips its update.
 
 ``--fusion-trial-steps N`` (:mod:`mimfast.train.fusion_trial`): where the kernels run on Triton and
 no ``--fused-norm`` / ``--no-fused-norm`` is given, the first steps time the model's blocks fused
@@ -45,6 +49,7 @@ from mimfast.models import create_model
 from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, resolve_resume, save_checkpoint
 from mimfast.train.config import PretrainConfig
 from mimfast.train.cuda_graph import (
+    GraphedAccumulation,
     GraphedStep,
     config_problems,
     make_capturable,
@@ -421,10 +426,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     warmup_lr=cfg.warmup_lr)
     graphed = cfg.cuda_graph
     auto_graph = graphed is None  # the default, not asked for: a step that cannot be captured runs eagerly
-    problems = config_problems(world_size=d.world_size, accum_iter=cfg.accum_iter,
-                               precision=_autocast(cfg, device)[0], compile=cfg.compile)
+    problems = config_problems(world_size=d.world_size, precision=_autocast(cfg, device)[0], compile=cfg.compile)
     if graphed is None:  # the default: captured where it can be, on a CUDA device
-        graphed = device.type == "cuda" and not cfg.fsdp and not problems
+        # (gradient accumulation's two graphs are taken only when asked for, until a GPU run has
+        # measured them)
+        graphed = device.type == "cuda" and not cfg.fsdp and not problems and cfg.accum_iter == 1
         if graphed and d.main:
             print("the training step is captured in a CUDA graph and replayed (--no-cuda-graph: run it eagerly)")
     elif graphed:
@@ -480,8 +486,32 @@ def pretrain(cfg: PretrainConfig) -> dict:
             optimizer.step()
             return loss
 
-        graph_step = GraphedStep(train_step, optimizer=optimizer, warmup=GRAPH_WARMUP_STEPS,
-                                 enabled=device.type == "cuda", scaler=scaler)
+        if cfg.accum_iter == 1:
+            graph_step = GraphedStep(train_step, optimizer=optimizer, warmup=GRAPH_WARMUP_STEPS,
+                                     enabled=device.type == "cuda", scaler=scaler)
+        else:  # two graphs: each micro-batch's forward and backward, then the window's step
+            window_bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in the window
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def micro_step(*inputs):
+                with autocast():
+                    loss = graph_loss(model, *inputs)
+                (loss / cfg.accum_iter).backward()
+                loss = loss.detach()
+                window_bad.logical_or_(~torch.isfinite(loss))
+                return loss
+
+            def window_step():
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                found_inf.copy_(window_bad)  # any non-finite micro-batch loss leaves the weights as they are
+                optimizer.step()
+                torch._foreach_zero_([p.grad for p in params if p.grad is not None])  # in place: the graph adds to them
+                window_bad.zero_()
+
+            graph_step = GraphedAccumulation(micro_step, window_step, optimizer=optimizer, accum_iter=cfg.accum_iter,
+                                             warmup=-(-GRAPH_WARMUP_STEPS // cfg.accum_iter),
+                                             enabled=device.type == "cuda")
 
     trial = _fusion_trial(cfg, model, device, graphed=graphed, sharded=sharded, mean=d.mean)
 
@@ -495,6 +525,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tb = _tensorboard(out) if (d.main and cfg.tensorboard) else None
     progress = Progress(total_steps, start_step=step, every=cfg.log_every, enabled=d.main)
     nonfinite_in_row = nonfinite_total = 0
+    window_finite = True  # --cuda-graph with --accum-iter: every micro-batch loss of the window so far
     last_loss = float("nan")
     first_loss = None
     t_start = time.time()
@@ -545,11 +576,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                **schedule)
                 set_lr(optimizer, lr_now)  # a captured step's lr tensors in place: the graph reads them
             sync = (data_iter + 1) % cfg.accum_iter == 0
-            if graphed:  # one whole step (accum_iter 1): captured after the warm-up, then replayed
+            if graphed:  # one whole step (or micro-batch): captured after the warm-up, then replayed
                 with autocast():  # the tokenizer runs under autocast, as in task.loss
                     inputs = graph_inputs(batch)
                 try:
                     loss_value = graph_step(*inputs).item()
+                    if cfg.accum_iter > 1:
+                        window_finite = window_finite and math.isfinite(loss_value)
+                        if sync:
+                            graph_step.step()
+                            loss_value = loss_value if window_finite else float("nan")
+                            window_finite = True
                 except RuntimeError as e:
                     if not (auto_graph and graph_step.enabled and not graph_step.captured
                             and "could not be captured" in str(e)):
