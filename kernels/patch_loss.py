@@ -197,6 +197,10 @@ def _candidates(block_r: int, tiles: int, num_warps: int, img_order: int) -> tup
     if block_r > 1:
         cands["half_rows_8w"] = (block_r // 2, tiles * 2, 8, img_order)
         cands["half_rows_4w"] = (block_r // 2, tiles * 2, 4, img_order)
+    # fewer warps a tile: each row's sums span fewer warps (the third H200 run: 8 warps a tile ran
+    # 1.3-1.4x slower than 4 at ViT-B/16's shape), more values in flight a thread
+    if num_warps > 2:
+        cands["two_warps"] = (block_r, tiles, 2, img_order)
     return tuning.distinct(cands.items())
 
 
