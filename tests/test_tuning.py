@@ -206,7 +206,7 @@ def test_every_patch_loss_candidate_matches_the_default(device):
     imgs = torch.randn(N, C, H, W, device=device)
     mask = (torch.rand(N, L, device=device) < 0.75).float()
     cands = PL._candidates(*PL._config(1024, interpreted=False), 1)
-    assert len(cands) == 6 and cands[0][0] == "default"
+    assert len(cands) == 7 and cands[0][0] == "default" and cands[-1][0] == "two_warps"
     want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p)
     for name, cfg in cands:
         loss, grad = PL.patch_loss_fwd(pred, imgs, mask, p, config=cfg)
