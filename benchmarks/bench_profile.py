@@ -213,10 +213,9 @@ def by_input_shape(events, on_cuda: bool, total: float, names=BY_SHAPE, top: int
             if e.key != name or (on_cuda and e.device_type != DeviceType.CPU):
                 continue
             t = e.self_device_time_total if on_cuda else e.self_cpu_time_total
-            if t > 0:
-                shapes = "x".join(str(s) for s in e.input_shapes[0]) if e.input_shapes and e.input_shapes[0] else ""
-                rest = [("x".join(map(str, s)) or "()") for s in e.input_shapes[1:] if s] if e.input_shapes else []
-                rows.append((name, "[" + ", ".join([shapes or "()"] + rest) + "]", t, e.count))
+            if t > 0:  # the tensor inputs' shapes (scalars and unrecorded inputs left out)
+                shapes = ", ".join("x".join(map(str, s)) for s in (e.input_shapes or []) if s)
+                rows.append((name, f"[{shapes or '()'}]", t, e.count))
         rows.sort(key=lambda r: r[2], reverse=True)
         out += [(k, sh, t, n, 100 * t / (total or 1.0)) for k, sh, t, n in rows[:top]]
     return out

@@ -515,7 +515,7 @@ def _attn_bwd_onepass(
                            stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
                            S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,
                            HAS_BIAS, NEED_DBIAS, True, DOT_PRECISION)
-    else:  # one batch a program: its strip is its own, stored once
+    else:  # one batch a program, its strip its own, stored once (no loop: a one-trip loop spills more)
         _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, g64, h, g64, g64 < 0,
                        stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
                        S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,

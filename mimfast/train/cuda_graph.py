@@ -263,21 +263,29 @@ class GraphedStep:
 
     def _eager(self, inputs, side: bool = False):
         self._zero_grad()
-        if not side:
-            return self.fn(*inputs)
+        return self._on_side_stream(self.fn, inputs) if side else self.fn(*inputs)
+
+    def _on_side_stream(self, fn: Callable, inputs):
+        """``fn(*inputs)`` run eagerly on the capture's stream (where the warm-up must run)."""
         current = torch.cuda.current_stream()
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
-            out = self.fn(*inputs)
+            out = fn(*inputs)
         current.wait_stream(self._stream)
         return out
 
+    def _captured(self, fn: Callable, inputs):
+        """(graph, outputs) of ``fn(*inputs)`` captured on the side stream, after the checks a
+        capture needs (the optimizer's state exists once the warm-up ran)."""
+        check_optimizer(self.optimizer, self.scaler)
+        if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+            raise ValueError(f"{type(self).__name__} captured under an enclosing autocast with its weight cache on: "
+                             f"enter autocast inside the step function (or use cache_enabled=False)")
+        return _capture_graph(fn, inputs, self._stream, self.pool, self.capture_error_mode)
+
     def _capture(self) -> None:
-        check_optimizer(self.optimizer, self.scaler)  # after the warm-up: the state exists now
-        _check_autocast_cache("GraphedStep")
         self._zero_grad()
-        self.graph, self.static_outputs = _capture_graph(self.fn, self.static_inputs, self._stream, self.pool,
-                                                         self.capture_error_mode)
+        self.graph, self.static_outputs = self._captured(self.fn, self.static_inputs)
 
     # --- a call
     def __call__(self, *inputs: torch.Tensor):
@@ -307,7 +315,6 @@ class GraphedStep:
             self.graph.reset()
         self.graph = self.static_inputs = self.static_outputs = None
         self.calls = 0
-
 
 
 class GraphedAccumulation(GraphedStep):
@@ -364,19 +371,9 @@ class GraphedAccumulation(GraphedStep):
                                f"{self.accum_iter} micro-batches, then one step() ({self.windows} done)")
         self.windows += 1
         if self.graph is None:  # this window's micro-batches ran eagerly (warm-up, or not on CUDA)
-            if self._stream is None:
-                return self.step_fn()
-            current = torch.cuda.current_stream()
-            self._stream.wait_stream(current)
-            with torch.cuda.stream(self._stream):
-                out = self.step_fn()
-            current.wait_stream(self._stream)
-            return out
+            return self.step_fn() if self._stream is None else self._on_side_stream(self.step_fn, ())
         if self.step_graph is None:
-            check_optimizer(self.optimizer, self.scaler)
-            _check_autocast_cache("GraphedAccumulation")
-            self.step_graph, self.step_outputs = _capture_graph(self.step_fn, (), self._stream, self.pool,
-                                                                self.capture_error_mode)
+            self.step_graph, self.step_outputs = self._captured(self.step_fn, ())
         self.step_graph.replay()
         return self.step_outputs
 
@@ -393,12 +390,6 @@ class GraphedAccumulation(GraphedStep):
 def _describe(sig: tuple) -> str:
     shape, dtype, device = sig
     return f"{list(shape)} {str(dtype).replace('torch.', '')} on {device}"
-
-
-def _check_autocast_cache(who: str) -> None:
-    if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
-        raise ValueError(f"{who} captured under an enclosing autocast with its weight cache on: enter "
-                         f"autocast inside the step function (or use cache_enabled=False)")
 
 
 def _capture_graph(fn: Callable, inputs: Sequence, stream, pool, capture_error_mode: str):

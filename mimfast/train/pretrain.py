@@ -581,12 +581,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     inputs = graph_inputs(batch)
                 try:
                     loss_value = graph_step(*inputs).item()
-                    if cfg.accum_iter > 1:
-                        window_finite = window_finite and math.isfinite(loss_value)
-                        if sync:
-                            graph_step.step()
-                            loss_value = loss_value if window_finite else float("nan")
-                            window_finite = True
                 except RuntimeError as e:
                     if not (auto_graph and graph_step.enabled and not graph_step.captured
                             and "could not be captured" in str(e)):
@@ -596,6 +590,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         print(f"{e}\nthe steps run eagerly from here (--no-cuda-graph does so from the start)")
                     graph_step.enabled = False
                     loss_value = graph_step(*inputs).item()
+                if cfg.accum_iter > 1:  # GraphedAccumulation: the window's step after its last micro-batch
+                    window_finite = window_finite and math.isfinite(loss_value)
+                    if sync:
+                        graph_step.step()
+                        loss_value = loss_value if window_finite else float("nan")
+                        window_finite = True
             else:
                 if sharded:  # FSDP2's no_sync: no reduce-scatter while the micro-batches accumulate
                     model.set_requires_gradient_sync(sync)
