@@ -43,7 +43,7 @@ CASES = {
 # images, each timed. The H200 run put the heuristic's at 41% of copy bandwidth; one row a loop
 # step (BLOCK_R 1) takes 39-54 registers against 72 in the sm_90 compile: 36-48 warps resident
 # per SM against 28
-TUNING = [c for _, c in _candidates(*_config(1024, interpreted=False), 1)]
+TUNING = [c for _, c in _candidates(*_config(1024, interpreted=False), 1, 3)]
 SMOKE_N = 2
 SMOKE_CASES = {"vit_b16": (16, 4, 3), "vit_l16": (16, 4, 3), "vit_h14": (21, 7, 3)}
 

@@ -65,10 +65,14 @@ def _patch_loss_fwd_kernel(
     C: tl.constexpr,
     NORM_PIX: tl.constexpr,
     L1: tl.constexpr,
-    IMG_ORDER: tl.constexpr,  # column order: 0 (p, q, c) any strides, 1 (c, p, q), 2 (p, q, c) channels-last
+    IMG_ORDER: tl.constexpr,  # 0 (p, q, c) any strides, 1 (c, p, q), 2 (p, q, c) channels-last, 3 permuted
     BLOCK_R: tl.constexpr,  # rows per tile
-    BLOCK_P: tl.constexpr,  # power of two >= P
+    BLOCK_P: tl.constexpr,  # power of two >= P; C_PAD * PATCH_PAD**2 in order 3
+    C_PAD: tl.constexpr,  # powers of two >= C and p (order 3)
+    PATCH_PAD: tl.constexpr,
     TILES: tl.constexpr,  # tiles per program
+    TILES_PAD: tl.constexpr,  # power of two >= TILES
+    PREFETCH_W: tl.constexpr,  # load the weights of all the program's rows before its first tile
 ):
     P: tl.constexpr = PATCH * PATCH * C
     pid = tl.program_id(0)
@@ -80,7 +84,28 @@ def _patch_loss_fwd_kernel(
     # addresses and vectorises the loads.
     j = tl.arange(0, BLOCK_P)
     col_ok = j < P
-    if IMG_ORDER == 1:  # (c, p, q): NCHW-like images, q contiguous
+    if IMG_ORDER == 3:
+        # Orders 0 and 1 stride one of the two by C: the predictions (and the gradient's stores)
+        # or the pixels. Here each is read in its own order: the pixels as a (c, p, q) tile, pred
+        # and grad as a (q, p, c) tile; tl.permute moves between the two (through shared memory
+        # on a GPU). The row's columns j are the pixel tile's, flattened. Dimensions of equal
+        # contiguity get a warp's lanes in their order, so q before p puts a warp on 8 adjacent
+        # (q, c) triplets of one patch row (48 contiguous bytes in bf16) rather than on 4 rows.
+        c3 = tl.arange(0, C_PAD)[:, None, None]
+        p3 = tl.arange(0, PATCH_PAD)[None, :, None]
+        q3 = tl.arange(0, PATCH_PAD)[None, None, :]
+        pix_col3 = c3.to(tl.int64) * s_ic + p3.to(tl.int64) * s_ih + q3.to(tl.int64) * s_iw
+        pix_ok3 = (c3 < C) & (p3 < PATCH) & (q3 < PATCH)
+        col_ok = tl.reshape(pix_ok3, (BLOCK_P,))
+        qk = tl.arange(0, PATCH_PAD)[:, None, None]
+        pk = tl.arange(0, PATCH_PAD)[None, :, None]
+        ck = tl.arange(0, C_PAD)[None, None, :]
+        k3 = (pk * PATCH + qk) * C + ck  # column of pred / grad, (q, p, c)
+        pred_col3 = k3.to(tl.int64) * s_pp
+        pred_ok3 = (pk < PATCH) & (qk < PATCH) & (ck < C)
+        k = j  # unused in this order
+        img_col = j
+    elif IMG_ORDER == 1:  # (c, p, q): NCHW-like images, q contiguous
         qq = j % PATCH
         pp = (j // PATCH) % PATCH
         c = j // (PATCH * PATCH)
@@ -100,6 +125,15 @@ def _patch_loss_fwd_kernel(
 
     denom = tl.load(denom_ptr)
     inv_denom = tl.div_rn(1.0, tl.where(denom == 0, 1.0, denom))  # as the reference's final division
+    if PREFETCH_W:
+        # Otherwise each tile's loads wait for its weights' load: two DRAM latencies a tile, one
+        # of them with only a few bytes in flight. With one load of the program's weights up
+        # front, a tile's pixels and predictions are the only load it waits for.
+        tw = tl.arange(0, TILES_PAD)[:, None]
+        rows_w = (pid * TILES + tw) * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        ok_w = (tw < TILES) & (rows_w < n_rows)
+        w_all = tl.load(mask_ptr + (rows_w // L).to(tl.int64) * s_mn + (rows_w % L).to(tl.int64) * s_ml,
+                        mask=ok_w, other=0).to(tl.float32)  # [TILES_PAD, BLOCK_R]
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for t in range(TILES):
         rows = (pid * TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -108,14 +142,26 @@ def _patch_loss_fwd_kernel(
         l_ = rows % L
         hi = (l_ // w_patches).to(tl.int64)
         wi = (l_ % w_patches).to(tl.int64)
-        w = tl.load(mask_ptr + n * s_mn + l_.to(tl.int64) * s_ml, mask=row_ok, other=0).to(tl.float32)
+        if PREFETCH_W:
+            w = tl.sum(tl.where(tw == t, w_all, 0.0), axis=0)
+        else:
+            w = tl.load(mask_ptr + n * s_mn + l_.to(tl.int64) * s_ml, mask=row_ok, other=0).to(tl.float32)
         live = row_ok & (w != 0)  # zero-weight rows: no reads at all
         live2 = live[:, None] & col_ok[None, :]
 
         img_row = n * s_in + hi * PATCH * s_ih + wi * PATCH * s_iw
-        t_ = tl.load(imgs_ptr + (img_row[:, None] + img_col[None, :]), mask=live2, other=0.0).to(tl.float32)
         pred_row = n * s_pn + l_.to(tl.int64) * s_pl
-        x = tl.load(pred_ptr + (pred_row[:, None] + pred_col[None, :]), mask=live2, other=0.0).to(tl.float32)
+        if IMG_ORDER == 3:
+            live4 = live[:, None, None, None]
+            t4 = tl.load(imgs_ptr + (img_row[:, None, None, None] + pix_col3[None, :, :, :]),
+                         mask=live4 & pix_ok3[None, :, :, :], other=0.0)
+            t_ = tl.reshape(t4, (BLOCK_R, BLOCK_P)).to(tl.float32)
+            x4 = tl.load(pred_ptr + (pred_row[None, None, :, None] + pred_col3[:, :, None, :]),
+                         mask=live[None, None, :, None] & pred_ok3[:, :, None, :], other=0.0)  # (q, p, r, c)
+            x = tl.reshape(tl.permute(x4, (2, 3, 1, 0)), (BLOCK_R, BLOCK_P)).to(tl.float32)
+        else:
+            t_ = tl.load(imgs_ptr + (img_row[:, None] + img_col[None, :]), mask=live2, other=0.0).to(tl.float32)
+            x = tl.load(pred_ptr + (pred_row[:, None] + pred_col[None, :]), mask=live2, other=0.0).to(tl.float32)
 
         if NORM_PIX:
             mean = tl.sum(t_, axis=1) / P
@@ -134,8 +180,14 @@ def _patch_loss_fwd_kernel(
             row_loss = tl.sum(diff * diff, axis=1) / P
             g = diff * (2.0 * scale)[:, None]
         acc += tl.where(live, w * row_loss, 0.0)
-        grad_offs = rows.to(tl.int64)[:, None] * P + k64[None, :]
-        tl.store(grad_ptr + grad_offs, g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        g = g.to(grad_ptr.dtype.element_ty)
+        if IMG_ORDER == 3:
+            g4 = tl.permute(tl.reshape(g, (BLOCK_R, C_PAD, PATCH_PAD, PATCH_PAD)), (3, 2, 0, 1))  # (q, p, r, c)
+            grad_offs4 = rows.to(tl.int64)[None, None, :, None] * P + k3[:, :, None, :]
+            tl.store(grad_ptr + grad_offs4, g4, mask=row_ok[None, None, :, None] & pred_ok3[:, :, None, :])
+        else:
+            grad_offs = rows.to(tl.int64)[:, None] * P + k64[None, :]
+            tl.store(grad_ptr + grad_offs, g, mask=row_ok[:, None] & col_ok[None, :])
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
@@ -186,21 +238,35 @@ def _config(block_p: int, interpreted: bool) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _candidates(block_r: int, tiles: int, num_warps: int, img_order: int) -> tuple[tuple[str, tuple], ...]:
-    """(name, (BLOCK_R, TILES, num_warps, IMG_ORDER)) the launcher may choose among on a GPU
-    (:mod:`mimfast.kernels.tuning`), the heuristic's first."""
-    cands = {"default": (block_r, tiles, num_warps, img_order)}
+def _candidates(block_r: int, tiles: int, num_warps: int, img_order: int,
+                channels: int) -> tuple[tuple[str, tuple], ...]:
+    """(name, (BLOCK_R, TILES, num_warps, IMG_ORDER, PREFETCH_W)) the launcher may choose among
+    on a GPU (:mod:`mimfast.kernels.tuning`), the heuristic's first.
+
+    The third H200 run (ViT-B/16's shape, B 256) put the heuristic's at 41% of copy bandwidth;
+    the other walk, one tile a program and half the rows a tile came within 8%; eight warps a
+    tile (twice the rows, or half the rows) ran 1.37x slower and are no longer offered."""
+    cands = {"default": (block_r, tiles, num_warps, img_order, False)}
     if img_order in (0, 1):  # the other walk over a patch
-        cands["other_order"] = (block_r, tiles, num_warps, 1 - img_order)
-    cands["one_tile"] = (block_r, 1, num_warps, img_order)  # more, shorter programs
-    cands["rows_x2"] = (block_r * 2, max(1, tiles // 2), 8, img_order)
+        cands["other_order"] = (block_r, tiles, num_warps, 1 - img_order, False)
+    cands["one_tile"] = (block_r, 1, num_warps, img_order, False)  # more, shorter programs
     if block_r > 1:
-        cands["half_rows_8w"] = (block_r // 2, tiles * 2, 8, img_order)
-        cands["half_rows_4w"] = (block_r // 2, tiles * 2, 4, img_order)
-    # fewer warps a tile: each row's sums span fewer warps (the third H200 run: 8 warps a tile ran
-    # 1.3-1.4x slower than 4 at ViT-B/16's shape), more values in flight a thread
+        cands["half_rows_4w"] = (block_r // 2, tiles * 2, 4, img_order, False)
+    # fewer warps a tile: each row's sums span fewer warps, more values in flight a thread
     if num_warps > 2:
-        cands["two_warps"] = (block_r, tiles, 2, img_order)
+        cands["two_warps"] = (block_r, tiles, 2, img_order, False)
+    # the weights of the program's rows loaded once: one DRAM latency a tile instead of two
+    if tiles > 1:
+        cands["prefetch"] = (block_r, tiles, num_warps, img_order, True)
+    if block_r > 1:
+        cands["prefetch_half_rows"] = (block_r // 2, tiles * 2, 4, img_order, True)
+    # orders 0 and 1 stride the predictions or the pixels by C; order 3 reads both in their own
+    # order and permutes between them in the kernel
+    if img_order == 1 and channels > 1:
+        cands["permuted"] = (block_r, tiles, num_warps, 3, False)
+        cands["permuted_one_tile"] = (block_r, 1, num_warps, 3, False)
+        if tiles > 1:
+            cands["permuted_prefetch"] = (block_r, tiles, num_warps, 3, True)
     return tuning.distinct(cands.items())
 
 
@@ -265,9 +331,11 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
         loss: "mse" or "l1".
         eps: added to the variance.
         grad: optional contiguous (N, L, P) buffer of pred's dtype for the gradient.
-        config: optional (BLOCK_R, TILES, num_warps[, IMG_ORDER]) overriding the heuristic
+        config: optional (BLOCK_R, TILES, num_warps[, IMG_ORDER[, PREFETCH_W]]) overriding the heuristic
             (tests, tuning); BLOCK_R a power of two; IMG_ORDER 0 walks each patch in pred's
-            (p, q, c) order, 1 in (c, p, q) order (both work for any strides).
+            (p, q, c) order, 1 in (c, p, q) order, 3 reads the pixels in (c, p, q) order and
+            pred in its own, permuting between them in the kernel (all three for any strides);
+            PREFETCH_W loads the weights of all a program's rows before its first tile.
 
     Returns:
         (loss, grad): 0-dim float32 loss and d(loss)/d(pred) (contiguous, pred's dtype).
@@ -288,25 +356,30 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
     if config is None and tuning.applies(pred.device):
         config = tuning.choose(
             ("patch_loss", N, C, H, W, patch_size, pred.dtype, pred.stride(), imgs.dtype, imgs.stride(), mask.dtype,
-             bool(norm_pix), loss, pred.device), _candidates(block_r, tiles, num_warps, img_order),
+             bool(norm_pix), loss, pred.device), _candidates(block_r, tiles, num_warps, img_order, C),
             lambda c: patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix, loss, eps, grad, c), pred.device)
+    prefetch_w = False
     if config is not None:
-        ok = isinstance(config, (tuple, list)) and len(config) in (3, 4)
+        ok = isinstance(config, (tuple, list)) and len(config) in (3, 4, 5)
         if ok:
             block_r, tiles, num_warps = config[:3]
-            img_order = config[3] if len(config) == 4 else img_order
-            ok = block_r >= 1 and not block_r & (block_r - 1) and tiles >= 1 and img_order in (0, 1, 2)
-            ok = ok and (img_order != 2 or (s_ic == 1 and s_iw == C))
+            img_order = config[3] if len(config) >= 4 else img_order
+            prefetch_w = config[4] if len(config) == 5 else False
+            ok = block_r >= 1 and not block_r & (block_r - 1) and tiles >= 1 and img_order in (0, 1, 2, 3)
+            ok = ok and (img_order != 2 or (s_ic == 1 and s_iw == C)) and isinstance(prefetch_w, bool)
         if not ok:
             raise ValueError(
-                "config must be (BLOCK_R power of two, TILES >= 1, num_warps[, IMG_ORDER in 0, 1 "
-                f"(2 only for packed channels-last images)]), got {config}"
+                "config must be (BLOCK_R power of two, TILES >= 1, num_warps[, IMG_ORDER in 0, 1, 3 "
+                f"(2 only for packed channels-last images)[, PREFETCH_W bool]]), got {config}"
             )
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes; Triton loads bytes more reliably than i1
     if grad is None:
         grad = torch.empty((N, L, P), dtype=pred.dtype, device=pred.device)
     denom = mask.sum(dtype=torch.float32)  # deterministic; needed by every row's gradient
+    c_pad, patch_pad = next_power_of_2(C), next_power_of_2(patch_size)
+    if img_order == 3:
+        block_p = c_pad * patch_pad * patch_pad
     grid = cdiv(n_rows, block_r * tiles)
     partials = torch.empty(grid, dtype=torch.float32, device=pred.device)
     out = torch.empty((), dtype=torch.float32, device=pred.device)
@@ -316,7 +389,8 @@ def patch_loss_fwd(pred, imgs, mask, patch_size, norm_pix=True, loss="mse", eps=
         *pred.stride(), s_in, s_ic, s_ih, s_iw, *mask.stride(),
         float(eps),
         PATCH=patch_size, C=C, NORM_PIX=bool(norm_pix), L1=(loss == "l1"), IMG_ORDER=img_order,
-        BLOCK_R=block_r, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_P=block_p, C_PAD=c_pad, PATCH_PAD=patch_pad, TILES=tiles,
+        TILES_PAD=next_power_of_2(tiles), PREFETCH_W=prefetch_w, num_warps=num_warps,
     )
     _patch_loss_finish_kernel[(1,)](partials, denom, out, grid, BLOCK=1024, num_warps=4)
     return out, grad

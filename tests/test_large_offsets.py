@@ -233,8 +233,8 @@ def _patch_loss_ref(pred, imgs, mask, p, eps=1e-6):
     return (loss * mask).sum() / mask.sum()
 
 
-@pytest.mark.parametrize("order", [0, 1, 2])
-def test_patch_loss(device, order):
+@pytest.mark.parametrize("order,prefetch", [(0, False), (1, False), (2, False), (3, False), (1, True)])
+def test_patch_loss(device, order, prefetch):
     N, C, p = 3, 3, 2
     H, W = 4, 4
     L, P = (H // p) * (W // p), p * p * C
@@ -247,7 +247,7 @@ def test_patch_loss(device, order):
         imgs = spread(imgs0.float(), (H * W * C, 1, BIG, C))
     else:  # n * s_in, c * s_ic
         imgs = spread(imgs0.float(), (BIG, BIG // 3, W, 1))
-    loss, grad = patch_loss_fwd(pred, imgs, mask, p, norm_pix=True, config=(2, 2, 4, order))
+    loss, grad = patch_loss_fwd(pred, imgs, mask, p, norm_pix=True, config=(2, 2, 4, order, prefetch))
     pred_r = pred0.clone().requires_grad_()
     ref = _patch_loss_ref(pred_r, imgs0, mask0.double(), p)
     (rgrad,) = torch.autograd.grad(ref, pred_r)
@@ -256,11 +256,11 @@ def test_patch_loss(device, order):
     # l * s_pl and k * s_pp, l * s_ml
     pred = spread(pred0.float(), (L * P, BIG, 1))
     mask = spread(mask0, (L, BIG))
-    loss, grad = patch_loss_fwd(pred, imgs, mask, p, norm_pix=True, config=(2, 2, 4, order))
+    loss, grad = patch_loss_fwd(pred, imgs, mask, p, norm_pix=True, config=(2, 2, 4, order, prefetch))
     _close("loss (l strides)", loss, ref, 1e-5)
     _close("grad (l strides)", grad, rgrad, 1e-5)
     pred = spread(pred0.float(), (L * P, P, BIG // 5))
-    loss, grad = patch_loss_fwd(pred, imgs, mask0, p, norm_pix=True, config=(2, 2, 4, order))
+    loss, grad = patch_loss_fwd(pred, imgs, mask0, p, norm_pix=True, config=(2, 2, 4, order, prefetch))
     _close("loss (k stride)", loss, ref, 1e-5)
     _close("grad (k stride)", grad, rgrad, 1e-5)
 

@@ -153,10 +153,38 @@ def test_strided_inputs(layout):
         torch.testing.assert_close(lt, le, **LOSS_TOL)
         _assert_grad_close(gt, ge)
         # every order of walking a patch gives the same answer on any layout
-        for order in (0, 1, 2) if layout == "channels_last" else (0, 1):
+        for order in (0, 1, 2, 3) if layout == "channels_last" else (0, 1, 3):
             lo, go = patch_loss_fwd(pred, imgs, mask, p, norm_pix, config=(4, 2, 4, order))
             torch.testing.assert_close(lo, le, **LOSS_TOL)
             _assert_grad_close(go, ge)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SMALL + [ISSUE[0]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("norm_pix,loss", [(True, "mse"), (False, "l1")])
+def test_permuted_order_and_prefetched_weights_match_the_reference(shape, norm_pix, loss, dtype):
+    """Order 3 reads pred and writes grad in their own (p, q, c) order and permutes them in the
+    kernel; PREFETCH_W loads all a program's weights before its first tile. The same loss and
+    gradient as the eager reference on C = 1 and 3, P below its power of two (192, 196, 588),
+    tile counts that are not powers of two, tiles past the last row, a poisoned gradient buffer
+    and zero-weight rows."""
+    N, C, H, W, p = shape
+    pred, imgs, mask = _inputs(*shape, pred_dtype=dtype)
+    le, ge = _loss_and_grad(pred, imgs, mask, p, norm_pix, loss, "eager")
+    for config in ((2, 3, 4, 3), (1, 1, 4, 3), (4, 2, 4, 1), (2, 3, 4, 1, True), (1, 5, 4, 3, True), (4, 2, 2, 0, True)):
+        grad = poison_(torch.empty(pred.shape, device=DEVICE, dtype=dtype))
+        lo, go = patch_loss_fwd(pred, imgs, mask, p, norm_pix, loss, grad=grad, config=config)
+        torch.testing.assert_close(lo, le, **LOSS_TOL)
+        assert (go[mask == 0] == 0).all(), config
+        got, want = go, ge
+        if loss == "l1":  # the same signs except on rounding ties, and the same magnitudes
+            agree = go.sign() == ge.sign()
+            assert (~agree).double().mean().item() < 1e-3, config
+            got, want = go[agree], ge[agree]
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-6)
+        else:
+            _assert_grad_close(got, want)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float16", "weights", "float64"])
@@ -295,6 +323,8 @@ def test_no_grad_and_requires_grad_checks():
         (dict(grad=torch.empty(2, 15, 192, dtype=torch.float16)), ValueError, "grad must be a contiguous"),
         (dict(config=(3, 1, 4)), ValueError, "config must be"),
         (dict(config=(2, 1, 4, 2)), ValueError, "config must be"),
+        (dict(config=(2, 1, 4, 1, 1)), ValueError, "config must be"),
+        (dict(config=(2, 1, 4, 4)), ValueError, "config must be"),
     ],
 )
 def test_bad_input_raises(args, err, match):

@@ -205,8 +205,11 @@ def test_every_patch_loss_candidate_matches_the_default(device):
     pred = torch.randn(N, 1 + L, P, device=device)[:, 1:]
     imgs = torch.randn(N, C, H, W, device=device)
     mask = (torch.rand(N, L, device=device) < 0.75).float()
-    cands = PL._candidates(*PL._config(1024, interpreted=False), 1)
-    assert len(cands) == 7 and cands[0][0] == "default" and cands[-1][0] == "two_warps"
+    cands = PL._candidates(*PL._config(1024, interpreted=False), 1, C)
+    names = [name for name, _ in cands]
+    assert names == ["default", "other_order", "one_tile", "half_rows_4w", "two_warps", "prefetch",
+                     "prefetch_half_rows", "permuted", "permuted_one_tile", "permuted_prefetch"]
+    assert not any("permuted" in name for name, _ in PL._candidates(*PL._config(256, interpreted=False), 1, 1))
     want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p)
     for name, cfg in cands:
         loss, grad = PL.patch_loss_fwd(pred, imgs, mask, p, config=cfg)
@@ -227,7 +230,7 @@ def test_layer_norm_and_patch_loss_launch_the_tuned_choice(tuner, device):
     imgs = torch.randn(N, C, H, W, device=device)
     mask = torch.ones(N, pred.shape[1], device=device)
     # the candidates the tuner times: around the heuristic's tiling (on the CPU the interpreter's)
-    pl_cands = dict(PL._candidates(*PL._config(1024, interpreted=device == "cpu"), 1))
+    pl_cands = dict(PL._candidates(*PL._config(1024, interpreted=device == "cpu"), 1, C))
     tuner["names"] = {id(c): n for d in (fwd, bwd, pl_cands) for n, c in d.items()}
     tuner["times"] = {"half_rows": 0.1, "two_waves": 0.1, "one_tile": 0.1}
     r, y, mean, rstd = LN.add_layer_norm_fwd(x, res, w, None, None, 1e-6, torch.float32)
