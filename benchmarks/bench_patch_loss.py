@@ -39,8 +39,8 @@ CASES = {
     "vit_h14": (224, 14, 3),
 }
 # kernel-only rows at the B/16 shape (not in --quick): the launcher's tuning candidates
-# (BLOCK_R, TILES, num_warps, IMG_ORDER) around the heuristic's (2, 8, 4, 1) for P = 768 and NCHW
-# images, each timed. The H200 run put the heuristic's at 41% of copy bandwidth; one row a loop
+# (BLOCK_R, TILES, num_warps, IMG_ORDER, PREFETCH_W) around the heuristic's (2, 8, 4, 1, False) for
+# P = 768 and NCHW images, each timed. The H200 run put the heuristic's at 41% of copy bandwidth; one row a loop
 # step (BLOCK_R 1) takes 39-54 registers against 72 in the sm_90 compile: 36-48 warps resident
 # per SM against 28
 TUNING = [c for _, c in _candidates(*_config(1024, interpreted=False), 1, 3)]
