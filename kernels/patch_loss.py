@@ -103,8 +103,6 @@ def _patch_loss_fwd_kernel(
         k3 = (pk * PATCH + qk) * C + ck  # column of pred / grad, (q, p, c)
         pred_col3 = k3.to(tl.int64) * s_pp
         pred_ok3 = (pk < PATCH) & (qk < PATCH) & (ck < C)
-        k = j  # unused in this order
-        img_col = j
     elif IMG_ORDER == 1:  # (c, p, q): NCHW-like images, q contiguous
         qq = j % PATCH
         pp = (j // PATCH) % PATCH
@@ -120,8 +118,9 @@ def _patch_loss_fwd_kernel(
         qq = (j // C) % PATCH
         pp = j // (C * PATCH)
         img_col = c.to(tl.int64) * s_ic + pp.to(tl.int64) * s_ih + qq.to(tl.int64) * s_iw
-    pred_col = k.to(tl.int64) * s_pp
-    k64 = k.to(tl.int64)
+    if IMG_ORDER != 3:
+        pred_col = k.to(tl.int64) * s_pp
+        k64 = k.to(tl.int64)
 
     denom = tl.load(denom_ptr)
     inv_denom = tl.div_rn(1.0, tl.where(denom == 0, 1.0, denom))  # as the reference's final division
