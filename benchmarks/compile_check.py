@@ -15,7 +15,14 @@ launch whose grid CUDA refuses (more than 65535 programs on axis 1 or 2).
     python -m benchmarks.compile_check --all                # all ~1320 specialisations (16 minutes on one core)
     python -m benchmarks.compile_check --only attention,augment --jobs 4
     python -m benchmarks.compile_check --list               # the variants only, no compile
+    python -m benchmarks.compile_check --only patch_loss --all --match "IMG_ORDER=3" --mem
     python -m benchmarks.compile_check --warm --jobs 16     # on the GPU machine: fill Triton's cache
+
+``--mem`` adds, per variant, the memory instructions of its PTX: global and shared loads and
+stores by vector width and element size (``ld.global.v4.b32: 4`` is four 16-byte loads in the
+code, not per launch), and barriers. Whether a load is vectorised or scalar, and how many
+shared-memory round trips a layout change costs, can be read there without a GPU. ``--match``
+keeps the variants whose label contains every given word.
 
 ``--warm`` compiles every specialisation (``--all``) for the machine's own GPU into Triton's
 on-disk cache, in parallel processes, so the test suite and the benchmarks that follow load
@@ -444,6 +451,21 @@ CASES = {name: globals()[f"cases_{name}"] for name in FILES}
 # ----------------------------------------------------------------------------------------------
 
 _REGS = re.compile(r"Used (\d+) registers")
+_MEM_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.(global|shared)(?:::\w+)?((?:\.[\w:]+)*)\s", re.M)
+
+
+def mem_stats(ptx: str) -> dict[str, int]:
+    """Static counts of the PTX's global / shared loads and stores by vector width and element
+    size (cache hints dropped), and of its barriers."""
+    counts: dict[str, int] = {}
+    for op, space, mods in _MEM_OP.findall(ptx):
+        parts = mods.split(".")
+        vec = next((m for m in parts if m in ("v2", "v4", "v8")), "")
+        size = next((m for m in parts if m[:1] in "bfsu" and m[1:].isdigit()), "")
+        key = ".".join(x for x in (op, space, vec, size) if x)
+        counts[key] = counts.get(key, 0) + 1
+    counts["bar.sync"] = len(re.findall(r"\bbar\.sync\b", ptx))
+    return dict(sorted(counts.items()))
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -475,7 +497,8 @@ def compile_variant(v: dict) -> dict:
     regs = [int(x) for x in _REGS.findall(text)]
     spills = [tuple(map(int, m)) for m in _SPILL.findall(text)]
     return dict(ok=True, regs=max(regs) if regs else -1, spill_st=max((s[0] for s in spills), default=0),
-                spill_ld=max((s[1] for s in spills), default=0), smem=k.metadata.shared, s=time.perf_counter() - t0)
+                spill_ld=max((s[1] for s in spills), default=0), smem=k.metadata.shared, s=time.perf_counter() - t0,
+                mem=mem_stats(k.asm["ptx"]) if v.get("mem") else None)
 
 
 def main(argv=None) -> int:
@@ -485,6 +508,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true",
                     help="every distinct specialisation (about 5 minutes), not only a pairwise cover")
     ap.add_argument("--list", action="store_true", help="list the variants, do not compile")
+    ap.add_argument("--mem", action="store_true", help="print each variant's PTX memory instructions")
+    ap.add_argument("--match", default="", help="only the variants whose label holds every space-separated word")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the full error of a failed compile")
     ap.add_argument("--warm", action="store_true",
                     help="fill Triton's cache for this machine's GPU (all specialisations, failures reported only)")
@@ -502,11 +527,14 @@ def main(argv=None) -> int:
                 launch()
     variants = list(cap.variants.values())
     n_all = len(variants)
+    if args.match:
+        variants = [v for v in variants if all(w in f"{v['name']} {v['label']}" for w in args.match.split())]
     if not (args.all or args.warm):
         variants = pairwise(variants)
     target = _target()
     for v in variants:
         v["target"] = (target.backend, target.arch, target.warp_size)
+        v["mem"] = args.mem
     print(f"{len(variants)} of {n_all} distinct kernel specialisations from {', '.join(files)} for sm_90 "
           f"({'all' if args.all else 'a pairwise cover; --all for every one'}; triton {triton.__version__}, "
           f"ptxas {triton.knobs.nvidia.ptxas.path})", flush=True)
@@ -533,6 +561,8 @@ def main(argv=None) -> int:
                 if not args.warm:
                     print(f"{status:9s} {name}  regs={r['regs']} spill={r['spill_st']}/{r['spill_ld']}B "
                           f"smem={r['smem']}B  {r['s']:.1f}s  {v['label']}", flush=True)
+                    if r.get("mem"):
+                        print("          " + "  ".join(f"{k}: {n}" for k, n in r["mem"].items()), flush=True)
             else:
                 failed, tally[1] = failed + 1, tally[1] + 1
                 print(f"FAIL      {name}  {r['error']}  {v['label']}  [{v['case']}]", flush=True)
