@@ -348,6 +348,16 @@ def cases_patch_loss():
         loss(*s, pdt, idt) for s in shapes for pdt in FLOATS for idt in {pdt, F32}]
     yield "channels-last images, bool mask", lambda: [loss(*s, pdt, channels_last=True, bool_mask=True)
                                                       for s in shapes[4:8] for pdt in (F32, BF16)]
+    def walks():  # tests/test_patch_loss_kernel.py: the permuted walk, prefetched weights
+        for s in [(3, 3, 24, 40, 8), (2, 1, 42, 70, 14), (2, 3, 32, 80, 16), (2, 3, 28, 42, 14),
+                  (8, 3, 224, 224, 16)]:
+            for pdt in (F32, BF16):
+                for c in ((2, 3, 4, 3), (1, 1, 4, 3), (4, 2, 4, 1), (2, 3, 4, 1, True), (1, 5, 4, 3, True),
+                          (4, 2, 4, 0, True)):
+                    loss(*s, pdt, config=c)
+
+    yield "tests: the permuted walk and prefetched weights", walks
+
     def tuning():
         from benchmarks.bench_patch_loss import TUNING
 
