@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mimfast.kernels import cdiv, next_power_of_2, tuning
+from mimfast.kernels import cdiv, next_power_of_2, sm_count, tuning
 
 __all__ = ["patch_loss_fwd", "patch_loss_bwd_scale_", "LOSSES"]
 
@@ -218,10 +218,15 @@ def _scale_kernel(
 ):
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:  # decided on the device: no host sync, and no traffic when g == 1
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < numel
-        x = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(grad_ptr + offs, (x * g).to(grad_ptr.dtype.element_ty), mask=ok)
+        # a few programs a multiprocessor striding over the buffer: at g == 1 (every plain
+        # loss.backward()) each only reads g, and a launch of one program per block would spend
+        # its time starting thousands of programs that do nothing
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, step):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < numel
+            x = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(grad_ptr + offs, (x * g).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def _config(block_p: int, interpreted: bool) -> tuple[int, int, int]:
@@ -408,5 +413,8 @@ def patch_loss_bwd_scale_(grad, grad_output):
     block = 4096
     if grad_output.dim():
         grad_output = grad_output.reshape(())
-    _scale_kernel[(cdiv(numel, block),)](grad, grad_output, numel, BLOCK=block, num_warps=8)
+    # on a GPU four programs a multiprocessor (eight warps each); in the interpreter two, which
+    # keeps the stride loop exercised
+    programs = 4 * sm_count(grad.device) if grad.device.type == "cuda" else 2
+    _scale_kernel[(max(1, min(cdiv(numel, block), programs)),)](grad, grad_output, numel, BLOCK=block, num_warps=8)
     return grad

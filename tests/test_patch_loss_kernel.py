@@ -282,6 +282,13 @@ def test_backward_is_a_scale_skipped_at_one():
     assert torch.equal(buf, before)
     patch_loss_bwd_scale_(buf, torch.full((), 0.5, device=DEVICE))
     assert torch.equal(buf, before * 0.5)
+    # more blocks than programs (two on the CPU, four per multiprocessor on a GPU): each program
+    # strides over several, the last one partial
+    big = torch.randn(3 * 4096 * (2 if DEVICE == "cpu" else 4 * torch.cuda.get_device_properties(0)
+                                  .multi_processor_count) + 77, device=DEVICE, dtype=torch.bfloat16)
+    want = big * -2.0  # exact: no rounding to compare
+    patch_loss_bwd_scale_(big, torch.full((), -2.0, device=DEVICE))
+    assert torch.equal(big, want)
     # ... and through .backward() the gradient reaches a leaf's .grad
     leaf = pred.detach().clone().requires_grad_(True)
     ops.masked_patch_loss(leaf, imgs, mask, 8, backend="triton").backward()
