@@ -264,6 +264,8 @@ def _candidates(block_r: int, tiles: int, num_warps: int, img_order: int,
         cands["prefetch"] = (block_r, tiles, num_warps, img_order, True)
     if block_r > 1:
         cands["prefetch_half_rows"] = (block_r // 2, tiles * 2, 4, img_order, True)
+    if tiles > 1 and num_warps > 2:
+        cands["prefetch_two_warps"] = (block_r, tiles, 2, img_order, True)
     # orders 0 and 1 stride the predictions or the pixels by C; order 3 reads both in their own
     # order and permutes between them in the kernel
     if img_order == 1 and channels > 1:

@@ -208,7 +208,7 @@ def test_every_patch_loss_candidate_matches_the_default(device):
     cands = PL._candidates(*PL._config(1024, interpreted=False), 1, C)
     names = [name for name, _ in cands]
     assert names == ["default", "other_order", "one_tile", "half_rows_4w", "two_warps", "prefetch",
-                     "prefetch_half_rows", "permuted", "permuted_one_tile", "permuted_prefetch"]
+                     "prefetch_half_rows", "prefetch_two_warps", "permuted", "permuted_one_tile", "permuted_prefetch"]
     assert not any("permuted" in name for name, _ in PL._candidates(*PL._config(256, interpreted=False), 1, 1))
     want_loss, want_grad = PL.patch_loss_fwd(pred, imgs, mask, p)
     for name, cfg in cands:
