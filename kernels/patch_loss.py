@@ -19,6 +19,13 @@ sums the partials in a fixed order (bit-identical run to run) and divides by ``s
 Bytes moved: M * P * (pred bytes + pixel bytes + grad bytes) + (N*L - M) * P * grad bytes +
 N*L mask bytes, M = rows with non-zero weight (75% of rows in MAE). FLOPs are negligible.
 
+How a patch is walked (``IMG_ORDER``; the launcher's tuner picks on a GPU): a patch's pixels lie
+in (c, p, q) order in an NCHW image, its predictions in (p, q, c) order, so a walk in one order
+strides the other tensor by C (orders 0, 1; 2 is the packed channels-last image, where both
+agree); order 3 reads each in its own order and permutes in the kernel. ``PREFETCH_W`` loads
+the weights of all a program's rows before its first tile, so that a tile's loads wait on no
+other load.
+
 Supports: pred, imgs in float32 / float16 / bfloat16, any strides (a view such as
 ``decoder_output[:, 1:, :]``, channels-last images); mask in any float dtype or bool, any
 strides; C >= 1, any p (8, 14, 16, 32 in practice), H != W; ``norm_pix`` on or off (unbiased
