@@ -348,6 +348,7 @@ def cases_patch_loss():
         loss(*s, pdt, idt) for s in shapes for pdt in FLOATS for idt in {pdt, F32}]
     yield "channels-last images, bool mask", lambda: [loss(*s, pdt, channels_last=True, bool_mask=True)
                                                       for s in shapes[4:8] for pdt in (F32, BF16)]
+
     def walks():  # tests/test_patch_loss_kernel.py: the permuted walk, prefetched weights
         for s in [(3, 3, 24, 40, 8), (2, 1, 42, 70, 14), (2, 3, 32, 80, 16), (2, 3, 28, 42, 14),
                   (8, 3, 224, 224, 16)]:
@@ -461,6 +462,7 @@ CASES = {name: globals()[f"cases_{name}"] for name in FILES}
 # ----------------------------------------------------------------------------------------------
 
 _REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _MEM_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.(global|shared)(?:::\w+)?((?:\.[\w:]+)*)\s", re.M)
 
 
@@ -476,7 +478,6 @@ def mem_stats(ptx: str) -> dict[str, int]:
         counts[key] = counts.get(key, 0) + 1
     counts["bar.sync"] = len(re.findall(r"\bbar\.sync\b", ptx))
     return dict(sorted(counts.items()))
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _target() -> GPUTarget:
