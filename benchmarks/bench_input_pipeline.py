@@ -31,8 +31,9 @@ batch, against the same step fed by each pipeline (wall clock per step, the pipe
 concurrently). Case ``mae_vit_b16_graph_step_b128``: the step captured in a CUDA graph, as
 ``mimfast pretrain`` runs it on CUDA by default (the GPU busy for the whole step, so nvjpeg's
 and the kernel's GPU time show); ``mae_vit_b16_step_b128`` (full and smoke runs): the eager
-step, whose host-bound launches leave the GPU gaps that hide the loader's GPU work. Target (issue 10): GPU pipeline >= 3x torchvision's CPU pipeline with all cores,
-and the step with GPU data loading within 10% of the step without.
+step, whose host-bound launches leave the GPU gaps that hide the loader's GPU work. Target
+(issue 10): GPU pipeline >= 3x torchvision's CPU pipeline with all cores, and the step with GPU
+data loading within 10% of the step without.
 
 Measurement windows: each loader runs one epoch long enough for the whole measurement (a
 sampler over the folder's images repeated, ``_sampler``: an epoch end would restart it with

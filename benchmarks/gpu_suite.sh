@@ -39,7 +39,8 @@ PYTEST_OPTS=""
 if [ -z "$ONLY" ]; then
   # SIGINT at the limit: pytest stops, ends its workers and still prints the summary of what ran
   # (the third H200 run's slower host cut the tests at 180 s just before the summary line)
-  timeout -s INT -k 15 200 "$PY" -m pytest tests -q -p no:cacheprovider $PYTEST_OPTS --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+  timeout -s INT -k 15 200 "$PY" -m pytest tests -q -p no:cacheprovider $PYTEST_OPTS --junitxml="$OUT/tests.xml" \
+    > "$OUT/tests.log" 2>&1
   echo "tests exit code: $? (124 or 2: cut at 200 s)"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 fi

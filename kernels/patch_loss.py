@@ -158,9 +158,8 @@ def _patch_loss_fwd_kernel(
         img_row = n * s_in + hi * PATCH * s_ih + wi * PATCH * s_iw
         pred_row = n * s_pn + l_.to(tl.int64) * s_pl
         if IMG_ORDER == 3:
-            live4 = live[:, None, None, None]
             t4 = tl.load(imgs_ptr + (img_row[:, None, None, None] + pix_col3[None, :, :, :]),
-                         mask=live4 & pix_ok3[None, :, :, :], other=0.0)
+                         mask=live[:, None, None, None] & pix_ok3[None, :, :, :], other=0.0)
             t_ = tl.reshape(t4, (BLOCK_R, BLOCK_P)).to(tl.float32)
             x4 = tl.load(pred_ptr + (pred_row[None, None, :, None] + pred_col3[:, :, None, :]),
                          mask=live[None, None, :, None] & pred_ok3[:, :, None, :], other=0.0)  # (q, p, r, c)

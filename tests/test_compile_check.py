@@ -20,7 +20,8 @@ def test_mem_report_of_the_permuted_patch_loss_walk():
     loads the fp32 pixels in 16-byte vectors (``ld.global.v4.b32``) and moves the predictions
     through shared memory (the permutation)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    match = "_patch_loss_fwd_kernel IMG_ORDER=3 PREFETCH_W=1 NORM_PIX=1 L1=0 PATCH=16 C=3 pred_ptr:bf16 imgs_ptr:fp32"
+    match = ("_patch_loss_fwd_kernel IMG_ORDER=3 PREFETCH_W=1 NORM_PIX=1 L1=0 PATCH=16 C=3 pred_ptr:bf16 "
+             "imgs_ptr:fp32")
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.compile_check", "--only", "patch_loss", "--all", "--jobs", "1",
          "--mem", "--match", match],

@@ -171,7 +171,8 @@ def test_permuted_order_and_prefetched_weights_match_the_reference(shape, norm_p
     N, C, H, W, p = shape
     pred, imgs, mask = _inputs(*shape, pred_dtype=dtype)
     le, ge = _loss_and_grad(pred, imgs, mask, p, norm_pix, loss, "eager")
-    for config in ((2, 3, 4, 3), (1, 1, 4, 3), (4, 2, 4, 1), (2, 3, 4, 1, True), (1, 5, 4, 3, True), (4, 2, 4, 0, True)):
+    for config in ((2, 3, 4, 3), (1, 1, 4, 3), (4, 2, 4, 1), (2, 3, 4, 1, True), (1, 5, 4, 3, True),
+                   (4, 2, 4, 0, True)):
         grad = poison_(torch.empty(pred.shape, device=DEVICE, dtype=dtype))
         lo, go = patch_loss_fwd(pred, imgs, mask, p, norm_pix, loss, grad=grad, config=config)
         torch.testing.assert_close(lo, le, **LOSS_TOL)
