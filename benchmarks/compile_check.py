@@ -418,7 +418,7 @@ def cases_augment():
 def cases_layer_norm():
     from mimfast.kernels import layer_norm as K
 
-    def add_ln(M, D, x_dt, res_dt, affine=True, scale=False, out_dt=BF16, fwd_cfg=None, bwd_cfg=None):
+    def add_ln(M, D, x_dt, res_dt, affine=True, scale=False, out_dt=BF16, fwd_cfg=None, bwd_cfg=None, xsum=False):
         x = _e(M, D, dtype=x_dt)
         res = _e(M, D, dtype=res_dt) if res_dt is not None else None
         w = b = _e(D) if affine else None
@@ -427,16 +427,17 @@ def cases_layer_norm():
         r_in = r if r.numel() else x
         K.add_layer_norm_bwd(_e(M, D, dtype=out_dt), _e(M, D, dtype=r_in.dtype) if r.numel() else None, r_in,
                              x if scale else None, w, s, mean, rstd, x_dt, res.dtype if res is not None else x_dt,
-                             True, res is not None, affine, affine, scale, bwd_cfg)
+                             True, res is not None, affine, affine, scale, xsum, bwd_cfg)
 
     dims = (768, 512, 1024, 1280, 80, 33, 1)
-    yield "blocks under autocast: bf16 branch, fp32 residual, bf16 / fp32 y, layer scale", lambda: [
-        add_ln(256 * 50, D, BF16, F32, scale=sc, out_dt=o) for D in dims for sc in (False, True) for o in (BF16, F32)]
+    yield "blocks under autocast: bf16 branch, fp32 residual, bf16 / fp32 y, layer scale, branch bias", lambda: [
+        add_ln(256 * 50, D, BF16, F32, scale=sc, out_dt=o, xsum=o == BF16) for D in dims for sc in (False, True)
+        for o in (BF16, F32)]
     yield "tests: every dtype mix, no residual, no affine", lambda: [
         add_ln(34, D, dt, r, affine=a, scale=sc, out_dt=dt) for D in (80, 33, 130, 768) for dt in FLOATS
         for r in (None, dt, F32) for a in (True, False) for sc in (False, True)]
     yield "tuning candidates (kernels.tuning) at MAE / BEiT widths under autocast", lambda: [
-        add_ln(256 * 50, D, BF16, F32, scale=sc, fwd_cfg=f, bwd_cfg=bw) for D in (768, 512, 1024, 1280)
+        add_ln(256 * 50, D, BF16, F32, scale=sc, fwd_cfg=f, bwd_cfg=bw, xsum=True) for D in (768, 512, 1024, 1280)
         for sc in (False, True) for (_, f), (_, bw) in zip(K._candidates(D, False) * 2, K._candidates(D, True))]
 
 

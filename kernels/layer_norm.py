@@ -16,6 +16,12 @@ reads r, dy and the residual stream's incoming gradient and writes the gradients
 with the weight / bias / layer-scale gradients reduced per program (fp32, a fixed split of the
 rows) and summed over programs afterwards in a fixed order (bit-identical run to run).
 
+The backward can also sum the gradient of x over the rows: the gradient of the bias that the
+branch's last Linear (attention's ``proj``, the MLP's ``fc2``) added to x. The Linear's own
+backward would read the whole (M, D) gradient once more for it (a column-sum kernel and its
+partials' sum per block branch); here it is one more register accumulator of a pass that
+writes that gradient anyway.
+
 Bytes moved, M rows of D values: forward M*D*(x + r in + r out + y bytes); backward
 M*D*(r + dy + dr in + dr out + dx bytes) (+ x with layer scale). Eager moves about twice that.
 
@@ -123,7 +129,7 @@ def _add_ln_bwd_kernel(
     mean_ptr, rstd_ptr,  # (M,) fp32
     dx_ptr,  # (M, D) contiguous, x's dtype (NEED_DX)
     dres_ptr,  # (M, D) contiguous, residual's dtype (NEED_DRES)
-    part_ptr,  # (programs, 3, D) fp32: per-program sums for dw, db, dscale
+    part_ptr,  # (programs, 3 or 4, D) fp32: per-program sums for dw, db, dscale (and dx: NEED_DXSUM)
     M, D,
     s_rm, s_xm,
     TILES,  # row tiles per program (a fixed split of the rows: deterministic partials)
@@ -135,6 +141,8 @@ def _add_ln_bwd_kernel(
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
+    NEED_DXSUM: tl.constexpr,  # column sums of dx (as rounded to x's dtype): the branch's bias gradient
+    DX_DTYPE: tl.constexpr,  # x's dtype
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -151,6 +159,7 @@ def _add_ln_bwd_kernel(
     acc_dw = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_db = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_ds = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_dx = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for t in range(TILES):
         tile = pid.to(tl.int64) * TILES + t
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -187,14 +196,19 @@ def _add_ln_bwd_kernel(
             dx = dr * s[None, :]
         else:
             dx = dr
+        dx = dx.to(DX_DTYPE)
         if NEED_DX:
-            tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-    if NEED_DW or NEED_DB or NEED_DSCALE:
-        # all three rows are written (zeros for a sum not asked for): the buffer needs no zero fill
-        base = part_ptr + pid.to(tl.int64) * 3 * D + cols
+            tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx, mask=ok)
+        if NEED_DXSUM:  # the values the branch's Linear would sum for its bias (rows past M: dr = 0)
+            acc_dx += dx.to(tl.float32)
+    if NEED_DW or NEED_DB or NEED_DSCALE or NEED_DXSUM:
+        # every row is written (zeros for a sum not asked for): the buffer needs no zero fill
+        base = part_ptr + pid.to(tl.int64) * (4 if NEED_DXSUM else 3) * D + cols
         tl.store(base, tl.sum(acc_dw, axis=0), mask=col_ok)
         tl.store(base + D, tl.sum(acc_db, axis=0), mask=col_ok)
         tl.store(base + 2 * D, tl.sum(acc_ds, axis=0), mask=col_ok)
+        if NEED_DXSUM:
+            tl.store(base + 3 * D, tl.sum(acc_dx, axis=0), mask=col_ok)
 
 
 def result_dtypes(x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
@@ -339,12 +353,13 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
                        weight: torch.Tensor | None, scale: torch.Tensor | None, mean: torch.Tensor,
                        rstd: torch.Tensor, x_dtype: torch.dtype, res_dtype: torch.dtype | None,
                        need_dx: bool, need_dres: bool, need_dw: bool, need_db: bool, need_dscale: bool,
-                       config: tuple[int, int, int, int] | None = None):
+                       need_dxsum: bool = False, config: tuple[int, int, int, int] | None = None):
     """Gradients (dx, dres, sums) of :func:`add_layer_norm_fwd`: sums (3, D) fp32 holds the
-    weight, bias and layer-scale gradients (rows not asked for are zero); what is not needed
-    is an empty (0,) tensor. ``r`` is the forward's residual output (x itself when there was no add
-    and no scale), ``x`` the branch output (needed for ``dscale`` only). ``config``: as for
-    :func:`add_layer_norm_fwd`."""
+    weight, bias and layer-scale gradients (rows not asked for are zero), and with ``need_dxsum``
+    a fourth row, the column sums of dx (as rounded to ``x_dtype``: the gradient of a bias the
+    branch's Linear added to x); what is not needed is an empty (0,) tensor. ``r`` is the
+    forward's residual output (x itself when there was no add and no scale), ``x`` the branch
+    output (needed for ``dscale`` only). ``config``: as for :func:`add_layer_norm_fwd`."""
     M, D = r.shape
     _check_rows("r", r, D)
     dy = dy.contiguous()
@@ -360,16 +375,16 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
         config = tuning.choose(
             ("add_ln_bwd", M, D, r.dtype, dy.dtype, dr_in is not None, x is not None, None if weight is None
              else weight.dtype, None if scale is None else scale.dtype, x_dtype, res_dtype, need_dx, need_dres,
-             need_dw, need_db, need_dscale, r.device), _candidates(D, True),
+             need_dw, need_db, need_dscale, need_dxsum, r.device), _candidates(D, True),
             lambda c: add_layer_norm_bwd(dy, dr_in, r, x, weight, scale, mean, rstd, x_dtype, res_dtype, need_dx,
-                                         need_dres, need_dw, need_db, need_dscale, c), r.device)
+                                         need_dres, need_dw, need_db, need_dscale, need_dxsum, c), r.device)
     block_m, block_d, num_warps, waves = config if config is not None else _blocks(D, backward=True) + (1,)
     n_tiles = cdiv(M, block_m)
     programs = _programs(n_tiles, num_warps, r.device, waves)
     tiles = cdiv(n_tiles, programs)
     programs = cdiv(n_tiles, tiles)
-    need_part = need_dw or need_db or need_dscale
-    part = _empty((programs, 3, D) if need_part else (0,), torch.float32, r.device)
+    need_part = need_dw or need_db or need_dscale or need_dxsum
+    part = _empty((programs, 4 if need_dxsum else 3, D) if need_part else (0,), torch.float32, r.device)
     if M > 0:
         dummy = r
         _add_ln_bwd_kernel[(programs,)](
@@ -379,8 +394,9 @@ def add_layer_norm_bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Te
             M, D, r.stride(0), x.stride(0) if x is not None else 0, tiles,
             HAS_DR=dr_in is not None, HAS_SCALE=scale is not None, HAS_W=weight is not None,
             NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=need_dw, NEED_DB=need_db, NEED_DSCALE=need_dscale,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, **_LAUNCH_OPTS,
+            NEED_DXSUM=need_dxsum, DX_DTYPE=_TL_DTYPES[x_dtype], BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=num_warps, **_LAUNCH_OPTS,
         )
-    # (3, D) fp32: a fixed-order reduction over programs
+    # (3 or 4, D) fp32: a fixed-order reduction over programs
     sums = part.sum(0) if need_part else _empty((0,), torch.float32, r.device)
     return dx, dres, sums

@@ -213,6 +213,75 @@ def test_bad_input():
                              torch.float32)
 
 
+@pytest.mark.parametrize("x_dtype,residual,scale", [(torch.float32, True, False), (torch.float32, False, True),
+                                                    (torch.bfloat16, True, True), (torch.float16, True, False)])
+def test_x_bias_gradient_is_the_linear_bias_gradient(x_dtype, residual, scale):
+    """``x_bias``: x holds a Linear's bias (added in x's dtype, fp32 parameter as under autocast).
+    With the bias passed there, and to the Linear detached, the values are unchanged and every
+    gradient, the bias's included, is what the Linear's own backward gives (2x rule against
+    float64), in both backends; the Triton kernel sums it in its backward pass."""
+    lead, D = ((3, 17), 80) if DEVICE == "cpu" else ((64, 197), 768)
+    x, res, w, b, s, gy, gr = _inputs(lead, D, x_dtype, torch.float32 if residual else None, True, scale, seed=6)
+    lin_b = 0.2 * torch.randn(D, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(7))
+
+    def run(backend, handoff, cast=None):
+        leaves = [t.detach().to(cast or t.dtype).requires_grad_(True) if t is not None else None
+                  for t in (x, res, w, b, s, lin_b)]
+        xt, rt, wt, bt, st, lbt = leaves
+        xin = xt + (lbt.detach() if handoff else lbt).to(xt.dtype)  # the Linear's output
+        r, y = ops.add_layer_norm(xin, rt, wt, bt, 1e-6, scale=st, backend=backend,
+                                  x_bias=lbt if handoff else None)
+        used = [t for t in leaves if t is not None]
+        return r.detach(), y.detach(), torch.autograd.grad((y, r), used, (gy.to(y.dtype), gr.to(r.dtype)))
+
+    r_e, y_e, g_e = run("eager", False)
+    r64, y64, g64 = run("eager", False, cast=torch.float64)
+    for backend in ("eager", "triton"):
+        r_h, y_h, g_h = run(backend, True)
+        r_p, y_p, _ = run(backend, False)
+        assert torch.equal(r_h, r_p) and torch.equal(y_h, y_p)
+        assert len(g_h) == len(g_e)
+        for i, (a, e, f) in enumerate(zip(g_h, g_e, g64)):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            assert_2x_rule(f"{backend} grad {i}", a, e, f, atol=_atol(a, f, 1e-3))
+
+
+def test_x_bias_bad_input_and_attention_handoff():
+    """x_bias needs a residual or a scale and a (D,) shape; the attention modules hand their proj
+    bias over only on their one-op path with the bias trainable and no output dropout at work,
+    and ``proj_bias_grad=False`` leaves it without a gradient (values unchanged)."""
+    from mimfast.nn import Attention, BEiTAttention
+
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    w = torch.ones(8, device=DEVICE)
+    with pytest.raises(ValueError, match="x_bias needs a residual"):
+        ops.add_layer_norm(x, None, w, w, x_bias=w, backend="triton")
+    with pytest.raises(ValueError, match="x_bias must be"):
+        ops.add_layer_norm(x, x, w, w, x_bias=torch.ones(7, device=DEVICE), backend="triton")
+    torch.manual_seed(0)
+    for attn in (Attention(32, 2, qkv_bias=True, kernels="triton"),
+                 BEiTAttention(32, 2, qkv_bias=True, kernels="triton")):
+        attn.to(DEVICE)
+        assert attn.handoff_proj_bias() is attn.proj.bias
+        t = torch.randn(2, 5, 32, device=DEVICE)
+        out = attn(t, proj_bias_grad=False)
+        assert torch.equal(out, attn(t))
+        out.sum().backward()
+        assert attn.proj.bias.grad is None and attn.proj.weight.grad is not None
+        attn.proj_drop.p = 0.1
+        assert attn.handoff_proj_bias() is None
+        with pytest.raises(ValueError, match="proj_bias_grad=False"):
+            attn(t, proj_bias_grad=False)
+        attn.eval()  # dropout off again
+        assert attn.handoff_proj_bias() is attn.proj.bias
+        attn.proj.bias.requires_grad_(False)
+        assert attn.handoff_proj_bias() is None
+        attn.proj.bias.requires_grad_(True)
+        handle = attn.proj.register_forward_hook(lambda *a: None)  # the module's own call: no one op
+        assert attn.handoff_proj_bias() is None
+        handle.remove()
+
+
 # --- stacks of blocks
 
 

@@ -13,8 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="an offline check for CPU machines; the GPU suite's minutes go to "
-                    "tests compiled and run on the device")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an offline check for CPU machines; the GPU suite's minutes "
+                    "go to tests compiled and run on the device")
 def test_mem_report_of_the_permuted_patch_loss_walk():
     """The permuted walk with prefetched weights compiles for sm_90 with no spills, and its PTX
     loads the fp32 pixels in 16-byte vectors (``ld.global.v4.b32``) and moves the predictions

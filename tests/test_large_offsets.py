@@ -286,10 +286,11 @@ def test_add_layer_norm(device):
     dy0 = torch.randn(M, D, device=device, dtype=torch.float64)
     r_big = spread(r, (BIG, 1))  # the backward's row * s_rm, row * s_xm
     dx, dres, sums = add_layer_norm_bwd(dy0.float(), None, r_big, x, w, s, mean, rstd, torch.float32,
-                                        torch.float32, True, True, True, True, True)
+                                        torch.float32, True, True, True, True, True, True)
     grads = torch.autograd.grad(y_ref, leaves, dy0)
     for name, out, ref in [("dx", dx, grads[0]), ("dres", dres, grads[1]), ("dw", sums[0], grads[2]),
-                           ("db", sums[1], grads[3]), ("dscale", sums[2], grads[4])]:
+                           ("db", sums[1], grads[3]), ("dscale", sums[2], grads[4]),
+                           ("dx sum", sums[3], grads[0].sum(0))]:
         _close(name, out, ref, 1e-4)
 
 

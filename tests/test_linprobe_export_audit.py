@@ -214,7 +214,7 @@ def test_export_img_size_refused_for_beit():
     assert encoder_state_dict(beit, img_size=None).keys() == encoder_state_dict(beit).keys()
 
 
-# --------------------------------------------------------------------------- linprobe CLI on a Hugging Face folder (fixed)
+# ------------------------------------------------------------------- linprobe CLI on a Hugging Face folder (fixed)
 
 
 def test_linprobe_cli_takes_a_hugging_face_folder(tmp_path):

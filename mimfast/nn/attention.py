@@ -17,7 +17,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import check_backend_name
-from mimfast.nn.blocks import no_hooks
+from mimfast.nn.blocks import handoff_bias, no_hooks
 
 __all__ = ["Attention", "patch_timm"]
 
@@ -92,11 +92,25 @@ class Attention(nn.Module):
                 and no_hooks(self.proj) and self.gate is None and type(self.q_norm) is nn.Identity
                 and type(self.k_norm) is nn.Identity and type(self.norm) is nn.Identity)
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    def handoff_proj_bias(self) -> torch.Tensor | None:
+        """``proj``'s bias when ``forward(..., proj_bias_grad=False)`` may leave its gradient to
+        whoever consumes the output (the one-op path, a bias that needs a gradient, no output
+        dropout at work; :func:`mimfast.nn.forward_blocks` hands it to the fused residual add +
+        LayerNorm), else None."""
+        return handoff_bias(self.proj, self.proj_drop, self._one_op())
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False,
+                proj_bias_grad: bool = True) -> torch.Tensor:
+        """``proj_bias_grad=False``: no gradient reaches ``proj.bias`` from here; the caller sums
+        it (see :meth:`handoff_proj_bias`, which must have returned the bias)."""
         if attn_mask is not None or is_causal:
             raise ValueError("mimfast.nn.Attention supports neither attn_mask nor is_causal")
+        if not proj_bias_grad and self.handoff_proj_bias() is None:
+            raise ValueError("proj_bias_grad=False needs a proj bias with a gradient, the one-op path and no "
+                             "output dropout at work (handoff_proj_bias() is None)")
         if self._one_op():
-            x = ops.self_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+            proj_bias = self.proj.bias if proj_bias_grad else self.proj.bias.detach()
+            x = ops.self_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, proj_bias,
                                    self.num_heads, scale=self.scale, backend=self.kernels)
             return self.proj_drop(x)
         B, S, _ = x.shape

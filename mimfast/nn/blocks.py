@@ -13,11 +13,13 @@ with the layer scale applied inside the fused op and ``y`` written in the autoca
 next Linear casts to. With ``fused_mlp`` the MLP runs as :func:`mimfast.ops.mlp`, which keeps
 only ``h = fc1(y)`` for the backward (the largest activation a block saves drops out; GELU's
 backward recomputes it) and sums fc1's bias gradient inside GELU's backward pass (one read of
-the hidden gradient fewer). The blocks' own modules and parameters are used: weights, names and
-checkpoints are unchanged. Stochastic depth (a training-mode drop path) is applied to the
-branch before the fused add. Blocks that something else drives (a forward hook or pre-hook,
-e.g. an FSDP unit or a user's hook; a subclass with its own forward) make the stack run the
-plain loop, so the result is always that of ``for blk in blocks: x = blk(x); norm(x)``.
+the hidden gradient fewer). The bias gradients of the branches' last Linears (attention's
+``proj``, the MLP's ``fc2``) are summed by the fused add's backward (``x_bias``) in the pass
+that writes the branch output's gradient, not by the Linears (one more read of it each). The
+blocks' own modules and parameters are used: weights, names and checkpoints are unchanged.
+Stochastic depth (a training-mode drop path) is applied to the branch before the fused add.
+Blocks that something else drives (a forward hook or pre-hook, e.g. an FSDP unit or a user's
+hook; a subclass with its own forward) make the stack run the plain loop, so the result is always that of ``for blk in blocks: x = blk(x); norm(x)``.
 
 Supported blocks: timm's ``Block`` (``ls1``/``ls2`` identity or ``LayerScale``) and
 :class:`mimfast.models.beit.BEiTBlock` (``gamma_1``/``gamma_2``), with ``nn.LayerNorm`` norms.
@@ -63,8 +65,19 @@ def _block_kind(blk) -> str | None:
     return None
 
 
-def _dropout_off(m) -> bool:
-    return type(m) is nn.Identity or (type(m) is nn.Dropout and (m.p == 0 or not m.training))
+def dropout_off(m) -> bool:
+    """None, an identity, or a dropout that drops nothing (p = 0, or eval mode)."""
+    return m is None or type(m) is nn.Identity or (type(m) is nn.Dropout and (m.p == 0 or not m.training))
+
+
+def handoff_bias(linear: nn.Linear, dropout, one_op: bool) -> torch.Tensor | None:
+    """A branch's last Linear's bias, when the module may leave its gradient to whoever consumes
+    the branch's output: the Linear runs inside the module's one op (``one_op``), the bias needs a
+    gradient and no dropout follows. Else None."""
+    b = linear.bias
+    if b is None or not b.requires_grad or not one_op or not dropout_off(dropout):
+        return None
+    return b
 
 
 @functools.cache
@@ -81,7 +94,7 @@ def mlp_fusable(mlp) -> bool:
     hidden norm and no hooks."""
     return (type(mlp) in _mlp_classes() and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
             and type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear and type(mlp.norm) is nn.Identity
-            and _dropout_off(mlp.drop1) and _dropout_off(mlp.drop2)
+            and dropout_off(mlp.drop1) and dropout_off(mlp.drop2)
             and all(no_hooks(m) for m in (mlp, mlp.fc1, mlp.act, mlp.fc2)))
 
 
@@ -113,6 +126,13 @@ class FusedBlocksMixin:
         for blk in blocks:
             x = blk(x, **attn_kwargs)
         return norm(x)
+
+
+def _attn_handoff(attn) -> torch.Tensor | None:
+    """The attention module's proj bias when it can leave its gradient to the caller
+    (``handoff_proj_bias`` of mimfast's attention modules), else None."""
+    handoff = getattr(type(attn), "handoff_proj_bias", None)
+    return handoff(attn) if handoff is not None else None
 
 
 def can_fuse_blocks(blocks, norm) -> bool:
@@ -168,18 +188,25 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
         s1, d1, s2, d2 = _parts(blk, kind)
         nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else norm
         nxt_dtype = out_dtype if i + 1 < len(blocks) else None  # the final norm's output as eager gives it
-        a = blk.attn(y, **attn_kwargs)
+        # the bias gradients of proj and fc2 are summed by the add + LayerNorm after them, in the pass
+        # that writes their output's gradient (no drop path in between: then they are the only
+        # consumer, and x's gradient is the output's)
+        pb = _attn_handoff(blk.attn) if d1 is None else None
+        a = blk.attn(y, **attn_kwargs) if pb is None else blk.attn(y, proj_bias_grad=False, **attn_kwargs)
         if d1 is not None:  # stochastic depth: scale and drop the branch first
             a, s1 = d1(a * s1 if s1 is not None else a), None
         r, y = ops.add_layer_norm(a, r, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, scale=s1,
-                                  out_dtype=out_dtype, backend=kernels)
+                                  out_dtype=out_dtype, backend=kernels, x_bias=pb)
         mlp = blk.mlp
+        fb = None
         if fused_mlp and mlp_fusable(mlp):
-            m = ops.mlp(y, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=kernels)
+            fb = handoff_bias(mlp.fc2, None, True) if d2 is None else None
+            m = ops.mlp(y, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                        mlp.fc2.bias if fb is None else fb.detach(), backend=kernels)
         else:
             m = mlp(y)
         if d2 is not None:
             m, s2 = d2(m * s2 if s2 is not None else m), None
         r, y = ops.add_layer_norm(m, r, nxt.weight, nxt.bias, nxt.eps, scale=s2, out_dtype=nxt_dtype,
-                                  backend=kernels)
+                                  backend=kernels, x_bias=fb)
     return y

@@ -40,19 +40,19 @@ def _(x, residual, weight, bias, scale, eps, out_dtype):
 def _bwd(dy: torch.Tensor, dr_in: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor | None,
          weight: torch.Tensor | None, scale: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
          x_dtype: torch.dtype, res_dtype: torch.dtype, need_dx: bool, need_dres: bool, need_dw: bool,
-         need_db: bool, need_dscale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         need_db: bool, need_dscale: bool, need_dxsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return add_layer_norm_bwd(dy, dr_in, r, x, weight, scale, mean, rstd, x_dtype, res_dtype,
-                              need_dx, need_dres, need_dw, need_db, need_dscale)
+                              need_dx, need_dres, need_dw, need_db, need_dscale, need_dxsum)
 
 
 @_bwd.register_fake
 def _(dy, dr_in, r, x, weight, scale, mean, rstd, x_dtype, res_dtype, need_dx, need_dres, need_dw, need_db,
-      need_dscale):
+      need_dscale, need_dxsum):
     M, D = r.shape
-    need_part = need_dw or need_db or need_dscale
+    need_part = need_dw or need_db or need_dscale or need_dxsum
     return (r.new_empty((M, D) if need_dx else (0,), dtype=x_dtype),
             r.new_empty((M, D) if need_dres else (0,), dtype=res_dtype),
-            r.new_empty((3, D) if need_part else (0,), dtype=torch.float32))
+            r.new_empty((4 if need_dxsum else 3, D) if need_part else (0,), dtype=torch.float32))
 
 
 def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -62,13 +62,14 @@ def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
 
 
 class _AddLayerNorm(torch.autograd.Function):
-    """(x, residual | None, weight, bias, scale, eps, out_dtype) -> (r, y), x and residual of
-    shape (..., D) (flattened to rows inside, so no reshape or view of the caller's tensors is
-    recorded by autograd); r is an empty placeholder when there is no residual and no scale (r
-    is x itself)."""
+    """(x, residual | None, weight, bias, scale, eps, out_dtype, x_bias | None) -> (r, y), x and
+    residual of shape (..., D) (flattened to rows inside, so no reshape or view of the caller's
+    tensors is recorded by autograd); r is an empty placeholder when there is no residual and no
+    scale (r is x itself). ``x_bias`` is not read: x already holds it; its gradient is the column
+    sum of x's."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, scale, eps, out_dtype):
+    def forward(ctx, x, residual, weight, bias, scale, eps, out_dtype, x_bias):
         shape = x.shape
         D = shape[-1]
         x2 = _rows(x, D)
@@ -82,6 +83,7 @@ class _AddLayerNorm(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         ctx.res_dtype = residual.dtype if residual is not None else x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.x_bias_dtype = x_bias.dtype if x_bias is not None else None
         ctx.set_materialize_grads(False)
         if not write_r:
             ctx.mark_non_differentiable(r)
@@ -93,6 +95,7 @@ class _AddLayerNorm(torch.autograd.Function):
     def backward(ctx, dr, dy):
         r, x, weight, scale, mean, rstd = ctx.saved_tensors
         need_dx, need_dres, need_dw, need_db, need_dscale = ctx.needs_input_grad[:5]
+        need_dxsum = ctx.needs_input_grad[7] and ctx.x_bias_dtype is not None
         D = r.shape[-1]
         if dy is None:  # y unused: r = residual + x * scale is all that has a gradient
             dy = torch.zeros(r.shape, dtype=torch.float32, device=r.device)
@@ -101,23 +104,25 @@ class _AddLayerNorm(torch.autograd.Function):
         dr = dr.reshape(-1, D) if ctx.write_r and dr is not None else None
         dx, dres, sums = _bwd(dy, dr, r, x, weight, scale, mean, rstd, ctx.x_dtype,
                               ctx.res_dtype, need_dx, need_dres, need_dw and weight is not None,
-                              need_db and ctx.bias_dtype is not None, need_dscale and scale is not None)
+                              need_db and ctx.bias_dtype is not None, need_dscale and scale is not None,
+                              need_dxsum)
         return (dx.view(ctx.shape) if need_dx else None, dres.view(ctx.shape) if need_dres else None,
                 as_dtype(sums[0], weight.dtype) if need_dw else None,
                 as_dtype(sums[1], ctx.bias_dtype) if need_db else None,
-                as_dtype(sums[2], scale.dtype) if need_dscale else None, None, None)
+                as_dtype(sums[2], scale.dtype) if need_dscale else None, None, None,
+                as_dtype(sums[3], ctx.x_bias_dtype) if need_dxsum else None)
 
 
 def _vec(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype):
+def add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype, x_bias=None):
     """The Triton backend of ``add_layer_norm``: (r, y) with the shapes of x."""
     if out_dtype is None:  # what eager's layer_norm gives: fp32 under CUDA autocast, else r's dtype
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
             out_dtype = torch.float32
         else:
             out_dtype = _dtypes(x, residual, scale)[1]
-    r, y = _AddLayerNorm.apply(x, residual, _vec(weight), _vec(bias), _vec(scale), float(eps), out_dtype)
+    r, y = _AddLayerNorm.apply(x, residual, _vec(weight), _vec(bias), _vec(scale), float(eps), out_dtype, x_bias)
     return (r if (residual is not None or scale is not None) else x), y

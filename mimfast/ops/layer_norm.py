@@ -27,7 +27,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_args(x, residual, weight, bias, scale, eps, out_dtype):
+def _check_args(x, residual, weight, bias, scale, eps, out_dtype, x_bias=None):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a (..., D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -41,7 +41,10 @@ def _check_args(x, residual, weight, bias, scale, eps, out_dtype):
             raise TypeError(f"residual must be float32, float16, bfloat16 or float64, got {residual.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device}, x on {x.device}")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale)):
+    if x_bias is not None and residual is None and scale is None:
+        raise ValueError("x_bias needs a residual or a scale: without them r is x itself, whose gradient "
+                         "does not pass through this op")
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("x_bias", x_bias)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.shape != (D,):
@@ -56,12 +59,15 @@ def _check_args(x, residual, weight, bias, scale, eps, out_dtype):
         raise TypeError(f"out_dtype must be None, float32, float16 or bfloat16, got {out_dtype}")
 
 
-def add_layer_norm_reference(x, residual, weight, bias, eps=1e-6, scale=None, out_dtype=None):
+def add_layer_norm_reference(x, residual, weight, bias, eps=1e-6, scale=None, out_dtype=None, x_bias=None):
     """Eager: ``r = residual + x * scale`` (terms absent when None), ``y = layer_norm(r)``.
 
     Returns (r, y); y in ``out_dtype`` when given, else in ``layer_norm``'s dtype. Without a
-    residual and a scale, r is x itself.
+    residual and a scale, r is x itself. ``x_bias``: x plus a zero that carries x's gradient to
+    it (summed over the rows, as a Linear's bias gradient is).
     """
+    if x_bias is not None:  # x + 0 is x (a -0.0 becomes +0.0); the zero is in x's dtype, as the Linear added it
+        x = x + (x_bias - x_bias.detach()).to(x.dtype)
     h = x if scale is None else x * scale
     r = h if residual is None else residual + h
     y = F.layer_norm(r, (r.shape[-1],), weight, bias, eps)
@@ -70,7 +76,8 @@ def add_layer_norm_reference(x, residual, weight, bias, eps=1e-6, scale=None, ou
     return r, y
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-6, scale=None, out_dtype=None, backend="auto"):
+def add_layer_norm(x, residual, weight, bias, eps=1e-6, scale=None, out_dtype=None, backend="auto",
+                   x_bias=None):
     """Residual add (optionally layer-scaled) + LayerNorm in one pass.
 
     Args:
@@ -85,16 +92,21 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-6, scale=None, out_dtype=No
             float32 under autocast (LayerNorm runs in fp32 there); pass the autocast dtype to
             get y ready for the next Linear without a cast.
         backend: ``"auto"``, ``"eager"`` or ``"triton"``.
+        x_bias: (D,) the bias the branch's last Linear already added to x, or None. Its value is
+            not used; this op's backward gives its gradient, the column sum of x's gradient (the
+            Triton kernel sums it in the pass that writes x's gradient: no second read of it).
+            The Linear must then treat the bias as a constant (pass it ``bias.detach()``), and
+            this op must be x's only consumer. Needs a residual or a scale.
 
     Returns:
         (r, y): the new residual stream (dtype ``torch.result_type`` of the add) and the
         normalised rows.
     """
-    _check_args(x, residual, weight, bias, scale, eps, out_dtype)
-    fp64 = any(t is not None and t.dtype not in _KERNEL_DTYPES for t in (x, residual, weight, bias, scale))
+    _check_args(x, residual, weight, bias, scale, eps, out_dtype, x_bias)
+    fp64 = any(t is not None and t.dtype not in _KERNEL_DTYPES for t in (x, residual, weight, bias, scale, x_bias))
     if fp64 and backend == "triton":
         raise TypeError("add_layer_norm: the Triton kernel has no float64 path; use backend='eager'")
     which = "eager" if fp64 else _backend.resolve(backend, x, op="add_layer_norm")
     if which == "eager":
-        return add_layer_norm_reference(x, residual, weight, bias, eps, scale, out_dtype)
-    return _triton().add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype)
+        return add_layer_norm_reference(x, residual, weight, bias, eps, scale, out_dtype, x_bias)
+    return _triton().add_layer_norm_triton(x, residual, weight, bias, eps, scale, out_dtype, x_bias)
