@@ -192,12 +192,13 @@ def _cuda_mode():
 def cases_attention():
     from mimfast.kernels import attention as K
 
-    def fwd_bwd(B, S, H, Dh, dtype, bias=False, bias_dtype=None, need_bias_grad=True, tf32=False, config=None):
+    def fwd_bwd(B, S, H, Dh, dtype, bias=False, bias_dtype=None, need_bias_grad=True, tf32=False, config=None,
+                qsum=False):
         qkv = _e(B, S, 3 * H * Dh, dtype=dtype)
         b = _e(H, S, S, dtype=bias_dtype or dtype) if bias else None
         out, lse = K.attention_forward(qkv, H, b, allow_tf32=tf32, config=config)
         K.attention_backward(qkv, out, lse, _e(B, S, H * Dh, dtype=dtype), H, b, need_bias_grad=need_bias_grad,
-                             allow_tf32=tf32, config=config)
+                             allow_tf32=tf32, config=config, need_qkv_sum=qsum)
 
     yield "tests: INTERPRETED_CASES", lambda: [fwd_bwd(*c) for c in [
         (2, 1, 3, 32, F32, True), (2, 17, 3, 32, F16, False), (3, 17, 1, 80, F32, True), (1, 50, 2, 64, F16, True),
@@ -222,6 +223,11 @@ def cases_attention():
     yield "models: fp32 bias under bf16 autocast, every tuning candidate", lambda: [
         fwd_bwd(8, 197, 12, 64, BF16, True, bias_dtype=F32, config=cfg)
         for cfg in K.candidate_configs(197, 64, True, BF16).values()]
+    yield "models: the qkv bias gradient summed in the backward, every tuning candidate", lambda: [
+        fwd_bwd(8, S, H, Dh, BF16, bias, bias_dtype=F32 if bias else None, config=cfg, qsum=True)
+        for S, H, Dh, bias in ((50, 12, 64, False), (197, 16, 32, False), (197, 12, 64, True), (65, 16, 80, False),
+                               (50, 16, 64, False))
+        for cfg in K.candidate_configs(S, Dh, bias, BF16).values()]
     yield "models: tiny test models (Dh 8, 16, 32)", lambda: [fwd_bwd(2, S, H, Dh, dt, bias)
                                                               for S in (5, 17, 50, 65)
                                                               for H, Dh in ((2, 8), (3, 16), (2, 32))
@@ -232,6 +238,7 @@ def cases_attention():
 
         for B, H, S, Dh, bias in CASES.values():
             fwd_bwd(B, S, H, Dh, BF16, bias)
+            fwd_bwd(B, S, H, Dh, BF16, bias, qsum=True)
             for cfg in _alt_configs(S, Dh, bias).values():
                 fwd_bwd(B, S, H, Dh, BF16, bias, config=cfg)
 

@@ -26,6 +26,10 @@ Backward, FlashAttention-2 style (delta = rowsum(o * do), P recomputed from the 
     accumulates dk, dv over all query blocks (k, v re-read per query block, q, do per key
     block; mostly L2 hits at these lengths). No atomics.
 Gradients land in one (B, S, 3*H*Dh) tensor in the packed layout (and strides) of ``qkv``.
+On request the backward kernels also sum the gradient tiles they write over their rows (the
+values as written), one fp32 row of partial sums per program's batch and block, summed in a
+fixed order after: the gradient of the qkv Linear's bias without a pass over dqkv of its own
+(the Linear's column sum read all of it again: 3*B*S*H*Dh elements a layer).
 FLOPs: 2.5x the forward (fused); the split path recomputes Q K^T once more.
 
 Bias (H, S, S) shared across the batch (BEiT's relative position bias): its gradient
@@ -55,6 +59,7 @@ import triton
 import triton.language as tl
 
 from mimfast.kernels import cdiv, next_power_of_2, sm_count, tuning
+from mimfast.kernels.masking import sum_partials
 
 __all__ = ["AttentionConfig", "default_config", "candidate_configs", "attention_forward", "attention_backward"]
 
@@ -132,12 +137,24 @@ def _attn_fwd(
 
 
 @triton.jit
+def _colsum_store(QSUM, row64, part, h, H, offs_d, mask_d, tile, tile_mask, HEAD_DIM: tl.constexpr,
+                  PARTS: tl.constexpr = 3):
+    """Column sums of a (rows, DH_PAD) gradient tile as written (its dtype), rows and columns
+    outside ``tile_mask`` left out, into row ``row64`` of QSUM (P, PARTS*H*HEAD_DIM) fp32 at the
+    columns of part ``part`` (q / k / v: 0 / 1 / 2 of 3) of head h: partial sums of the qkv bias
+    gradient."""
+    sums = tl.sum(tl.where(tile_mask, tile.to(tl.float32), 0.0), 0)
+    tl.store(QSUM + (row64 * PARTS + part) * H * HEAD_DIM + h * HEAD_DIM + offs_d, sums, mask=mask_d)
+
+
+@triton.jit
 def _bwd_fused_batch(
-    b64, h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s, tile_mask, qkv_tile, od_tile,
+    b64, h, QKV, OUT, DOUT, LSE, DQKV, QSUM, biasT, offs, offs_d, mask_s, mask_d, tile_mask, qkv_tile, od_tile,
     stride_qb, stride_qc, S, H, scale, qk_scale2,
-    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_QSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dq, dk, dv of one (batch, head) held in one tile; returns dS^T (keys x queries), fp32."""
+    """dq, dk, dv of one (batch, head) held in one tile (and, with NEED_QSUM, their column sums
+    in row b64 of QSUM); returns dS^T (keys x queries), fp32."""
     # transposed tiles (keys x queries), as in _attn_bwd_dkdv: dv and dk need no register
     # transpose, only dq does; ordered so that few (BLOCK, BLOCK) fp32 tiles are live at once
     od_base = (b64 * S * H + h) * HEAD_DIM
@@ -155,16 +172,22 @@ def _bwd_fused_batch(
         sT += biasT
     pT = tl.exp2(sT - lse2[None, :])
     pT = tl.where(mask_s[:, None], pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)  # (BLOCK, DH_PAD)
-    tl.store(DQKV + v_base + qkv_tile, dv.to(DQKV.dtype.element_ty), mask=tile_mask)
+    dv = tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION).to(DQKV.dtype.element_ty)  # (BLOCK, DH_PAD)
+    tl.store(DQKV + v_base + qkv_tile, dv, mask=tile_mask)
+    if NEED_QSUM:
+        _colsum_store(QSUM, b64, 2, h, H, offs_d, mask_d, dv, tile_mask, HEAD_DIM)
     v = tl.load(QKV + v_base + qkv_tile, mask=tile_mask, other=0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])  # d loss / d (scale * q k^T + bias), transposed
     ds16 = dsT.to(q.dtype)
-    dk = tl.dot(ds16, q, input_precision=DOT_PRECISION) * scale
-    tl.store(DQKV + k_base + qkv_tile, dk.to(DQKV.dtype.element_ty), mask=tile_mask)
-    dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale
-    tl.store(DQKV + q_base + qkv_tile, dq.to(DQKV.dtype.element_ty), mask=tile_mask)
+    dk = (tl.dot(ds16, q, input_precision=DOT_PRECISION) * scale).to(DQKV.dtype.element_ty)
+    tl.store(DQKV + k_base + qkv_tile, dk, mask=tile_mask)
+    if NEED_QSUM:
+        _colsum_store(QSUM, b64, 1, h, H, offs_d, mask_d, dk, tile_mask, HEAD_DIM)
+    dq = (tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale).to(DQKV.dtype.element_ty)
+    tl.store(DQKV + q_base + qkv_tile, dq, mask=tile_mask)
+    if NEED_QSUM:
+        _colsum_store(QSUM, b64, 0, h, H, offs_d, mask_d, dq, tile_mask, HEAD_DIM)
     return dsT
 
 
@@ -177,11 +200,13 @@ def _attn_bwd_fused(
     LSE,  # (B, H, S) fp32
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV, written in full
     DBIAS,  # (G, H, S, S_B) fp32 partial bias gradients, one per batch group (unused unless NEED_DBIAS)
+    QSUM,  # (B, 3*H*HEAD_DIM) fp32: each batch's column sums of dq, dk, dv (unused unless NEED_QSUM)
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
     B, S, S_B, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, BATCH_LOOP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One tile holds all S queries and keys of a head (S <= BLOCK). program -> (group g, head h).
     # BATCH_LOOP: the program loops over a group of batches and sums the bias gradient in
@@ -207,13 +232,13 @@ def _attn_bwd_fused(
         b_start = g.to(tl.int64) * batches_per_program  # int64: batch offsets may pass 2^31
         b_end = tl.minimum(b_start + batches_per_program, B)
         for b64 in range(b_start, b_end):
-            dbiasT += _bwd_fused_batch(b64, h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s, tile_mask,
-                                       qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
-                                       HEAD_DIM, HAS_BIAS, DOT_PRECISION)
+            dbiasT += _bwd_fused_batch(b64, h, QKV, OUT, DOUT, LSE, DQKV, QSUM, biasT, offs, offs_d, mask_s, mask_d,
+                                       tile_mask, qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
+                                       HEAD_DIM, HAS_BIAS, NEED_QSUM, DOT_PRECISION)
     else:
-        dbiasT = _bwd_fused_batch(g.to(tl.int64), h, QKV, OUT, DOUT, LSE, DQKV, biasT, offs, offs_d, mask_s,
-                                  tile_mask, qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
-                                  HEAD_DIM, HAS_BIAS, DOT_PRECISION)
+        dbiasT = _bwd_fused_batch(g.to(tl.int64), h, QKV, OUT, DOUT, LSE, DQKV, QSUM, biasT, offs, offs_d, mask_s,
+                                  mask_d, tile_mask, qkv_tile, od_tile, stride_qb, stride_qc, S, H, scale, qk_scale2,
+                                  HEAD_DIM, HAS_BIAS, NEED_QSUM, DOT_PRECISION)
     if NEED_DBIAS:
         dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S_B + offs[None, :] * S_B + offs[:, None]
         tl.store(dptr, dbiasT, mask=cols_b[:, None] & mask_s[None, :])  # padded keys: dS = 0
@@ -221,16 +246,17 @@ def _attn_bwd_fused(
 
 @triton.jit
 def _bwd_dq_batch(
-    b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
+    b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, qsum_row, dbias_rows, bias, dbias,
     offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
     stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """delta and dq of one query block of one (batch, head); returns the updated register bias
-    gradient (ONE_N_BLOCK) or writes it to the in-memory strip: added to it where the program
-    sums several batches (``ACCUMULATE``), stored where the strip is this batch's alone."""
+    """delta and dq of one query block of one (batch, head) (with NEED_QSUM, dq's column sums in
+    row ``qsum_row`` of QSUM); returns the updated register bias gradient (ONE_N_BLOCK) or writes
+    it to the in-memory strip: added to it where the program sums several batches
+    (``ACCUMULATE``), stored where the strip is this batch's alone."""
     q_mask = mask_m[:, None] & mask_d[None, :]
     # row offsets depend on the batch, so no (BLOCK, DH_PAD) offset tile is loop-invariant
     od_rows = (b64 * S + offs_m[:, None]) * (H * HEAD_DIM)
@@ -275,7 +301,10 @@ def _bwd_dq_batch(
                     tl.store(dptr, ds, mask=bias_mask)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(DQKV + q_rows + q_cols[None, :], (dq * scale).to(DQKV.dtype.element_ty), mask=q_mask)
+    dq = (dq * scale).to(DQKV.dtype.element_ty)
+    tl.store(DQKV + q_rows + q_cols[None, :], dq, mask=q_mask)
+    if NEED_QSUM:
+        _colsum_store(QSUM, qsum_row, 0, h, H, offs_d, mask_d, dq, q_mask, HEAD_DIM, 1)
     return dbias
 
 
@@ -289,19 +318,21 @@ def _attn_bwd_dq(
     DELTA,  # (B, H, S) fp32, written here: rowsum(out * dout), read by _attn_bwd_dkdv
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; the q part is written here
     DBIAS,  # (G, H, S, S_B) fp32 partials; zero-filled by the caller unless ONE_N_BLOCK
+    QSUM,  # (B * num_m, H*HEAD_DIM) fp32: row b * num_m + query block gets dq's column sums (NEED_QSUM)
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
     B, S, S_B, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr, BATCH_LOOP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
+    BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # program -> (batch group g, head h, query block); the query block is the fastest index.
     # BATCH_LOOP: loop over the batches of group g (bias gradient summed over them); otherwise
     # the program handles batch g alone.
     num_m = tl.cdiv(S, BLOCK_M)
     pid = tl.program_id(0)
-    start_m = (pid % num_m) * BLOCK_M
+    m_blk = pid % num_m
+    start_m = m_blk * BLOCK_M
     gh = pid // num_m
     g = gh // H
     h = gh % H
@@ -330,17 +361,18 @@ def _attn_bwd_dq(
         b_start = g.to(tl.int64) * batches_per_program  # int64: batch offsets may pass 2^31
         b_end = tl.minimum(b_start + batches_per_program, B)
         for b64 in range(b_start, b_end):
-            dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
-                                  offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
+            dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, b64 * num_m + m_blk, dbias_rows,
+                                  bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
                                   stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
-                                  HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION,
-                                  True)
+                                  HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, NEED_QSUM, ONE_N_BLOCK,
+                                  DOT_PRECISION, True)
     else:
-        dbias = _bwd_dq_batch(g.to(tl.int64), h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, dbias_rows, bias, dbias,
-                              offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
+        b64 = g.to(tl.int64)
+        dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, b64 * num_m + m_blk, dbias_rows,
+                              bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
                               stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
-                              HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION,
-                              False)
+                              HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, NEED_QSUM, ONE_N_BLOCK,
+                              DOT_PRECISION, False)
 
     if ONE_N_BLOCK:
         if NEED_DBIAS:
@@ -373,17 +405,19 @@ def _attn_bwd_dkdv(
     LSE,  # (B, H, S) fp32
     DELTA,  # (B, H, S) fp32, from _attn_bwd_dq
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; the k and v parts are written here
+    QSUM,  # (B * num_n, 2*H*HEAD_DIM) fp32: row b * num_n + key block gets dk's, dv's column sums (NEED_QSUM)
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
     S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_QSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # program -> (batch, head, key block); works on transposed tiles (keys x queries).
     num_n = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // num_n
-    start_n = (pid % num_n) * BLOCK_N
+    n_blk = pid % num_n
+    start_n = n_blk * BLOCK_N
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -418,21 +452,29 @@ def _attn_bwd_dkdv(
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    tl.store(DQKV + kv_rows + k_cols[None, :], (dk * scale).to(DQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(DQKV + kv_rows + v_cols[None, :], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+    dk = (dk * scale).to(DQKV.dtype.element_ty)
+    dv = dv.to(DQKV.dtype.element_ty)
+    tl.store(DQKV + kv_rows + k_cols[None, :], dk, mask=kv_mask)
+    tl.store(DQKV + kv_rows + v_cols[None, :], dv, mask=kv_mask)
+    if NEED_QSUM:  # padded key rows hold sums over real queries: masked out
+        row64 = b64 * num_n + n_blk
+        _colsum_store(QSUM, row64, 0, h, H, offs_d, mask_d, dk, kv_mask, HEAD_DIM, 2)
+        _colsum_store(QSUM, row64, 1, h, H, offs_d, mask_d, dv, kv_mask, HEAD_DIM, 2)
 
 
 @triton.jit
 def _onepass_batch(
-    QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, b64, h, g64, accumulate,
+    QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, QSUM, b64, h, g64, accumulate,
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
     S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, MAY_ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, MAY_ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The backward of batch ``b64``, head ``h``; its bias gradient goes to strip ``g64`` of
-    DBIAS, stored (``accumulate`` False, or ``MAY_ACCUMULATE`` off) or added to what is there."""
+    DBIAS, stored (``accumulate`` False, or ``MAY_ACCUMULATE`` off) or added to what is there;
+    with NEED_QSUM, the column sums of dq, dk, dv to row ``b64`` of QSUM."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     mask_n = offs_n < S
@@ -442,6 +484,7 @@ def _onepass_batch(
 
     dk = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
+    dq_rows = tl.zeros([BLOCK_M, DH_PAD], tl.float32)  # dq as written, summed over the query blocks (NEED_QSUM)
     for start_m in range(0, S, BLOCK_M):
         offs_m = start_m + offs_m0
         mask_m = offs_m < S
@@ -474,11 +517,19 @@ def _onepass_batch(
                 tl.store(dbias_ptr, dsT, mask=bias_mask)
         ds16 = dsT.to(q.dtype)
         dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
-        dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale
-        tl.store(DQKV + q_rows + q_cols[None, :], dq.to(DQKV.dtype.element_ty), mask=q_mask)
+        dq = (tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale).to(DQKV.dtype.element_ty)
+        tl.store(DQKV + q_rows + q_cols[None, :], dq, mask=q_mask)
+        if NEED_QSUM:
+            dq_rows += tl.where(q_mask, dq.to(tl.float32), 0.0)
 
-    tl.store(DQKV + kv_rows + k_cols[None, :], (dk * scale).to(DQKV.dtype.element_ty), mask=kv_mask)
-    tl.store(DQKV + kv_rows + v_cols[None, :], dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+    dk = (dk * scale).to(DQKV.dtype.element_ty)
+    dv = dv.to(DQKV.dtype.element_ty)
+    tl.store(DQKV + kv_rows + k_cols[None, :], dk, mask=kv_mask)
+    tl.store(DQKV + kv_rows + v_cols[None, :], dv, mask=kv_mask)
+    if NEED_QSUM:
+        _colsum_store(QSUM, b64, 0, h, H, offs_d, mask_d, dq_rows, mask_d[None, :], HEAD_DIM)
+        _colsum_store(QSUM, b64, 1, h, H, offs_d, mask_d, dk, kv_mask, HEAD_DIM)
+        _colsum_store(QSUM, b64, 2, h, H, offs_d, mask_d, dv, kv_mask, HEAD_DIM)
 
 
 @triton.jit
@@ -490,11 +541,13 @@ def _attn_bwd_onepass(
     LSE,  # (B, H, S) fp32
     DQKV,  # (B, S, 3*H*HEAD_DIM) with the strides of QKV; q, k and v parts written here
     DBIAS,  # (G, H, S, S_B) fp32: each batch group's bias gradient (unused unless NEED_DBIAS)
+    QSUM,  # (B, 3*H*HEAD_DIM) fp32: each batch's column sums of dq, dk, dv (unused unless NEED_QSUM)
     stride_qb, stride_qs, stride_qc,
     stride_bh, stride_bi, stride_bj,
     B, PER, S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, BATCH_LOOP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The whole backward of one head of one batch (``BATCH_LOOP`` off) or of ``PER`` batches
     in turn (on), every key in one tile (BLOCK_N >= S): the query blocks in a loop, each one's dq
@@ -511,15 +564,15 @@ def _attn_bwd_onepass(
         b_start = g64 * PER
         for i in range(0, tl.minimum(PER, B - g * PER)):
             b64 = b_start + i  # int64 (a tensor under the interpreter too)
-            _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, b64, h, g64, b64 > b_start,
+            _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, QSUM, b64, h, g64, b64 > b_start,
                            stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
                            S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,
-                           HAS_BIAS, NEED_DBIAS, True, DOT_PRECISION)
+                           HAS_BIAS, NEED_DBIAS, NEED_QSUM, True, DOT_PRECISION)
     else:  # one batch a program, its strip its own, stored once (no loop: a one-trip loop spills more)
-        _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, g64, h, g64, g64 < 0,
+        _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, QSUM, g64, h, g64, g64 < 0,
                        stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
                        S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,
-                       HAS_BIAS, NEED_DBIAS, False, DOT_PRECISION)
+                       HAS_BIAS, NEED_DBIAS, NEED_QSUM, False, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -817,26 +870,26 @@ def _fwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
 
 @functools.lru_cache(maxsize=256)
 def _bwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: bool, dtype: torch.dtype,
-              precision: str, need_dbias: bool) -> tuple[AttentionConfig, tuple[dict, dict], dict]:
+              precision: str, need_dbias: bool, need_qsum: bool) -> tuple[AttentionConfig, tuple[dict, dict], dict]:
     """(config, the fused or dq kernel's kwargs (without, with the batch loop), the dk/dv kernel's)."""
     cfg = config or default_config(S, head_dim, has_bias, dtype)
     dh_pad = _pow2(head_dim)
     if cfg.bwd == "fused":
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK=cfg.fused_block, HAS_BIAS=has_bias,
-                     NEED_DBIAS=need_dbias, DOT_PRECISION=precision, num_warps=cfg.fused_warps,
+                     NEED_DBIAS=need_dbias, NEED_QSUM=need_qsum, DOT_PRECISION=precision, num_warps=cfg.fused_warps,
                      num_stages=cfg.bwd_stages)
         dkdv = {}
     elif cfg.bwd == "onepass":
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=_pow2(S), HAS_BIAS=has_bias,
-                     NEED_DBIAS=need_dbias, DOT_PRECISION=precision, num_warps=cfg.dq_warps,
+                     NEED_DBIAS=need_dbias, NEED_QSUM=need_qsum, DOT_PRECISION=precision, num_warps=cfg.dq_warps,
                      num_stages=cfg.bwd_stages)
         dkdv = {}
     else:
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-                     HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, ONE_N_BLOCK=cfg.dq_block_n >= S,
+                     HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, NEED_QSUM=need_qsum, ONE_N_BLOCK=cfg.dq_block_n >= S,
                      DOT_PRECISION=precision, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
         dkdv = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-                    HAS_BIAS=has_bias, DOT_PRECISION=precision, num_warps=cfg.dkdv_warps,
+                    HAS_BIAS=has_bias, NEED_QSUM=need_qsum, DOT_PRECISION=precision, num_warps=cfg.dkdv_warps,
                     num_stages=cfg.bwd_stages)
     return cfg, (dict(first, BATCH_LOOP=False), dict(first, BATCH_LOOP=True)), dkdv
 
@@ -882,9 +935,13 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
 def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
                        num_heads: int, bias: torch.Tensor | None = None, scale: float | None = None,
                        need_bias_grad: bool = True, allow_tf32: bool = False,
-                       config: AttentionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       config: AttentionConfig | None = None, need_qkv_sum: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`attention_forward`: ``dqkv`` (B, S, 3*H*Dh) in qkv's packed layout and
-    dtype, and ``dbias`` (H, S, S) in bias's dtype (None without a bias or ``need_bias_grad``)."""
+    dtype, ``dbias`` (H, S, S) in bias's dtype (None without a bias or ``need_bias_grad``), and
+    with ``need_qkv_sum`` ``dqkv`` summed over the batch and the tokens, (3*H*Dh,) fp32 (the
+    gradient of a bias of the Linear that made qkv: the sums of the values written, summed in the
+    passes that write them, each program's partial row then added in a fixed order), else None."""
     B, S, head_dim = _check_qkv(qkv, num_heads)
     if bias is not None:
         _check_bias(bias, num_heads, S, qkv)
@@ -908,9 +965,10 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         if len(cands) > 1:
             config = tuning.choose(
                 ("attention_bwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32,
-                 bias is not None and bool(need_bias_grad), qkv.device),
+                 bias is not None and bool(need_bias_grad), bool(need_qkv_sum), qkv.device),
                 cands, lambda c: attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
-                                                    need_bias_grad, allow_tf32, config=c), qkv.device)
+                                                    need_bias_grad, allow_tf32, config=c,
+                                                    need_qkv_sum=need_qkv_sum), qkv.device)
     bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)
@@ -921,10 +979,13 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     dtype, device = qkv.dtype, qkv.device
     has_bias = bias is not None
     need_dbias = has_bias and bool(need_bias_grad)
+    need_qsum = bool(need_qkv_sum)
     cfg, first_meta, dkdv_meta = _bwd_plan(config, S, head_dim, has_bias, dtype, _dot_precision(dtype, allow_tf32),
-                                           need_dbias)
+                                           need_dbias, need_qsum)
     bias_arg = bias if has_bias else out
     common = (*qkv.stride(), *(bias.stride() if has_bias else _NO_BIAS_STRIDES))
+    # the fused and one-pass kernels: one row of partial qkv sums a batch (the split ones: below)
+    qsum_part = _empty(B, 3 * HD, device=device, dtype=torch.float32) if need_qsum and cfg.bwd != "split" else out
 
     if cfg.bwd == "fused":
         if S > cfg.fused_block:
@@ -933,7 +994,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         groups = cdiv(B, per)
         dbias_part = _empty(groups, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
         _attn_bwd_fused[(groups * H,)](
-            qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
+            qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, qsum_part, *common,
             B, S, S_B, H, per, scale, scale * LOG2E, **first_meta[per > 1],
         )
     elif cfg.bwd == "split":
@@ -948,12 +1009,17 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         else:
             dbias_part = out
         delta = _empty(B, H, S, device=device, dtype=torch.float32)
+        num_n = cdiv(S, cfg.dkdv_block_n)
+        q_part = kv_part = out
+        if need_qsum:  # a row per batch and query block (dq's sums), per batch and key block (dk's, dv's)
+            q_part = _empty(B * num_m, HD, device=device, dtype=torch.float32)
+            kv_part = _empty(B * num_n, 2 * HD, device=device, dtype=torch.float32)
         _attn_bwd_dq[(groups * H * num_m,)](
-            qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, *common,
+            qkv, bias_arg, out, grad_out, lse, delta, dqkv, dbias_part, q_part, *common,
             B, S, S_B, H, per, scale, scale * LOG2E, **first_meta[per > 1],
         )
-        _attn_bwd_dkdv[(B * H * cdiv(S, cfg.dkdv_block_n),)](
-            qkv, bias_arg, grad_out, lse, delta, dqkv, *common,
+        _attn_bwd_dkdv[(B * H * num_n,)](
+            qkv, bias_arg, grad_out, lse, delta, dqkv, kv_part, *common,
             S, S_B, H, scale, scale * LOG2E, **dkdv_meta,
         )
     elif cfg.bwd == "onepass":
@@ -965,7 +1031,7 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         groups = cdiv(B, per)
         dbias_part = _empty(groups, H, S, S_B, device=device, dtype=torch.float32) if need_dbias else out
         _attn_bwd_onepass[(groups * H,)](
-            qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, *common,
+            qkv, bias_arg, out, grad_out, lse, dqkv, dbias_part, qsum_part, *common,
             B, per, S, S_B, H, scale, scale * LOG2E, **first_meta[per > 1],
         )
     else:
@@ -976,4 +1042,12 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         # fixed-order sum over the batch groups: deterministic; the padded columns dropped
         dbias = (dbias_part[0] if dbias_part.shape[0] == 1 else dbias_part.sum(0))[..., :S]
         dbias = dbias.to(bias.dtype).contiguous()
-    return dqkv, dbias
+    qkv_sum = None
+    if need_qsum:  # fixed-order sums of the partial rows
+        qkv_sum = _empty(3 * HD, device=device, dtype=torch.float32)
+        if cfg.bwd == "split":
+            sum_partials(q_part, qkv_sum[:HD])
+            sum_partials(kv_part, qkv_sum[HD:])
+        else:
+            sum_partials(qsum_part, qkv_sum)
+    return dqkv, dbias, qkv_sum

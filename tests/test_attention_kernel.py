@@ -130,7 +130,7 @@ def test_bias_gradient_is_dense(S, device):
     """The bias gradient comes back (H, S, S) and contiguous, without the padded columns."""
     qkv, bias = _inputs(2, S, 2, 32, torch.float32, device, bias=True)
     out, lse = K.attention_forward(qkv, 2, bias)
-    _, dbias = K.attention_backward(qkv, out, lse, torch.randn_like(out), 2, bias)
+    _, dbias, _ = K.attention_backward(qkv, out, lse, torch.randn_like(out), 2, bias)
     assert dbias.shape == (2, S, S) and dbias.is_contiguous() and torch.isfinite(dbias).all()
 
 
@@ -248,6 +248,45 @@ def test_configs_agree(device):
                                                      dq_warps=4, bias_batches=2))
     with pytest.raises(ValueError, match="S <= 256, got S=257"):
         check_against_reference(1, 257, 1, 16, torch.float32, device, config=onepass)
+
+
+_QSUM_CONFIGS = {
+    "fused": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="fused", fused_block=32, bias_batches=1),
+    "fused, batch loop": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="fused", fused_block=32,
+                                           bias_batches=2),
+    # more query blocks (2) than key blocks (1): rows of the partials written by the dq kernel only
+    "split, all keys": K.AttentionConfig(fwd_block_m=16, fwd_block_n=16, bwd="split", dq_block_m=16, dq_block_n=32,
+                                         dkdv_block_m=16, dkdv_block_n=32, bias_batches=1),
+    # fewer query blocks (1) than key blocks (2), tiled bias gradient over two batches a program
+    "split, tiled": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="split", dq_block_m=32, dq_block_n=16,
+                                      dkdv_block_m=16, dkdv_block_n=16, bias_batches=2),
+    "onepass": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16, dq_warps=4,
+                                 bias_batches=1),
+    "onepass, batch loop": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16,
+                                             dq_warps=4, bias_batches=2),
+}
+
+
+@pytest.mark.parametrize("name", list(_QSUM_CONFIGS))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_qkv_sum_in_every_backward_path(name, dtype, device):
+    """``need_qkv_sum``: dqkv summed over batch and tokens (a qkv bias's gradient) by the passes
+    that write dqkv, equal to the sum of the dqkv they return (which does not change), for every
+    backward: padded query and key rows (S = 21 in blocks of 16 / 32) left out, partial rows of
+    the batch loops and of the split kernels' unequal block counts."""
+    cfg = _QSUM_CONFIGS[name]
+    B, S, H, Dh = 3, 21, 2, 16
+    for bias in (False, True):
+        qkv, b = _inputs(B, S, H, Dh, dtype, device, bias)
+        out, lse = K.attention_forward(qkv, H, b, config=cfg)
+        g = torch.randn_like(out)
+        dqkv0, db0, none = K.attention_backward(qkv, out, lse, g, H, b, config=cfg)
+        dqkv, db, qsum = K.attention_backward(qkv, out, lse, g, H, b, config=cfg, need_qkv_sum=True)
+        assert none is None and torch.equal(dqkv, dqkv0) and (db is None or torch.equal(db, db0))
+        assert qsum.dtype == torch.float32 and qsum.shape == (3 * H * Dh,)
+        ref = dqkv.double().sum((0, 1))
+        err = (qsum.double() - ref).abs().max().item()
+        assert err <= 1e-5 * dqkv.double().abs().sum((0, 1)).max().item(), (name, bias, err)
 
 
 def test_custom_scale_and_fp32_bias_on_half(device):

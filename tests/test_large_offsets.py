@@ -347,9 +347,11 @@ def test_attention(device, bwd):
                        ("batch stride", big_batch, bias0.float())):
         out, lse = ka.attention_forward(q, H, b, config=cfg)
         _close(f"out ({name})", out, ref, 1e-4)
-        dqkv, dbias = ka.attention_backward(q, out, lse, dout0.float(), H, b, config=cfg)
+        dqkv, dbias, qkv_sum = ka.attention_backward(q, out, lse, dout0.float(), H, b, config=cfg,
+                                                     need_qkv_sum=True)
         _close(f"dqkv ({name})", dqkv, rdq, 1e-4)
         _close(f"dbias ({name})", dbias, rdb, 1e-4)
+        _close(f"qkv sum ({name})", qkv_sum, rdq.sum((0, 1)), 1e-4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class Attention(nn.Module):
 
     def _one_op(self) -> bool:
         """Plain Linears (no hooks), no q / k / output norms, no gate: the branch runs as
-        :func:`mimfast.ops.self_attention` (both bias gradients summed in one pass each)."""
+        :func:`mimfast.ops.self_attention` (the bias gradients summed without a pass of their own)."""
         return (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear and no_hooks(self.qkv)
                 and no_hooks(self.proj) and self.gate is None and type(self.q_norm) is nn.Identity
                 and type(self.k_norm) is nn.Identity and type(self.norm) is nn.Identity)

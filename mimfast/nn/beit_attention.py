@@ -148,7 +148,7 @@ class BEiTAttention(nn.Module):
             own = own.permute(2, 0, 1).contiguous()  # (H, S, S)
             bias = own if bias is None else own + bias
         if self._one_op():
-            # qkv Linear, attention and proj as one op (both bias gradients summed in one pass each)
+            # qkv Linear, attention and proj as one op (the bias gradients summed without passes of their own)
             proj_bias = self.proj.bias if proj_bias_grad else self.proj.bias.detach()
             x = ops.self_attention(x, self.qkv.weight, qkv_bias, self.proj.weight, proj_bias, self.num_heads,
                                    bias=bias, scale=self.scale, backend=self.kernels)

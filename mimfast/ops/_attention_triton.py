@@ -43,16 +43,20 @@ def _(qkv, bias, num_heads, scale, tf32):
 @kernel_op("mimfast::attention_bwd")
 def _attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
                    bias: torch.Tensor | None, num_heads: int, scale: float | None, need_bias_grad: bool,
-                   tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dqkv, dbias = attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
-                                     need_bias_grad=need_bias_grad, allow_tf32=tf32)
-    return dqkv, (dbias if dbias is not None else qkv.new_empty((0,)))
+                   tf32: bool, need_qkv_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv, dbias or an empty (0,), dqkv summed over batch and tokens in fp32 or an empty (0,))."""
+    dqkv, dbias, qkv_sum = attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
+                                              need_bias_grad=need_bias_grad, allow_tf32=tf32,
+                                              need_qkv_sum=need_qkv_sum)
+    empty = qkv.new_empty((0,))
+    return dqkv, (dbias if dbias is not None else empty), (qkv_sum if qkv_sum is not None else empty)
 
 
 @_attention_bwd.register_fake
-def _(qkv, out, lse, grad_out, bias, num_heads, scale, need_bias_grad, tf32):
+def _(qkv, out, lse, grad_out, bias, num_heads, scale, need_bias_grad, tf32, need_qkv_sum):
     dbias = torch.empty_like(bias) if (bias is not None and need_bias_grad) else qkv.new_empty((0,))
-    return torch.empty_like(qkv), dbias
+    qkv_sum = qkv.new_empty((qkv.shape[-1],), dtype=torch.float32) if need_qkv_sum else qkv.new_empty((0,))
+    return torch.empty_like(qkv), dbias, qkv_sum
 
 
 class _Attention(torch.autograd.Function):
@@ -73,11 +77,11 @@ class _Attention(torch.autograd.Function):
         qkv, bias, out, lse = ctx.saved_tensors
         need_bias_grad = bias is not None and ctx.needs_input_grad[1]
         if ctx.config is None:
-            dqkv, dbias = _attention_bwd(qkv, out, lse, grad_out, bias, ctx.num_heads, ctx.scale, need_bias_grad,
-                                         ctx.tf32)
+            dqkv, dbias, _ = _attention_bwd(qkv, out, lse, grad_out, bias, ctx.num_heads, ctx.scale, need_bias_grad,
+                                            ctx.tf32, False)
             dbias = dbias if need_bias_grad else None
         else:
-            dqkv, dbias = attention_backward(
+            dqkv, dbias, _ = attention_backward(
                 qkv, out, lse, grad_out, ctx.num_heads, bias, ctx.scale,
                 need_bias_grad=need_bias_grad, allow_tf32=ctx.tf32, config=ctx.config,
             )
@@ -123,11 +127,15 @@ class _SelfAttention(torch.autograd.Function):
         d_out, dwp, dbp = linear_grads(g, out.view(-1, out.shape[-1]), wp, (cd, *ctx.proj_dtypes),
                                        (True, need_wp, need_bp))
         need_bias_grad = bias is not None and need_bias
-        dqkv, dbias = _attention_bwd(qkv, out, lse, d_out.view(out.shape), bias, ctx.num_heads, ctx.scale,
-                                     need_bias_grad, ctx.tf32)
+        bq_dtype = ctx.qkv_dtypes[1]
+        need_bq = need_bq and bq_dtype is not None
+        # the qkv bias gradient summed by the attention backward, in the passes that write dqkv
+        dqkv, dbias, qkv_sum = _attention_bwd(qkv, out, lse, d_out.view(out.shape), bias, ctx.num_heads, ctx.scale,
+                                              need_bias_grad, ctx.tf32, need_bq)
         del d_out
-        dx, dwq, dbq = linear_grads(dqkv.view(-1, dqkv.shape[-1]), xc.reshape(-1, xc.shape[-1]), wq,
-                                    (ctx.x_dtype, *ctx.qkv_dtypes), (need_x, need_wq, need_bq))
+        dx, dwq, _ = linear_grads(dqkv.view(-1, dqkv.shape[-1]), xc.reshape(-1, xc.shape[-1]), wq,
+                                  (ctx.x_dtype, *ctx.qkv_dtypes), (need_x, need_wq, False))
+        dbq = as_dtype(qkv_sum, bq_dtype) if need_bq else None
         return ((dx.view(xc.shape) if dx is not None else None), dwq, dbq, dwp, dbp,
                 (dbias if need_bias_grad else None), None, None)
 

@@ -90,9 +90,12 @@ def self_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, b
     """A ViT block's attention branch, ``proj(attention(qkv(x)))``, as one autograd function.
 
     Forward values are those of the three calls (the same ``F.linear`` calls, autocast included,
-    and :func:`attention`). The backward computes both Linears' bias gradients with the one-pass
-    column sum (:func:`mimfast.kernels.gelu.column_sum`) instead of autograd's ``sum`` over the
-    (B*S, width) gradients, and saves the qkv Linear's input in the dtype it computed in.
+    and :func:`attention`). In the backward, the qkv Linear's bias gradient is summed by the
+    attention backward's kernels in the passes that write the qkv gradient (no pass over it of
+    its own), proj's by the one-pass column sum (:func:`mimfast.kernels.gelu.column_sum`) instead
+    of autograd's ``sum`` over the (B*S, width) gradient (or by the residual add after the branch:
+    ``proj_bias.detach()`` here, see :func:`mimfast.ops.add_layer_norm`'s ``x_bias``); the qkv
+    Linear's input is saved in the dtype it computed in.
 
     Args:
         x: (B, S, C) tokens.
