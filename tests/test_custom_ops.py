@@ -72,6 +72,11 @@ def _cases(dtype):
             (_rand(N, L, 48), _rand(N, 3, 16, 16))),
         "attention": (lambda qkv, bias: ops.attention(qkv, 2, bias, backend="triton"),
                       (_rand(N, 17, 3 * 2 * 32), _rand(2, 17, 17))),
+        # neither a bias gradient nor qkv sums: two empty returns, which must not alias
+        "attention_no_bias": (lambda qkv: ops.attention(qkv, 2, backend="triton"), (_rand(N, 17, 3 * 2 * 32),)),
+        # the qkv bias gradient summed by the attention backward
+        "self_attention": (lambda x, wq, bq, wp, bp: ops.self_attention(x, wq, bq, wp, bp, 2, backend="triton"),
+                           (_rand(N, 17, D), _rand(3 * D, D), _rand(3 * D), _rand(D, D), _rand(D))),
         # eager autograd runs the chunk loop itself; the custom op is what torch.compile traces
         "linear_cross_entropy": (
             lambda h, w, b: torch.ops.mimfast.linear_ce_fwd(
@@ -80,6 +85,9 @@ def _cases(dtype):
             (_rand(12, D), _rand(40, D), _rand(40))),
         "add_layer_norm": (lambda x, r, w, b, s: ops.add_layer_norm(x, r, w, b, scale=s, backend="triton"),
                            (_rand(N, L, D), _rand(N, L, D), _rand(D), _rand(D), _rand(D))),
+        "add_layer_norm_x_bias": (
+            lambda x, r, w, b, xb: ops.add_layer_norm(x, r, w, b, x_bias=xb, backend="triton"),
+            (_rand(N, L, D), _rand(N, L, D), _rand(D), _rand(D), _rand(D))),
         "gelu_linear": (lambda h, w, b: ops.gelu_linear(h, w, b, backend="triton"),
                         (_rand(N, L, 4 * D), _rand(D, 4 * D), _rand(D))),
         "mlp": (lambda x, w1, b1, w2, b2: ops.mlp(x, w1, b1, w2, b2, backend="triton"),

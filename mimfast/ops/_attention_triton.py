@@ -48,8 +48,9 @@ def _attention_bwd(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad
     dqkv, dbias, qkv_sum = attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
                                               need_bias_grad=need_bias_grad, allow_tf32=tf32,
                                               need_qkv_sum=need_qkv_sum)
-    empty = qkv.new_empty((0,))
-    return dqkv, (dbias if dbias is not None else empty), (qkv_sum if qkv_sum is not None else empty)
+    # (two distinct empties: a custom op's returns may not alias each other)
+    return (dqkv, dbias if dbias is not None else qkv.new_empty((0,)),
+            qkv_sum if qkv_sum is not None else qkv.new_empty((0,)))
 
 
 @_attention_bwd.register_fake
