@@ -69,7 +69,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100 /
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FLOATS = (F32, F16, BF16)
 FILES = ("attention", "masking", "patch_embed", "patch_loss", "linear_ce", "blockwise_mask", "augment", "layer_norm",
-         "gelu")
+         "gelu", "gelu_matmul")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,6 +462,23 @@ def cases_gelu():
         for dt in FLOATS for _, cfg in K._COLSUM_CANDIDATES]
 
 
+def cases_gelu_matmul():
+    from mimfast.kernels import gelu_matmul as K
+
+    def both(M, K_, N, dt, cfg, bias=True, colsum=True):
+        K.linear_bias_gelu(_e(M, K_, dtype=dt), _e(N, K_, dtype=dt), _e(N, dtype=dt) if bias else None, cfg)
+        K.matmul_gelu_bwd(_e(M, K_, dtype=dt), _e(K_, N, dtype=dt), _e(M, N, dtype=dt), colsum, cfg)
+
+    triton_cfgs = [cfg for _, cfg in K.CANDIDATES if cfg != "cublas"]
+    yield "MAE / BEiT MLPs (ViT-B, the decoder, ViT-L), every Triton candidate", lambda: [
+        both(M, K_, N, dt, cfg) for M, K_, N in ((256 * 50, 768, 3072), (256 * 197, 512, 2048), (128 * 50, 1024, 4096))
+        for dt in (BF16, F16) for cfg in triton_cfgs]
+    yield "tests: odd shapes, no bias, no column sums (test_gelu_matmul's GPU cases)", lambda: [
+        both(M, K_, N, dt, cfg, bias=b, colsum=c) for M, K_, N in ((37, 40, 96), (5, 24, 200), (130, 48, 72),
+                                                                    (1000, 512, 2048))
+        for dt in (F16, BF16) for cfg in triton_cfgs for b in (True, False) for c in (True, False)]
+
+
 CASES = {name: globals()[f"cases_{name}"] for name in FILES}
 
 
@@ -485,6 +502,13 @@ def mem_stats(ptx: str) -> dict[str, int]:
         key = ".".join(x for x in (op, space, vec, size) if x)
         counts[key] = counts.get(key, 0) + 1
     counts["bar.sync"] = len(re.findall(r"\bbar\.sync\b", ptx))
+    # how the matmuls and their operands' loads were compiled: Hopper's warpgroup MMA, the older
+    # warp MMA, asynchronous global-to-shared copies, TMA bulk copies
+    for name, pattern in (("wgmma", r"\bwgmma\.mma_async\b"), ("mma", r"\bmma\.sync\b"),
+                          ("cp.async", r"\bcp\.async\.c[ag]\b"), ("cp.async.bulk", r"\bcp\.async\.bulk\b")):
+        n = len(re.findall(pattern, ptx))
+        if n:
+            counts[name] = n
     return dict(sorted(counts.items()))
 
 

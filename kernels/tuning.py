@@ -18,7 +18,9 @@ dropped.
 
 Launchers that tune: attention (forward and backward separately), add + LayerNorm (forward,
 backward), the masked patch loss, the un-shuffle (forward, backward) and the masking gather's
-backward, GELU's backward with fc1's bias gradient, and the bias-gradient column sum.
+backward, GELU's backward with fc1's bias gradient, the bias-gradient column sum, and the MLP's
+fc1 + GELU and fc2's input gradient + GELU's backward (cuBLAS and the separate pass, or one
+Triton GEMM with the pass in its epilogue: :mod:`mimfast.kernels.gelu_matmul`).
 
 Not tuned, the default (the first candidate) or the choice already made is used instead:
 off CUDA (Triton's interpreter); while a CUDA graph is being captured (a capture must not

@@ -1,6 +1,8 @@
 """The Triton branches of :func:`mimfast.ops.gelu_linear` and :func:`mimfast.ops.mlp`: eager
 forward, a backward whose GELU pass also recomputes the activation (and, for ``mlp``, sums
-fc1's bias gradient) (:mod:`mimfast.kernels.gelu`)."""
+fc1's bias gradient) (:mod:`mimfast.kernels.gelu`). ``mlp`` runs fc1 + GELU and fc2's input
+gradient + GELU's backward through :mod:`mimfast.kernels.gelu_matmul`, which on a GPU picks
+per shape between cuBLAS with the separate pass and a Triton GEMM with the pass in its epilogue."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mimfast.kernels.gelu import gelu_bwd_recompute, gelu_bwd_recompute_colsum
+from mimfast.kernels.gelu import gelu_bwd_recompute
+from mimfast.kernels.gelu_matmul import linear_bias_gelu, matmul_gelu_bwd
 from mimfast.ops._custom_op import as_dtype, autocast_operands, compute_dtype, kernel_op
 from mimfast.ops._linear_triton import linear_grads, param_dtypes
 
@@ -28,14 +31,29 @@ def _(h, da):
     return torch.empty_like(h), torch.empty_like(h)
 
 
-@kernel_op("mimfast::gelu_bwd_recompute_colsum")
-def _gelu_bwd_colsum(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gelu_bwd_recompute_colsum(h, da)
+@kernel_op("mimfast::linear_bias_gelu")
+def _fc1_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_bias_gelu(x, weight, bias)
 
 
-@_gelu_bwd_colsum.register_fake
-def _(h, da):
-    return torch.empty_like(h), torch.empty_like(h), h.new_empty((h.shape[-1],), dtype=torch.float32)
+@_fc1_gelu.register_fake
+def _(x, weight, bias):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@kernel_op("mimfast::matmul_gelu_bwd")
+def _fc2_gelu_bwd(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
+                  need_colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, dh, dh.sum(0) in fp32, or an empty (0,) tensor without ``need_colsum``)."""
+    a, dh, colsum = matmul_gelu_bwd(g, weight, h, need_colsum)
+    return a, dh, colsum if colsum is not None else h.new_empty((0,), dtype=torch.float32)
+
+
+@_fc2_gelu_bwd.register_fake
+def _(g, weight, h, need_colsum):
+    return (h.new_empty(h.shape), h.new_empty(h.shape),
+            h.new_empty((h.shape[1],) if need_colsum else (0,), dtype=torch.float32))
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -77,8 +95,13 @@ class _Mlp(torch.autograd.Function):
         # under autocast, the casts F.linear would make, made here and kept for the backward (as
         # eager's autograd keeps autocast's copies): no weight is cast again there
         xc, w1c, w2c = autocast_operands(x, w1, w2)
-        h = F.linear(xc, w1c, b1)  # eager's calls
-        out = F.linear(F.gelu(h), w2c, b2)
+        # eager's h = F.linear(x, w1, b1) and F.gelu(h) (the bias in the matmul's dtype, as autocast
+        # casts it), as cuBLAS and a pass or one Triton GEMM with GELU in its epilogue
+        b1c = as_dtype(b1, xc.dtype) if b1 is not None and torch.is_autocast_enabled(x.device.type) else b1
+        h, a = _fc1_gelu(xc.reshape(-1, xc.shape[-1]), w1c, b1c)
+        h = h.view(*xc.shape[:-1], h.shape[-1])
+        out = F.linear(a.view(h.shape), w2c, b2)
+        del a
         ctx.save_for_backward(xc, h, w1c, w2c)
         ctx.cdtype, ctx.x_dtype = xc.dtype, x.dtype
         ctx.fc1_dtypes, ctx.fc2_dtypes = param_dtypes(w1, b1), param_dtypes(w2, b2)
@@ -92,18 +115,18 @@ class _Mlp(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         g = as_dtype(grad_out.reshape(-1, grad_out.shape[-1]), cd)
         h2 = h.reshape(-1, h.shape[-1])
-        if not h2.is_contiguous():
-            h2 = h2.contiguous()
-        da = as_dtype(g @ w2, h.dtype)  # gradient of gelu(h), as fc2's backward gives it
-        a, dh, db1 = _gelu_bwd_colsum(h2, da)  # fc1's bias gradient summed in the same pass
+        b1_dtype = ctx.fc1_dtypes[1]
+        need_b1 = need_b1 and b1_dtype is not None
+        # da = g @ w2 (fc2's input gradient, h's dtype), a = gelu(h) and dh = da * gelu'(h), with
+        # fc1's bias gradient summed in the same pass (cuBLAS and a pass, or one fused GEMM)
+        a, dh, db1 = _fc2_gelu_bwd(g, w2, h2, need_b1)
         _, dw2, db2 = linear_grads(g, as_dtype(a, cd), w2, (None, *ctx.fc2_dtypes),
                                    (False, need_w2, need_b2))
         del a
         dh = as_dtype(dh, cd)  # fc1's output gradient, in the dtype fc1 computed in
         dx, dw1, _ = linear_grads(dh, xc.reshape(-1, xc.shape[-1]), w1, (ctx.x_dtype, ctx.fc1_dtypes[0], None),
                                   (need_x, need_w1, False))
-        b1_dtype = ctx.fc1_dtypes[1]
-        db1 = as_dtype(db1, b1_dtype) if need_b1 and b1_dtype is not None else None
+        db1 = as_dtype(db1, b1_dtype) if need_b1 else None
         return (dx.view(xc.shape) if dx is not None else None), dw1, db1, dw2, db2
 
 

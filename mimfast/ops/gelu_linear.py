@@ -80,9 +80,12 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None
     """A ViT block's MLP ``fc2(gelu(fc1(x)))`` (exact GELU) as :func:`gelu_linear` runs its
     second half, with fc1 inside the same autograd function: GELU's backward pass
     (:func:`mimfast.kernels.gelu.gelu_bwd_recompute_colsum`) also sums fc1's bias gradient,
-    which eager autograd computes with one more read of the whole hidden gradient. Forward
-    values are eager's exactly (the same ``linear`` / ``gelu`` calls, autocast included);
-    gradients match eager's up to rounding (fc1's bias gradient is summed in fp32).
+    which eager autograd computes with one more read of the whole hidden gradient. In low
+    precision on a GPU, fc1 + GELU and fc2's input gradient + GELU's backward may each run as one
+    Triton GEMM with the GELU pass in its epilogue, where the tuner finds it faster than cuBLAS
+    and the pass (:mod:`mimfast.kernels.gelu_matmul`). Forward values are eager's (the same
+    ``linear`` / ``gelu`` calls, autocast included; the fused GEMM: up to the order of the
+    matmul's sums); gradients match eager's up to rounding (fc1's bias gradient is summed in fp32).
 
     Args:
         x: (..., in) the block's normalised input.
