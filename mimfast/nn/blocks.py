@@ -19,7 +19,8 @@ that writes the branch output's gradient, not by the Linears (one more read of i
 blocks' own modules and parameters are used: weights, names and checkpoints are unchanged.
 Stochastic depth (a training-mode drop path) is applied to the branch before the fused add.
 Blocks that something else drives (a forward hook or pre-hook, e.g. an FSDP unit or a user's
-hook; a subclass with its own forward) make the stack run the plain loop, so the result is always that of ``for blk in blocks: x = blk(x); norm(x)``.
+hook; a subclass with its own forward) make the stack run the plain loop, so the result is
+always that of ``for blk in blocks: x = blk(x); norm(x)``.
 
 Supported blocks: timm's ``Block`` (``ls1``/``ls2`` identity or ``LayerScale``) and
 :class:`mimfast.models.beit.BEiTBlock` (``gamma_1``/``gamma_2``), with ``nn.LayerNorm`` norms.
