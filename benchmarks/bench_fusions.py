@@ -19,6 +19,11 @@ autocast as training runs them.
 - ``mlp``: the whole MLP, x (M, D) bf16, fp32 weights under autocast. Eager = ``fc2(gelu(fc1(x)))``;
   ``gelu_linear`` = fc1 then the op above; triton = ``ops.mlp`` (as ``gelu_linear``, and fc1's bias
   gradient summed in GELU's backward pass instead of a separate pass over the hidden gradient).
+- ``mlp_gemms``: the MLP's two GEMMs with a GELU pass (:mod:`mimfast.kernels.gelu_matmul`), each
+  candidate the tuner chooses among: ``cublas`` (the matmul, then the pass) and the Triton GEMMs
+  with the pass in their epilogue. ``fc1+gelu``: h, a = x @ w1^T + b1, gelu(h); ``dgrad+gelu_bwd``:
+  a, dh, fc1's bias sums from g @ w2 and h. bf16 operands; TFLOP/s on the matmul, GB/s on the
+  fused kernel's bytes (operands, h, the outputs).
 
 Every row has ``host_ms`` and, but for ``compile``, ``graph_ms`` and its rates
 (``harness.measure``: the kernels' time without launch overhead).
@@ -201,6 +206,34 @@ def _bench_self_attention(ctx, case, N, S, D):
           fwd_flops=2 * M * 4 * D * D + 4 * N * H * S * S * (D // H))
 
 
+def _bench_mlp_gemms(ctx, case, N, S, D):
+    from mimfast.kernels import gelu_matmul as GM
+
+    dev = ctx.device
+    g = torch.Generator(device=dev).manual_seed(4)
+    dt = torch.bfloat16 if harness.on_cuda() else torch.float16  # the interpreter's bf16 dot is wrong
+    M, Hd = N * S, 4 * D
+    x = torch.randn(M, D, device=dev, generator=g).to(dt)
+    w1 = (torch.randn(Hd, D, device=dev, generator=g) * D ** -0.5).to(dt)
+    b1 = (0.1 * torch.randn(Hd, device=dev, generator=g)).to(dt)
+    go = torch.randn(M, D, device=dev, generator=g).to(dt)
+    w2 = (torch.randn(D, Hd, device=dev, generator=g) * Hd ** -0.5).to(dt)
+    h = torch.randn(M, Hd, device=dev, generator=g).to(dt)
+    flops = 2 * M * Hd * D
+    operands = (M * D + Hd * D) * BF16
+    parts = {"fc1+gelu": (lambda c: GM.linear_bias_gelu(x, w1, b1, c), operands + 2 * M * Hd * BF16),
+             "dgrad+gelu_bwd": (lambda c: GM.matmul_gelu_bwd(go, w2, h, True, c), operands + 3 * M * Hd * BF16)}
+    for part, (fn, nbytes) in parts.items():
+        for name, cfg in GM.CANDIDATES:
+            try:
+                ms = _time(lambda: fn(cfg), name)
+            except Exception as e:  # a tile the card cannot run
+                ctx.fail("mlp_gemms", f"{case} {part}", name, e)
+                continue
+            ctx.add("mlp_gemms", f"{case} {part}", name, ms, bytes_moved=nbytes, flops=flops)
+        ctx.speedups("mlp_gemms", f"{case} {part}", "cublas")
+
+
 def run(ctx: harness.Context) -> None:
     cases = SMOKE_CASES if ctx.smoke else CASES
     names = QUICK if ctx.quick else tuple(cases)
@@ -210,5 +243,6 @@ def run(ctx: harness.Context) -> None:
         _bench_add_layer_norm(ctx, label, N, S, D)
         _bench_gelu_linear(ctx, label, N, S, D)
         _bench_mlp(ctx, label, N, S, D)
+        _bench_mlp_gemms(ctx, label, N, S, D)
         _bench_self_attention(ctx, label, N, S, D)
         harness.empty_cache()
