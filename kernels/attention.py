@@ -707,6 +707,10 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # gradient summed in place, so a few partials to write and sum instead of B (BEiT-B,
         # B = 256: 0.5 GB written and read again)
         alts["bwd_onepass_m16_batch_loop"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16, bias_batches=0)
+        # two batches a program: the second adds to the strip the first stored moments before,
+        # likely still in L2 (one program an SM: about 21 MB of strips at BEiT-B's shape), so
+        # half the partials reach memory and the sum after reads half as many
+        alts["bwd_onepass_m16_two_batches"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16, bias_batches=2)
     if not has_bias and seq_len > 128:
         # the split backward's tiles doubled (fewer programs, each loaded key / query block reused
         # twice as long): MAE's decoder (S 197, Dh 32) took 0.60 ms a layer in the backward against
