@@ -54,8 +54,10 @@ def test_forward_matches_eager_and_float64(name, cfg, M, K_, N, dtype):
         assert h.dtype == a.dtype == dtype and h.shape == a.shape == (M, N)
         assert_2x_rule(f"h {name}", h, h_e, h64, atol=1e-3)
         assert_2x_rule(f"a {name}", a, a_e, F.gelu(h64), atol=1e-3)
-        # a is GELU of the h written, rounded once: what eager's F.gelu gives for that h (to an ulp)
-        assert max_err(a, F.gelu(h)) <= 2 ** -8 * max(1.0, a.abs().max().item())
+        # a is GELU of the h written, rounded once: what eager's F.gelu gives for that h (to an ulp:
+        # a last-bit difference between two fp32 erf implementations may flip a rounding)
+        ref = F.gelu(h).double()
+        assert ((a.double() - ref).abs() <= 2 ** -7 * ref.abs() + 2 ** -24).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
