@@ -34,7 +34,7 @@ if "mimfast.kernels" not in sys.modules and not torch.cuda.is_available():
     # the Triton path runs on CPU tensors only under the interpreter, read when kernels are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-KERNEL_MODULES = ("attention", "gelu", "layer_norm", "linear_ce", "masking", "patch_embed", "patch_loss")
+KERNEL_MODULES = ("attention", "gelu", "gelu_matmul", "layer_norm", "linear_ce", "masking", "patch_embed", "patch_loss")
 
 
 class _NoLaunch:
