@@ -711,6 +711,13 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # likely still in L2 (one program an SM: about 21 MB of strips at BEiT-B's shape), so
         # half the partials reach memory and the sum after reads half as many
         alts["bwd_onepass_m16_two_batches"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16, bias_batches=2)
+    if not has_bias and 128 < seq_len <= ONEPASS_MAX_S and _pow2(head_dim) <= 32:
+        # MAE's decoder (S 197, Dh 32): the one-pass backward lost to the split kernels with query
+        # blocks of 16 (1.19 ms) and 32 (0.72 ms, against 0.61) on the third H200 run, the time
+        # falling fast with the block: blocks of 64, four a program, the products twice as wide.
+        # sm_90: 96-112 B of spills on 16 or 8 warps (the 32-row one compiled clean)
+        alts["bwd_onepass_m64"] = replace(base, bwd="onepass", dq_block_m=64, dq_warps=16, bias_batches=1)
+        alts["bwd_onepass_m64_w8"] = replace(base, bwd="onepass", dq_block_m=64, dq_warps=8, bias_batches=1)
     if not has_bias and seq_len > 128:
         # the split backward's tiles doubled (fewer programs, each loaded key / query block reused
         # twice as long): MAE's decoder (S 197, Dh 32) took 0.60 ms a layer in the backward against

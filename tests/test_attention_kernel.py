@@ -246,6 +246,10 @@ def test_configs_agree(device):
     check_against_reference(3, 21, 2, 16, torch.float32, device, bias=True,
                             config=K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16,
                                                      dq_warps=4, bias_batches=2))
+    # query blocks of 64 without a bias (the candidate for MAE's decoder): two blocks, the second padded
+    check_against_reference(2, 70, 2, 32, torch.float16, device,
+                            config=K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=64,
+                                                     dq_warps=16, bias_batches=1))
     with pytest.raises(ValueError, match="S <= 256, got S=257"):
         check_against_reference(1, 257, 1, 16, torch.float32, device, config=onepass)
 
