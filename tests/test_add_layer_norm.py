@@ -336,6 +336,35 @@ def test_forward_blocks_matches_block_forward(init_values, fused_mlp):
         assert max_err(a, b) < 1e-4 * scale and max_err(a, c) < 1e-5 * scale
 
 
+def test_fused_stack_sums_no_bias_gradient_in_a_pass_of_its_own():
+    """The fused stack's backward computes every Linear's bias gradient inside a pass that writes
+    a gradient anyway: proj's and fc2's in the add + LayerNorm (x_bias), qkv's in the attention
+    backward, fc1's in GELU's backward; no ``column_sum`` kernel is launched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "mimfast":
+                self.calls.append((func._schema.name, args))
+            return func(*args, **(kwargs or {}))
+
+    blocks, norm = _timm_stack(depth=2)
+    x = torch.randn(2, 11, 48, device=DEVICE)
+    with Ops() as rec:
+        _stack_grads(blocks, norm, x, fused=True, kernels="triton")
+    names = [n for n, _ in rec.calls]
+    assert "mimfast::column_sum" not in names, names
+    # every branch's add + LayerNorm sums its Linear's bias gradient (the stack's first LayerNorm has no branch)
+    ln_bwd = [args for n, args in rec.calls if n == "mimfast::add_layer_norm_bwd"]
+    assert len(ln_bwd) == 5 and sum(bool(a[-1]) for a in ln_bwd) == 4
+    attn_bwd = [args for n, args in rec.calls if n == "mimfast::attention_bwd"]
+    assert len(attn_bwd) == 2 and all(a[-1] is True for a in attn_bwd)  # need_qkv_sum
+
+
 def test_forward_blocks_falls_back_where_it_cannot_fuse():
     """Blocks with forward hooks (FSDP units, user hooks) or a final norm that is not a
     LayerNorm run their own forward: the hook runs and results equal the plain loop's."""
