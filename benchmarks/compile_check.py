@@ -20,8 +20,10 @@ launch whose grid CUDA refuses (more than 65535 programs on axis 1 or 2).
 
 ``--mem`` adds, per variant, the memory instructions of its PTX: global and shared loads and
 stores by vector width and element size (``ld.global.v4.b32: 4`` is four 16-byte loads in the
-code, not per launch), and barriers. Whether a load is vectorised or scalar, and how many
-shared-memory round trips a layout change costs, can be read there without a GPU. ``--match``
+code, not per launch), barriers, and the matmul and async-copy instructions (``wgmma``, ``mma``,
+``cp.async``, TMA's ``cp.async.bulk``). Whether a load is vectorised or scalar, how many
+shared-memory round trips a layout change costs, and whether a matmul runs on Hopper's warpgroup
+MMA with asynchronous loads can be read there without a GPU. ``--match``
 keeps the variants whose label contains every given word.
 
 ``--warm`` compiles every specialisation (``--all``) for the machine's own GPU into Triton's
@@ -493,7 +495,7 @@ _MEM_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.(global|shared)(?:::\w+)?((?
 
 def mem_stats(ptx: str) -> dict[str, int]:
     """Static counts of the PTX's global / shared loads and stores by vector width and element
-    size (cache hints dropped), and of its barriers."""
+    size (cache hints dropped), of its barriers, and of its matmul and async-copy instructions."""
     counts: dict[str, int] = {}
     for op, space, mods in _MEM_OP.findall(ptx):
         parts = mods.split(".")

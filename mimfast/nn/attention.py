@@ -17,7 +17,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import check_backend_name
-from mimfast.nn.blocks import handoff_bias, no_hooks
+from mimfast.nn.blocks import branch_bias, handoff_bias, no_hooks
 
 __all__ = ["Attention", "patch_timm"]
 
@@ -105,11 +105,9 @@ class Attention(nn.Module):
         it (see :meth:`handoff_proj_bias`, which must have returned the bias)."""
         if attn_mask is not None or is_causal:
             raise ValueError("mimfast.nn.Attention supports neither attn_mask nor is_causal")
-        if not proj_bias_grad and self.handoff_proj_bias() is None:
-            raise ValueError("proj_bias_grad=False needs a proj bias with a gradient, the one-op path and no "
-                             "output dropout at work (handoff_proj_bias() is None)")
-        if self._one_op():
-            proj_bias = self.proj.bias if proj_bias_grad else self.proj.bias.detach()
+        one_op = self._one_op()
+        proj_bias = branch_bias(self.proj, self.proj_drop, one_op, proj_bias_grad)
+        if one_op:
             x = ops.self_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, proj_bias,
                                    self.num_heads, scale=self.scale, backend=self.kernels)
             return self.proj_drop(x)

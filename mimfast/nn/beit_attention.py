@@ -18,7 +18,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import check_backend_name
-from mimfast.nn.blocks import handoff_bias, no_hooks
+from mimfast.nn.blocks import branch_bias, handoff_bias, no_hooks
 
 __all__ = ["BEiTAttention", "RelativePositionBias", "relative_position_index"]
 
@@ -135,9 +135,8 @@ class BEiTAttention(nn.Module):
                 proj_bias_grad: bool = True) -> torch.Tensor:
         """x (B, S, dim), rel_pos_bias (H, S, S) or None -> (B, S, dim). ``proj_bias_grad=False``:
         no gradient reaches ``proj.bias`` from here (see :meth:`handoff_proj_bias`)."""
-        if not proj_bias_grad and self.handoff_proj_bias() is None:
-            raise ValueError("proj_bias_grad=False needs a proj bias with a gradient, the one-op path and no "
-                             "output dropout at work (handoff_proj_bias() is None)")
+        one_op = self._one_op()
+        proj_bias = branch_bias(self.proj, self.proj_drop, one_op, proj_bias_grad)
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
@@ -147,9 +146,8 @@ class BEiTAttention(nn.Module):
             own = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(s, s, -1)
             own = own.permute(2, 0, 1).contiguous()  # (H, S, S)
             bias = own if bias is None else own + bias
-        if self._one_op():
+        if one_op:
             # qkv Linear, attention and proj as one op (the bias gradients summed without passes of their own)
-            proj_bias = self.proj.bias if proj_bias_grad else self.proj.bias.detach()
             x = ops.self_attention(x, self.qkv.weight, qkv_bias, self.proj.weight, proj_bias, self.num_heads,
                                    bias=bias, scale=self.scale, backend=self.kernels)
             return self.proj_drop(x)

@@ -81,6 +81,17 @@ def handoff_bias(linear: nn.Linear, dropout, one_op: bool) -> torch.Tensor | Non
     return b
 
 
+def branch_bias(linear: nn.Linear, dropout, one_op: bool, bias_grad: bool) -> torch.Tensor | None:
+    """The bias a branch's last Linear runs with: its own, or (``bias_grad`` False) the same
+    values detached, its gradient left to the caller, which :func:`handoff_bias` must allow."""
+    if bias_grad:
+        return linear.bias
+    if handoff_bias(linear, dropout, one_op) is None:
+        raise ValueError("proj_bias_grad=False needs a proj bias with a gradient, the one-op path and no "
+                         "output dropout at work (handoff_proj_bias() is None)")
+    return linear.bias.detach()
+
+
 @functools.cache
 def _mlp_classes() -> tuple[type, ...]:
     from timm.layers import Mlp
