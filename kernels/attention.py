@@ -681,6 +681,14 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         alts["fwd_half_rows_2warps"] = replace(base, fwd_block_m=max(16, s_pad // 2), fwd_warps=2)
     elif seq_len <= 128:  # one program holds the whole head in the backward too
         alts["fused_bwd"] = replace(base, bwd="fused", fused_block=s_pad, fused_warps=8, bias_batches=1)
+        if wide:
+            # ViT-H/14's encoder (S 65, Dh 80 padded to 128; 1.26x cuDNN's SDPA on the first run,
+            # target 1.3x): tiles of 32 rows pad S to 96, not 128 (the forward's 64-row tiles and the
+            # dk/dv kernel's 64-key tiles leave a third of their rows and keys useful). The one-tile
+            # backward, the first run's fastest there, spills 180 B on sm_90 since it sums the qkv
+            # bias gradient (none before; 16 warps spill more)
+            alts["fwd_32x32"] = replace(base, fwd_block_m=32, fwd_block_n=32)
+            alts["dkdv_32"] = replace(base, dkdv_block_n=32, dkdv_warps=4)
     if 64 < seq_len <= 256:
         alts["allkeys_fwd"] = replace(base, fwd_block_m=32 if wide else 64, fwd_block_n=s_pad, fwd_warps=8)
         alts["fwd_128x64"] = replace(base, fwd_block_m=128, fwd_block_n=32 if wide else 64, fwd_warps=8)

@@ -35,6 +35,7 @@ from torch import nn
 
 from mimfast import ops
 from mimfast.backend import resolve
+from mimfast.ops._param_casts import batched_casts
 
 __all__ = ["forward_blocks", "can_fuse_blocks", "mlp_fusable", "FusedBlocksMixin"]
 
@@ -193,6 +194,28 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
         for blk in blocks:
             x = blk(x, **attn_kwargs)
         return norm(x)
+    fusable = [fused_mlp and mlp_fusable(b.mlp) for b in blocks]
+    # under autocast, the fused ops' parameter casts in a few launches, not one a tensor
+    fused_ops = _out_dtype(x) is not None and resolve(kernels, x, op="mlp") == "triton"
+    with batched_casts(_cast_params(blocks, fusable) if fused_ops else (), x.device.type):
+        return _fused_stack(x, blocks, kinds, fusable, norm, kernels, attn_kwargs)
+
+
+def _cast_params(blocks, fusable) -> list:
+    """The parameters the blocks' fused ops cast to the autocast dtype: the one-op attention's
+    Linears (:func:`mimfast.ops.self_attention`) and the fused MLP's (:func:`mimfast.ops.mlp`)."""
+    params = []
+    for blk, fused in zip(blocks, fusable):
+        attn = blk.attn
+        one_op = getattr(type(attn), "_one_op", None)
+        if one_op is not None and one_op(attn):
+            params += [attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias]
+        if fused:
+            params += [blk.mlp.fc1.weight, blk.mlp.fc1.bias, blk.mlp.fc2.weight, blk.mlp.fc2.bias]
+    return params
+
+
+def _fused_stack(x, blocks, kinds, fusable, norm, kernels, attn_kwargs) -> torch.Tensor:
     out_dtype = _out_dtype(x)
     first = blocks[0].norm1
     r, y = ops.add_layer_norm(x, None, first.weight, first.bias, first.eps, out_dtype=out_dtype, backend=kernels)
@@ -211,7 +234,7 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
                                   out_dtype=out_dtype, backend=kernels, x_bias=pb)
         mlp = blk.mlp
         fb = None
-        if fused_mlp and mlp_fusable(mlp):
+        if fusable[i]:
             fb = handoff_bias(mlp.fc2, None, True) if d2 is None else None
             m = ops.mlp(y, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
                         mlp.fc2.bias if fb is None else fb.detach(), backend=kernels)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.attention import AttentionConfig, attention_backward, attention_forward
-from mimfast.ops._custom_op import as_dtype, autocast_operands, kernel_op
+from mimfast.ops._custom_op import as_dtype, autocast_operands, cast_param, kernel_op
 from mimfast.ops._linear_triton import linear_grads, param_dtypes
 
 __all__ = ["attention_triton", "self_attention_triton", "allow_tf32"]
@@ -108,10 +108,11 @@ class _SelfAttention(torch.autograd.Function):
         # eager's autograd keeps autocast's copies): no weight is cast again there
         xc, wqc, wpc = autocast_operands(x, wq, wp)
         cd = xc.dtype
-        qkv = F.linear(xc, wqc, bq)
+        autocast = torch.is_autocast_enabled(x.device.type)  # the biases then cast as F.linear casts them
+        qkv = F.linear(xc, wqc, cast_param(bq, cd) if autocast else bq)
         tf32 = qkv.dtype == torch.float32 and allow_tf32()
         out, lse = _attention_fwd(qkv, bias, num_heads, scale, tf32)
-        y = F.linear(out, wpc, bp)
+        y = F.linear(out, wpc, cast_param(bp, cd) if autocast else bp)
         ctx.save_for_backward(xc, wqc, wpc, bias, qkv, out, lse)
         ctx.cd, ctx.x_dtype, ctx.tf32, ctx.num_heads, ctx.scale = cd, x.dtype, tf32, num_heads, scale
         ctx.qkv_dtypes, ctx.proj_dtypes = param_dtypes(wq, bq), param_dtypes(wp, bp)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from mimfast.ops._param_casts import cast_param  # the batched copies of a fused stack, where made
+
 __all__ = ["kernel_op", "ALWAYS_DISPATCH", "as_dtype", "autocast_operands", "compute_dtype"]
 
 # True: every call goes through the registered op, as before this module existed
@@ -75,12 +77,12 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 def autocast_operands(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``x`` and ``weights`` in the autocast dtype where autocast is on for ``x``'s device (the
     casts ``F.linear`` makes), else as they are (mixed dtypes then fail in ``F.linear`` as in
-    eager)."""
+    eager). The weights' copies carry no gradient: for the autograd Functions' forwards."""
     kind = x.device.type
     if not torch.is_autocast_enabled(kind):
         return (x, *weights)
     cd = torch.get_autocast_dtype(kind)
-    return tuple(as_dtype(t, cd) for t in (x, *weights))
+    return (as_dtype(x, cd), *(cast_param(w, cd) for w in weights))
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

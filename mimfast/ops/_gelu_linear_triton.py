@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from mimfast.kernels.gelu import gelu_bwd_recompute
 from mimfast.kernels.gelu_matmul import linear_bias_gelu, matmul_gelu_bwd
-from mimfast.ops._custom_op import as_dtype, autocast_operands, compute_dtype, kernel_op
+from mimfast.ops._custom_op import as_dtype, autocast_operands, cast_param, compute_dtype, kernel_op
 from mimfast.ops._linear_triton import linear_grads, param_dtypes
 
 __all__ = ["gelu_linear_triton", "mlp_triton"]
@@ -97,10 +97,11 @@ class _Mlp(torch.autograd.Function):
         xc, w1c, w2c = autocast_operands(x, w1, w2)
         # eager's h = F.linear(x, w1, b1) and F.gelu(h) (the bias in the matmul's dtype, as autocast
         # casts it), as cuBLAS and a pass or one Triton GEMM with GELU in its epilogue
-        b1c = as_dtype(b1, xc.dtype) if b1 is not None and torch.is_autocast_enabled(x.device.type) else b1
+        autocast = torch.is_autocast_enabled(x.device.type)
+        b1c = cast_param(b1, xc.dtype) if autocast else b1
         h, a = _fc1_gelu(xc.reshape(-1, xc.shape[-1]), w1c, b1c)
         h = h.view(*xc.shape[:-1], h.shape[-1])
-        out = F.linear(a.view(h.shape), w2c, b2)
+        out = F.linear(a.view(h.shape), w2c, cast_param(b2, xc.dtype) if autocast else b2)
         del a
         ctx.save_for_backward(xc, h, w1c, w2c)
         ctx.cdtype, ctx.x_dtype = xc.dtype, x.dtype

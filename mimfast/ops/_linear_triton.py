@@ -10,6 +10,7 @@ import torch
 
 from mimfast.kernels.gelu import column_sum
 from mimfast.ops._custom_op import as_dtype, kernel_op
+from mimfast.ops._param_casts import weight_grad
 
 __all__ = ["column_sum_op", "linear_grads", "param_dtypes"]
 
@@ -40,6 +41,6 @@ def linear_grads(g: torch.Tensor, inp: torch.Tensor | None, weight: torch.Tensor
     inp_dtype, w_dtype, b_dtype = dtypes
     need_inp, need_w, need_b = needs
     d_inp = as_dtype(g @ weight, inp_dtype) if need_inp else None
-    d_w = as_dtype(g.t() @ inp, w_dtype) if need_w else None
+    d_w = weight_grad(g, inp, w_dtype) if need_w else None  # fp32 from the matmul where it can
     d_b = as_dtype(column_sum_op(g), b_dtype) if need_b and b_dtype is not None else None
     return d_inp, d_w, d_b
