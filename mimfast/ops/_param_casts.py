@@ -32,10 +32,10 @@ _state = threading.local()
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _key(t: torch.Tensor) -> tuple:
-    # the storage a tensor reads, not its identity: a detached parameter (a bias whose gradient
-    # someone else sums) is another tensor object over the same values
-    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device
+def _alias_key(t: torch.Tensor) -> tuple:
+    # the storage a tensor reads: a detached parameter (a bias whose gradient someone else sums)
+    # is another tensor object over the same values
+    return t.data_ptr(), t.shape
 
 
 @contextlib.contextmanager
@@ -56,20 +56,19 @@ def batched_casts(tensors, device_type: str):
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     seen = set()
     for t in tensors:
-        if t is None or t.dtype == cd or not t.is_floating_point() or t.device.type != device_type:
+        if t is None or t.dtype == cd or id(t) in seen or not t.is_floating_point() or t.device.type != device_type:
             continue
-        k = _key(t)
-        if k not in seen:
-            seen.add(k)
-            groups.setdefault(t.dtype, []).append(t)
-    casts = {}
+        seen.add(id(t))
+        groups.setdefault(t.dtype, []).append(t)
+    by_id, by_alias = {}, {}
     with torch.no_grad():
         for srcs in groups.values():  # one source dtype a call: torch's multi-tensor fast path
             dsts = [torch.empty(s.shape, dtype=cd, device=s.device) for s in srcs]
-            torch._foreach_copy_(dsts, [s.detach() for s in srcs])
-            casts.update((_key(s), (s, d)) for s, d in zip(srcs, dsts))
+            torch._foreach_copy_(dsts, srcs)
+            for s, d in zip(srcs, dsts):
+                by_id[id(s)] = by_alias[_alias_key(s)] = (s, d)
     previous = getattr(_state, "casts", None)
-    _state.casts = {**previous, **casts} if previous else casts
+    _state.casts = ({**previous[0], **by_id}, {**previous[1], **by_alias}) if previous else (by_id, by_alias)
     try:
         yield
     finally:
@@ -83,8 +82,13 @@ def cast_param(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     if t is None or t.dtype == dtype:
         return t
     casts = getattr(_state, "casts", None)
-    if casts:
-        hit = casts.get(_key(t))
+    if casts is not None:
+        hit = casts[0].get(id(t))  # the parameter itself (the sources are kept alive: ids stay theirs)
+        if hit is None or hit[0] is not t:
+            hit = casts[1].get(_alias_key(t))  # a detached alias of one
+            if hit is not None and (hit[0].stride() != t.stride() or hit[0].dtype != t.dtype
+                                    or hit[0].device != t.device):
+                hit = None
         if hit is not None and hit[1].dtype == dtype:
             return hit[1]
     return t.to(dtype)
