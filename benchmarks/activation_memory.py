@@ -17,7 +17,8 @@ difference (so per-step tensors such as autocast's weight copies drop out, and a
 
 Cases as ``bench_step``'s: MAE ViT-B/16, MAE ViT-L/16, BEiT-B (75 of 196 patches masked).
 Variants: ``eager`` (reference math, timm's ``Mlp``), ``timm-sdpa`` (its attention on SDPA: issue
-9's baseline (b)), ``mimfast`` (the model's defaults), and each block fusion switched.
+9's baseline (b)), ``mimfast`` (the model's defaults), each block fusion switched, and mimfast
+with activation checkpointing (``set_grad_checkpointing()``: each block keeps only its inputs).
 
     python -m benchmarks.activation_memory [--smoke] [--cases mae_vit_b16 ...] [--json out.json]
 """
@@ -54,7 +55,8 @@ SMOKE_BEIT_MASKED = 6  # of 16 patches
 # (variant, kernels, SDPA attention, model kwargs)
 BEIT_VARIANTS = [("eager", "eager", False, {}), ("timm-sdpa", "eager", True, {}), ("mimfast", "auto", False, {}),
                  ("mimfast-no-fused-mlp", "auto", False, {"fused_mlp": False}),
-                 ("mimfast-no-fused-blocks", "auto", False, {"fused_norm": False})]
+                 ("mimfast-no-fused-blocks", "auto", False, {"fused_norm": False}),
+                 ("mimfast-grad-checkpointing", "auto", False, {"grad_checkpointing": True})]
 MAE_VARIANTS = BEIT_VARIANTS  # both models run their blocks fused by default
 
 
@@ -79,7 +81,11 @@ def _model(name: str, overrides: dict, kernels: str, sdpa: bool, extra: dict, de
     from benchmarks.bench_step import variant_model
 
     kw = {} if beit else {"norm_pix_loss": True}
-    return variant_model(name, kernels, sdpa, device, **kw, **overrides, **extra)
+    extra = dict(extra)
+    checkpointing = extra.pop("grad_checkpointing", False)
+    model = variant_model(name, kernels, sdpa, device, **kw, **overrides, **extra)
+    model.set_grad_checkpointing(checkpointing)
+    return model
 
 
 def _step_input(model, beit: bool, n: int, device: str, masked: int):

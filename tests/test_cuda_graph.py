@@ -168,11 +168,13 @@ def test_config_problems_name_the_conflicting_option():
     assert "--precision bf16" in config_problems(precision="fp16")[0]
     assert "--compile" in config_problems(compile=True)[0]
     assert "one process" in config_problems(world_size=2)[0]
+    assert "--grad-checkpointing" in config_problems(grad_checkpointing=True)[0]
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--compile"], "--compile"),
     (["--precision", "fp16"], "GradScaler"),
+    (["--grad-checkpointing"], "random state"),
 ])
 def test_cuda_graph_flag_conflicts_fail_at_start(argv, match):
     from mimfast.cli import build_parser

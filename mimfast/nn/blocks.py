@@ -18,6 +18,8 @@ the hidden gradient fewer). The bias gradients of the branches' last Linears (at
 that writes the branch output's gradient, not by the Linears (one more read of it each). The
 blocks' own modules and parameters are used: weights, names and checkpoints are unchanged.
 Stochastic depth (a training-mode drop path) is applied to the branch before the fused add.
+With ``grad_checkpointing`` each block is a ``torch.utils.checkpoint`` region (non-reentrant):
+it keeps (r, y) for the backward and runs again there, its random draws repeated.
 Blocks that something else drives (a forward hook or pre-hook, e.g. an FSDP unit or a user's
 hook; a subclass with its own forward) make the stack run the plain loop, so the result is
 always that of ``for blk in blocks: x = blk(x); norm(x)``.
@@ -32,6 +34,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimfast import ops
 from mimfast.backend import resolve
@@ -119,6 +122,13 @@ class FusedBlocksMixin:
     kernels: str = "auto"
     fused_norm: bool = True
     fused_mlp: bool = True
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (timm's switch): each block keeps only its
+        inputs for the backward and runs its forward again there (about a block's compute more
+        a step for a fraction of the activations' memory; :func:`forward_blocks`)."""
+        self.grad_checkpointing = bool(enable)
 
     def _set_fusions(self, fused_norm: bool | None, fused_mlp: bool | None) -> None:
         """Each switch unchanged when None; the model's :class:`mimfast.nn.Mlp` modules follow
@@ -135,10 +145,9 @@ class FusedBlocksMixin:
     def run_blocks(self, x: torch.Tensor, blocks, norm: nn.Module, **attn_kwargs) -> torch.Tensor:
         """``norm(blocks(x))``, fused where kernels resolve to Triton and ``fused_norm`` is on."""
         if self.fused_norm and resolve(self.kernels, x, op="add_layer_norm") == "triton":
-            return forward_blocks(x, blocks, norm, kernels=self.kernels, fused_mlp=self.fused_mlp, **attn_kwargs)
-        for blk in blocks:
-            x = blk(x, **attn_kwargs)
-        return norm(x)
+            return forward_blocks(x, blocks, norm, kernels=self.kernels, fused_mlp=self.fused_mlp,
+                                  grad_checkpointing=self.grad_checkpointing, **attn_kwargs)
+        return norm(_run_plain(x, blocks, self.grad_checkpointing and torch.is_grad_enabled(), attn_kwargs))
 
 
 def _attn_handoff(attn) -> torch.Tensor | None:
@@ -177,7 +186,7 @@ def _out_dtype(x: torch.Tensor):
 
 
 def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "auto", fused_mlp: bool = True,
-                   **attn_kwargs) -> torch.Tensor:
+                   grad_checkpointing: bool = False, **attn_kwargs) -> torch.Tensor:
     """``norm(blocks[-1](...blocks[0](x)))`` with fused residual add + LayerNorm.
 
     Args:
@@ -187,18 +196,28 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
         kernels: backend of the fused ops (``"auto"``, ``"eager"``, ``"triton"``).
         fused_mlp: run each block's MLP as :func:`mimfast.ops.mlp` where the MLP allows it
             (:func:`mlp_fusable`).
+        grad_checkpointing: keep only each block's inputs for the backward and run the block's
+            forward again there (``torch.utils.checkpoint``, non-reentrant; random draws such as
+            drop path's repeat as they were). Applies while gradients are recorded.
         attn_kwargs: passed to each block's attention (``rel_pos_bias`` for BEiT blocks).
     """
     kinds = [_block_kind(b) for b in blocks]  # once: the checks walk every block's modules
+    checkpointing = grad_checkpointing and torch.is_grad_enabled()
     if not (kinds and all(kinds) and _is_layer_norm(norm) and no_hooks(norm)):  # can_fuse_blocks
-        for blk in blocks:
-            x = blk(x, **attn_kwargs)
-        return norm(x)
+        return norm(_run_plain(x, blocks, checkpointing, attn_kwargs))
     fusable = [fused_mlp and mlp_fusable(b.mlp) for b in blocks]
-    # under autocast, the fused ops' parameter casts in a few launches, not one a tensor
-    fused_ops = _out_dtype(x) is not None and resolve(kernels, x, op="mlp") == "triton"
+    # under autocast, the fused ops' parameter casts in a few launches, not one a tensor (not when
+    # checkpointing: the copies would all live through the forward, which autograd then keeps none of)
+    fused_ops = not checkpointing and _out_dtype(x) is not None and resolve(kernels, x, op="mlp") == "triton"
     with batched_casts(_cast_params(blocks, fusable) if fused_ops else (), x.device.type):
-        return _fused_stack(x, blocks, kinds, fusable, norm, kernels, attn_kwargs)
+        return _fused_stack(x, blocks, kinds, fusable, norm, kernels, checkpointing, attn_kwargs)
+
+
+def _run_plain(x: torch.Tensor, blocks, checkpointing: bool, attn_kwargs: dict) -> torch.Tensor:
+    """``blocks(x)`` by the blocks' own forwards, each checkpointed when asked."""
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False, **attn_kwargs) if checkpointing else blk(x, **attn_kwargs)
+    return x
 
 
 def _cast_params(blocks, fusable) -> list:
@@ -215,33 +234,43 @@ def _cast_params(blocks, fusable) -> list:
     return params
 
 
-def _fused_stack(x, blocks, kinds, fusable, norm, kernels, attn_kwargs) -> torch.Tensor:
+def _fused_stack(x, blocks, kinds, fusable, norm, kernels, checkpointing, attn_kwargs) -> torch.Tensor:
     out_dtype = _out_dtype(x)
     first = blocks[0].norm1
     r, y = ops.add_layer_norm(x, None, first.weight, first.bias, first.eps, out_dtype=out_dtype, backend=kernels)
     for i, (blk, kind) in enumerate(zip(blocks, kinds)):
-        s1, d1, s2, d2 = _parts(blk, kind)
         nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else norm
         nxt_dtype = out_dtype if i + 1 < len(blocks) else None  # the final norm's output as eager gives it
-        # the bias gradients of proj and fc2 are summed by the add + LayerNorm after them, in the pass
-        # that writes their output's gradient (no drop path in between: then they are the only
-        # consumer, and x's gradient is the output's)
-        pb = _attn_handoff(blk.attn) if d1 is None else None
-        a = blk.attn(y, **attn_kwargs) if pb is None else blk.attn(y, proj_bias_grad=False, **attn_kwargs)
-        if d1 is not None:  # stochastic depth: scale and drop the branch first
-            a, s1 = d1(a * s1 if s1 is not None else a), None
-        r, y = ops.add_layer_norm(a, r, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, scale=s1,
-                                  out_dtype=out_dtype, backend=kernels, x_bias=pb)
-        mlp = blk.mlp
-        fb = None
-        if fusable[i]:
-            fb = handoff_bias(mlp.fc2, None, True) if d2 is None else None
-            m = ops.mlp(y, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                        mlp.fc2.bias if fb is None else fb.detach(), backend=kernels)
+        step = (blk, kind, fusable[i], nxt, out_dtype, nxt_dtype, kernels)
+        if checkpointing:  # (r, y) kept for the backward, the block run again there
+            r, y = checkpoint(_fused_block, r, y, *step, use_reentrant=False, **attn_kwargs)
         else:
-            m = mlp(y)
-        if d2 is not None:
-            m, s2 = d2(m * s2 if s2 is not None else m), None
-        r, y = ops.add_layer_norm(m, r, nxt.weight, nxt.bias, nxt.eps, scale=s2, out_dtype=nxt_dtype,
-                                  backend=kernels, x_bias=fb)
+            r, y = _fused_block(r, y, *step, **attn_kwargs)
     return y
+
+
+def _fused_block(r, y, blk, kind, fused_mlp, nxt, out_dtype, nxt_dtype, kernels, **attn_kwargs):
+    """One block of the fused stack: (residual stream, its LayerNorm) in, the same out (the
+    LayerNorm the next block's norm1, or the stack's final norm)."""
+    s1, d1, s2, d2 = _parts(blk, kind)
+    # the bias gradients of proj and fc2 are summed by the add + LayerNorm after them, in the pass
+    # that writes their output's gradient (no drop path in between: then they are the only
+    # consumer, and x's gradient is the output's)
+    pb = _attn_handoff(blk.attn) if d1 is None else None
+    a = blk.attn(y, **attn_kwargs) if pb is None else blk.attn(y, proj_bias_grad=False, **attn_kwargs)
+    if d1 is not None:  # stochastic depth: scale and drop the branch first
+        a, s1 = d1(a * s1 if s1 is not None else a), None
+    r, y = ops.add_layer_norm(a, r, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, scale=s1,
+                              out_dtype=out_dtype, backend=kernels, x_bias=pb)
+    mlp = blk.mlp
+    fb = None
+    if fused_mlp:
+        fb = handoff_bias(mlp.fc2, None, True) if d2 is None else None
+        m = ops.mlp(y, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                    mlp.fc2.bias if fb is None else fb.detach(), backend=kernels)
+    else:
+        m = mlp(y)
+    if d2 is not None:
+        m, s2 = d2(m * s2 if s2 is not None else m), None
+    return ops.add_layer_norm(m, r, nxt.weight, nxt.bias, nxt.eps, scale=s2, out_dtype=nxt_dtype,
+                              backend=kernels, x_bias=fb)

@@ -35,6 +35,9 @@ class PretrainConfig:
     # default (on for MAE and BEiT: what the H200 step benchmark measured faster)
     fused_norm: bool | None = None
     fused_mlp: bool = True  # MLPs keep only the GELU input for the backward (mimfast.ops.mlp)
+    # activation checkpointing of every block: each keeps only its inputs and runs its forward again
+    # in the backward (memory for compute: larger batches or models; not with --cuda-graph)
+    grad_checkpointing: bool = False
     # with Triton kernels and no --fused-norm / --no-fused-norm: time this many steps with the blocks
     # fused and as many unfused (after a warm-up) and keep the faster; 0: the model's default form
     fusion_trial_steps: int = 3
@@ -352,7 +355,8 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.cuda_graph:
         from mimfast.train.cuda_graph import config_problems
 
-        problems += config_problems(precision=cfg.precision, compile=cfg.compile)
+        problems += config_problems(precision=cfg.precision, compile=cfg.compile,
+                                    grad_checkpointing=cfg.grad_checkpointing)
     if problems:
         raise SystemExit("invalid configuration:\n  " + "\n  ".join(problems))
 

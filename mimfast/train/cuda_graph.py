@@ -131,7 +131,8 @@ def check_optimizer(optimizer: torch.optim.Optimizer, scaler=None) -> None:
                                      f"{p.device}: a captured step needs it on the device (capturable or fused)")
 
 
-def config_problems(*, world_size: int = 1, precision: str = "bf16", compile: bool = False) -> list[str]:
+def config_problems(*, world_size: int = 1, precision: str = "bf16", compile: bool = False,
+                    grad_checkpointing: bool = False) -> list[str]:
     """What in a training run's settings rules out capturing its step (``mimfast pretrain
     --cuda-graph``), one line per conflicting option; [] when none. Off CUDA nothing conflicts:
     the step then runs eagerly (:class:`GraphedStep`'s fallback)."""
@@ -145,6 +146,9 @@ def config_problems(*, world_size: int = 1, precision: str = "bf16", compile: bo
     if compile:
         problems.append("--cuda-graph and --compile both set up the step (use --compile --compile-mode "
                         "reduce-overhead for torch.compile's CUDA graphs, or --cuda-graph alone)")
+    if grad_checkpointing:
+        problems.append("--cuda-graph cannot capture --grad-checkpointing: the checkpoint saves the device's random "
+                        "state for the recompute, which a capture does not allow (pytorch/pytorch#162504)")
     return problems
 
 

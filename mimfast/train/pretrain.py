@@ -373,6 +373,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                       f"{unused[:4]}{' ...' if len(unused) > 4 else ''}" if fresh or unused else "")
             print(f"initialised from {cfg.init_from} (missing {len(fresh)}, unexpected {len(unused)}){detail}")
     img_size = model.img_size
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise SystemExit(f"--grad-checkpointing: {cfg.model} has no set_grad_checkpointing()")
+        model.set_grad_checkpointing(True)
 
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
     if cfg.gpu_pipeline:
@@ -426,7 +430,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     warmup_lr=cfg.warmup_lr)
     graphed = cfg.cuda_graph
     auto_graph = graphed is None  # the default, not asked for: a step that cannot be captured runs eagerly
-    problems = config_problems(world_size=d.world_size, precision=_autocast(cfg, device)[0], compile=cfg.compile)
+    problems = config_problems(world_size=d.world_size, precision=_autocast(cfg, device)[0], compile=cfg.compile,
+                               grad_checkpointing=cfg.grad_checkpointing)
     if graphed is None:  # the default: captured where it can be, on a CUDA device
         # (gradient accumulation's two graphs are taken only when asked for, until a GPU run has
         # measured them)
