@@ -81,11 +81,7 @@ def _model(name: str, overrides: dict, kernels: str, sdpa: bool, extra: dict, de
     from benchmarks.bench_step import variant_model
 
     kw = {} if beit else {"norm_pix_loss": True}
-    extra = dict(extra)
-    checkpointing = extra.pop("grad_checkpointing", False)
-    model = variant_model(name, kernels, sdpa, device, **kw, **overrides, **extra)
-    model.set_grad_checkpointing(checkpointing)
-    return model
+    return variant_model(name, kernels, sdpa, device, **kw, **overrides, **extra)
 
 
 def _step_input(model, beit: bool, n: int, device: str, masked: int):

@@ -93,7 +93,9 @@ SMOKE_BEIT_CASES = {"beit_b16": ("beit_base_patch16_224_8k_vocab", 2,
 SMOKE_BEIT_MASKED = 6  # of 16 patches
 # (variant, kernels, timm SDPA, compile, model kwargs): (d) with one block fusion off
 BEIT_ABLATIONS = [("mimfast-no-fused-mlp", "auto", False, False, {"fused_mlp": False}),
-                  ("mimfast-no-fused-blocks", "auto", False, False, {"fused_norm": False})]
+                  ("mimfast-no-fused-blocks", "auto", False, False, {"fused_norm": False}),
+                  # activation checkpointing: its time cost and peak memory (not an ablation: an option)
+                  ("mimfast-grad-checkpointing", "auto", False, False, {"grad_checkpointing": True})]
 MAE_ABLATIONS = BEIT_ABLATIONS + [("mimfast-no-block-fusions", "auto", False, False,
                                    {"fused_norm": False, "fused_mlp": False})]
 
@@ -177,8 +179,11 @@ def _to_timm_mlp(model) -> int:
 def variant_model(name: str, kernels: str, sdpa: bool, device, state: dict | None = None, **model_kwargs):
     """A fresh model of one step variant (with ``state``'s weights where given): the reference
     variants (``kernels="eager"``) on timm's own ``Mlp``, and with ``sdpa`` their attention on
-    SDPA (timm's ``Attention`` in MAE blocks, timm ``Beit``'s way in BEiT blocks)."""
+    SDPA (timm's ``Attention`` in MAE blocks, timm ``Beit``'s way in BEiT blocks).
+    ``grad_checkpointing=True`` among ``model_kwargs`` switches on activation checkpointing."""
+    checkpointing = model_kwargs.pop("grad_checkpointing", False)
     model = create_model(name, kernels=kernels, **model_kwargs).to(device)
+    model.set_grad_checkpointing(checkpointing)  # (every model here has the switch)
     if state is not None:
         model.load_state_dict(state)
     if kernels == "eager":
