@@ -11,8 +11,8 @@ backward (another). The third H200 run's MAE ViT-B/16 step ran 258 such copies (
   multi-tensor launches instead of one kernel a tensor); inside the block, :func:`cast_param`
   returns those copies. The values are those of ``t.to(dtype)`` (the same round to nearest).
 - :func:`weight_grad`: a Linear's weight gradient ``g.T @ inp`` from 16-bit operands written
-  in fp32 by the matmul itself (``torch.mm(..., out_dtype=torch.float32)``, CUDA, torch >= 2.8)
-  where the weight is fp32: no bf16 result written, read and cast. It differs from eager's
+  in fp32 by the matmul itself (``torch.mm(..., out_dtype=torch.float32)``, CUDA, torch >= 2.8,
+  checked to work once per device) where the weight is fp32: no bf16 result written, read and cast. It differs from eager's
   in one rounding fewer (eager rounds the fp32 product to bf16 and casts that up).
 
 Neither applies under ``torch.compile`` tracing (inductor fuses the casts itself) nor off
@@ -98,10 +98,40 @@ def cast_param(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
 MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
+_MM_CHECKED: dict[tuple[int, torch.dtype], bool] = {}
+
+
+def _check_mm_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
+    """Whether this device's ``torch.mm(a.T, b, out_dtype=torch.float32)`` runs and gives the
+    product (a weight gradient's operands: a transposed view and a row-major matrix)."""
+    dev = torch.device("cuda", device_index)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(40, 24, generator=g).to(dev, dtype)
+    b = torch.randn(40, 16, generator=g).to(dev, dtype)
+    try:
+        got = torch.mm(a.t(), b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    want = a.double().t() @ b.double()
+    return got.dtype == torch.float32 and got.shape == (24, 16) and bool((got.double() - want).abs().max() < 1e-3)
+
+
 def fp32_weight_grads(g: torch.Tensor, w_dtype: torch.dtype) -> bool:
-    """Whether :func:`weight_grad` writes the weight gradient in fp32 from the matmul itself."""
-    return (w_dtype == torch.float32 and g.dtype in _HALF and g.device.type == "cuda" and MM_OUT_DTYPE
-            and not torch.compiler.is_compiling())
+    """Whether :func:`weight_grad` writes the weight gradient in fp32 from the matmul itself: an
+    fp32 weight, 16-bit operands, not under ``torch.compile`` tracing, on a CUDA device whose
+    ``mm(..., out_dtype=)`` was checked to work (once per device and dtype; not during a CUDA-graph
+    capture, which the check's read of the result would break: the eager steps before a capture
+    make it)."""
+    if not (w_dtype == torch.float32 and g.dtype in _HALF and g.device.type == "cuda" and MM_OUT_DTYPE
+            and not torch.compiler.is_compiling()):
+        return False
+    key = (g.device.index if g.device.index is not None else torch.cuda.current_device(), g.dtype)
+    ok = _MM_CHECKED.get(key)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        ok = _MM_CHECKED[key] = _check_mm_out_dtype(*key)
+    return ok
 
 
 def weight_grad(g: torch.Tensor, inp: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
