@@ -75,6 +75,44 @@ ONEPASS_MAX_S = 256  # the one-pass backward holds every key of a head in one pr
 
 
 @triton.jit
+def _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, offs_n, mask_d, m_i, l_i, acc,
+               stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
+               HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: (m_i, l_i, acc) updated. ``MASK_N`` off: every key of
+    the block is < S (no key mask on the loads, no -inf fill of the scores)."""
+    k_ptrs = base + offs_n[:, None] * stride_qs + k_cols[None, :]
+    v_ptrs = base + offs_n[:, None] * stride_qs + v_cols[None, :]
+    if MASK_N:
+        mask_n = offs_n < S
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif HEAD_DIM == DH_PAD:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
+    if HAS_BIAS:
+        bias_ptrs = BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj
+        if MASK_N:
+            bias = tl.load(bias_ptrs, mask=mask_m[:, None] & (offs_n < S_B)[None, :], other=0.0)
+        else:  # keys < S <= S_B
+            bias = tl.load(bias_ptrs, mask=mask_m[:, None], other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    if MASK_N:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd(
     QKV,  # (B, S, 3*H*HEAD_DIM) q | k | v, each head-major: column (part*H + h)*HEAD_DIM + d
     BIAS,  # (H, S, S) additive bias, any float dtype (unused unless HAS_BIAS)
@@ -84,8 +122,9 @@ def _attn_fwd(
     stride_bh, stride_bi, stride_bj,
     S, S_B, H, qk_scale2,  # S_B: bias columns to read (S padded to 16); qk_scale2 = scale * log2(e)
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PEEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # PEEL: the key blocks below S // BLOCK_N * BLOCK_N without key masks, the partial last one after
     num_m = tl.cdiv(S, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -110,24 +149,21 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2
     acc = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
-    for start_n in range(0, S, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < S
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
-                           mask=mask_m[:, None] & (offs_n < S_B)[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if PEEL:
+        n_full = S - S % BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_n0, mask_d,
+                                       m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
+                                       HEAD_DIM, DH_PAD, HAS_BIAS, False, DOT_PRECISION)
+        if n_full < S:
+            m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, n_full + offs_n0, mask_d,
+                                       m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
+                                       HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION)
+    else:
+        for start_n in range(0, S, BLOCK_N):
+            m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_n0, mask_d,
+                                       m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
+                                       HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     out_ptrs = OUT + (b.to(tl.int64) * S * H + h) * HEAD_DIM + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
@@ -592,12 +628,15 @@ class AttentionConfig:
     ``dq_block_n >= S`` keeps the bias gradient in registers; smaller tiles update a private
     fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
     (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
+    ``fwd_peel``: the forward runs its whole key blocks without key masks and the partial last
+    one after.
     """
 
     fwd_block_m: int = 64
     fwd_block_n: int = 64
     fwd_warps: int = 4
     fwd_stages: int = 2
+    fwd_peel: bool = False
     bwd: str = "split"
     fused_block: int = 64
     fused_warps: int = 4
@@ -694,6 +733,11 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         alts["fwd_128x64"] = replace(base, fwd_block_m=128, fwd_block_n=32 if wide else 64, fwd_warps=8)
         if base.fwd_block_n > 32:  # the key loop in steps of 32: S = 197 pads to 224 keys, not 256
             alts["fwd_inner_32"] = replace(base, fwd_block_n=32)
+        # the whole key blocks without key masks (no masked loads, no -inf fill of the scores:
+        # about one select of the softmax's few operations an element), the partial one after
+        alts["fwd_peeled"] = replace(base, fwd_peel=True)
+        if base.fwd_block_n > 32:
+            alts["fwd_inner_32_peeled"] = replace(base, fwd_block_n=32, fwd_peel=True)
     if has_bias and seq_len > 64:
         alts["bias_grad_tiled"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4)
         alts["bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
@@ -743,7 +787,7 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
     return {k: v for k, v in alts.items() if k == "default" or v != base}
 
 
-_FWD_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages")
+_FWD_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages", "fwd_peel")
 
 
 @functools.lru_cache(maxsize=256)
@@ -877,14 +921,14 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 # Per launch key: the config (``config`` or the default for the shape) and the launches'
 # compile-time arguments, built once and passed as **kwargs (read only). Keyed by ``config`` as
-# given (None for the default: hashing the 15-field dataclass itself would cost a microsecond).
+# given (None for the default: hashing the 16-field dataclass itself would cost a microsecond).
 @functools.lru_cache(maxsize=256)
 def _fwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: bool, dtype: torch.dtype,
               precision: str) -> tuple[AttentionConfig, dict]:
     cfg = config or default_config(S, head_dim, has_bias, dtype)
     return cfg, dict(HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=has_bias, BLOCK_M=cfg.fwd_block_m,
-                     BLOCK_N=cfg.fwd_block_n, DOT_PRECISION=precision, num_warps=cfg.fwd_warps,
-                     num_stages=cfg.fwd_stages)
+                     BLOCK_N=cfg.fwd_block_n, PEEL=cfg.fwd_peel and cfg.fwd_block_n < S, DOT_PRECISION=precision,
+                     num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
 
 
 @functools.lru_cache(maxsize=256)

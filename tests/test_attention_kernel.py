@@ -252,6 +252,15 @@ def test_configs_agree(device):
                                                      dq_warps=16, bias_batches=1))
     with pytest.raises(ValueError, match="S <= 256, got S=257"):
         check_against_reference(1, 257, 1, 16, torch.float32, device, config=onepass)
+    # the peeled forward: whole key blocks unmasked, then the partial one (S = 37: two whole blocks of
+    # 16 and one of 5 keys), none partial (S = 32), no whole block (S = 9: one masked block), with and
+    # without the bias and with a padded head (Dh 24 in 32: the unmasked loads still mask the head)
+    for S, Dh in ((37, 16), (32, 16), (9, 16), (37, 24)):
+        for bias in (False, True):
+            check_against_reference(2, S, 2, Dh, torch.float32, device, bias=bias,
+                                    config=K.AttentionConfig(fwd_block_m=16, fwd_block_n=16, fwd_peel=True,
+                                                             bwd="split", dq_block_m=16, dq_block_n=16,
+                                                             dkdv_block_m=16, dkdv_block_n=16, bias_batches=1))
 
 
 _QSUM_CONFIGS = {
