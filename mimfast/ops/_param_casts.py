@@ -12,8 +12,9 @@ backward (another). The third H200 run's MAE ViT-B/16 step ran 258 such copies (
   returns those copies. The values are those of ``t.to(dtype)`` (the same round to nearest).
 - :func:`weight_grad`: a Linear's weight gradient ``g.T @ inp`` from 16-bit operands written
   in fp32 by the matmul itself (``torch.mm(..., out_dtype=torch.float32)``, CUDA, torch >= 2.8,
-  checked to work once per device) where the weight is fp32: no bf16 result written, read and cast. It differs from eager's
-  in one rounding fewer (eager rounds the fp32 product to bf16 and casts that up).
+  checked to work once per device) where the weight is fp32: no bf16 result written, read and
+  cast. It differs from eager's in one rounding fewer (eager rounds the fp32 product to bf16 and
+  casts that up).
 
 Neither applies under ``torch.compile`` tracing (inductor fuses the casts itself) nor off
 autocast.
