@@ -74,7 +74,8 @@ def test_mae_fullgraph(kernels, autocast, monkeypatch):
         with torch.autocast(DEVICE, dtype=half, enabled=autocast):
             return m(imgs, 0.75, noise)[0]
 
-    tol = dict(rtol=2e-2, atol=2e-3) if autocast else {}
+    # inductor's bf16 kernels round their fused intermediates once where eager rounds each op's output
+    tol = (dict(rtol=5e-2, atol=1e-2) if DEVICE == "cuda" else dict(rtol=2e-2, atol=2e-3)) if autocast else {}
     _compare(model, loss_fn, kernels, monkeypatch, **tol)
 
 
