@@ -780,6 +780,12 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # each program's rows as they are, its inner loop over the other side in steps of 32: the
         # last step of S = 197 then carries 5 of 32 rows, not 5 of 64 (224 padded rows, not 256)
         alts["bwd_inner_32"] = replace(base, dq_block_n=32, dkdv_block_m=32)
+        # the Triton fused-attention tutorial's backward tiles: each program owns 128 rows (keys for
+        # dk / dv, queries for dq) on 4 warps and steps through the other side 32 at a time (two
+        # programs a head at S = 197, each loading its 128 rows once)
+        if _pow2(head_dim) <= 32:
+            alts["bwd_owned_128"] = replace(base, dq_block_m=128, dq_block_n=32, dq_warps=4, dkdv_block_m=32,
+                                            dkdv_block_n=128, dkdv_warps=4)
     if seq_len > 64:
         # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
         # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
