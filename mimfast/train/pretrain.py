@@ -438,6 +438,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         graphed = device.type == "cuda" and not cfg.fsdp and not problems and cfg.accum_iter == 1
         if graphed and d.main:
             print("the training step is captured in a CUDA graph and replayed (--no-cuda-graph: run it eagerly)")
+        elif device.type == "cuda" and problems and d.main:
+            print("the training step runs eagerly, not in a CUDA graph: " + "; ".join(problems))
     elif graphed:
         if problems:
             raise SystemExit("--cuda-graph: " + "; ".join(problems))
