@@ -281,18 +281,34 @@ def _attn_bwd_fused(
 
 
 @triton.jit
+def _qk_index(m, n, KEYS_MAJOR: tl.constexpr):
+    """Broadcast a query-side and a key-side vector over a score tile: (queries x keys), or
+    (keys x queries) with KEYS_MAJOR."""
+    if KEYS_MAJOR:
+        return m[None, :], n[:, None]
+    else:
+        return m[:, None], n[None, :]
+
+
+@triton.jit
 def _bwd_dq_batch(
-    b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, qsum_row, dbias_rows, bias, dbias,
+    b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, qsum_row, dbias_strip, bias, dbias,
     offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
     stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, KEYS_MAJOR: tl.constexpr,
 ):
     """delta and dq of one query block of one (batch, head) (with NEED_QSUM, dq's column sums in
     row ``qsum_row`` of QSUM); returns the updated register bias gradient (ONE_N_BLOCK) or writes
-    it to the in-memory strip: added to it where the program sums several batches
-    (``ACCUMULATE``), stored where the strip is this batch's alone."""
+    it to the in-memory strip ``dbias_strip`` (the (S, S_B) fp32 strip of this program's batch
+    group and head): added to it where the program sums several batches (``ACCUMULATE``), stored
+    where the strip is this batch's alone.
+
+    KEYS_MAJOR: the score tiles are (keys x queries) and dq is accumulated transposed, dq^T +=
+    k^T dS^T, so every product has the key block (or the head dimension) as its M side: on sm_90
+    they run as warpgroup MMAs with k and v read from shared memory, where (queries x keys)
+    products of fewer than 64 query rows run as mma.sync with k and v held in registers."""
     q_mask = mask_m[:, None] & mask_d[None, :]
     # row offsets depend on the batch, so no (BLOCK, DH_PAD) offset tile is loop-invariant
     od_rows = (b64 * S + offs_m[:, None]) * (H * HEAD_DIM)
@@ -305,38 +321,57 @@ def _bwd_dq_batch(
     q_rows = b64 * stride_qb + offs_m[:, None] * stride_qs
     q = tl.load(QKV + q_rows + q_cols[None, :], mask=q_mask, other=0.0)
     base = QKV + b64 * stride_qb
-
-    dq = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
+    if KEYS_MAJOR:
+        lse_t = lse2[None, :]
+        delta_t = delta[None, :]
+        dq = tl.zeros([DH_PAD, BLOCK_M], tl.float32)
+    else:
+        lse_t = lse2[:, None]
+        delta_t = delta[:, None]
+        dq = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
     for start_n in range(0, S, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < S
-        bias_mask = mask_m[:, None] & (offs_n < S_B)[None, :]  # padded bias columns: vector access
+        qi, kj = _qk_index(offs_m, offs_n, KEYS_MAJOR)
+        qm, kn = _qk_index(mask_m, mask_n, KEYS_MAJOR)
+        bias_mask = qm & (kj < S_B)  # padded bias columns: vector access
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
+        if KEYS_MAJOR:
+            s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
         if HAS_BIAS:
             if ONE_N_BLOCK:
                 s += bias
             else:
-                s += tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj,
+                s += tl.load(BIAS + h * stride_bh + qi * stride_bi + kj * stride_bj,
                              mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
+        p = tl.exp2(s - lse_t)
+        p = tl.where(kn, p, 0.0)
         v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        if KEYS_MAJOR:
+            dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        else:
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta_t)
         if NEED_DBIAS:
             if ONE_N_BLOCK:
                 dbias += ds
             else:  # this program is the only one touching these addresses (padded keys: ds = 0)
-                dptr = dbias_rows + offs_n[None, :]
+                dptr = dbias_strip + qi * S_B + kj
                 if ACCUMULATE:
                     tl.store(dptr, tl.load(dptr, mask=bias_mask, other=0.0) + ds, mask=bias_mask)
                     tl.debug_barrier()  # the next batch re-reads these from other threads
                 else:  # one batch per strip: written once, nothing read (no zero fill either)
                     tl.store(dptr, ds, mask=bias_mask)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if KEYS_MAJOR:
+            dq += tl.dot(tl.trans(k), ds.to(k.dtype), input_precision=DOT_PRECISION)
+        else:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
+    if KEYS_MAJOR:
+        dq = tl.trans(dq)
     dq = (dq * scale).to(DQKV.dtype.element_ty)
     tl.store(DQKV + q_rows + q_cols[None, :], dq, mask=q_mask)
     if NEED_QSUM:
@@ -360,11 +395,11 @@ def _attn_bwd_dq(
     B, S, S_B, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
-    BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_MAJOR: tl.constexpr,
 ):
     # program -> (batch group g, head h, query block); the query block is the fastest index.
     # BATCH_LOOP: loop over the batches of group g (bias gradient summed over them); otherwise
-    # the program handles batch g alone.
+    # the program handles batch g alone. KEYS_MAJOR: (keys x queries) tiles (_bwd_dq_batch).
     num_m = tl.cdiv(S, BLOCK_M)
     pid = tl.program_id(0)
     m_blk = pid % num_m
@@ -382,37 +417,41 @@ def _attn_bwd_dq(
     k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qc
     v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qc
     od_cols = h * HEAD_DIM + offs_d
-    dbias_rows = DBIAS + (g.to(tl.int64) * H + h) * S * S_B + offs_m[:, None] * S_B
+    dbias_strip = DBIAS + (g.to(tl.int64) * H + h) * S * S_B
     bias = 0.0
     dbias = 0.0
+    qi, kj = _qk_index(offs_m, offs_n0, KEYS_MAJOR)  # the all-keys tile's bias and its gradient
+    qm, _ = _qk_index(mask_m, offs_n0, KEYS_MAJOR)
     if ONE_N_BLOCK:  # all keys in one block: the bias tile is loaded once, its gradient kept in registers
         if HAS_BIAS:
-            bias = tl.load(BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n0[None, :] * stride_bj,
-                           mask=mask_m[:, None] & (offs_n0 < S_B)[None, :], other=0.0)
+            bias = tl.load(BIAS + h * stride_bh + qi * stride_bi + kj * stride_bj, mask=qm & (kj < S_B), other=0.0)
             bias = bias.to(tl.float32) * 1.4426950408889634
         if NEED_DBIAS:
-            dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if KEYS_MAJOR:
+                dbias = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            else:
+                dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
     if BATCH_LOOP:
         b_start = g.to(tl.int64) * batches_per_program  # int64: batch offsets may pass 2^31
         b_end = tl.minimum(b_start + batches_per_program, B)
         for b64 in range(b_start, b_end):
-            dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, b64 * num_m + m_blk, dbias_rows,
-                                  bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
-                                  stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
-                                  HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, NEED_QSUM, ONE_N_BLOCK,
-                                  DOT_PRECISION, True)
+            dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, b64 * num_m + m_blk,
+                                  dbias_strip, bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols,
+                                  v_cols, od_cols, stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H,
+                                  scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS,
+                                  NEED_QSUM, ONE_N_BLOCK, DOT_PRECISION, True, KEYS_MAJOR)
     else:
         b64 = g.to(tl.int64)
-        dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, b64 * num_m + m_blk, dbias_rows,
-                              bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
-                              stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
-                              HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS, NEED_QSUM, ONE_N_BLOCK,
-                              DOT_PRECISION, False)
+        dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, b64 * num_m + m_blk,
+                              dbias_strip, bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols,
+                              v_cols, od_cols, stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H,
+                              scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS,
+                              NEED_QSUM, ONE_N_BLOCK, DOT_PRECISION, False, KEYS_MAJOR)
 
     if ONE_N_BLOCK:
         if NEED_DBIAS:
-            tl.store(dbias_rows + offs_n0[None, :], dbias, mask=mask_m[:, None] & (offs_n0 < S_B)[None, :])
+            tl.store(dbias_strip + qi * S_B + kj, dbias, mask=qm & (kj < S_B))
 
 
 @triton.jit
@@ -506,11 +545,13 @@ def _onepass_batch(
     S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, MAY_ACCUMULATE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KEYS_MAJOR: tl.constexpr,
 ):
     """The backward of batch ``b64``, head ``h``; its bias gradient goes to strip ``g64`` of
     DBIAS, stored (``accumulate`` False, or ``MAY_ACCUMULATE`` off) or added to what is there;
-    with NEED_QSUM, the column sums of dq, dk, dv to row ``b64`` of QSUM."""
+    with NEED_QSUM, the column sums of dq, dk, dv to row ``b64`` of QSUM. KEYS_MAJOR: dq as
+    (k^T dS^T)^T, a product whose M side is the head dimension, not the BLOCK_M query rows (a
+    warpgroup MMA on sm_90 for Dh >= 64, where fewer than 64 query rows take mma.sync)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     mask_n = offs_n < S
@@ -553,7 +594,11 @@ def _onepass_batch(
                 tl.store(dbias_ptr, dsT, mask=bias_mask)
         ds16 = dsT.to(q.dtype)
         dk += tl.dot(ds16, q, input_precision=DOT_PRECISION)
-        dq = (tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION) * scale).to(DQKV.dtype.element_ty)
+        if KEYS_MAJOR:
+            dq = tl.trans(tl.dot(tl.trans(k), ds16, input_precision=DOT_PRECISION))
+        else:
+            dq = tl.dot(tl.trans(ds16), k, input_precision=DOT_PRECISION)
+        dq = (dq * scale).to(DQKV.dtype.element_ty)
         tl.store(DQKV + q_rows + q_cols[None, :], dq, mask=q_mask)
         if NEED_QSUM:
             dq_rows += tl.where(q_mask, dq.to(tl.float32), 0.0)
@@ -583,7 +628,7 @@ def _attn_bwd_onepass(
     B, PER, S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, BATCH_LOOP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KEYS_MAJOR: tl.constexpr,
 ):
     """The whole backward of one head of one batch (``BATCH_LOOP`` off) or of ``PER`` batches
     in turn (on), every key in one tile (BLOCK_N >= S): the query blocks in a loop, each one's dq
@@ -603,12 +648,12 @@ def _attn_bwd_onepass(
             _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, QSUM, b64, h, g64, b64 > b_start,
                            stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
                            S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,
-                           HAS_BIAS, NEED_DBIAS, NEED_QSUM, True, DOT_PRECISION)
+                           HAS_BIAS, NEED_DBIAS, NEED_QSUM, True, DOT_PRECISION, KEYS_MAJOR)
     else:  # one batch a program, its strip its own, stored once (no loop: a one-trip loop spills more)
         _onepass_batch(QKV, BIAS, OUT, DOUT, LSE, DQKV, DBIAS, QSUM, g64, h, g64, g64 < 0,
                        stride_qb, stride_qs, stride_qc, stride_bh, stride_bi, stride_bj,
                        S, S_B, H, scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N,
-                       HAS_BIAS, NEED_DBIAS, NEED_QSUM, False, DOT_PRECISION)
+                       HAS_BIAS, NEED_DBIAS, NEED_QSUM, False, DOT_PRECISION, KEYS_MAJOR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,7 +674,10 @@ class AttentionConfig:
     fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
     (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
     ``fwd_peel``: the forward runs its whole key blocks without key masks and the partial last
-    one after.
+    one after. ``dq_keys_major``: the dq kernel (split) or the one-pass kernel's dq product works
+    on (keys x queries) tiles, dq^T += k^T dS^T, so that no product has the query block as its M
+    side (sm_90's warpgroup MMA needs M >= 64; fewer query rows fall back to mma.sync with k and v
+    in registers).
     """
 
     fwd_block_m: int = 64
@@ -643,6 +691,7 @@ class AttentionConfig:
     dq_block_m: int = 32
     dq_block_n: int = 64
     dq_warps: int = 4
+    dq_keys_major: bool = False
     dkdv_block_m: int = 32
     dkdv_block_n: int = 64
     dkdv_warps: int = 4
@@ -763,6 +812,11 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # likely still in L2 (one program an SM: about 21 MB of strips at BEiT-B's shape), so
         # half the partials reach memory and the sum after reads half as many
         alts["bwd_onepass_m16_two_batches"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16, bias_batches=2)
+        # dq as (k^T dS^T)^T: the one product of the loop whose M side was the 16 query rows
+        # (mma.sync) becomes a warpgroup MMA over the head dimension (sm_90: 120-184 B spilled
+        # against 72-88 B, the transposed tiles passing through shared memory)
+        alts["bwd_onepass_m16_km"] = replace(base, bwd="onepass", dq_block_m=16, dq_warps=16, bias_batches=1,
+                                             dq_keys_major=True)
     if not has_bias and 128 < seq_len <= ONEPASS_MAX_S and _pow2(head_dim) <= 32:
         # MAE's decoder (S 197, Dh 32): the one-pass backward lost to the split kernels with query
         # blocks of 16 (1.19 ms) and 32 (0.72 ms, against 0.61) on the third H200 run, the time
@@ -786,6 +840,15 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         if _pow2(head_dim) <= 32:
             alts["bwd_owned_128"] = replace(base, dq_block_m=128, dq_block_n=32, dq_warps=4, dkdv_block_m=32,
                                             dkdv_block_n=128, dkdv_warps=4)
+    if seq_len > 64 and base.bwd == "split" and base.dq_block_m < 64 and _pow2(head_dim) >= 64:
+        # the dq kernel on (keys x queries) tiles: with fewer than 64 query rows its products ran as
+        # sm_90's mma.sync with k and v in registers (BEiT-B's all-keys dq kernel: 255 registers,
+        # 16-40 B spilled); keys-major, each product has 64 or more keys (or head dims) as its M side
+        # and runs as a warpgroup MMA reading k and v from shared memory (BEiT-B: 255 registers,
+        # 4 B spilled; 16 warps spill 52-128 B; ViT-H/14: 131-182 registers, none spilled)
+        alts["dq_keys_major"] = replace(base, dq_keys_major=True, dq_block_n=max(64, base.dq_block_n))
+        if base.dq_block_n < s_pad:  # ViT-H/14's encoder (S 65): every key in one tile as well
+            alts["dq_keys_major_allkeys"] = replace(base, dq_keys_major=True, dq_block_n=s_pad)
     if seq_len > 64:
         # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
         # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
@@ -950,13 +1013,14 @@ def _bwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
         dkdv = {}
     elif cfg.bwd == "onepass":
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=_pow2(S), HAS_BIAS=has_bias,
-                     NEED_DBIAS=need_dbias, NEED_QSUM=need_qsum, DOT_PRECISION=precision, num_warps=cfg.dq_warps,
-                     num_stages=cfg.bwd_stages)
+                     NEED_DBIAS=need_dbias, NEED_QSUM=need_qsum, DOT_PRECISION=precision,
+                     KEYS_MAJOR=cfg.dq_keys_major, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
         dkdv = {}
     else:
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
                      HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, NEED_QSUM=need_qsum, ONE_N_BLOCK=cfg.dq_block_n >= S,
-                     DOT_PRECISION=precision, num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
+                     DOT_PRECISION=precision, KEYS_MAJOR=cfg.dq_keys_major, num_warps=cfg.dq_warps,
+                     num_stages=cfg.bwd_stages)
         dkdv = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
                     HAS_BIAS=has_bias, NEED_QSUM=need_qsum, DOT_PRECISION=precision, num_warps=cfg.dkdv_warps,
                     num_stages=cfg.bwd_stages)

@@ -6,6 +6,7 @@ subset of shapes runs; on a GPU the whole grid S x Dh x H of the issue.
 """
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -235,6 +236,8 @@ def test_configs_agree(device):
     ]
     for cfg in cfgs:
         check_against_reference(3, 21, 1, 16, torch.float32, device, bias=True, config=cfg)
+        # the dq kernel on (keys x queries) tiles: bias and its gradient transposed, dq^T += k^T dS^T
+        check_against_reference(3, 21, 1, 16, torch.float32, device, bias=True, config=replace(cfg, dq_keys_major=True))
     # one pass: every key in one program, query blocks of 16 in a loop (two, the second padded);
     # with the bias, each batch's gradient stored once into the (poisoned) per-batch buffer, or
     # (batch loop) two batches a program: stored by the first, added to by the second, and a
@@ -243,6 +246,8 @@ def test_configs_agree(device):
                                 bias_batches=1)
     for bias in (False, True):
         check_against_reference(3, 21, 2, 16, torch.float32, device, bias=bias, config=onepass)
+        check_against_reference(3, 21, 2, 16, torch.float32, device, bias=bias,
+                                config=replace(onepass, dq_keys_major=True))
     check_against_reference(3, 21, 2, 16, torch.float32, device, bias=True,
                             config=K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16,
                                                      dq_warps=4, bias_batches=2))
@@ -277,6 +282,14 @@ _QSUM_CONFIGS = {
                                  bias_batches=1),
     "onepass, batch loop": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16,
                                              dq_warps=4, bias_batches=2),
+    "split, all keys, keys-major dq": K.AttentionConfig(fwd_block_m=16, fwd_block_n=16, bwd="split", dq_block_m=16,
+                                                        dq_block_n=32, dkdv_block_m=16, dkdv_block_n=32,
+                                                        bias_batches=1, dq_keys_major=True),
+    "split, tiled, keys-major dq": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="split", dq_block_m=32,
+                                                     dq_block_n=16, dkdv_block_m=16, dkdv_block_n=16,
+                                                     bias_batches=2, dq_keys_major=True),
+    "onepass, keys-major dq": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16,
+                                                dq_warps=4, bias_batches=1, dq_keys_major=True),
 }
 
 
