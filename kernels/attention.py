@@ -52,7 +52,7 @@ head dims above 128.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -123,8 +123,10 @@ def _attn_fwd(
     S, S_B, H, qk_scale2,  # S_B: bias columns to read (S padded to 16); qk_scale2 = scale * log2(e)
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PEEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     # PEEL: the key blocks below S // BLOCK_N * BLOCK_N without key masks, the partial last one after
+    # (TAIL < BLOCK_N: in steps of TAIL keys, so S = 197 in blocks of 64 runs 208 keys, not 256)
     num_m = tl.cdiv(S, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -155,8 +157,9 @@ def _attn_fwd(
             m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_n0, mask_d,
                                        m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
                                        HEAD_DIM, DH_PAD, HAS_BIAS, False, DOT_PRECISION)
-        if n_full < S:
-            m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, n_full + offs_n0, mask_d,
+        offs_t = tl.arange(0, TAIL)
+        for start_n in range(n_full, S, TAIL):
+            m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_t, mask_d,
                                        m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
                                        HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION)
     else:
@@ -291,13 +294,60 @@ def _qk_index(m, n, KEYS_MAJOR: tl.constexpr):
 
 
 @triton.jit
+def _dq_block(dq, dbias, q, do, lse_t, delta_t, base, BIAS, dbias_strip, bias, h, offs_m, mask_m, offs_n, mask_d,
+              k_cols, v_cols, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
+              HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, KEYS_MAJOR: tl.constexpr):
+    """One key block of :func:`_bwd_dq_batch`'s loop (any number of keys): (dq, dbias) updated."""
+    mask_n = offs_n < S
+    qi, kj = _qk_index(offs_m, offs_n, KEYS_MAJOR)
+    qm, kn = _qk_index(mask_m, mask_n, KEYS_MAJOR)
+    bias_mask = qm & (kj < S_B)  # padded bias columns: vector access
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
+    if KEYS_MAJOR:
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
+    if HAS_BIAS:
+        if ONE_N_BLOCK:
+            s += bias
+        else:
+            s += tl.load(BIAS + h * stride_bh + qi * stride_bi + kj * stride_bj,
+                         mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    p = tl.exp2(s - lse_t)
+    p = tl.where(kn, p, 0.0)
+    v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
+    if KEYS_MAJOR:
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    else:
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta_t)
+    if NEED_DBIAS:
+        if ONE_N_BLOCK:
+            dbias += ds
+        else:  # this program is the only one touching these addresses (padded keys: ds = 0)
+            dptr = dbias_strip + qi * S_B + kj
+            if ACCUMULATE:
+                tl.store(dptr, tl.load(dptr, mask=bias_mask, other=0.0) + ds, mask=bias_mask)
+                tl.debug_barrier()  # the next batch re-reads these from other threads
+            else:  # one batch per strip: written once, nothing read (no zero fill either)
+                tl.store(dptr, ds, mask=bias_mask)
+    if KEYS_MAJOR:
+        dq += tl.dot(tl.trans(k), ds.to(k.dtype), input_precision=DOT_PRECISION)
+    else:
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq, dbias
+
+
+@triton.jit
 def _bwd_dq_batch(
     b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, qsum_row, dbias_strip, bias, dbias,
     offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols, v_cols, od_cols,
     stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, KEYS_MAJOR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, KEYS_MAJOR: tl.constexpr, TAIL: tl.constexpr,
 ):
     """delta and dq of one query block of one (batch, head) (with NEED_QSUM, dq's column sums in
     row ``qsum_row`` of QSUM); returns the updated register bias gradient (ONE_N_BLOCK) or writes
@@ -329,46 +379,19 @@ def _bwd_dq_batch(
         lse_t = lse2[:, None]
         delta_t = delta[:, None]
         dq = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
-    for start_n in range(0, S, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < S
-        qi, kj = _qk_index(offs_m, offs_n, KEYS_MAJOR)
-        qm, kn = _qk_index(mask_m, mask_n, KEYS_MAJOR)
-        bias_mask = qm & (kj < S_B)  # padded bias columns: vector access
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(base + offs_n[:, None] * stride_qs + k_cols[None, :], mask=kv_mask, other=0.0)
-        if KEYS_MAJOR:
-            s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2
-        if HAS_BIAS:
-            if ONE_N_BLOCK:
-                s += bias
-            else:
-                s += tl.load(BIAS + h * stride_bh + qi * stride_bi + kj * stride_bj,
-                             mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-        p = tl.exp2(s - lse_t)
-        p = tl.where(kn, p, 0.0)
-        v = tl.load(base + offs_n[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
-        if KEYS_MAJOR:
-            dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        else:
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta_t)
-        if NEED_DBIAS:
-            if ONE_N_BLOCK:
-                dbias += ds
-            else:  # this program is the only one touching these addresses (padded keys: ds = 0)
-                dptr = dbias_strip + qi * S_B + kj
-                if ACCUMULATE:
-                    tl.store(dptr, tl.load(dptr, mask=bias_mask, other=0.0) + ds, mask=bias_mask)
-                    tl.debug_barrier()  # the next batch re-reads these from other threads
-                else:  # one batch per strip: written once, nothing read (no zero fill either)
-                    tl.store(dptr, ds, mask=bias_mask)
-        if KEYS_MAJOR:
-            dq += tl.dot(tl.trans(k), ds.to(k.dtype), input_precision=DOT_PRECISION)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    n_full = S - S % BLOCK_N if TAIL < BLOCK_N else S  # TAIL: the partial last key block in TAIL-key steps
+    for start_n in range(0, n_full, BLOCK_N):
+        dq, dbias = _dq_block(dq, dbias, q, do, lse_t, delta_t, base, BIAS, dbias_strip, bias, h, offs_m, mask_m,
+                              start_n + offs_n0, mask_d, k_cols, v_cols, stride_qs, stride_bh, stride_bi, stride_bj,
+                              S, S_B, qk_scale2, HAS_BIAS, NEED_DBIAS, ONE_N_BLOCK, DOT_PRECISION, ACCUMULATE,
+                              KEYS_MAJOR)
+    if TAIL < BLOCK_N:
+        offs_t = tl.arange(0, TAIL)
+        for start_n in range(n_full, S, TAIL):
+            dq, dbias = _dq_block(dq, dbias, q, do, lse_t, delta_t, base, BIAS, dbias_strip, bias, h, offs_m, mask_m,
+                                  start_n + offs_t, mask_d, k_cols, v_cols, stride_qs, stride_bh, stride_bi, stride_bj,
+                                  S, S_B, qk_scale2, HAS_BIAS, NEED_DBIAS, False, DOT_PRECISION, ACCUMULATE,
+                                  KEYS_MAJOR)
 
     if KEYS_MAJOR:
         dq = tl.trans(dq)
@@ -395,7 +418,7 @@ def _attn_bwd_dq(
     B, S, S_B, H, batches_per_program, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, NEED_QSUM: tl.constexpr, ONE_N_BLOCK: tl.constexpr,
-    BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_MAJOR: tl.constexpr,
+    BATCH_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_MAJOR: tl.constexpr, TAIL: tl.constexpr,
 ):
     # program -> (batch group g, head h, query block); the query block is the fastest index.
     # BATCH_LOOP: loop over the batches of group g (bias gradient summed over them); otherwise
@@ -440,14 +463,14 @@ def _attn_bwd_dq(
                                   dbias_strip, bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols,
                                   v_cols, od_cols, stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H,
                                   scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS,
-                                  NEED_QSUM, ONE_N_BLOCK, DOT_PRECISION, True, KEYS_MAJOR)
+                                  NEED_QSUM, ONE_N_BLOCK, DOT_PRECISION, True, KEYS_MAJOR, TAIL)
     else:
         b64 = g.to(tl.int64)
         dbias = _bwd_dq_batch(b64, h, QKV, BIAS, OUT, DOUT, LSE, DELTA, DQKV, QSUM, b64 * num_m + m_blk,
                               dbias_strip, bias, dbias, offs_m, offs_n0, offs_d, mask_m, mask_d, q_cols, k_cols,
                               v_cols, od_cols, stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H,
                               scale, qk_scale2, HEAD_DIM, DH_PAD, BLOCK_M, BLOCK_N, HAS_BIAS, NEED_DBIAS,
-                              NEED_QSUM, ONE_N_BLOCK, DOT_PRECISION, False, KEYS_MAJOR)
+                              NEED_QSUM, ONE_N_BLOCK, DOT_PRECISION, False, KEYS_MAJOR, TAIL)
 
     if ONE_N_BLOCK:
         if NEED_DBIAS:
@@ -473,6 +496,33 @@ def _kv_block(QKV, b64, h, offs_n, S, H, stride_qb, stride_qs, stride_qc,
 
 
 @triton.jit
+def _dkdv_block(dk, dv, k, v, QKV, BIAS, DOUT, LSE, DELTA, b64, bh, h, offs_m, offs_n, mask_d, q_cols, do_cols,
+                stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H, qk_scale2,
+                HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block of :func:`_attn_bwd_dkdv`'s loop (any number of rows): (dk, dv) updated."""
+    # row offsets recomputed per query block: no loop-invariant (BLOCK, DH_PAD) offset tile
+    mask_m = offs_m < S
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(QKV + b64 * stride_qb + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
+    row = bh.to(tl.int64) * S + offs_m
+    # +inf logsumexp on padded query rows makes their probabilities exactly 0
+    lse2 = tl.load(LSE + row, mask=mask_m, other=float("inf")) * 1.4426950408889634
+    sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
+    if HAS_BIAS:
+        biasT = tl.load(BIAS + h * stride_bh + offs_m[None, :] * stride_bi + offs_n[:, None] * stride_bj,
+                        mask=(offs_n < S_B)[:, None] & mask_m[None, :], other=0.0)
+        sT += biasT.to(tl.float32) * 1.4426950408889634
+    pT = tl.exp2(sT - lse2[None, :])
+    do = tl.load(DOUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + do_cols[None, :], mask=q_mask, other=0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     QKV,  # (B, S, 3*H*HEAD_DIM)
     BIAS,  # (H, S, S)
@@ -485,7 +535,7 @@ def _attn_bwd_dkdv(
     stride_bh, stride_bi, stride_bj,
     S, S_B, H, scale, qk_scale2,
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NEED_QSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_QSUM: tl.constexpr, DOT_PRECISION: tl.constexpr, TAIL: tl.constexpr,
 ):
     # program -> (batch, head, key block); works on transposed tiles (keys x queries).
     num_n = tl.cdiv(S, BLOCK_N)
@@ -505,27 +555,17 @@ def _attn_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DH_PAD], tl.float32)
-    for start_m in range(0, S, BLOCK_M):
-        # row offsets recomputed per query block: no loop-invariant (BLOCK, DH_PAD) offset tile
-        offs_m = start_m + offs_m0
-        mask_m = offs_m < S
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(QKV + b64 * stride_qb + offs_m[:, None] * stride_qs + q_cols[None, :], mask=q_mask, other=0.0)
-        row = bh.to(tl.int64) * S + offs_m
-        # +inf logsumexp on padded query rows makes their probabilities exactly 0
-        lse2 = tl.load(LSE + row, mask=mask_m, other=float("inf")) * 1.4426950408889634
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N keys, BLOCK_M queries)
-        if HAS_BIAS:
-            biasT = tl.load(BIAS + h * stride_bh + offs_m[None, :] * stride_bi + offs_n[:, None] * stride_bj,
-                            mask=(offs_n < S_B)[:, None] & mask_m[None, :], other=0.0)
-            sT += biasT.to(tl.float32) * 1.4426950408889634
-        pT = tl.exp2(sT - lse2[None, :])
-        do = tl.load(DOUT + (b64 * S + offs_m[:, None]) * (H * HEAD_DIM) + do_cols[None, :], mask=q_mask, other=0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+    m_full = S - S % BLOCK_M if TAIL < BLOCK_M else S  # TAIL: the partial last query block in TAIL-row steps
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, QKV, BIAS, DOUT, LSE, DELTA, b64, bh, h, start_m + offs_m0, offs_n, mask_d,
+                             q_cols, do_cols, stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, H,
+                             qk_scale2, HEAD_DIM, HAS_BIAS, DOT_PRECISION)
+    if TAIL < BLOCK_M:
+        offs_t = tl.arange(0, TAIL)
+        for start_m in range(m_full, S, TAIL):
+            dk, dv = _dkdv_block(dk, dv, k, v, QKV, BIAS, DOUT, LSE, DELTA, b64, bh, h, start_m + offs_t, offs_n,
+                                 mask_d, q_cols, do_cols, stride_qb, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B,
+                                 H, qk_scale2, HEAD_DIM, HAS_BIAS, DOT_PRECISION)
 
     dk = (dk * scale).to(DQKV.dtype.element_ty)
     dv = dv.to(DQKV.dtype.element_ty)
@@ -674,10 +714,13 @@ class AttentionConfig:
     fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
     (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
     ``fwd_peel``: the forward runs its whole key blocks without key masks and the partial last
-    one after. ``dq_keys_major``: the dq kernel (split) or the one-pass kernel's dq product works
-    on (keys x queries) tiles, dq^T += k^T dS^T, so that no product has the query block as its M
-    side (sm_90's warpgroup MMA needs M >= 64; fewer query rows fall back to mma.sync with k and v
-    in registers).
+    one after (``fwd_tail`` set implies it), in blocks of ``fwd_tail`` keys where set (0: one block of ``fwd_block_n``).
+    ``bwd_tail``: the split backward kernels' inner loops (keys for dq, queries for dk / dv) run
+    their partial last block in steps of this many rows (0: one block of the loop's size), so that
+    S = 197 in blocks of 64 runs 208 rows of work, not 256. ``dq_keys_major``: the dq kernel
+    (split) or the one-pass kernel's dq product works on (keys x queries) tiles, dq^T += k^T dS^T,
+    so that no product has the query block as its M side (sm_90's warpgroup MMA needs M >= 64;
+    fewer query rows fall back to mma.sync with k and v in registers).
     """
 
     fwd_block_m: int = 64
@@ -685,6 +728,7 @@ class AttentionConfig:
     fwd_warps: int = 4
     fwd_stages: int = 2
     fwd_peel: bool = False
+    fwd_tail: int = 0
     bwd: str = "split"
     fused_block: int = 64
     fused_warps: int = 4
@@ -696,6 +740,7 @@ class AttentionConfig:
     dkdv_block_n: int = 64
     dkdv_warps: int = 4
     bwd_stages: int = 2
+    bwd_tail: int = 0
     bias_batches: int = 0
 
 
@@ -840,6 +885,15 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         if _pow2(head_dim) <= 32:
             alts["bwd_owned_128"] = replace(base, dq_block_m=128, dq_block_n=32, dq_warps=4, dkdv_block_m=32,
                                             dkdv_block_n=128, dkdv_warps=4)
+    if seq_len > 64 and seq_len % 16:
+        # the partial last block of each inner loop in steps of 16 rows: MAE's decoder and BEiT-B
+        # (S 197, blocks of 64) run 208 keys or queries a program instead of 256 (about a fifth of
+        # their products and exponentials), ViT-H/14's encoder (S 65, blocks of 32) 80 instead of 96
+        if seq_len % base.fwd_block_n and base.fwd_block_n > 16:
+            alts["fwd_tail_16"] = replace(base, fwd_tail=16)
+        if base.bwd == "split" and (seq_len % base.dkdv_block_m and base.dkdv_block_m > 16
+                                    or seq_len % base.dq_block_n and 16 < base.dq_block_n < seq_len):
+            alts["bwd_tail_16"] = replace(base, bwd_tail=16)
     if seq_len > 64 and base.bwd == "split" and base.dq_block_m < 64 and _pow2(head_dim) >= 64:
         # the dq kernel on (keys x queries) tiles: with fewer than 64 query rows its products ran as
         # sm_90's mma.sync with k and v in registers (BEiT-B's all-keys dq kernel: 255 registers,
@@ -873,6 +927,24 @@ def _tuning_candidates(S: int, head_dim: int, has_bias: bool, dtype: torch.dtype
         return replace(cfg, **{f: getattr(base, f) for f in _FWD_FIELDS})
 
     return tuning.distinct((name, own_part(cfg)) for name, cfg in cands.items())
+
+
+def _combiner(base: AttentionConfig, plan):
+    """``combine(a, b)`` for :func:`tuning.choose`: ``base`` with the changes of both ``a`` and
+    ``b``; None where they set a field differently, or where ``plan`` (what the launches are) of
+    the result is that of ``a`` or of ``b`` (a change that does not apply under the other's)."""
+
+    def combine(a: AttentionConfig, b: AttentionConfig) -> AttentionConfig | None:
+        merged = {}
+        for f in fields(AttentionConfig):
+            v0, va, vb = getattr(base, f.name), getattr(a, f.name), getattr(b, f.name)
+            if va != v0 and vb != v0 and va != vb:
+                return None
+            merged[f.name] = va if va != v0 else vb
+        cfg = replace(base, **merged)
+        return None if plan(cfg) in (plan(a), plan(b)) else cfg
+
+    return combine
 
 
 def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
@@ -988,6 +1060,15 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
+def _tail(tail: int, block: int, S: int) -> int:
+    """The kernels' TAIL: the block of a loop's partial last steps, ``block`` (no separate tail)
+    unless ``tail`` is set, smaller, and S leaves a partial block bigger than nothing (a loop
+    whose one block holds every row, e.g. the all-keys dq kernel's, keeps it)."""
+    if not tail or tail >= block or S <= block or S % block == 0:
+        return block
+    return tail
+
+
 # Per launch key: the config (``config`` or the default for the shape) and the launches'
 # compile-time arguments, built once and passed as **kwargs (read only). Keyed by ``config`` as
 # given (None for the default: hashing the 16-field dataclass itself would cost a microsecond).
@@ -996,7 +1077,8 @@ def _fwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
               precision: str) -> tuple[AttentionConfig, dict]:
     cfg = config or default_config(S, head_dim, has_bias, dtype)
     return cfg, dict(HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=has_bias, BLOCK_M=cfg.fwd_block_m,
-                     BLOCK_N=cfg.fwd_block_n, PEEL=cfg.fwd_peel and cfg.fwd_block_n < S, DOT_PRECISION=precision,
+                     BLOCK_N=cfg.fwd_block_n, PEEL=(cfg.fwd_peel or cfg.fwd_tail > 0) and cfg.fwd_block_n < S,
+                     DOT_PRECISION=precision, TAIL=_tail(cfg.fwd_tail, cfg.fwd_block_n, S),
                      num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
 
 
@@ -1019,10 +1101,11 @@ def _bwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
     else:
         first = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
                      HAS_BIAS=has_bias, NEED_DBIAS=need_dbias, NEED_QSUM=need_qsum, ONE_N_BLOCK=cfg.dq_block_n >= S,
-                     DOT_PRECISION=precision, KEYS_MAJOR=cfg.dq_keys_major, num_warps=cfg.dq_warps,
-                     num_stages=cfg.bwd_stages)
+                     DOT_PRECISION=precision, KEYS_MAJOR=cfg.dq_keys_major, TAIL=_tail(cfg.bwd_tail, cfg.dq_block_n, S),
+                     num_warps=cfg.dq_warps, num_stages=cfg.bwd_stages)
         dkdv = dict(HEAD_DIM=head_dim, DH_PAD=dh_pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-                    HAS_BIAS=has_bias, NEED_QSUM=need_qsum, DOT_PRECISION=precision, num_warps=cfg.dkdv_warps,
+                    HAS_BIAS=has_bias, NEED_QSUM=need_qsum, DOT_PRECISION=precision,
+                    TAIL=_tail(cfg.bwd_tail, cfg.dkdv_block_m, S), num_warps=cfg.dkdv_warps,
                     num_stages=cfg.bwd_stages)
     return cfg, (dict(first, BATCH_LOOP=False), dict(first, BATCH_LOOP=True)), dkdv
 
@@ -1045,9 +1128,12 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     if config is None and tuning.applies(qkv.device):
         cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "fwd")
         if len(cands) > 1:
+            precision = _dot_precision(qkv.dtype, allow_tf32)
             config = tuning.choose(
                 ("attention_fwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32, qkv.device),
-                cands, lambda c: attention_forward(qkv, num_heads, bias, scale, allow_tf32, config=c), qkv.device)
+                cands, lambda c: attention_forward(qkv, num_heads, bias, scale, allow_tf32, config=c), qkv.device,
+                combine=_combiner(cands[0][1], lambda c: _fwd_plan(c, S, head_dim, bias is not None, qkv.dtype,
+                                                                   precision)[1]))
     if bias is not None:
         bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
@@ -1096,12 +1182,21 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     if config is None and tuning.applies(qkv.device):
         cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "bwd")
         if len(cands) > 1:
+            precision = _dot_precision(qkv.dtype, allow_tf32)
+            dbias_on = bias is not None and bool(need_bias_grad)
+
+            def plan(c):  # what the launches of c are
+                return (c.bwd, c.bias_batches if dbias_on else 0,
+                        _bwd_plan(c, S, head_dim, bias is not None, qkv.dtype, precision, dbias_on,
+                                  bool(need_qkv_sum))[1:])
+
             config = tuning.choose(
                 ("attention_bwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32,
-                 bias is not None and bool(need_bias_grad), bool(need_qkv_sum), qkv.device),
+                 dbias_on, bool(need_qkv_sum), qkv.device),
                 cands, lambda c: attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
                                                     need_bias_grad, allow_tf32, config=c,
-                                                    need_qkv_sum=need_qkv_sum), qkv.device)
+                                                    need_qkv_sum=need_qkv_sum), qkv.device,
+                combine=_combiner(cands[0][1], plan))
     bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)

@@ -14,7 +14,9 @@ GPU busy-wait so that the launches run back to back (the kernels' time, not the 
 candidate's time is its median round. The fastest replaces the default only when it is at least
 ``MARGIN`` faster, so that noise between near-equal candidates leaves the default in place. A
 candidate that raises (e.g. Triton's OutOfResources for a tile too large for the card) is
-dropped.
+dropped. Where the launcher says how to combine two candidates (attention: each candidate changes
+one thing from the default), the fastest is also tried together with each of the next two that
+beat the default.
 
 Launchers that tune: attention (forward and backward separately), add + LayerNorm (forward,
 backward), the masked patch loss, the un-shuffle (forward, backward) and the masking gather's
@@ -48,6 +50,7 @@ ENV = "MIMFAST_AUTOTUNE"
 ROUNDS = 3
 REPS = 5
 MARGIN = 0.03  # a candidate must be >= 3% faster than the default to replace it
+COMBINED = 2  # combinations of the fastest candidate with the next ones that beat the default
 # a GPU busy-wait before each timed round (about 2 ms at 2 GHz), longer than the host takes to
 # enqueue REPS launches: the round then times the kernels back to back, not the launch overhead
 SLEEP_CYCLES = 4_000_000
@@ -102,6 +105,23 @@ def _measure(run: Callable[[Any], None], candidate: Any, device: torch.device) -
     return sorted(rounds)[len(rounds) // 2]
 
 
+def _combined(candidates, times, run, device, errors, combine) -> list[tuple[str, Any]]:
+    """The fastest winner combined with each of the next ``COMBINED`` winners (candidates at
+    least ``MARGIN`` faster than the default), timed into ``times``."""
+    limit = times[candidates[0][0]] * (1 - MARGIN)
+    winners = sorted((c for c in candidates[1:] if times[c[0]] < limit), key=lambda c: times[c[0]])
+    seen = [cfg for _, cfg in candidates]
+    out = []
+    for name, cfg in winners[1:1 + COMBINED]:
+        merged = combine(winners[0][1], cfg)
+        if merged is None or merged in seen:
+            continue
+        seen.append(merged)
+        out.append((f"{winners[0][0]}+{name}", merged))
+        _time(run, merged, device, out[-1][0], times, errors)
+    return out
+
+
 def applies(device: torch.device) -> bool:
     """Whether launches on ``device`` are tuned at all (CUDA; the launchers ask before building
     a key, so that interpreted launches pay nothing)."""
@@ -114,11 +134,24 @@ def _may_tune(device: torch.device) -> bool:
     return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
+def _time(run, cand, device, name, times, errors) -> None:
+    try:
+        times[name] = _measure(run, cand, device)
+    except Exception as e:  # noqa: BLE001 - a candidate the card cannot run is dropped
+        times[name], errors[name] = math.inf, f"{type(e).__name__}: {str(e)[:200]}"
+
+
 def choose(key: Hashable, candidates: Sequence[tuple[str, Any]], run: Callable[[Any], None],
-           device: torch.device) -> Any:
+           device: torch.device, combine: Callable[[Any, Any], Any] | None = None) -> Any:
     """The candidate to launch for ``key``: ``candidates`` are (name, config) pairs, the default
     first; ``run(config)`` launches the op once on the current call's inputs (its outputs are
-    dropped). Tunes once per key where :mod:`this module <mimfast.kernels.tuning>` allows."""
+    dropped). Tunes once per key where :mod:`this module <mimfast.kernels.tuning>` allows.
+
+    ``combine(a, b)``: a configuration with the changes of both ``a`` and ``b`` from the default,
+    or None where they conflict or add nothing. Given, the fastest candidate that beats the
+    default is then combined with each of the next ``COMBINED`` that do, and those are timed too
+    (named ``"a+b"``): each candidate changes one thing, and changes that win alone may win
+    together."""
     hit = _choice.get(key)
     if hit is not None:
         return hit
@@ -128,10 +161,9 @@ def choose(key: Hashable, candidates: Sequence[tuple[str, Any]], run: Callable[[
     times = {}
     errors = {}
     for name, cand in candidates:
-        try:
-            times[name] = _measure(run, cand, device)
-        except Exception as e:  # noqa: BLE001 - a candidate the card cannot run is dropped
-            times[name], errors[name] = math.inf, f"{type(e).__name__}: {str(e)[:200]}"
+        _time(run, cand, device, name, times, errors)
+    if combine is not None:
+        candidates = list(candidates) + _combined(candidates, times, run, device, errors, combine)
     fastest = min(range(len(candidates)), key=lambda i: times[candidates[i][0]])
     default_ms = times[candidates[0][0]]
     pick = fastest if times[candidates[fastest][0]] < default_ms * (1 - MARGIN) else 0

@@ -266,6 +266,16 @@ def test_configs_agree(device):
                                     config=K.AttentionConfig(fwd_block_m=16, fwd_block_n=16, fwd_peel=True,
                                                              bwd="split", dq_block_m=16, dq_block_n=16,
                                                              dkdv_block_m=16, dkdv_block_n=16, bias_batches=1))
+    # the inner loops' partial last block in steps of 16 (forward, dq, dk / dv; blocks of 32): S = 37
+    # (one tail step of 5 rows), 60 (two: 16 and 12), 64 (none), 21 (no whole block); the dq kernel
+    # tiled with the bias gradient summed over two batches, and keys-major
+    tails = K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, fwd_tail=16, bwd="split", dq_block_m=32, dq_block_n=32,
+                              dkdv_block_m=32, dkdv_block_n=32, bwd_tail=16, bias_batches=1)
+    for S in (37, 60, 64, 21):
+        for bias in (False, True):
+            check_against_reference(2, S, 2, 16, torch.float32, device, bias=bias, config=tails)
+        check_against_reference(3, S, 1, 16, torch.float32, device, bias=True,
+                                config=replace(tails, bias_batches=2, dq_keys_major=True))
 
 
 _QSUM_CONFIGS = {
@@ -288,6 +298,9 @@ _QSUM_CONFIGS = {
     "split, tiled, keys-major dq": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="split", dq_block_m=32,
                                                      dq_block_n=16, dkdv_block_m=16, dkdv_block_n=16,
                                                      bias_batches=2, dq_keys_major=True),
+    "split, tails of 16": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, fwd_tail=16, bwd="split", dq_block_m=16,
+                                            dq_block_n=32, dkdv_block_m=32, dkdv_block_n=16, bwd_tail=16,
+                                            bias_batches=2),
     "onepass, keys-major dq": K.AttentionConfig(fwd_block_m=32, fwd_block_n=32, bwd="onepass", dq_block_m=16,
                                                 dq_warps=4, bias_batches=1, dq_keys_major=True),
 }

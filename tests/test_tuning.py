@@ -5,6 +5,8 @@ timing with set figures, so its choice, its cache, its margin, dropped candidate
 launchers' use of the choice are checked without a GPU. Every attention candidate is held to
 the eager reference, since the tuner may pick any of them."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def tuner(monkeypatch):
     state = {"times": {}, "runs": []}
 
     def measure(run, cand, device):
-        name = state["names"][id(cand)] if "names" in state else cand
+        name = state["names"].get(id(cand), cand) if "names" in state else cand
         state["runs"].append(name)
         run(cand)
         t = state["times"].get(name, 1.0)
@@ -75,6 +77,56 @@ def test_failing_candidates_are_dropped(tuner):
     # nothing ran: the default
     tuner["times"] = {"a": RuntimeError("x"), "b": RuntimeError("y")}
     assert _choose("k3", ["a", "b"], []) == "a"
+
+
+def test_winners_are_combined(tuner):
+    """With ``combine``: the fastest candidate that beats the default is also timed together with
+    each of the next ``COMBINED`` that do (not with losers, not where combine says no or gives a
+    candidate already timed), and a combination can be the choice."""
+    tuner["times"] = {"a": 1.0, "b": 0.5, "c": 0.6, "d": 0.7, "e": 0.8, "f": 2.0, "bc": 0.3, "bd": 0.55}
+    merged = []
+
+    def combine(x, y):
+        merged.append((x, y))
+        return None if y == "e" else x + y
+
+    assert tuning.COMBINED == 2
+    assert tuning.choose("k", [(n, n) for n in "abcdef"], [].append, CPU, combine=combine) == "bc"
+    assert merged == [("b", "c"), ("b", "d")] and tuner["runs"] == list("abcdef") + ["bc", "bd"]
+    (report,) = tuning.chosen()
+    assert report["chosen"] == "b+c" and report["ms"]["b+d"] == 0.55
+    # a combination slower than its parts: the fastest part; no second winner: nothing combined
+    tuner["times"].update(bc=0.9, bd=0.9)
+    assert tuning.choose("k2", [(n, n) for n in "abcd"], [].append, CPU, combine=lambda x, y: x + y) == "b"
+    tuner["runs"].clear()
+    assert tuning.choose("k3", [(n, n) for n in "abf"], [].append, CPU, combine=lambda x, y: x + y) == "b"
+    assert tuner["runs"] == list("abf")
+    # a combination equal to a timed candidate is not timed again
+    tuner["runs"].clear()
+    assert tuning.choose("k4", [(n, n) for n in "abc"], [].append, CPU, combine=lambda x, y: "a") == "b"
+    assert tuner["runs"] == list("abc")
+
+
+def test_attention_combines_winning_changes(tuner, device):
+    """The attention backward's combination of two winning candidates (a BEiT-like shape: the dq
+    kernel keys-major, and the partial query blocks of the dk / dv kernel in steps of 16) is their two
+    changes on the default, launched when chosen, and gives the reference's gradients; a change
+    that does not apply under the other (a tail under the one-pass backward) is not combined."""
+    S, Dh = 100, 64
+    bwd = dict(K._tuning_candidates(S, Dh, True, torch.float16, "bwd"))
+    base = bwd["default"]
+    combine = K._combiner(base, lambda c: K._bwd_plan(c, S, Dh, True, torch.float16, "ieee", True, False)[1:])
+    both = combine(bwd["dq_keys_major"], bwd["bwd_tail_16"])
+    assert both == replace(base, dq_keys_major=True, dq_block_n=bwd["dq_keys_major"].dq_block_n, bwd_tail=16)
+    assert combine(bwd["bwd_onepass_m16"], bwd["bwd_tail_16"]) is None  # one pass: no dk / dv kernel
+    assert combine(bwd["bias_grad_regs_m16"], bwd["bias_grad_regs_m32"]) is None  # both set dq_block_m
+    tuner["names"] = {id(c): n for n, c in bwd.items()}
+    tuner["times"] = {n: 1.0 for n in bwd}
+    tuner["times"].update(dq_keys_major=0.5, bwd_tail_16=0.6)
+    tuner["times"][both] = 0.4  # the fixture names an unnamed candidate by itself
+    check_against_reference(1, S, 1, Dh, torch.float16, device, bias=True)
+    report = [r for r in tuning.chosen() if "attention_bwd" in r["key"]]
+    assert report and all(r["chosen"] == "dq_keys_major+bwd_tail_16" for r in report)
 
 
 def test_off_untuned_and_single_candidates(tuner, monkeypatch):
