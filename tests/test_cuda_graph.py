@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mimfast.models import create_model
+from mimfast.nn.blocks import draws_random
 from mimfast.train.cuda_graph import (
     GraphedAccumulation,
     GraphedStep,
@@ -169,12 +170,13 @@ def test_config_problems_name_the_conflicting_option():
     assert "--compile" in config_problems(compile=True)[0]
     assert "one process" in config_problems(world_size=2)[0]
     assert "--grad-checkpointing" in config_problems(grad_checkpointing=True)[0]
+    # checkpointed blocks that draw no random numbers (no drop path, no dropout) can be captured
+    assert config_problems(grad_checkpointing=True, random_blocks=False) == []
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--compile"], "--compile"),
     (["--precision", "fp16"], "GradScaler"),
-    (["--grad-checkpointing"], "random state"),
 ])
 def test_cuda_graph_flag_conflicts_fail_at_start(argv, match):
     from mimfast.cli import build_parser
@@ -418,6 +420,28 @@ def test_graphed_mae_step_equals_eager(lazy):
         want = eager(*batch)
         got = graphed(*batch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"step {i}: {m}")
+    assert graphed.captured
+    torch.cuda.synchronize()
+    _assert_same_params(eager_model, graph_model)
+
+
+@gpu_only
+def test_graphed_mae_step_with_grad_checkpointing_equals_eager():
+    """MAE's blocks draw no random numbers, so their checkpoints save no random state and the
+    checkpointed step can be captured: it replays the eager checkpointed step's losses and
+    weights (the default capture is allowed with --grad-checkpointing for such models)."""
+    eager_model, graph_model = _mae_pair()
+    for m in (eager_model, graph_model):
+        m.set_grad_checkpointing()
+    assert not draws_random(graph_model)
+    eager_opt, graph_opt = _adamw(eager_model), _adamw(graph_model)
+    eager = GraphedStep(_step_fn(eager_model, eager_opt, _mae_loss), optimizer=eager_opt, enabled=False)
+    graphed = GraphedStep(_step_fn(graph_model, graph_opt, _mae_loss), optimizer=graph_opt, warmup=2)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for i in range(5):
+        batch = (torch.randn(4, 3, 32, 32, device="cuda", generator=g), torch.rand(4, 16, device="cuda", generator=g))
+        torch.testing.assert_close(graphed(*batch), eager(*batch), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, i=i: f"step {i}: {m}")
     assert graphed.captured
     torch.cuda.synchronize()
     _assert_same_params(eager_model, graph_model)

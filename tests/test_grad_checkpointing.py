@@ -95,6 +95,44 @@ def test_model_switch(name):
         assert torch.equal(fn(), l0)
 
 
+def test_random_state_saved_only_for_blocks_that_draw(monkeypatch):
+    """The checkpoints save the device's random state (``preserve_rng_state``) only where the
+    blocks draw random numbers: BEiT's drop path in training mode, not MAE's blocks (nor BEiT's in
+    eval mode or at drop path 0), which lets a CUDA graph capture MAE's checkpointed step."""
+    from torch import nn
+
+    recorded = []
+    real = blocks_module.checkpoint
+
+    def recording(function, *args, **kwargs):
+        recorded.append(kwargs["preserve_rng_state"])
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(blocks_module, "checkpoint", recording)
+    for name, draws in (("mae", False), ("beit", True)):
+        model = _tiny(name)
+        model.train()
+        assert blocks_module.draws_random(model) is draws
+        model.set_grad_checkpointing()
+        recorded.clear()
+        _loss_fn(name, model)().backward()
+        assert recorded and set(recorded) == {draws}, (name, recorded)
+    model.eval()
+    assert not blocks_module.draws_random(model)
+    assert blocks_module.draws_random(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+    assert not blocks_module.draws_random(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)))
+    # the plain (unfused) loop too
+    blocks, _ = _timm_stack(depth=2)
+    blocks.train()
+    recorded.clear()
+    blocks_module._run_plain(torch.randn(2, 5, 48, device=DEVICE), blocks, True, {})
+    assert recorded == [False, False]
+    blocks[1].drop_path1.drop_prob = 0.1
+    recorded.clear()
+    blocks_module._run_plain(torch.randn(2, 5, 48, device=DEVICE), blocks, True, {})
+    assert recorded == [True, True]
+
+
 def test_checkpointing_keeps_a_fraction_of_the_activations(monkeypatch):
     """With checkpointing the fused MAE model keeps for the backward (autograd's saved tensors:
     those outside the blocks and each block's inputs, which the checkpoint saves) under a quarter

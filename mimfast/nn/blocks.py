@@ -19,7 +19,9 @@ that writes the branch output's gradient, not by the Linears (one more read of i
 blocks' own modules and parameters are used: weights, names and checkpoints are unchanged.
 Stochastic depth (a training-mode drop path) is applied to the branch before the fused add.
 With ``grad_checkpointing`` each block is a ``torch.utils.checkpoint`` region (non-reentrant):
-it keeps (r, y) for the backward and runs again there, its random draws repeated.
+it keeps (r, y) for the backward and runs again there, its random draws repeated (the device's
+random state saved for the recompute only where a block draws any: :func:`draws_random`; without
+it the checkpointed step can be captured in a CUDA graph).
 Blocks that something else drives (a forward hook or pre-hook, e.g. an FSDP unit or a user's
 hook; a subclass with its own forward) make the stack run the plain loop, so the result is
 always that of ``for blk in blocks: x = blk(x); norm(x)``.
@@ -213,10 +215,33 @@ def forward_blocks(x: torch.Tensor, blocks, norm: nn.Module, kernels: str = "aut
         return _fused_stack(x, blocks, kinds, fusable, norm, kernels, checkpointing, attn_kwargs)
 
 
+def draws_random(module: nn.Module) -> bool:
+    """Whether ``module`` draws random numbers in its forward as it is now: a dropout or a drop
+    path (timm's ``DropPath``) in training mode with a non-zero probability. A checkpoint of blocks
+    that do saves the device's random state for the recompute; one of blocks that do not need
+    not (which a CUDA-graph capture needs: it cannot read that state, pytorch/pytorch#162504)."""
+    for m in module.modules():
+        if not m.training:
+            continue
+        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
+        if isinstance(p, (int, float)) and p > 0:
+            return True
+    return False
+
+
+def _stack_draws_random(blocks) -> bool:
+    return any(draws_random(blk) for blk in blocks)
+
+
 def _run_plain(x: torch.Tensor, blocks, checkpointing: bool, attn_kwargs: dict) -> torch.Tensor:
     """``blocks(x)`` by the blocks' own forwards, each checkpointed when asked."""
+    if not checkpointing:
+        for blk in blocks:
+            x = blk(x, **attn_kwargs)
+        return x
+    rng = _stack_draws_random(blocks)
     for blk in blocks:
-        x = checkpoint(blk, x, use_reentrant=False, **attn_kwargs) if checkpointing else blk(x, **attn_kwargs)
+        x = checkpoint(blk, x, use_reentrant=False, preserve_rng_state=rng, **attn_kwargs)
     return x
 
 
@@ -237,13 +262,14 @@ def _cast_params(blocks, fusable) -> list:
 def _fused_stack(x, blocks, kinds, fusable, norm, kernels, checkpointing, attn_kwargs) -> torch.Tensor:
     out_dtype = _out_dtype(x)
     first = blocks[0].norm1
+    rng = checkpointing and _stack_draws_random(blocks)
     r, y = ops.add_layer_norm(x, None, first.weight, first.bias, first.eps, out_dtype=out_dtype, backend=kernels)
     for i, (blk, kind) in enumerate(zip(blocks, kinds)):
         nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else norm
         nxt_dtype = out_dtype if i + 1 < len(blocks) else None  # the final norm's output as eager gives it
         step = (blk, kind, fusable[i], nxt, out_dtype, nxt_dtype, kernels)
         if checkpointing:  # (r, y) kept for the backward, the block run again there
-            r, y = checkpoint(_fused_block, r, y, *step, use_reentrant=False, **attn_kwargs)
+            r, y = checkpoint(_fused_block, r, y, *step, use_reentrant=False, preserve_rng_state=rng, **attn_kwargs)
         else:
             r, y = _fused_block(r, y, *step, **attn_kwargs)
     return y

@@ -132,10 +132,12 @@ def check_optimizer(optimizer: torch.optim.Optimizer, scaler=None) -> None:
 
 
 def config_problems(*, world_size: int = 1, precision: str = "bf16", compile: bool = False,
-                    grad_checkpointing: bool = False) -> list[str]:
+                    grad_checkpointing: bool = False, random_blocks: bool = True) -> list[str]:
     """What in a training run's settings rules out capturing its step (``mimfast pretrain
     --cuda-graph``), one line per conflicting option; [] when none. Off CUDA nothing conflicts:
-    the step then runs eagerly (:class:`GraphedStep`'s fallback)."""
+    the step then runs eagerly (:class:`GraphedStep`'s fallback). ``random_blocks``: whether the
+    model's blocks draw random numbers (:func:`mimfast.nn.blocks.draws_random`): checkpointed,
+    only those need the device's random state saved, which a capture cannot do."""
     problems = []
     if world_size > 1:
         problems.append(f"--cuda-graph runs one process; this run has {world_size} (DDP / FSDP all-reduces are "
@@ -146,9 +148,10 @@ def config_problems(*, world_size: int = 1, precision: str = "bf16", compile: bo
     if compile:
         problems.append("--cuda-graph and --compile both set up the step (use --compile --compile-mode "
                         "reduce-overhead for torch.compile's CUDA graphs, or --cuda-graph alone)")
-    if grad_checkpointing:
-        problems.append("--cuda-graph cannot capture --grad-checkpointing: the checkpoint saves the device's random "
-                        "state for the recompute, which a capture does not allow (pytorch/pytorch#162504)")
+    if grad_checkpointing and random_blocks:
+        problems.append("--cuda-graph cannot capture --grad-checkpointing of blocks that draw random numbers (drop "
+                        "path, dropout): the checkpoint saves the device's random state for the recompute, which a "
+                        "capture does not allow (pytorch/pytorch#162504); --drop-path 0 lifts it")
     return problems
 
 

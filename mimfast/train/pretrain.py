@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from mimfast.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_dataset, sample_seed
 from mimfast.data.sampler import ResumableSampler
 from mimfast.models import create_model
+from mimfast.nn.blocks import draws_random
 from mimfast.train.checkpoint import dataset_change_notice, load_checkpoint, resolve_resume, save_checkpoint
 from mimfast.train.config import PretrainConfig
 from mimfast.train.cuda_graph import (
@@ -431,7 +432,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     graphed = cfg.cuda_graph
     auto_graph = graphed is None  # the default, not asked for: a step that cannot be captured runs eagerly
     problems = config_problems(world_size=d.world_size, precision=_autocast(cfg, device)[0], compile=cfg.compile,
-                               grad_checkpointing=cfg.grad_checkpointing)
+                               grad_checkpointing=cfg.grad_checkpointing, random_blocks=draws_random(model))
     if graphed is None:  # the default: captured where it can be, on a CUDA device
         # (gradient accumulation's two graphs are taken only when asked for, until a GPU run has
         # measured them)
