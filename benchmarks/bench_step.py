@@ -26,6 +26,7 @@ Its peak memory is not given, as for (f): the graph's memory is held from the ca
 In smoke runs it runs eagerly (GraphedStep's CPU fallback, the same step function). MAE also has
 mimfast+graph+unfused-blocks — (g) with ``fused_norm=False``: captured, the unfused blocks' fewer
 launches gain nothing, so it shows their GPU time against the fused blocks';
+mimfast+graph+grad-checkpointing — (g) with activation checkpointing (full runs: its time);
 and ablations of (d), so a run shows what each block fusion is worth. The models run their blocks
 fused by default (MAE since the second H200 run measured it faster), so the ablations switch
 fusions off:
@@ -75,6 +76,9 @@ GRAPH_VARIANT = "mimfast+graph"  # (d) captured whole by GraphedStep (no torch.c
 QUICK_CORE = ("eager", "timm-sdpa", "timm-sdpa+compile", "mimfast", GRAPH_VARIANT)
 QUICK_L_VARIANTS = ("timm-sdpa", "mimfast", GRAPH_VARIANT, "timm-sdpa+compile")
 GRAPH_UNFUSED_VARIANT = "mimfast+graph+unfused-blocks"  # MAE: the same with fused_norm=False
+# MAE: captured with activation checkpointing (its blocks draw no random numbers, so their
+# checkpoints save no random state and the step can be captured)
+GRAPH_CHECKPOINTING_VARIANT = "mimfast+graph+grad-checkpointing"
 GRAPH_NOTE = "not measured: the CUDA graph's memory pool is held from the capture on, outside the replay's counts"
 BEIT_MASKED = 75  # of 196 patches, as BEiT pretrains
 COMPILE_BUDGET_S = 120  # compile variants are skipped once this much time went to compiling
@@ -97,7 +101,7 @@ BEIT_ABLATIONS = [("mimfast-no-fused-mlp", "auto", False, False, {"fused_mlp": F
                   # activation checkpointing: its time cost and peak memory (an option, not an
                   # ablation; full runs only: --quick runs keep their budget for the comparison)
                   ("mimfast-grad-checkpointing", "auto", False, False, {"grad_checkpointing": True})]
-FULL_ONLY = ("mimfast-grad-checkpointing",)
+FULL_ONLY = ("mimfast-grad-checkpointing", GRAPH_CHECKPOINTING_VARIANT)
 MAE_ABLATIONS = BEIT_ABLATIONS + [("mimfast-no-block-fusions", "auto", False, False,
                                    {"fused_norm": False, "fused_mlp": False})]
 
@@ -358,7 +362,8 @@ def _mae_cases(ctx, compile_spent, names=None, only=None, exclude=()):
                     ("mimfast+compile", "auto", False, True, {})] + MAE_ABLATIONS
         # captured, the fused blocks' extra launches cost nothing: the GPU time of both block forms
         variants += [(GRAPH_VARIANT, "auto", False, False, {}), (GRAPH_UNFUSED_VARIANT, "auto", False, False,
-                                                                  {"fused_norm": False})]
+                                                                  {"fused_norm": False}),
+                     (GRAPH_CHECKPOINTING_VARIANT, "auto", False, False, {"grad_checkpointing": True})]
         if not ctx.quick or case == QUICK_CUDAGRAPHS_CASE:
             variants.append(("mimfast+cudagraphs", "auto", False, "reduce-overhead", {}))
         for variant, kernels, sdpa, comp, extra in _keep(variants, only, exclude):
