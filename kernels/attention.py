@@ -75,16 +75,29 @@ ONEPASS_MAX_S = 256  # the one-pass backward holds every key of a head in one pr
 
 
 @triton.jit
+def _qk_index(m, n, KEYS_MAJOR: tl.constexpr):
+    """Broadcast a query-side and a key-side vector over a score tile: (queries x keys), or
+    (keys x queries) with KEYS_MAJOR."""
+    if KEYS_MAJOR:
+        return m[None, :], n[:, None]
+    else:
+        return m[:, None], n[None, :]
+
+
+@triton.jit
 def _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, offs_n, mask_d, m_i, l_i, acc,
                stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
                HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, KEYS_MAJOR: tl.constexpr):
     """One key block of the online softmax: (m_i, l_i, acc) updated. ``MASK_N`` off: every key of
-    the block is < S (no key mask on the loads, no -inf fill of the scores)."""
+    the block is < S (no key mask on the loads, no -inf fill of the scores). ``KEYS_MAJOR``: the
+    scores are a (keys x queries) tile and ``acc`` is the output transposed, (DH_PAD, BLOCK_M),
+    so that both products have the key block or the head dimension as their M side (warpgroup
+    MMAs on sm_90 with fewer than 64 query rows)."""
     k_ptrs = base + offs_n[:, None] * stride_qs + k_cols[None, :]
     v_ptrs = base + offs_n[:, None] * stride_qs + v_cols[None, :]
+    mask_n = offs_n < S
     if MASK_N:
-        mask_n = offs_n < S
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -94,21 +107,33 @@ def _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, offs_n, mask_d,
     else:
         k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
+    qi, kj = _qk_index(offs_m, offs_n, KEYS_MAJOR)
+    qm, kn = _qk_index(mask_m, mask_n, KEYS_MAJOR)
+    if KEYS_MAJOR:
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_N, BLOCK_M)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
     if HAS_BIAS:
-        bias_ptrs = BIAS + h * stride_bh + offs_m[:, None] * stride_bi + offs_n[None, :] * stride_bj
+        bias_ptrs = BIAS + h * stride_bh + qi * stride_bi + kj * stride_bj
         if MASK_N:
-            bias = tl.load(bias_ptrs, mask=mask_m[:, None] & (offs_n < S_B)[None, :], other=0.0)
+            bias = tl.load(bias_ptrs, mask=qm & (kj < S_B), other=0.0)
         else:  # keys < S <= S_B
-            bias = tl.load(bias_ptrs, mask=mask_m[:, None], other=0.0)
+            bias = tl.load(bias_ptrs, mask=qm, other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     if MASK_N:
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        s = tl.where(kn, s, float("-inf"))
+    if KEYS_MAJOR:
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -123,7 +148,7 @@ def _attn_fwd(
     S, S_B, H, qk_scale2,  # S_B: bias columns to read (S padded to 16); qk_scale2 = scale * log2(e)
     HEAD_DIM: tl.constexpr, DH_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PEEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TAIL: tl.constexpr,
+    TAIL: tl.constexpr, KEYS_MAJOR: tl.constexpr,
 ):
     # PEEL: the key blocks below S // BLOCK_N * BLOCK_N without key masks, the partial last one after
     # (TAIL < BLOCK_N: in steps of TAIL keys, so S = 197 in blocks of 64 runs 208 keys, not 256)
@@ -150,24 +175,29 @@ def _attn_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2
-    acc = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
+    if KEYS_MAJOR:  # the output transposed (_fwd_block)
+        acc = tl.zeros([DH_PAD, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, DH_PAD], tl.float32)
     if PEEL:
         n_full = S - S % BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_n0, mask_d,
                                        m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
-                                       HEAD_DIM, DH_PAD, HAS_BIAS, False, DOT_PRECISION)
+                                       HEAD_DIM, DH_PAD, HAS_BIAS, False, DOT_PRECISION, KEYS_MAJOR)
         offs_t = tl.arange(0, TAIL)
         for start_n in range(n_full, S, TAIL):
             m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_t, mask_d,
                                        m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
-                                       HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION)
+                                       HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION, KEYS_MAJOR)
     else:
         for start_n in range(0, S, BLOCK_N):
             m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_n0, mask_d,
                                        m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
-                                       HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION)
+                                       HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION, KEYS_MAJOR)
 
+    if KEYS_MAJOR:
+        acc = tl.trans(acc)
     acc = acc / l_i[:, None]
     out_ptrs = OUT + (b.to(tl.int64) * S * H + h) * HEAD_DIM + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -281,16 +311,6 @@ def _attn_bwd_fused(
     if NEED_DBIAS:
         dptr = DBIAS + (g.to(tl.int64) * H + h) * S * S_B + offs[None, :] * S_B + offs[:, None]
         tl.store(dptr, dbiasT, mask=cols_b[:, None] & mask_s[None, :])  # padded keys: dS = 0
-
-
-@triton.jit
-def _qk_index(m, n, KEYS_MAJOR: tl.constexpr):
-    """Broadcast a query-side and a key-side vector over a score tile: (queries x keys), or
-    (keys x queries) with KEYS_MAJOR."""
-    if KEYS_MAJOR:
-        return m[None, :], n[:, None]
-    else:
-        return m[:, None], n[None, :]
 
 
 @triton.jit
@@ -714,7 +734,10 @@ class AttentionConfig:
     fp32 strip in memory. ``bias_batches``: batches one program sums the bias gradient over
     (1: no batch loop, one fp32 partial per batch; 0: chosen from the device's SM count).
     ``fwd_peel``: the forward runs its whole key blocks without key masks and the partial last
-    one after (``fwd_tail`` set implies it), in blocks of ``fwd_tail`` keys where set (0: one block of ``fwd_block_n``).
+    one after (``fwd_tail`` set implies it), in blocks of ``fwd_tail`` keys where set (0: one
+    block of ``fwd_block_n``).
+    ``fwd_keys_major``: the forward's tiles are (keys x queries) and its output accumulated
+    transposed, so that fewer than 64 query rows still run as warpgroup MMAs on sm_90.
     ``bwd_tail``: the split backward kernels' inner loops (keys for dq, queries for dk / dv) run
     their partial last block in steps of this many rows (0: one block of the loop's size), so that
     S = 197 in blocks of 64 runs 208 rows of work, not 256. ``dq_keys_major``: the dq kernel
@@ -729,6 +752,7 @@ class AttentionConfig:
     fwd_stages: int = 2
     fwd_peel: bool = False
     fwd_tail: int = 0
+    fwd_keys_major: bool = False
     bwd: str = "split"
     fused_block: int = 64
     fused_warps: int = 4
@@ -821,6 +845,11 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
             # backward, the first run's fastest there, spills 180 B on sm_90 since it sums the qkv
             # bias gradient (none before; 16 warps spill more)
             alts["fwd_32x32"] = replace(base, fwd_block_m=32, fwd_block_n=32)
+            # the same 32 query rows keys-major (sm_90: the 32-row tiles' products run as mma.sync;
+            # (keys x queries) tiles make them warpgroup MMAs) over key blocks of 64 and a tail of
+            # 16: 96 x 80 padded rows and keys a head against the default's 128 x 96
+            alts["fwd_km_32x64_tail16"] = replace(base, fwd_block_m=32, fwd_block_n=64, fwd_keys_major=True,
+                                                  fwd_tail=16)
             alts["dkdv_32"] = replace(base, dkdv_block_n=32, dkdv_warps=4)
     if 64 < seq_len <= 256:
         alts["allkeys_fwd"] = replace(base, fwd_block_m=32 if wide else 64, fwd_block_n=s_pad, fwd_warps=8)
@@ -910,7 +939,7 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
     return {k: v for k, v in alts.items() if k == "default" or v != base}
 
 
-_FWD_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages", "fwd_peel")
+_FWD_FIELDS = ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages", "fwd_peel", "fwd_tail", "fwd_keys_major")
 
 
 @functools.lru_cache(maxsize=256)
@@ -1079,6 +1108,7 @@ def _fwd_plan(config: AttentionConfig | None, S: int, head_dim: int, has_bias: b
     return cfg, dict(HEAD_DIM=head_dim, DH_PAD=_pow2(head_dim), HAS_BIAS=has_bias, BLOCK_M=cfg.fwd_block_m,
                      BLOCK_N=cfg.fwd_block_n, PEEL=(cfg.fwd_peel or cfg.fwd_tail > 0) and cfg.fwd_block_n < S,
                      DOT_PRECISION=precision, TAIL=_tail(cfg.fwd_tail, cfg.fwd_block_n, S),
+                     KEYS_MAJOR=cfg.fwd_keys_major,
                      num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
 
 

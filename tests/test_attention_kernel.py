@@ -274,6 +274,9 @@ def test_configs_agree(device):
     for S in (37, 60, 64, 21):
         for bias in (False, True):
             check_against_reference(2, S, 2, 16, torch.float32, device, bias=bias, config=tails)
+            # the forward on (keys x queries) tiles, 16 query rows a program, with and without a tail
+            check_against_reference(2, S, 2, 16, torch.float32, device, bias=bias,
+                                    config=replace(tails, fwd_block_m=16, fwd_keys_major=True, fwd_tail=16 * (S % 2)))
         check_against_reference(3, S, 1, 16, torch.float32, device, bias=True,
                                 config=replace(tails, bias_batches=2, dq_keys_major=True))
 

@@ -172,6 +172,14 @@ def test_attention_candidates_split_into_forward_and_backward_choices():
     for _, cfg in bwd:
         assert all(getattr(cfg, f) == getattr(base, f) for f in fwd_fields)
     assert len({c for _, c in fwd}) == len(fwd) >= 3 and len({c for _, c in bwd}) == len(bwd) >= 5
+    # every forward field is one (a forward change filed as a backward one would be timed on the
+    # backward, where it changes nothing), and every candidate's change is offered on its side
+    assert {f for f in base.__dataclass_fields__ if f.startswith("fwd_")} == fwd_fields
+    fwd_names, bwd_names = dict(fwd), dict(bwd)
+    for name, cfg in list(K.candidate_configs(S, Dh, True, torch.bfloat16).items())[1:]:
+        changed = {f for f in cfg.__dataclass_fields__ if getattr(cfg, f) != getattr(base, f)}
+        assert (name in fwd_names) == bool(changed & fwd_fields), name
+        assert (name in bwd_names) == bool(changed - fwd_fields), name
     assert K.candidate_configs(S, Dh, True, torch.float32) == {"default": K.default_config(S, Dh, True, torch.float32)}
 
 
