@@ -185,9 +185,14 @@ def _attn_fwd(
             m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_n0, mask_d,
                                        m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
                                        HEAD_DIM, DH_PAD, HAS_BIAS, False, DOT_PRECISION, KEYS_MAJOR)
-        offs_t = tl.arange(0, TAIL)
-        for start_n in range(n_full, S, TAIL):
-            m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_t, mask_d,
+        if TAIL < BLOCK_N:
+            offs_t = tl.arange(0, TAIL)
+            for start_n in range(n_full, S, TAIL):
+                m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, start_n + offs_t, mask_d,
+                                           m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B,
+                                           qk_scale2, HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION, KEYS_MAJOR)
+        elif n_full < S:  # one partial block: an if, not a loop of at most one trip (fewer registers)
+            m_i, l_i, acc = _fwd_block(q, base, k_cols, v_cols, BIAS, h, offs_m, mask_m, n_full + offs_n0, mask_d,
                                        m_i, l_i, acc, stride_qs, stride_bh, stride_bi, stride_bj, S, S_B, qk_scale2,
                                        HEAD_DIM, DH_PAD, HAS_BIAS, True, DOT_PRECISION, KEYS_MAJOR)
     else:

@@ -160,6 +160,31 @@ def test_every_attention_candidate_matches_the_reference(S, Dh, bias, device):
         check_against_reference(2, S, 1, Dh, torch.float16, device, bias=bias, config=cfg)
 
 
+@pytest.mark.parametrize("S,Dh,bias", [(100, 64, True), (65, 80, False)])
+def test_every_combination_of_attention_candidates_matches_the_reference(S, Dh, bias, device):
+    """Every pair of forward or backward candidates the tuner may combine (two winners), combined
+    as it would be, at BEiT-like and ViT-H/14-like shapes."""
+    import itertools
+
+    combined = []
+    for part in ("fwd", "bwd"):
+        cands = K._tuning_candidates(S, Dh, bias, torch.float16, part)
+        base = cands[0][1]
+        if part == "fwd":
+            def plan(c):
+                return K._fwd_plan(c, S, Dh, bias, torch.float16, "ieee")[1]
+        else:
+            def plan(c):
+                return c.bwd, c.bias_batches if bias else 0, K._bwd_plan(c, S, Dh, bias, torch.float16, "ieee",
+                                                                         bias, False)[1:]
+        combine = K._combiner(base, plan)
+        combined += [c for (_, a), (_, b) in itertools.combinations(cands[1:], 2)
+                     if (c := combine(a, b)) is not None]
+    assert len(combined) >= 10
+    for cfg in combined:
+        check_against_reference(1, S, 1, Dh, torch.float16, device, bias=bias, config=cfg)
+
+
 def test_attention_candidates_split_into_forward_and_backward_choices():
     S, Dh = 197, 64
     fwd = K._tuning_candidates(S, Dh, True, torch.bfloat16, "fwd")
