@@ -230,6 +230,11 @@ def cases_attention():
         for S, H, Dh, bias in ((50, 12, 64, False), (197, 16, 32, False), (197, 12, 64, True), (65, 16, 80, False),
                                (50, 16, 64, False))
         for cfg in K.candidate_configs(S, Dh, bias, BF16).values()]
+    yield "models: combinations of two winning candidates the tuner may time", lambda: [
+        fwd_bwd(8, S, H, Dh, BF16, bias, bias_dtype=F32 if bias else None, config=cfg, qsum=True)
+        for S, H, Dh, bias in ((197, 16, 32, False), (197, 12, 64, True), (65, 16, 80, False))
+        for part in ("fwd", "bwd")
+        for cfg in K.candidate_combinations(S, Dh, bias, BF16, part, need_qsum=True)]
     yield "models: tiny test models (Dh 8, 16, 32)", lambda: [fwd_bwd(2, S, H, Dh, dt, bias)
                                                               for S in (5, 17, 50, 65)
                                                               for H, Dh in ((2, 8), (3, 16), (2, 32))

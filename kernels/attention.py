@@ -61,7 +61,8 @@ import triton.language as tl
 from mimfast.kernels import cdiv, next_power_of_2, sm_count, tuning
 from mimfast.kernels.masking import sum_partials
 
-__all__ = ["AttentionConfig", "default_config", "candidate_configs", "attention_forward", "attention_backward"]
+__all__ = ["AttentionConfig", "default_config", "candidate_configs", "candidate_combinations", "attention_forward",
+           "attention_backward"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -963,10 +964,41 @@ def _tuning_candidates(S: int, head_dim: int, has_bias: bool, dtype: torch.dtype
     return tuning.distinct((name, own_part(cfg)) for name, cfg in cands.items())
 
 
+def _fwd_launch(cfg: AttentionConfig, *, S, head_dim, has_bias, dtype, precision):
+    """What the forward launches with ``cfg`` (its compile-time arguments and tiles)."""
+    return _fwd_plan(cfg, S, head_dim, has_bias, dtype, precision)[1]
+
+
+def _bwd_launch(cfg: AttentionConfig, *, S, head_dim, has_bias, dtype, precision, need_dbias, need_qsum):
+    """What the backward launches with ``cfg``: its kernels' compile-time arguments and tiles,
+    and the bias gradient's batch groups."""
+    return (cfg.bwd, cfg.bias_batches if need_dbias else 0,
+            _bwd_plan(cfg, S, head_dim, has_bias, dtype, precision, need_dbias, need_qsum)[1:])
+
+
+def candidate_combinations(seq_len: int, head_dim: int, has_bias: bool = False, dtype: torch.dtype = torch.bfloat16,
+                           part: str = "bwd", need_dbias: bool | None = None,
+                           need_qsum: bool = False) -> list[AttentionConfig]:
+    """Every configuration the tuner may time as the combination of two winning candidates of
+    the forward (``part="fwd"``) or the backward at this shape (its inputs' precision: not TF32)."""
+    import itertools
+
+    cands = _tuning_candidates(seq_len, head_dim, has_bias, dtype, part)
+    shape = dict(S=seq_len, head_dim=head_dim, has_bias=has_bias, dtype=dtype, precision=_dot_precision(dtype, False))
+    if part == "fwd":
+        launch = functools.partial(_fwd_launch, **shape)
+    else:
+        launch = functools.partial(_bwd_launch, **shape, need_dbias=has_bias if need_dbias is None else need_dbias,
+                                   need_qsum=need_qsum)
+    combine = _combiner(cands[0][1], launch)
+    return [c for (_, a), (_, b) in itertools.combinations(cands[1:], 2) if (c := combine(a, b)) is not None]
+
+
 def _combiner(base: AttentionConfig, plan):
     """``combine(a, b)`` for :func:`tuning.choose`: ``base`` with the changes of both ``a`` and
-    ``b``; None where they set a field differently, or where ``plan`` (what the launches are) of
-    the result is that of ``a`` or of ``b`` (a change that does not apply under the other's)."""
+    ``b``; None where they set a field differently, where a kernel's tile would be larger than in
+    either, or where ``plan`` (what the launches are) of the result is that of ``a`` or of ``b``
+    (a change that does not apply under the other's)."""
 
     def combine(a: AttentionConfig, b: AttentionConfig) -> AttentionConfig | None:
         merged = {}
@@ -976,9 +1008,15 @@ def _combiner(base: AttentionConfig, plan):
                 return None
             merged[f.name] = va if va != v0 else vb
         cfg = replace(base, **merged)
+        if any(t > max(ta, tb) for t, ta, tb in zip(_tile_sizes(cfg), _tile_sizes(a), _tile_sizes(b))):
+            return None  # a tile larger than either's (128 rows of one, 256 keys of the other: too much shared memory)
         return None if plan(cfg) in (plan(a), plan(b)) else cfg
 
     return combine
+
+
+def _tile_sizes(c: AttentionConfig) -> tuple[int, ...]:
+    return c.fwd_block_m * c.fwd_block_n, c.dq_block_m * c.dq_block_n, c.dkdv_block_m * c.dkdv_block_n, c.fused_block
 
 
 def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
@@ -1163,12 +1201,12 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     if config is None and tuning.applies(qkv.device):
         cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "fwd")
         if len(cands) > 1:
-            precision = _dot_precision(qkv.dtype, allow_tf32)
+            launch = functools.partial(_fwd_launch, S=S, head_dim=head_dim, has_bias=bias is not None,
+                                       dtype=qkv.dtype, precision=_dot_precision(qkv.dtype, allow_tf32))
             config = tuning.choose(
                 ("attention_fwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32, qkv.device),
                 cands, lambda c: attention_forward(qkv, num_heads, bias, scale, allow_tf32, config=c), qkv.device,
-                combine=_combiner(cands[0][1], lambda c: _fwd_plan(c, S, head_dim, bias is not None, qkv.dtype,
-                                                                   precision)[1]))
+                combine=_combiner(cands[0][1], launch))
     if bias is not None:
         bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
@@ -1217,21 +1255,17 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     if config is None and tuning.applies(qkv.device):
         cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "bwd")
         if len(cands) > 1:
-            precision = _dot_precision(qkv.dtype, allow_tf32)
             dbias_on = bias is not None and bool(need_bias_grad)
-
-            def plan(c):  # what the launches of c are
-                return (c.bwd, c.bias_batches if dbias_on else 0,
-                        _bwd_plan(c, S, head_dim, bias is not None, qkv.dtype, precision, dbias_on,
-                                  bool(need_qkv_sum))[1:])
-
+            launch = functools.partial(_bwd_launch, S=S, head_dim=head_dim, has_bias=bias is not None,
+                                       dtype=qkv.dtype, precision=_dot_precision(qkv.dtype, allow_tf32),
+                                       need_dbias=dbias_on, need_qsum=bool(need_qkv_sum))
             config = tuning.choose(
                 ("attention_bwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32,
                  dbias_on, bool(need_qkv_sum), qkv.device),
                 cands, lambda c: attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
                                                     need_bias_grad, allow_tf32, config=c,
                                                     need_qkv_sum=need_qkv_sum), qkv.device,
-                combine=_combiner(cands[0][1], plan))
+                combine=_combiner(cands[0][1], launch))
     bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)

@@ -5,6 +5,7 @@ timing with set figures, so its choice, its cache, its margin, dropped candidate
 launchers' use of the choice are checked without a GPU. Every attention candidate is held to
 the eager reference, since the tuner may pick any of them."""
 
+import functools
 from dataclasses import replace
 
 import pytest
@@ -115,7 +116,8 @@ def test_attention_combines_winning_changes(tuner, device):
     S, Dh = 100, 64
     bwd = dict(K._tuning_candidates(S, Dh, True, torch.float16, "bwd"))
     base = bwd["default"]
-    combine = K._combiner(base, lambda c: K._bwd_plan(c, S, Dh, True, torch.float16, "ieee", True, False)[1:])
+    combine = K._combiner(base, functools.partial(K._bwd_launch, S=S, head_dim=Dh, has_bias=True, dtype=torch.float16,
+                                                  precision="ieee", need_dbias=True, need_qsum=False))
     both = combine(bwd["dq_keys_major"], bwd["bwd_tail_16"])
     assert both == replace(base, dq_keys_major=True, dq_block_n=bwd["dq_keys_major"].dq_block_n, bwd_tail=16)
     assert combine(bwd["bwd_onepass_m16"], bwd["bwd_tail_16"]) is None  # one pass: no dk / dv kernel
@@ -164,22 +166,7 @@ def test_every_attention_candidate_matches_the_reference(S, Dh, bias, device):
 def test_every_combination_of_attention_candidates_matches_the_reference(S, Dh, bias, device):
     """Every pair of forward or backward candidates the tuner may combine (two winners), combined
     as it would be, at BEiT-like and ViT-H/14-like shapes."""
-    import itertools
-
-    combined = []
-    for part in ("fwd", "bwd"):
-        cands = K._tuning_candidates(S, Dh, bias, torch.float16, part)
-        base = cands[0][1]
-        if part == "fwd":
-            def plan(c):
-                return K._fwd_plan(c, S, Dh, bias, torch.float16, "ieee")[1]
-        else:
-            def plan(c):
-                return c.bwd, c.bias_batches if bias else 0, K._bwd_plan(c, S, Dh, bias, torch.float16, "ieee",
-                                                                         bias, False)[1:]
-        combine = K._combiner(base, plan)
-        combined += [c for (_, a), (_, b) in itertools.combinations(cands[1:], 2)
-                     if (c := combine(a, b)) is not None]
+    combined = [c for part in ("fwd", "bwd") for c in K.candidate_combinations(S, Dh, bias, torch.float16, part)]
     assert len(combined) >= 10
     for cfg in combined:
         check_against_reference(1, S, 1, Dh, torch.float16, device, bias=bias, config=cfg)
