@@ -867,6 +867,12 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         alts["fwd_peeled"] = replace(base, fwd_peel=True)
         if base.fwd_block_n > 32:
             alts["fwd_inner_32_peeled"] = replace(base, fwd_block_n=32, fwd_peel=True)
+        if seq_len > 128 and _pow2(head_dim) >= 64:
+            # BEiT-B (S 197): query tiles of 32 pad S to 224, not 256; keys-major so that they still
+            # run as warpgroup MMAs (the output's product has the head dimension as its M side:
+            # Dh >= 64 only), key blocks of 64 and a tail of 16 (208 keys)
+            alts["fwd_km_32x64_tail16"] = replace(base, fwd_block_m=32, fwd_block_n=64, fwd_keys_major=True,
+                                                  fwd_tail=16)
     if has_bias and seq_len > 64:
         alts["bias_grad_tiled"] = replace(base, dq_block_m=32, dq_block_n=64, dq_warps=4)
         alts["bias_grad_regs_m32"] = replace(base, dq_block_m=32, dq_block_n=s_pad, dq_warps=8)
