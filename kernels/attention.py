@@ -948,6 +948,12 @@ def candidate_configs(seq_len: int, head_dim: int, has_bias: bool = False,
         # one pipeline stage: fewer registers in both backward kernels (BEiT-B's all-keys dq
         # kernel compiles spill-free, 234 registers from 255 with 32 B spilled)
         alts["bwd_stages1"] = replace(base, bwd_stages=1)
+    if seq_len > 128:
+        # three pipeline stages: the next blocks' loads further ahead of the inner loops' products
+        # (S = 197: three or four trips a program, each waiting on its k / v or q / dO loads)
+        alts["fwd_stages3"] = replace(base, fwd_stages=3)
+        if base.bwd == "split":
+            alts["bwd_stages3"] = replace(base, bwd_stages=3)
     return {k: v for k, v in alts.items() if k == "default" or v != base}
 
 
