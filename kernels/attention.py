@@ -25,6 +25,13 @@ Backward, FlashAttention-2 style (delta = rowsum(o * do), P recomputed from the 
     delta (saved for the second) and dq over all key blocks; the second owns a block of keys and
     accumulates dk, dv over all query blocks (k, v re-read per query block, q, do per key
     block; mostly L2 hits at these lengths). No atomics.
+  - ``_attn_bwd_onepass`` (S <= 256): one program per (batch, head) holds every key and loops
+    over query blocks, dq finished per block, dk / dv accumulated (five products a block).
+Tile orientation: Hopper's warpgroup MMA needs 64 or more rows on a product's M side, so a
+program that owns fewer than 64 queries can work on (keys x queries) tiles instead
+(``dq_keys_major``, ``fwd_keys_major``: dq^T += k^T dS^T, out^T += v^T P^T), as the dk / dv
+kernel always does. The inner loops may run their partial last block in smaller steps
+(``fwd_tail``, ``bwd_tail``: S = 197 in blocks of 64 then does 208 rows of work, not 256).
 Gradients land in one (B, S, 3*H*Dh) tensor in the packed layout (and strides) of ``qkv``.
 On request the backward kernels also sum the gradient tiles they write over their rows (the
 values as written), one fp32 row of partial sums per program's batch and block, summed in a
