@@ -235,6 +235,17 @@ def cases_attention():
         for S, H, Dh, bias in ((197, 16, 32, False), (197, 12, 64, True), (65, 16, 80, False))
         for part in ("fwd", "bwd")
         for cfg in K.candidate_combinations(S, Dh, bias, BF16, part, need_qsum=True)]
+    # tests/test_tuning.py: each candidate and each combination at the shapes it is checked at
+    # (fp16, one head), which a GPU run's tests compile unless the warm-up has
+    tested = ((33, 16, False), (50, 64, True), (65, 16, True), (65, 80, False), (130, 32, True), (140, 32, False),
+              (100, 64, True), (133, 64, False))
+    yield "tests: every attention candidate (test_tuning)", lambda: [
+        fwd_bwd(2, S, 1, Dh, F16, bias, config=cfg)
+        for S, Dh, bias in tested for cfg in K.candidate_configs(S, Dh, bias, F16).values()]
+    yield "tests: every combination of attention candidates (test_tuning)", lambda: [
+        fwd_bwd(1, S, 1, Dh, F16, bias, config=cfg)
+        for S, Dh, bias in ((100, 64, True), (65, 80, False), (133, 64, False))
+        for part in ("fwd", "bwd") for cfg in K.candidate_combinations(S, Dh, bias, F16, part)]
     yield "models: tiny test models (Dh 8, 16, 32)", lambda: [fwd_bwd(2, S, H, Dh, dt, bias)
                                                               for S in (5, 17, 50, 65)
                                                               for H, Dh in ((2, 8), (3, 16), (2, 32))

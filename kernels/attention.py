@@ -1015,9 +1015,9 @@ def candidate_combinations(seq_len: int, head_dim: int, has_bias: bool = False, 
 
 def _combiner(base: AttentionConfig, plan):
     """``combine(a, b)`` for :func:`tuning.choose`: ``base`` with the changes of both ``a`` and
-    ``b``; None where they set a field differently, where a kernel's tile would be larger than in
-    either, or where ``plan`` (what the launches are) of the result is that of ``a`` or of ``b``
-    (a change that does not apply under the other's)."""
+    ``b``; None where they set a field differently, where a kernel's tile (times its pipeline
+    stages) would be larger than in either, or where ``plan`` (what the launches are) of the
+    result is that of ``a`` or of ``b`` (a change that does not apply under the other's)."""
 
     def combine(a: AttentionConfig, b: AttentionConfig) -> AttentionConfig | None:
         merged = {}
@@ -1028,14 +1028,16 @@ def _combiner(base: AttentionConfig, plan):
             merged[f.name] = va if va != v0 else vb
         cfg = replace(base, **merged)
         if any(t > max(ta, tb) for t, ta, tb in zip(_tile_sizes(cfg), _tile_sizes(a), _tile_sizes(b))):
-            return None  # a tile larger than either's (128 rows of one, 256 keys of the other: too much shared memory)
+            return None  # more shared memory than either (128 rows of one, 256 keys of the other; or 3 stages)
         return None if plan(cfg) in (plan(a), plan(b)) else cfg
 
     return combine
 
 
 def _tile_sizes(c: AttentionConfig) -> tuple[int, ...]:
-    return c.fwd_block_m * c.fwd_block_n, c.dq_block_m * c.dq_block_n, c.dkdv_block_m * c.dkdv_block_n, c.fused_block
+    """Each kernel's tile times its pipeline stages: about what its shared memory scales with."""
+    return (c.fwd_block_m * c.fwd_block_n * c.fwd_stages, c.dq_block_m * c.dq_block_n * c.bwd_stages,
+            c.dkdv_block_m * c.dkdv_block_n * c.bwd_stages, c.fused_block * c.bwd_stages)
 
 
 def _bias_batches(cfg: AttentionConfig, B: int, programs_per_group: int, device: torch.device) -> int:
