@@ -1003,14 +1003,20 @@ def candidate_combinations(seq_len: int, head_dim: int, has_bias: bool = False, 
     import itertools
 
     cands = _tuning_candidates(seq_len, head_dim, has_bias, dtype, part)
-    shape = dict(S=seq_len, head_dim=head_dim, has_bias=has_bias, dtype=dtype, precision=_dot_precision(dtype, False))
-    if part == "fwd":
-        launch = functools.partial(_fwd_launch, **shape)
-    else:
-        launch = functools.partial(_bwd_launch, **shape, need_dbias=has_bias if need_dbias is None else need_dbias,
-                                   need_qsum=need_qsum)
-    combine = _combiner(cands[0][1], launch)
+    combine = _shape_combiner(part, seq_len, head_dim, has_bias, dtype, _dot_precision(dtype, False),
+                              has_bias if need_dbias is None else need_dbias, need_qsum)
     return [c for (_, a), (_, b) in itertools.combinations(cands[1:], 2) if (c := combine(a, b)) is not None]
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_combiner(part: str, S: int, head_dim: int, has_bias: bool, dtype: torch.dtype, precision: str,
+                    need_dbias: bool = False, need_qsum: bool = False):
+    """The tuner's ``combine`` for the forward (``part="fwd"``) or backward candidates of a shape."""
+    base = _tuning_candidates(S, head_dim, has_bias, dtype, part)[0][1]
+    shape = dict(S=S, head_dim=head_dim, has_bias=has_bias, dtype=dtype, precision=precision)
+    if part == "fwd":
+        return _combiner(base, functools.partial(_fwd_launch, **shape))
+    return _combiner(base, functools.partial(_bwd_launch, **shape, need_dbias=need_dbias, need_qsum=need_qsum))
 
 
 def _combiner(base: AttentionConfig, plan):
@@ -1222,12 +1228,12 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor | No
     if config is None and tuning.applies(qkv.device):
         cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "fwd")
         if len(cands) > 1:
-            launch = functools.partial(_fwd_launch, S=S, head_dim=head_dim, has_bias=bias is not None,
-                                       dtype=qkv.dtype, precision=_dot_precision(qkv.dtype, allow_tf32))
+            # (combine is asked only while tuning: nothing built for it on the calls after)
             config = tuning.choose(
                 ("attention_fwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32, qkv.device),
                 cands, lambda c: attention_forward(qkv, num_heads, bias, scale, allow_tf32, config=c), qkv.device,
-                combine=_combiner(cands[0][1], launch))
+                combine=lambda a, b: _shape_combiner("fwd", S, head_dim, bias is not None, qkv.dtype,
+                                                     _dot_precision(qkv.dtype, allow_tf32))(a, b))
     if bias is not None:
         bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
@@ -1277,16 +1283,15 @@ def attention_backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
         cands = _tuning_candidates(S, head_dim, bias is not None, qkv.dtype, "bwd")
         if len(cands) > 1:
             dbias_on = bias is not None and bool(need_bias_grad)
-            launch = functools.partial(_bwd_launch, S=S, head_dim=head_dim, has_bias=bias is not None,
-                                       dtype=qkv.dtype, precision=_dot_precision(qkv.dtype, allow_tf32),
-                                       need_dbias=dbias_on, need_qsum=bool(need_qkv_sum))
             config = tuning.choose(
                 ("attention_bwd", B, S, num_heads, head_dim, bias is not None, qkv.dtype, allow_tf32,
                  dbias_on, bool(need_qkv_sum), qkv.device),
                 cands, lambda c: attention_backward(qkv, out, lse, grad_out, num_heads, bias, scale,
                                                     need_bias_grad, allow_tf32, config=c,
                                                     need_qkv_sum=need_qkv_sum), qkv.device,
-                combine=_combiner(cands[0][1], launch))
+                combine=lambda a, b: _shape_combiner("bwd", S, head_dim, bias is not None, qkv.dtype,
+                                                     _dot_precision(qkv.dtype, allow_tf32), dbias_on,
+                                                     bool(need_qkv_sum))(a, b))
     bias, S_B = _padded_bias(bias, S)
     qkv, bias = _int32_indexable(qkv, bias)
     dqkv = _empty_like(qkv)

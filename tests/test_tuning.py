@@ -5,7 +5,6 @@ timing with set figures, so its choice, its cache, its margin, dropped candidate
 launchers' use of the choice are checked without a GPU. Every attention candidate is held to
 the eager reference, since the tuner may pick any of them."""
 
-import functools
 from dataclasses import replace
 
 import pytest
@@ -116,8 +115,7 @@ def test_attention_combines_winning_changes(tuner, device):
     S, Dh = 100, 64
     bwd = dict(K._tuning_candidates(S, Dh, True, torch.float16, "bwd"))
     base = bwd["default"]
-    combine = K._combiner(base, functools.partial(K._bwd_launch, S=S, head_dim=Dh, has_bias=True, dtype=torch.float16,
-                                                  precision="ieee", need_dbias=True, need_qsum=False))
+    combine = K._shape_combiner("bwd", S, Dh, True, torch.float16, "ieee", True, False)
     both = combine(bwd["dq_keys_major"], bwd["bwd_tail_16"])
     assert both == replace(base, dq_keys_major=True, dq_block_n=bwd["dq_keys_major"].dq_block_n, bwd_tail=16)
     assert combine(bwd["bwd_onepass_m16"], bwd["bwd_tail_16"]) is None  # one pass: no dk / dv kernel
