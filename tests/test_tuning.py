@@ -150,7 +150,7 @@ def test_cpu_is_never_tuned(monkeypatch):
 
 
 @pytest.mark.parametrize("S,Dh,bias", [(33, 16, False), (50, 64, True), (65, 16, True), (65, 80, False),
-                                       (130, 32, True), (140, 32, False), (100, 64, True), (133, 64, False)])
+                                       (130, 32, True), (140, 32, False), (100, 64, True)])
 def test_every_attention_candidate_matches_the_reference(S, Dh, bias, device):
     """Each configuration the launchers may choose, at the shape it is offered for (fp16: the
     interpreter's bf16 dot is wrong)."""
@@ -163,7 +163,9 @@ def test_every_attention_candidate_matches_the_reference(S, Dh, bias, device):
 @pytest.mark.parametrize("S,Dh,bias", [(100, 64, True), (65, 80, False), (133, 64, False)])
 def test_every_combination_of_attention_candidates_matches_the_reference(S, Dh, bias, device):
     """Every pair of forward or backward candidates the tuner may combine (two winners), combined
-    as it would be, at BEiT-like (S <= 128 and > 128) and ViT-H/14-like shapes."""
+    as it would be, at BEiT-like (S <= 128 and > 128) and ViT-H/14-like shapes. (The candidates
+    offered only above S = 128, the keys-major forward and three stages, are checked here, inside
+    their combinations, and the keys-major forward alone in test_configs_agree.)"""
     combined = [c for part in ("fwd", "bwd") for c in K.candidate_combinations(S, Dh, bias, torch.float16, part)]
     assert len(combined) >= 10
     for cfg in combined:
