@@ -47,7 +47,8 @@ fi
 # the host's cost per op call with real launches (benchmarks/host_overhead.py): how close each op
 # is to launch-bound at MAE ViT-B shapes; at most 40 s, skipped in calls that name benchmarks
 if [ -z "$ONLY" ]; then
-  timeout -k 5 40 "$PY" -m benchmarks.host_overhead --device cuda --n 50 --repeat 3 \
+  # (no tuning: the whole-step row's B = 8 shapes would be timed first, for nothing but this)
+  MIMFAST_AUTOTUNE=0 timeout -k 5 40 "$PY" -m benchmarks.host_overhead --device cuda --n 50 --repeat 3 \
     --json "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
   echo "host overhead exit code: $? (124: cut at 40 s)"
 fi

@@ -11,10 +11,11 @@ launches it can cost more than the kernels (a CPU-bound training step). This mea
   interpreter is switched on so the ops take their Triton path), so ``host_us`` (the thread's
   CPU time) is everything but the kernels. Tiny shapes keep eager's arithmetic negligible.
 
-Rows: op; variant: ``triton``, ``triton_dispatch`` (the Triton path with every kernel launch
-through the dispatcher, as before :mod:`mimfast.ops._custom_op` skipped it in eager mode) or
-``eager``; ``fwd`` (forward with gradient tracking on, graph dropped) or ``fwd+bwd`` (forward,
-then ``torch.autograd.backward`` with fixed incoming gradients).
+Rows: op (``mae_step``: a whole MAE model's forward, and its backward in ``fwd+bwd``); variant:
+``triton``, ``triton_dispatch`` (the Triton path with every kernel launch through the dispatcher,
+as before :mod:`mimfast.ops._custom_op` skipped it in eager mode) or ``eager``; ``fwd`` (forward
+with gradient tracking on, graph dropped) or ``fwd+bwd`` (forward, then ``torch.autograd.backward``
+with fixed incoming gradients).
 
     python -m benchmarks.host_overhead [--smoke] [--n 100] [--repeat 5] [--device cpu|cuda] [--json out.json]
 """
@@ -119,7 +120,36 @@ def _cases(device: str, smoke: bool):
         "masked_patch_loss": lambda be: (ops.masked_patch_loss(pred, imgs, mask, s["p"], backend=be),),
         "masked_patch_embed": lambda be: ops.masked_patch_embed(pe_imgs, pw, pb, 0.75, pe_pos, noise, backend=be)[:1],
         "patch_embed": lambda be: (ops.patch_embed(pe_imgs.to(dt), pw.to(dt), pb.to(dt), backend=be),),
+        "mae_step": _mae_step(device, smoke),
     }
+
+
+def _mae_step(device: str, smoke: bool):
+    """A whole MAE forward (loss) under bf16 autocast, the backward in the measure loop: MAE
+    ViT-B/16's 12 + 8 blocks (on the CPU 32 wide, 16 patches: the op count of ViT-B, tiny
+    arithmetic; smoke: 2 + 1 blocks) at a batch small enough that the GPU never holds up the host
+    (``host_us`` is then the step's enqueue cost). The two models share their weights; the
+    optimizer is left out (the same fused AdamW either way)."""
+    from mimfast.models.mae import MaskedAutoencoderViT
+
+    if device == "cuda" and not smoke:
+        shape = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
+                     decoder_depth=8, decoder_num_heads=16)
+        batch = 8
+    else:
+        shape = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2,
+                     depth=2 if smoke else 12, decoder_depth=1 if smoke else 8)
+        batch = 2
+    models = {be: MaskedAutoencoderViT(**shape, norm_pix_loss=True, kernels=be).to(device)
+              for be in ("triton", "eager")}
+    models["eager"].load_state_dict(models["triton"].state_dict())
+    imgs = torch.randn(batch, 3, shape["img_size"], shape["img_size"], device=device)
+
+    def call(backend):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return (models[backend](imgs, mask_ratio=0.75)[0],)
+
+    return call
 
 
 def _clock(cuda: bool):
@@ -171,6 +201,8 @@ def measure(device: str = "cpu", n: int = 100, warmup: int = 20, smoke: bool = F
         for name, call in _cases(device, smoke).items():
             if ops_only and name not in ops_only:
                 continue
+            # a whole step costs a hundred ops' calls: a tenth as many calls (the GPU suite's 40 s)
+            n_op, warmup_op = (max(2, n // 10), max(1, warmup // 10)) if name == "mae_step" else (n, warmup)
             outs = call("eager")
             grads = [torch.randn_like(o) for o in outs]
             for mode in ("fwd", "fwd+bwd"):
@@ -182,18 +214,18 @@ def measure(device: str = "cpu", n: int = 100, warmup: int = 20, smoke: bool = F
                 best = {}
                 for variant in VARIANTS:
                     with _variant(variant) as backend:
-                        for _ in range(warmup):
+                        for _ in range(warmup_op):
                             fn(backend)
                 for _ in range(repeat):
                     for variant in VARIANTS:
                         with _variant(variant) as backend:
-                            host, wall = _loop(lambda: fn(backend), n, cuda)
+                            host, wall = _loop(lambda: fn(backend), n_op, cuda)
                         if variant not in best or host < best[variant][0]:
                             best[variant] = (host, wall)
                 for variant in VARIANTS:
                     host, wall = best[variant]
-                    rows.append(dict(op=name, backend=variant, mode=mode, host_us=round(host / n * 1e6, 1),
-                                     wall_us=round(wall / n * 1e6, 1), device=device, stubbed=not cuda))
+                    rows.append(dict(op=name, backend=variant, mode=mode, host_us=round(host / n_op * 1e6, 1),
+                                     wall_us=round(wall / n_op * 1e6, 1), device=device, stubbed=not cuda))
                     if progress:
                         r = rows[-1]
                         print(f"  {name} {mode} {variant}: host {r['host_us']} us, wall {r['wall_us']} us",
@@ -219,7 +251,8 @@ def main(argv=None) -> list[dict]:
     rows = measure(args.device, n, warmup, args.smoke, tuple(args.ops) if args.ops else None, repeat,
                    progress=not args.smoke)
     stubbed = ", kernels stubbed" if args.device == "cpu" else ""
-    print(f"host overhead per call, us ({args.device}{stubbed}; fastest of {repeat} loops of {n} calls)")
+    print(f"host overhead per call, us ({args.device}{stubbed}; fastest of {repeat} loops of {n} calls, "
+          f"mae_step {max(2, n // 10)})")
     heads = " ".join(f"{v[:10]:>10s}" for v in ("triton", "dispatch", "eager"))
     print(f"{'':26s} {'':8s} {'host_us':>32s}   {'wall_us':>32s}")
     print(f"{'op':26s} {'mode':8s} {heads}   {heads}")

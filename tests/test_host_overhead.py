@@ -27,7 +27,7 @@ def test_host_overhead_smoke():
     assert _custom_op.ALWAYS_DISPATCH is False
     ops = {r["op"] for r in rows}
     assert {"add_layer_norm", "attention", "gelu_linear", "random_masking", "unshuffle_with_mask_token",
-            "masked_patch_loss", "masked_patch_embed"} <= ops
+            "masked_patch_loss", "masked_patch_embed", "mae_step"} <= ops
     assert len(rows) == 6 * len(ops)  # (triton, triton_dispatch, eager) x (fwd, fwd+bwd)
     assert all(r["host_us"] > 0 and r["wall_us"] >= r["host_us"] for r in rows)
 
