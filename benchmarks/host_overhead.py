@@ -128,8 +128,11 @@ def _mae_step(device: str, smoke: bool):
     """A whole MAE forward (loss) under bf16 autocast, the backward in the measure loop: MAE
     ViT-B/16's 12 + 8 blocks (on the CPU 32 wide, 16 patches: the op count of ViT-B, tiny
     arithmetic; smoke: 2 + 1 blocks) at a batch small enough that the GPU never holds up the host
-    (``host_us`` is then the step's enqueue cost). The two models share their weights; the
-    optimizer is left out (the same fused AdamW either way)."""
+    (``host_us`` is then the step's enqueue cost). The Triton and eager models hold the same
+    weights and are built at the first call (not for runs that leave this row out); the optimizer
+    is left out (the same fused AdamW either way)."""
+    import functools
+
     from mimfast.models.mae import MaskedAutoencoderViT
 
     if device == "cuda" and not smoke:
@@ -140,16 +143,26 @@ def _mae_step(device: str, smoke: bool):
         shape = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2,
                      depth=2 if smoke else 12, decoder_depth=1 if smoke else 8)
         batch = 2
-    models = {be: MaskedAutoencoderViT(**shape, norm_pix_loss=True, kernels=be).to(device)
-              for be in ("triton", "eager")}
-    models["eager"].load_state_dict(models["triton"].state_dict())
-    imgs = torch.randn(batch, 3, shape["img_size"], shape["img_size"], device=device)
+
+    @functools.cache
+    def models():
+        built = {be: MaskedAutoencoderViT(**shape, norm_pix_loss=True, kernels=be).to(device)
+                 for be in ("triton", "eager")}
+        built["eager"].load_state_dict(built["triton"].state_dict())
+        return built, torch.randn(batch, 3, shape["img_size"], shape["img_size"], device=device)
 
     def call(backend):
+        model, imgs = models()[0][backend], models()[1]
         with torch.autocast(device, dtype=torch.bfloat16):
-            return (models[backend](imgs, mask_ratio=0.75)[0],)
+            return (model(imgs, mask_ratio=0.75)[0],)
 
     return call
+
+
+def _step_calls(n: int) -> int:
+    """Calls per timed loop of the whole-step row: a step costs about a hundred ops' calls, so a
+    tenth as many (the GPU suite gives the whole module 40 s)."""
+    return max(2, n // 10)
 
 
 def _clock(cuda: bool):
@@ -201,8 +214,7 @@ def measure(device: str = "cpu", n: int = 100, warmup: int = 20, smoke: bool = F
         for name, call in _cases(device, smoke).items():
             if ops_only and name not in ops_only:
                 continue
-            # a whole step costs a hundred ops' calls: a tenth as many calls (the GPU suite's 40 s)
-            n_op, warmup_op = (max(2, n // 10), max(1, warmup // 10)) if name == "mae_step" else (n, warmup)
+            n_op, warmup_op = (_step_calls(n), max(1, warmup // 10)) if name == "mae_step" else (n, warmup)
             outs = call("eager")
             grads = [torch.randn_like(o) for o in outs]
             for mode in ("fwd", "fwd+bwd"):
@@ -252,7 +264,7 @@ def main(argv=None) -> list[dict]:
                    progress=not args.smoke)
     stubbed = ", kernels stubbed" if args.device == "cpu" else ""
     print(f"host overhead per call, us ({args.device}{stubbed}; fastest of {repeat} loops of {n} calls, "
-          f"mae_step {max(2, n // 10)})")
+          f"mae_step {_step_calls(n)})")
     heads = " ".join(f"{v[:10]:>10s}" for v in ("triton", "dispatch", "eager"))
     print(f"{'':26s} {'':8s} {'host_us':>32s}   {'wall_us':>32s}")
     print(f"{'op':26s} {'mode':8s} {heads}   {heads}")
